@@ -1,0 +1,699 @@
+"""
+One readable decoder-only Transformer for the model families of LLM-Adapters: LLaMA (1 and 2), GPT-J, BLOOM, OPT.
+
+The families differ only in fields of `Config` (norm, MLP, positions, residual layout, biases), so there is one
+`Block` and one `Transformer`. Modules carry the official projection names (`q_proj`, `up_proj`, `fc_in`, ...)
+so loading a checkpoint is one explicit key map, and adapters target linears by the names users know.
+
+Hook slots for adapters.py (plain attributes, None = nothing happens; this file never imports adapter code):
+  Linear.adapter       (x, y) -> y        every projection: sees the linear's input and output     (LoRA, per-linear)
+  Block.post_attn      y -> y             attention output, before the residual add               (series adapters)
+  Block.post_mlp       y -> y             MLP output, before the residual add                     (series adapters)
+  Block.beside_attn    h -> y             reads the attention input, added to its output          (parallel adapters)
+  Block.beside_mlp     h -> y             reads the MLP input, added to its output                (parallel adapters)
+  Attention.prefix     B -> (k, v)        extra keys/values (B, n_kv_head, P, head_dim), no rotary (prefix tuning)
+  Transformer.prompt   emb -> emb         prepends `prompt.n_tokens` soft tokens to the embeddings (prompt tuning)
+
+Shapes: B batch, T new tokens, S keys (cached + new), C n_embd, H heads, D head_dim, V vocab.
+"""
+import json
+import math
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class Config:
+    name: str = "tiny-llama"
+    arch: str = "llama"            # family, picks projection names and the checkpoint key map: llama|gptj|bloom|opt
+    vocab_size: int = 512
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int = 0             # 0 = n_head; fewer = grouped-query attention (Llama-2 70B)
+    n_embd: int = 64
+    head_dim: int = 0              # 0 = n_embd // n_head
+    intermediate_size: int = 176
+    block_size: int = 2048         # longest sequence the model is meant for (size of OPT's position table)
+    norm: str = "rmsnorm"          # rmsnorm | layernorm
+    norm_eps: float = 1e-6
+    mlp: str = "swiglu"            # swiglu | gelu (tanh approximation) | relu
+    pos: str = "rope"              # rope | alibi | learned
+    rotary_dim: int = 0            # 0 = the whole head; GPT-J rotates only the first 64 dims
+    rope_interleaved: bool = False  # rotate pairs (0,1),(2,3).. (GPT-J) instead of (i, i+D/2) (HF LLaMA)
+    rope_theta: float = 10000.0
+    parallel_residual: bool = False  # GPT-J: x + attn(ln(x)) + mlp(ln(x)) with one norm
+    post_norm: bool = False        # OPT-350m: normalise after the residual add
+    attn_bias: bool = False        # biases on q, k, v and the attention output
+    mlp_bias: bool = False
+    lm_head_bias: bool = False     # GPT-J
+    tie_embeddings: bool = False   # BLOOM, OPT
+    embed_norm: bool = False       # BLOOM: LayerNorm right after the word embeddings
+    embed_dim: int = 0             # OPT-350m: embeddings narrower than n_embd, with project_in/out
+    final_norm: bool = True
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.embed_dim = self.embed_dim or self.n_embd
+        self.rotary_dim = self.rotary_dim or self.head_dim
+        for f, ok in (("arch", LINEAR_NAMES), ("norm", ("rmsnorm", "layernorm")), ("mlp", ("swiglu", "gelu", "relu")),
+                      ("pos", ("rope", "alibi", "learned"))):
+            if getattr(self, f) not in ok:
+                raise ValueError(f"Config.{f}={getattr(self, f)!r}: expected one of {sorted(ok)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"Config: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+# Official projection names of each family: (attention output, MLP in, MLP out). LLaMA adds gate_proj, BLOOM fuses
+# q, k and v into query_key_value.
+LINEAR_NAMES = {"llama": ("o_proj", "up_proj", "down_proj"), "gptj": ("out_proj", "fc_in", "fc_out"),
+                "opt": ("out_proj", "fc1", "fc2"), "bloom": ("dense", "dense_h_to_4h", "dense_4h_to_h")}
+
+_llama = dict(arch="llama", vocab_size=32000, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008)
+_gptj = dict(arch="gptj", norm="layernorm", norm_eps=1e-5, mlp="gelu", rope_interleaved=True, parallel_residual=True,
+             mlp_bias=True, lm_head_bias=True)
+_bloom = dict(arch="bloom", norm="layernorm", norm_eps=1e-5, mlp="gelu", pos="alibi", attn_bias=True, mlp_bias=True,
+              tie_embeddings=True, embed_norm=True)
+_opt = dict(arch="opt", norm="layernorm", norm_eps=1e-5, mlp="relu", pos="learned", attn_bias=True, mlp_bias=True,
+            tie_embeddings=True)
+PRESETS = {c.name: c for c in [
+    Config("llama-7b", **_llama),
+    Config("llama-13b", **{**_llama, "n_layer": 40, "n_head": 40, "n_embd": 5120, "intermediate_size": 13824}),
+    Config("llama-30b", **{**_llama, "n_layer": 60, "n_head": 52, "n_embd": 6656, "intermediate_size": 17920}),
+    Config("llama-65b", **{**_llama, "n_layer": 80, "n_head": 64, "n_embd": 8192, "intermediate_size": 22016}),
+    Config("llama-2-7b", **{**_llama, "block_size": 4096, "norm_eps": 1e-5}),
+    Config("llama-2-13b", **{**_llama, "n_layer": 40, "n_head": 40, "n_embd": 5120, "intermediate_size": 13824,
+                             "block_size": 4096, "norm_eps": 1e-5}),
+    Config("llama-2-70b", **{**_llama, "n_layer": 80, "n_head": 64, "n_kv_head": 8, "n_embd": 8192,
+                             "intermediate_size": 28672, "block_size": 4096, "norm_eps": 1e-5}),
+    Config("gptj-6b", **_gptj, vocab_size=50400, n_layer=28, n_head=16, n_embd=4096, intermediate_size=16384,
+           rotary_dim=64),
+    Config("bloom-7b1", **_bloom, vocab_size=250880, n_layer=30, n_head=32, n_embd=4096, intermediate_size=16384),
+    Config("opt-6.7b", **_opt, vocab_size=50272, n_layer=32, n_head=32, n_embd=4096, intermediate_size=16384),
+    # tiny presets for tests and CPU demos
+    Config("tiny-llama"),
+    Config("tiny-llama-gqa", n_kv_head=2),
+    Config("tiny-gptj", **_gptj, intermediate_size=256, rotary_dim=8),
+    Config("tiny-bloom", **_bloom, intermediate_size=256),
+    Config("tiny-opt", **_opt, intermediate_size=256, block_size=256),
+]}
+
+
+class Linear(nn.Linear):
+    """nn.Linear with one hook slot. `adapter(x, y) -> y` sees the input and the output (LoRA adds B(A(x)))."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.adapter = None
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.adapter is None else self.adapter(x, y)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 and scale after casting back, exactly as LLaMA does
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(c, dim=None):
+    dim = dim or c.n_embd
+    return RMSNorm(dim, c.norm_eps) if c.norm == "rmsnorm" else nn.LayerNorm(dim, eps=c.norm_eps)
+
+
+def rope_angles(c, pos):
+    """pos (B, T) -> cos, sin (B, 1, T, rotary_dim/2) in fp32, computed on the fly (no buffers to load)."""
+    inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.rotary_dim, 2, device=pos.device).float() / c.rotary_dim)
+    angles = pos[..., None].float() * inv_freq
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x, cos, sin, interleaved):
+    """Rotate the first rotary_dim dims of x (B, H, T, D). One internal convention per family, chosen to match its
+    HF checkpoint so PEFT adapters on q_proj/k_proj load unchanged: rotate-half for LLaMA (Meta's interleaved
+    q/k rows are permuted at load), interleaved pairs for GPT-J."""
+    rd = 2 * cos.size(-1)
+    xr, rest = x[..., :rd], x[..., rd:]
+    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else xr.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    y = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)
+    return torch.cat((y, rest), dim=-1)
+
+
+def alibi_slopes(n_head):
+    """ALiBi head slopes (Press et al.), with BLOOM's rule for head counts that are not a power of two."""
+    p = 2 ** math.floor(math.log2(n_head))
+    slopes = [2 ** (-8 * (i + 1) / p) for i in range(p)]
+    return slopes + [2 ** (-4 * (2 * i + 1) / p) for i in range(n_head - p)]
+
+
+class KVCache:
+    """Static keys/values of every layer, (B, n_kv_head, max_len, D) each, allocated once; `pos` tokens are filled."""
+
+    def __init__(self, c, batch_size, max_len, device, dtype):
+        shape = (batch_size, c.n_kv_head, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        self.pos, self.max_len = 0, max_len
+
+    def update(self, layer, k, v):  # store the new (B, Hkv, T, D), return all keys/values so far
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, c, layer):
+        super().__init__()
+        self.c, self.layer = c, layer
+        q_dim, kv_dim = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        if c.arch == "bloom":  # one fused projection, laid out per head as (H, 3, D)
+            self.query_key_value = Linear(c.n_embd, 3 * q_dim, bias=c.attn_bias)
+        else:
+            self.q_proj = Linear(c.n_embd, q_dim, bias=c.attn_bias)
+            self.k_proj = Linear(c.n_embd, kv_dim, bias=c.attn_bias)
+            self.v_proj = Linear(c.n_embd, kv_dim, bias=c.attn_bias)
+        self.out_name = LINEAR_NAMES[c.arch][0]
+        setattr(self, self.out_name, Linear(q_dim, c.n_embd, bias=c.attn_bias))
+        self.prefix = None  # hook: prefix tuning
+
+    def qkv(self, x):
+        B, T, _ = x.shape
+        c = self.c
+        if c.arch == "bloom":
+            q, k, v = self.query_key_value(x).view(B, T, c.n_head, 3, c.head_dim).unbind(3)
+        else:
+            q = self.q_proj(x).view(B, T, c.n_head, c.head_dim)
+            k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim)
+            v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D) x2
+
+    def forward(self, x, rope, mask, cache):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x)
+        if rope is not None:
+            q, k = apply_rope(q, *rope, self.c.rope_interleaved), apply_rope(k, *rope, self.c.rope_interleaved)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        causal = mask is None and T > 1  # the model passes mask=None only when plain causal attention is right
+        if self.prefix is not None:  # learned keys/values in front, visible to every query
+            pk, pv = self.prefix(B)
+            k, v = torch.cat((pk.to(k.dtype), k), dim=2), torch.cat((pv.to(v.dtype), v), dim=2)
+            if causal:
+                S = k.size(2) - pk.size(2)
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            if mask is not None:
+                mask = F.pad(mask, (pk.size(2), 0), value=True if mask.dtype == torch.bool else 0.0)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.c.n_kv_head != self.c.n_head)
+        return getattr(self, self.out_name)(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        _, self.up_name, self.down_name = LINEAR_NAMES[c.arch]
+        if c.mlp == "swiglu":
+            self.gate_proj = Linear(c.n_embd, c.intermediate_size, bias=c.mlp_bias)
+        setattr(self, self.up_name, Linear(c.n_embd, c.intermediate_size, bias=c.mlp_bias))
+        setattr(self, self.down_name, Linear(c.intermediate_size, c.n_embd, bias=c.mlp_bias))
+        self.kind = c.mlp
+
+    def forward(self, x):
+        up, down = getattr(self, self.up_name), getattr(self, self.down_name)
+        if self.kind == "swiglu":
+            return down(F.silu(self.gate_proj(x)) * up(x))
+        return down(F.gelu(up(x), approximate="tanh") if self.kind == "gelu" else F.relu(up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, c, layer):
+        super().__init__()
+        self.c = c
+        self.norm_1, self.attn, self.mlp = make_norm(c), Attention(c, layer), MLP(c)
+        self.norm_2 = None if c.parallel_residual else make_norm(c)
+        # adapter hook slots (see the module docstring)
+        self.post_attn = self.post_mlp = self.beside_attn = self.beside_mlp = None
+
+    @staticmethod
+    def hooked(sublayer, h, post, beside, *args):
+        y = sublayer(h, *args)
+        if post is not None:    # series adapter transforms the sublayer's output
+            y = post(y)
+        if beside is not None:  # parallel adapter reads the sublayer's input, adds beside it
+            y = y + beside(h)
+        return y
+
+    def forward(self, x, rope, mask, cache):  # x (B, T, C)
+        h = x if self.c.post_norm else self.norm_1(x)
+        a = self.hooked(self.attn, h, self.post_attn, self.beside_attn, rope, mask, cache)
+        if self.c.parallel_residual:  # GPT-J: attention and MLP read the same normed input
+            return x + a + self.hooked(self.mlp, h, self.post_mlp, self.beside_mlp)
+        if self.c.post_norm:  # OPT-350m
+            x = self.norm_1(x + a)
+            return self.norm_2(x + self.hooked(self.mlp, x, self.post_mlp, self.beside_mlp))
+        x = x + a
+        return x + self.hooked(self.mlp, self.norm_2(x), self.post_mlp, self.beside_mlp)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.embed_norm = make_norm(c) if c.embed_norm else None
+        self.project_in = nn.Linear(c.embed_dim, c.n_embd, bias=False) if c.embed_dim != c.n_embd else None
+        self.pos_embed = nn.Embedding(c.block_size + 2, c.n_embd) if c.pos == "learned" else None  # OPT: offset 2
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        self.norm = make_norm(c) if c.final_norm else None
+        self.project_out = nn.Linear(c.n_embd, c.embed_dim, bias=False) if c.embed_dim != c.n_embd else None
+        self.lm_head = nn.Linear(c.embed_dim, c.vocab_size, bias=c.lm_head_bias)
+        self.prompt = None          # hook: prompt tuning
+        self.grad_checkpoint = False  # recompute each block in backward (train.py --grad_ckpt)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @staticmethod
+    def _init_weights(m):  # for models trained from scratch; from_pretrained overwrites everything
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def new_cache(self, batch_size, max_len):
+        p = self.embed.weight
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+
+    def forward(self, idx, targets=None, attention_mask=None, cache=None, last_only=False):
+        """idx (B, T) token ids. targets (B, T): the token that should follow each position (already shifted, as in
+        nanoGPT), -100 = ignore. attention_mask (B, S): 1 for real tokens, 0 for (left) padding, covering the cached
+        tokens and idx. cache: a KVCache to read and extend. Returns logits (B, T, V) and the loss (or None)."""
+        B, T = idx.shape
+        c = self.config
+        past = cache.pos if cache is not None else 0
+        x = self.embed(idx)
+        n_soft = 0
+        if self.prompt is not None:  # soft tokens lead the sequence and are always visible
+            n_soft = self.prompt.n_tokens
+            if past == 0:
+                x = self.prompt(x)
+                T += n_soft
+            if attention_mask is not None:
+                attention_mask = F.pad(attention_mask, (n_soft, 0), value=1)
+        S = past + T
+        if attention_mask is not None and attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S - n_soft)}")
+        # positions count real tokens only, so a left-padded row is numbered exactly as it would be alone
+        all_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None else \
+            torch.arange(S, device=idx.device).expand(B, S)
+        pos = all_pos[:, past:]
+        if self.project_in is not None:
+            x = self.project_in(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(pos + 2)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        rope = rope_angles(c, pos) if c.pos == "rope" else None
+        mask = self.attention_mask(attention_mask, all_pos, T, S)
+        for block in self.layers:
+            if self.grad_checkpoint and self.training:
+                x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.pos = S
+        if last_only:
+            x = x[:, -1:]
+        elif n_soft and past == 0:
+            x = x[:, n_soft:]  # no logits for the soft tokens
+        x = self.norm(x) if self.norm is not None else x
+        x = self.project_out(x) if self.project_out is not None else x
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def attention_mask(self, attention_mask, key_pos, T, S):
+        """None when plain causal attention is right (SDPA's fast path); else a (B|1, 1|H, T, S) bool mask, or for
+        ALiBi a float bias with -inf where masked."""
+        past = S - T
+        if attention_mask is None and self.config.pos != "alibi" and (past == 0 or T == 1):
+            return None
+        device = key_pos.device
+        q_idx, k_idx = torch.arange(past, S, device=device)[:, None], torch.arange(S, device=device)
+        mask = (k_idx <= q_idx)[None, None]  # (1, 1, T, S) causal, in cache coordinates
+        if attention_mask is not None:
+            # a query always sees itself, so rows of padding never softmax over nothing (NaN)
+            mask = mask & attention_mask.bool()[:, None, None, :] | (k_idx == q_idx)
+        if self.config.pos != "alibi":
+            return mask
+        # ALiBi: softmax is shift-invariant per row, so slope * key position equals slope * (key - query)
+        slopes = torch.tensor(alibi_slopes(self.config.n_head), device=device)
+        bias = slopes[None, :, None, None] * key_pos[:, None, None, :].float()  # (B, H, 1, S)
+        return bias.masked_fill(~mask, float("-inf"))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, attention_mask=None):
+        """Continue idx (B, T) by max_new_tokens with a KV cache: greedy when temperature == 0, else sampled (top_k
+        optional). Left-padded batches need attention_mask. Rows that produced eos_id are filled with eos_id; the
+        loop stops when all have. Returns (B, T + new)."""
+        B, T = idx.shape
+        n_soft = self.prompt.n_tokens if self.prompt is not None else 0
+        cache = self.new_cache(B, T + max_new_tokens + n_soft)
+        logits, _ = self(idx, attention_mask=attention_mask, cache=cache, last_only=True)
+        out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for i in range(max_new_tokens):
+            nxt = sample(logits[:, -1], temperature, top_k)  # (B,)
+            if eos_id is not None:
+                nxt = nxt.masked_fill(done, eos_id)
+                done = done | (nxt == eos_id)
+            out.append(nxt[:, None])
+            if i == max_new_tokens - 1 or (eos_id is not None and done.all()):
+                break
+            if attention_mask is not None:
+                attention_mask = F.pad(attention_mask, (0, 1), value=1)
+            logits, _ = self(nxt[:, None], attention_mask=attention_mask, cache=cache, last_only=True)
+        return torch.cat(out, dim=1)
+
+    def save_pretrained(self, path):
+        """Write the base model as a Hugging Face folder (config.json + model.safetensors with official names) that
+        from_pretrained and transformers both load. Adapter tensors are not base weights and are left out (see
+        adapters.save_adapter, or merge_lora first). Files are written to temporary names, then renamed."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        names = {n for n, _ in self.named_parameters(remove_duplicate=True)} - _adapter_names(self)
+        sd = self.state_dict()
+        tensors = {hf_name(self.config, n): sd[n].contiguous() for n in names}
+        save_file(tensors, path / "model.safetensors.tmp", metadata={"format": "pt"})
+        (path / "config.json.tmp").write_text(json.dumps(config_to_hf(self.config), indent=2))
+        (path / "model.safetensors.tmp").replace(path / "model.safetensors")
+        (path / "config.json.tmp").replace(path / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        """Load a Meta LLaMA folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json +
+        safetensors or .bin, sharded or not). Built on the meta device and filled tensor by tensor, so the weights
+        are held once; dtype=None keeps the stored dtype. Strict: every parameter filled, every tensor used."""
+        path = Path(path)
+        if (path / "params.json").exists():
+            return _load_meta(path, device, dtype)
+        if (path / "config.json").exists():
+            return _load_hf(path, device, dtype)
+        raise FileNotFoundError(f"{path}: no params.json (Meta LLaMA) or config.json (Hugging Face) found")
+
+
+def _adapter_names(model):
+    """Parameters that live inside hook slots (anything under a slot attribute), i.e. not base weights."""
+    slots = ("adapter", "post_attn", "post_mlp", "beside_attn", "beside_mlp", "prefix", "prompt")
+    return {n for n, _ in model.named_parameters() if any(part in slots for part in n.split("."))}
+
+
+def sample(logits, temperature=0.0, top_k=None):
+    """logits (B, V) -> next ids (B,)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading official checkpoints
+
+# our parameter-name prefix -> official Hugging Face prefix ({i} = layer). Applied in order, first match wins.
+HF_PREFIXES = {
+    "llama": [("embed.", "model.embed_tokens."), ("layers.{i}.norm_1.", "model.layers.{i}.input_layernorm."),
+              ("layers.{i}.norm_2.", "model.layers.{i}.post_attention_layernorm."),
+              ("layers.{i}.attn.", "model.layers.{i}.self_attn."), ("layers.{i}.mlp.", "model.layers.{i}.mlp."),
+              ("norm.", "model.norm."), ("lm_head.", "lm_head.")],
+    "gptj": [("embed.", "transformer.wte."), ("layers.{i}.norm_1.", "transformer.h.{i}.ln_1."),
+             ("layers.{i}.attn.", "transformer.h.{i}.attn."), ("layers.{i}.mlp.", "transformer.h.{i}.mlp."),
+             ("norm.", "transformer.ln_f."), ("lm_head.", "lm_head.")],
+    "bloom": [("embed.", "transformer.word_embeddings."), ("embed_norm.", "transformer.word_embeddings_layernorm."),
+              ("layers.{i}.norm_1.", "transformer.h.{i}.input_layernorm."),
+              ("layers.{i}.norm_2.", "transformer.h.{i}.post_attention_layernorm."),
+              ("layers.{i}.attn.", "transformer.h.{i}.self_attention."), ("layers.{i}.mlp.", "transformer.h.{i}.mlp."),
+              ("norm.", "transformer.ln_f."), ("lm_head.", "lm_head.")],
+    "opt": [("embed.", "model.decoder.embed_tokens."), ("pos_embed.", "model.decoder.embed_positions."),
+            ("project_in.", "model.decoder.project_in."), ("project_out.", "model.decoder.project_out."),
+            ("layers.{i}.norm_1.", "model.decoder.layers.{i}.self_attn_layer_norm."),
+            ("layers.{i}.norm_2.", "model.decoder.layers.{i}.final_layer_norm."),
+            ("layers.{i}.attn.", "model.decoder.layers.{i}.self_attn."), ("layers.{i}.mlp.", "model.decoder.layers.{i}."),
+            ("norm.", "model.decoder.final_layer_norm."), ("lm_head.", "lm_head.")],
+}
+# checkpoints saved from the bare base model (BloomModel, OPTModel) lack the outer prefix
+HF_OUTER = {"bloom": "transformer.", "opt": "model."}
+# checkpoint tensors that are not parameters here: precomputed rotary tables and GPT-J's causal-mask buffers
+HF_SKIP = re.compile(r"(rotary_emb\.inv_freq|\.attn\.(masked_)?bias)$")
+
+
+def hf_name(config, name):
+    """Our parameter or module name -> the official Hugging Face name, e.g. layers.0.attn.q_proj.weight ->
+    model.layers.0.self_attn.q_proj.weight."""
+    m = re.match(r"layers\.(\d+)\.", name)
+    for ours, theirs in HF_PREFIXES[config.arch]:
+        ours = ours.format(i=m.group(1)) if m else ours
+        if name.startswith(ours):
+            return theirs.format(i=m.group(1) if m else "") + name[len(ours):]
+    raise KeyError(f"no Hugging Face name for {name!r} ({config.arch})")
+
+
+def config_to_hf(c):
+    """Config -> Hugging Face config.json dict (the inverse of config_from_hf), for save_pretrained."""
+    common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings)
+    if c.arch == "llama":
+        return dict(common, model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=c.n_embd,
+                    intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                    num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.block_size,
+                    rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_bias=c.attn_bias, mlp_bias=c.mlp_bias,
+                    hidden_act="silu", bos_token_id=1, eos_token_id=2)
+    if c.arch == "gptj":
+        return dict(common, model_type="gptj", architectures=["GPTJForCausalLM"], n_embd=c.n_embd, n_layer=c.n_layer,
+                    n_head=c.n_head, n_inner=c.intermediate_size, n_positions=c.block_size, rotary_dim=c.rotary_dim,
+                    layer_norm_epsilon=c.norm_eps, activation_function="gelu_new")
+    if c.arch == "bloom":
+        return dict(common, model_type="bloom", architectures=["BloomForCausalLM"], hidden_size=c.n_embd,
+                    n_layer=c.n_layer, n_head=c.n_head, layer_norm_epsilon=c.norm_eps)
+    return dict(common, model_type="opt", architectures=["OPTForCausalLM"], hidden_size=c.n_embd, ffn_dim=c.intermediate_size,
+                num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, max_position_embeddings=c.block_size,
+                word_embed_proj_dim=c.embed_dim, do_layer_norm_before=not c.post_norm, enable_bias=c.attn_bias,
+                _remove_final_layer_norm=not c.final_norm and not c.post_norm, activation_function="relu")
+
+
+def config_from_hf(d, name):
+    """Hugging Face config.json dict -> Config."""
+    t = d.get("model_type")
+    if t == "llama":
+        if d.get("rope_scaling") and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) != "default":
+            raise ValueError(f"{name}: rope_scaling {d['rope_scaling']} is not supported")
+        theta = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return Config(name, "llama", d["vocab_size"], d["num_hidden_layers"], d["num_attention_heads"],
+                      d.get("num_key_value_heads") or 0, d["hidden_size"], d.get("head_dim") or 0,
+                      d["intermediate_size"], d.get("max_position_embeddings", 2048), norm_eps=d.get("rms_norm_eps", 1e-6),
+                      rope_theta=theta, attn_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+                      tie_embeddings=d.get("tie_word_embeddings", False))
+    if t == "gptj":
+        return Config(name, **{**_gptj, "vocab_size": d["vocab_size"], "n_layer": d["n_layer"], "n_head": d["n_head"],
+                               "n_embd": d["n_embd"], "intermediate_size": d.get("n_inner") or 4 * d["n_embd"],
+                               "block_size": d.get("n_positions", 2048), "rotary_dim": d.get("rotary_dim") or 0,
+                               "norm_eps": d.get("layer_norm_epsilon", 1e-5),
+                               "tie_embeddings": d.get("tie_word_embeddings", False)})
+    if t == "bloom":
+        if d.get("apply_residual_connection_post_layernorm"):
+            raise ValueError(f"{name}: apply_residual_connection_post_layernorm=True is not supported")
+        h = d.get("hidden_size") or d["n_embed"]
+        return Config(name, **{**_bloom, "vocab_size": d["vocab_size"], "n_layer": d.get("n_layer") or d["num_hidden_layers"],
+                               "n_head": d.get("n_head") or d["num_attention_heads"], "n_embd": h,
+                               "intermediate_size": 4 * h, "norm_eps": d.get("layer_norm_epsilon", 1e-5)})
+    if t == "opt":
+        if d.get("activation_function", "relu") != "relu":
+            raise ValueError(f"{name}: activation_function {d['activation_function']!r} is not supported (relu)")
+        pre = d.get("do_layer_norm_before", True)
+        return Config(name, **{**_opt, "vocab_size": d["vocab_size"], "n_layer": d["num_hidden_layers"],
+                               "n_head": d["num_attention_heads"], "n_embd": d["hidden_size"],
+                               "intermediate_size": d["ffn_dim"], "block_size": d.get("max_position_embeddings", 2048),
+                               "post_norm": not pre, "embed_dim": d.get("word_embed_proj_dim") or 0,
+                               "final_norm": pre and not d.get("_remove_final_layer_norm", False),
+                               "attn_bias": d.get("enable_bias", True), "mlp_bias": d.get("enable_bias", True),
+                               "tie_embeddings": d.get("tie_word_embeddings", True)})
+    raise ValueError(f"{name}: model_type {t!r} is not supported (llama, gptj, bloom, opt)")
+
+
+class _Filler:
+    """Puts checkpoint tensors into a model built on the meta device, strictly, one tensor at a time."""
+
+    def __init__(self, model, device, dtype):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.params = dict(model.named_parameters())  # tied weights appear once
+        self.filled = set()
+
+    def put(self, name, t, source):
+        p = self.params.get(name)
+        if p is None or name in self.filled:
+            raise KeyError(f"{source}: {'duplicate' if p is not None else 'unexpected'} tensor for parameter {name}")
+        if t.shape != p.shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, the config expects {tuple(p.shape)}")
+        t = t.to(device=self.device or "cpu", dtype=self.dtype or t.dtype)
+        module, _, leaf = name.rpartition(".")
+        self.model.get_submodule(module)._parameters[leaf] = nn.Parameter(t, requires_grad=p.requires_grad)
+        self.filled.add(name)
+
+    def finish(self, source):
+        missing = sorted(set(self.params) - self.filled)
+        if missing:
+            raise KeyError(f"{source}: {len(missing)} parameters missing from the checkpoint: {missing[:8]}")
+        self.model.tie_weights()
+        return self.model
+
+
+def _torch_load(f):
+    """Safe pickle load: weights_only never runs code; mmap where the file format allows it (not the pre-1.6 one)."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _read_json(f):
+    try:
+        return json.loads(Path(f).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{f}: cannot read JSON ({e})") from e
+
+
+def _hf_files(path):
+    """The weight files of a HF folder, safetensors preferred over .bin, each checked to exist."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path / single).exists():
+            return [path / single]
+        if (path / index).exists():
+            weight_map = _read_json(path / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{path / index}: no 'weight_map' of tensor name -> shard file")
+            files = [path / f for f in sorted(set(weight_map.values()))]
+            for f in files:
+                if not f.exists():
+                    raise FileNotFoundError(f"{f}: shard listed in {index} is missing")
+            return files
+    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+                            "pytorch_model.bin.index.json")
+
+
+def _iter_tensors(f):
+    """(name, tensor) of one checkpoint file, reading lazily (safetensors is memory-mapped)."""
+    if f.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(f, framework="pt") as sf:
+            for k in sf.keys():
+                yield k, sf.get_tensor(k)
+    else:
+        yield from _torch_load(f).items()
+
+
+def _load_hf(path, device, dtype):
+    config = config_from_hf(_read_json(path / "config.json"), path.name)
+    with torch.device("meta"):
+        model = Transformer(config)
+    filler = _Filler(model, device, dtype)
+    ours = {hf_name(config, n): n for n in filler.params}
+    outer = HF_OUTER.get(config.arch, "")
+    for f in _hf_files(path):
+        unused = []
+        for k, t in _iter_tensors(f):
+            name = ours.get(k) or ours.get(outer + k)
+            if name is not None:
+                filler.put(name, t, f)
+            elif not HF_SKIP.search(k) and not (config.tie_embeddings and k.endswith("lm_head.weight")):
+                unused.append(k)
+        if unused:
+            raise KeyError(f"{f}: {len(unused)} tensors match no parameter of {config.arch}: {unused[:8]}")
+    return filler.finish(path).eval()
+
+
+# Meta LLaMA: official suffix -> (our suffix, dim along which model-parallel shards are split; None = replicated)
+META_NAMES = {"tok_embeddings.weight": ("embed.weight", 1), "norm.weight": ("norm.weight", None),
+              "output.weight": ("lm_head.weight", 0)}
+META_LAYER = {"attention.wq.weight": ("attn.q_proj.weight", 0), "attention.wk.weight": ("attn.k_proj.weight", 0),
+              "attention.wv.weight": ("attn.v_proj.weight", 0), "attention.wo.weight": ("attn.o_proj.weight", 1),
+              "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0), "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
+              "feed_forward.w3.weight": ("mlp.up_proj.weight", 0), "attention_norm.weight": ("norm_1.weight", None),
+              "ffn_norm.weight": ("norm_2.weight", None)}
+
+
+def meta_to_rotate_half(w, n_heads):
+    """Meta's q/k rows pair dims (2j, 2j+1) of each head; ours pair (j, j + D/2) as HF does: reorder the rows."""
+    out, d_in = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, d_in).transpose(1, 2).reshape(out, d_in)
+
+
+def _load_meta(path, device, dtype):
+    p = _read_json(path / "params.json")
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise FileNotFoundError(f"{path}: params.json but no consolidated.*.pth shard")
+    for i, f in enumerate(files):
+        if f.name != f"consolidated.{i:02d}.pth":
+            raise FileNotFoundError(f"{path}: shard consolidated.{i:02d}.pth is missing (found {f.name})")
+    shards = [_torch_load(f) for f in files]  # memory-mapped
+    dim, n_heads = p["dim"], p["n_heads"]
+    hidden = int(2 * 4 * dim / 3)  # LLaMA's SwiGLU width: 2/3 of 4*dim, times the Llama-2 multiplier, rounded up
+    if p.get("ffn_dim_multiplier"):
+        hidden = int(p["ffn_dim_multiplier"] * hidden)
+    hidden = p["multiple_of"] * ((hidden + p["multiple_of"] - 1) // p["multiple_of"])
+    vocab = p.get("vocab_size", -1)
+    if vocab == -1:  # "take it from the weights"
+        vocab = shards[0]["tok_embeddings.weight"].shape[0]
+    config = Config(path.name, "llama", vocab, p["n_layers"], n_heads, p.get("n_kv_heads") or 0, dim, 0, hidden,
+                    block_size=4096, norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0))
+    with torch.device("meta"):
+        model = Transformer(config)
+    filler = _Filler(model, device, dtype)
+    names = dict(META_NAMES)
+    for i in range(config.n_layer):
+        names.update({f"layers.{i}.{k}": (f"layers.{i}.{v}", d) for k, (v, d) in META_LAYER.items()})
+    unused = [k for k in shards[0] if k not in names and k != "rope.freqs"]
+    if unused:
+        raise KeyError(f"{files[0]}: {len(unused)} tensors match no LLaMA parameter: {unused[:8]}")
+    for k, (name, dim_split) in names.items():
+        parts = [s.get(k) for s in shards]
+        if any(t is None for t in parts):
+            raise KeyError(f"{files[[t is None for t in parts].index(True)]}: tensor {k} is missing")
+        t = parts[0] if dim_split is None or len(parts) == 1 else torch.cat(parts, dim=dim_split)
+        if k.endswith("wq.weight"):
+            t = meta_to_rotate_half(t, config.n_head)
+        elif k.endswith("wk.weight"):
+            t = meta_to_rotate_half(t, config.n_kv_head)
+        filler.put(name, t, files[0] if dim_split is None else f"{path}/consolidated.*.pth")
+    return filler.finish(path).eval()
