@@ -11,7 +11,7 @@ Hook slots for adapters.py (plain attributes, None = nothing happens; this file 
   Block.post_mlp       y -> y             MLP output, before the residual add                     (series adapters)
   Block.beside_attn    h -> y             reads the attention input, added to its output          (parallel adapters)
   Block.beside_mlp     h -> y             reads the MLP input, added to its output                (parallel adapters)
-  Attention.prefix     B -> (k, v)        extra keys/values (B, n_kv_head, P, head_dim), no rotary (prefix tuning)
+  Attention.prefix     B -> (k, v)|None   extra keys/values (B, n_kv_head, P, head_dim), no rotary (prefix tuning)
   Transformer.prompt   emb -> emb         prepends `prompt.n_tokens` soft tokens to the embeddings (prompt tuning)
 
 Shapes: B batch, T new tokens, S keys (cached + new), C n_embd, H heads, D head_dim, V vocab.
@@ -218,8 +218,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         causal = mask is None and T > 1  # the model passes mask=None only when plain causal attention is right
-        if self.prefix is not None:  # learned keys/values in front, visible to every query
-            pk, pv = self.prefix(B)
+        prefix = self.prefix(B) if self.prefix is not None else None  # a slot may have nothing to offer: None
+        if prefix is not None:  # learned keys/values in front, visible to every query
+            pk, pv = prefix
             k, v = torch.cat((pk.to(k.dtype), k), dim=2), torch.cat((pv.to(v.dtype), v), dim=2)
             if causal:
                 S = k.size(2) - pk.size(2)
@@ -319,9 +320,8 @@ class Transformer(nn.Module):
         c = self.config
         past = cache.pos if cache is not None else 0
         x = self.embed(idx)
-        n_soft = 0
-        if self.prompt is not None:  # soft tokens lead the sequence and are always visible
-            n_soft = self.prompt.n_tokens
+        n_soft = self.prompt.n_tokens if self.prompt is not None else 0
+        if n_soft:  # soft tokens lead the sequence and are always visible
             if past == 0:
                 x = self.prompt(x)
                 T += n_soft

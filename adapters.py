@@ -1,0 +1,492 @@
+"""
+The adapter families of LLM-Adapters on the hook slots of model.py, side by side:
+
+  lora      W x + (alpha/r) B A x on named linears (Hu et al.); A Kaiming-uniform, B zero
+  series    y + s * up(act(down(y))) after a sublayer (Houlsby: attn+mlp; Pfeiffer: mlp only, the paper's best)
+  parallel  sublayer(h) + s * up(act(down(h))) beside a sublayer (He et al.), or beside named linears (LLM-Adapters)
+  prefix    learned keys/values in front of every layer's attention (Li & Liang), optionally reparameterised
+  prompt    soft tokens in front of the input embeddings (Lester et al.)
+
+Every adapter's last projection starts at zero, so a fresh lora/series/parallel model equals the base exactly.
+Adapters live in `Slot`s (named containers) on the model's hook attributes: several can share a model under
+names, be switched with set_active and combined (e.g. lora + series). Their maths runs in fp32 even when the base
+runs in bf16/fp16 or under autocast. sparse=N (MoSA, "split & merge") splits a bottleneck's weights into N disjoint
+random parts that train one per step; merge_sparse folds them back into one plain adapter.
+"""
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import LINEAR_NAMES, Attention, Block, Linear, Transformer, hf_name
+
+_bottleneck = dict(bottleneck=256, reduction=0, placement="mlp", non_linearity="tanh", scaling=1.0, dropout=0.0,
+                   sparse=0)
+ADAPTER_DEFAULTS = {  # the paper's best settings; README has the table
+    "lora": dict(r=32, alpha=64, dropout=0.05, target_modules=None),  # None = q,k,v + the MLP's in/out linears
+    "series": dict(_bottleneck, residual=True),
+    "parallel": dict(_bottleneck, per_linear=None),
+    "prefix": dict(num_virtual_tokens=10, reparam=0),  # reparam = hidden size of the reparameterisation MLP
+    "prompt": dict(num_virtual_tokens=10),
+}
+ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+PLACEMENTS = {"mlp": ("mlp",), "attn": ("attn",), "both": ("attn", "mlp")}
+
+
+def default_targets(config):
+    qkv = ["query_key_value"] if config.arch == "bloom" else ["q_proj", "k_proj", "v_proj"]
+    return qkv + list(LINEAR_NAMES[config.arch][1:])
+
+
+def fp32(fn, x, out_dtype):
+    """Run fn on x in fp32, outside autocast, and hand back out_dtype: adapter maths stays fp32 on a bf16 base."""
+    with torch.autocast(x.device.type, enabled=False):
+        return fn(x.float()).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------- the modules
+class LoRA(nn.Module):
+    def __init__(self, d_in, d_out, r, alpha, dropout):
+        super().__init__()
+        self.lora_A, self.lora_B = nn.Linear(d_in, r, bias=False), nn.Linear(r, d_out, bias=False)  # PEFT's names
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scale, self.dropout, self.merged = alpha / r, nn.Dropout(dropout), False
+
+    def delta(self):  # the update merge_lora folds into W
+        return self.lora_B.weight @ self.lora_A.weight * self.scale
+
+    def forward(self, x, y):
+        if self.merged:
+            return y
+        return y + fp32(lambda x: self.lora_B(self.lora_A(self.dropout(x))) * self.scale, x, y.dtype)
+
+
+class Split(nn.Module):
+    """MoSA: one weight split into n disjoint random parts, each its own parameter, so an optimizer step on one part
+    cannot move the others. While training, only the `active` part runs, scaled by n so the expected weight is the
+    full one (as inverted dropout); in eval all parts together are the weight."""
+
+    def __init__(self, w, n):
+        super().__init__()
+        self.n, self.active = n, None
+        self.register_buffer("part", (torch.randperm(w.numel()) % n).view(w.shape).to(torch.uint8))
+        self.parts = nn.ParameterList(nn.Parameter(w[self.part == k].clone()) for k in range(n))
+
+    @property
+    def weight(self):
+        w = torch.zeros(self.part.shape, dtype=self.parts[0].dtype, device=self.part.device)
+        if self.training and self.active is not None:
+            return w.masked_scatter(self.part == self.active, self.parts[self.active] * self.n)
+        for k in range(self.n):
+            w = w.masked_scatter(self.part == k, self.parts[k])
+        return w
+
+
+class Bottleneck(nn.Module):
+    """down -> activation -> up, times `scaling` (a float, or "learned"); up starts at zero. Series adapters add
+    the input back (residual=True); parallel ones return only the branch, added beside the sublayer."""
+
+    def __init__(self, d_in, d_out, bottleneck, non_linearity, scaling, dropout, sparse, residual=False):
+        super().__init__()
+        down, up = torch.empty(bottleneck, d_in), torch.zeros(d_out, bottleneck)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        if sparse:
+            self.down, self.up = Split(down, sparse), Split(up, sparse)
+        else:
+            self.down, self.up = nn.Linear(d_in, bottleneck, bias=False), nn.Linear(bottleneck, d_out, bias=False)
+            self.down.weight.data, self.up.weight.data = down, up
+        self.act, self.dropout, self.residual = ACTIVATIONS[non_linearity], nn.Dropout(dropout), residual
+        self.scaling = nn.Parameter(torch.ones(())) if scaling == "learned" else float(scaling)
+
+    def branch(self, x):
+        return F.linear(self.act(F.linear(self.dropout(x), self.down.weight)), self.up.weight) * self.scaling
+
+    def forward(self, *args):  # (y) in a post slot, (h) beside a sublayer, (x, y) beside a linear
+        if len(args) == 2:  # per-linear parallel: the branch reads the linear's input, adds to its output
+            x, y = args
+            return y + fp32(self.branch, x, y.dtype)
+        (x,) = args
+        z = fp32(self.branch, x, x.dtype)
+        return x + z if self.residual else z
+
+
+class Prefix(nn.Module):
+    """num_virtual_tokens learned keys and values per layer (B, n_kv_head, P, head_dim), without rotary as in
+    LLM-Adapters. reparam > 0 produces them from an embedding through an MLP while training (Li & Liang);
+    merge_prefix turns that into plain tensors."""
+
+    def __init__(self, c, num_virtual_tokens, reparam):
+        super().__init__()
+        self.shape = (c.n_kv_head, num_virtual_tokens, c.head_dim)
+        kv = 2 * c.n_kv_head * c.head_dim
+        if reparam:
+            self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, c.n_embd) * 0.02)
+            self.mlp = nn.Sequential(nn.Linear(c.n_embd, reparam), nn.Tanh(), nn.Linear(reparam, kv))
+        else:
+            self.key = nn.Parameter(torch.randn(self.shape) * 0.02)
+            self.value = nn.Parameter(torch.randn(self.shape) * 0.02)
+
+    def kv(self):
+        if hasattr(self, "key"):
+            return self.key, self.value
+        with torch.autocast(self.embedding.device.type, enabled=False):
+            k, v = self.mlp(self.embedding).chunk(2, dim=-1)  # (P, Hkv*D) each
+        H, P, D = self.shape
+        return k.view(P, H, D).transpose(0, 1), v.view(P, H, D).transpose(0, 1)
+
+    def forward(self, batch_size):
+        return tuple(t.expand(batch_size, *self.shape) for t in self.kv())
+
+
+class Prompt(nn.Module):
+    """num_virtual_tokens soft tokens, initialised from random rows of the vocabulary so they start in-distribution."""
+
+    def __init__(self, embed, num_virtual_tokens):
+        super().__init__()
+        rows = torch.randint(0, embed.num_embeddings, (num_virtual_tokens,))
+        self.embedding = nn.Parameter(embed.weight.detach()[rows].float().clone())
+        self.n_tokens = num_virtual_tokens
+
+    def forward(self, x):  # (B, T, C) -> (B, P + T, C)
+        return torch.cat((self.embedding.to(x.dtype).expand(x.size(0), -1, -1), x), dim=1)
+
+
+# ------------------------------------------------------------------------- slots: named adapters on one hook point
+class Slot(nn.ModuleDict):
+    """The adapters sharing one hook slot, by name; only the names in `active` run, in the order they were added."""
+
+    def __init__(self):
+        super().__init__()
+        self.active = set()
+
+    def running(self):
+        return [m for name, m in self.items() if name in self.active]
+
+
+class LinearSlot(Slot):  # Linear.adapter: (x, y) -> y
+    def forward(self, x, y):
+        for m in self.running():
+            y = m(x, y)
+        return y
+
+
+class PostSlot(Slot):  # Block.post_attn / post_mlp: y -> y
+    def forward(self, y):
+        for m in self.running():
+            y = m(y)
+        return y
+
+
+class BesideSlot(Slot):  # Block.beside_attn / beside_mlp: h -> what to add
+    def forward(self, h):
+        return sum(m(h) for m in self.running())
+
+
+class PrefixSlot(Slot):  # Attention.prefix: B -> (k, v), or None when nothing runs
+    def forward(self, batch_size):
+        kvs = [m(batch_size) for m in self.running()]
+        return (torch.cat([k for k, _ in kvs], 2), torch.cat([v for _, v in kvs], 2)) if kvs else None
+
+
+class PromptSlot(Slot):  # Transformer.prompt: (B, T, C) -> (B, n_tokens + T, C)
+    @property
+    def n_tokens(self):
+        return sum(m.n_tokens for m in self.running())
+
+    def forward(self, x):
+        for m in reversed(self.running()):  # the first added ends up first
+            x = m(x)
+        return x
+
+
+SLOT_TYPES = {"adapter": LinearSlot, "post_attn": PostSlot, "post_mlp": PostSlot, "beside_attn": BesideSlot,
+              "beside_mlp": BesideSlot, "prefix": PrefixSlot, "prompt": PromptSlot}
+
+
+def _attach(owner, slot, name, module):
+    if getattr(owner, slot) is None:
+        setattr(owner, slot, SLOT_TYPES[slot]())
+    s = getattr(owner, slot)
+    s[name] = module
+    s.active.add(name)
+
+
+def slots(model):
+    """(module name, slot attribute, Slot) for every filled hook slot of the model."""
+    for mname, m in model.named_modules():
+        for attr in SLOT_TYPES:
+            s = getattr(m, attr, None)
+            if isinstance(s, Slot):
+                yield mname, attr, s
+
+
+def _linears(model, names, option):
+    """{module name: Linear} of the projections called `names`; an unknown name is an error listing the known."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
+    known = sorted({n.rsplit(".", 1)[-1] for n in found})
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        raise ValueError(f"{option}: unknown linear name(s) {unknown} for {model.config.arch}; known: {known}")
+    return {n: m for n, m in found.items() if n.rsplit(".", 1)[-1] in names}
+
+
+# ------------------------------------------------------------------------------------------------ the public API
+def add_adapter(model, kind, name="default", **options):
+    """Attach one adapter of `kind` to every block, freeze the base, leave the new adapter trainable (fp32)."""
+    if kind not in ADAPTER_DEFAULTS:
+        raise ValueError(f"unknown adapter kind {kind!r}; kinds: {', '.join(ADAPTER_DEFAULTS)}")
+    unknown = set(options) - set(ADAPTER_DEFAULTS[kind])
+    if unknown:
+        raise ValueError(f"{kind} adapter has no option(s) {sorted(unknown)}; options: {sorted(ADAPTER_DEFAULTS[kind])}")
+    if any(name in s for _, _, s in slots(model)):
+        raise ValueError(f"an adapter named {name!r} is already attached; pick another name=")
+    o = {**ADAPTER_DEFAULTS[kind], **options}
+    _check(kind, o)
+    c, device = model.config, model.embed.weight.device
+    in_slots = {id(p) for _, _, s in slots(model) for p in s.parameters()}
+    for p in model.parameters():  # freeze the base; adapters attached earlier keep their setting
+        if id(p) not in in_slots:
+            p.requires_grad_(False)
+    new = []
+    if kind == "lora":
+        for _, lin in _linears(model, o["target_modules"] or default_targets(c), "target_modules").items():
+            new.append((lin, "adapter", LoRA(lin.in_features, lin.out_features, o["r"], o["alpha"], o["dropout"])))
+    elif kind in ("series", "parallel"):
+        size = c.n_embd // o["reduction"] if o["reduction"] else o["bottleneck"]
+        args = (size, o["non_linearity"], o["scaling"], o["dropout"], o["sparse"])
+        if o.get("per_linear"):
+            for _, lin in _linears(model, o["per_linear"], "per_linear").items():
+                new.append((lin, "adapter", Bottleneck(lin.in_features, lin.out_features, *args)))
+        else:
+            where = "post_" if kind == "series" else "beside_"
+            for block in model.layers:
+                for sub in PLACEMENTS[o["placement"]]:
+                    new.append((block, where + sub, Bottleneck(c.n_embd, c.n_embd, *args, residual=kind == "series")))
+    elif kind == "prefix":
+        new = [(block.attn, "prefix", Prefix(c, o["num_virtual_tokens"], o["reparam"])) for block in model.layers]
+    else:
+        new = [(model, "prompt", Prompt(model.embed, o["num_virtual_tokens"]))]
+    for owner, slot, module in new:
+        _attach(owner, slot, name, module.to(device=device, dtype=torch.float32))
+    model.adapter_configs = {**getattr(model, "adapter_configs", {}), name: {"kind": kind, "options": o}}
+    return model
+
+
+def _check(kind, o):
+    if kind in ("series", "parallel"):
+        if o["placement"] not in PLACEMENTS:
+            raise ValueError(f"placement={o['placement']!r}: expected one of {list(PLACEMENTS)}")
+        if o["non_linearity"] not in ACTIVATIONS:
+            raise ValueError(f"non_linearity={o['non_linearity']!r}: expected one of {list(ACTIVATIONS)}")
+        if o["scaling"] != "learned" and not isinstance(o["scaling"], (int, float)):
+            raise ValueError(f"scaling={o['scaling']!r}: expected a number or 'learned'")
+        if not 0 <= o["sparse"] < 256:
+            raise ValueError(f"sparse={o['sparse']}: expected 0 (off) or a number of parts from 2 to 255")
+    for k in ("r", "bottleneck", "num_virtual_tokens"):
+        if k in o and (not isinstance(o[k], int) or o[k] < 1):
+            raise ValueError(f"{k}={o[k]!r}: expected a positive integer")
+
+
+def adapter_names(model):
+    return list(getattr(model, "adapter_configs", {}))
+
+
+def set_active(model, names):
+    """Run only the adapters called `names` (a name or a list; [] = the plain base model)."""
+    names = {names} if isinstance(names, str) else set(names)
+    missing = names - set(adapter_names(model))
+    if missing:
+        raise ValueError(f"no adapter named {sorted(missing)}; attached: {adapter_names(model)}")
+    for _, _, s in slots(model):
+        s.active = names & set(s.keys())
+
+
+def count_parameters(model):
+    """(trainable, total) parameter counts; the paper's "% params" is trainable / total."""
+    ps = list(model.parameters())
+    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
+
+
+def adapter_state(model, name):
+    """The tensors of adapter `name`, keyed by their place in the model without the name (so it loads under any)."""
+    out = {}
+    for mname, attr, s in slots(model):
+        if name in s:
+            for k, t in s[name].state_dict().items():
+                out[f"{mname}.{attr}.{k}".lstrip(".")] = t
+    return out
+
+
+def merge_lora(model):
+    """Fold every active, unmerged LoRA into its base weight (W += scale * B A); logits stay the same."""
+    for lin, lora in _loras(model, merged=False):
+        lin.weight.data += lora.delta().to(lin.weight.dtype)
+        lora.merged = True
+
+
+def unmerge_lora(model):
+    """Undo merge_lora (W -= scale * B A): exact in fp32, within rounding in bf16."""
+    for lin, lora in _loras(model, merged=True):
+        lin.weight.data -= lora.delta().to(lin.weight.dtype)
+        lora.merged = False
+
+
+def _loras(model, merged):
+    for _, lin in model.named_modules():
+        if isinstance(lin, Linear) and lin.adapter is not None:
+            yield from ((lin, m) for m in lin.adapter.running() if isinstance(m, LoRA) and m.merged == merged)
+
+
+def sparse_step(model, step):
+    """Pick the part of every sparse (MoSA) adapter that trains at this optimizer step: random, but a function of
+    the step so a resumed run picks the same."""
+    splits = [m for m in model.modules() if isinstance(m, Split)]
+    if splits:
+        k = int(torch.randint(splits[0].n, (), generator=torch.Generator().manual_seed(step)))
+        for m in splits:
+            m.active = k % m.n
+
+
+def merge_sparse(model):
+    """Replace each split weight by the one plain nn.Linear weight its parts make up (MoSA's merge)."""
+    for m in list(model.modules()):
+        if isinstance(m, Bottleneck):
+            for attr in ("down", "up"):
+                split = getattr(m, attr)
+                if isinstance(split, Split):
+                    w = split.eval().weight.detach()
+                    lin = nn.Linear(w.size(1), w.size(0), bias=False, device=w.device)
+                    lin.weight = nn.Parameter(w, requires_grad=split.parts[0].requires_grad)
+                    setattr(m, attr, lin)
+    for cfg in getattr(model, "adapter_configs", {}).values():
+        if cfg["options"].get("sparse"):
+            cfg["options"] = {**cfg["options"], "sparse": 0}
+
+
+def merge_prefix(model):
+    """Replace reparameterised prefixes by the plain keys/values their MLP produces (after training)."""
+    for m in model.modules():
+        if isinstance(m, Prefix) and not hasattr(m, "key"):
+            k, v = (t.detach().clone() for t in m.kv())
+            del m.embedding, m.mlp
+            m.key, m.value = nn.Parameter(k), nn.Parameter(v)
+    for cfg in getattr(model, "adapter_configs", {}).values():
+        if cfg["kind"] == "prefix":
+            cfg["options"] = {**cfg["options"], "reparam": 0}
+
+
+# ------------------------------------------------------------------------------------------------ save and load
+def _base_identity(c):
+    keys = ("arch", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "intermediate_size")
+    return {k: getattr(c, k) for k in keys}
+
+
+def _write_atomic(path, data):
+    """Write bytes or text to a temporary name beside path, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
+    os.replace(tmp, path)
+
+
+def save_adapter(model, path, name="default", base_model=None, extra=None, format="native"):
+    """Write adapter `name`: adapter_model.safetensors + adapter_config.json. format="peft" writes a LoRA folder that
+    Hugging Face PEFT loads (keys base_model.model.<official module>.lora_A.weight)."""
+    from safetensors.torch import save
+    if name not in adapter_names(model):
+        raise ValueError(f"no adapter named {name!r}; attached: {adapter_names(model)}")
+    cfg = model.adapter_configs[name]
+    state = {k: t.detach().contiguous() for k, t in adapter_state(model, name).items()}
+    if format == "peft":
+        if cfg["kind"] != "lora":
+            raise ValueError(f"format='peft' writes LoRA adapters only, {name!r} is {cfg['kind']}")
+        o = cfg["options"]
+        state = {_peft_key(model.config, k): t for k, t in state.items()}
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": o["r"], "lora_alpha": o["alpha"],
+                  "lora_dropout": o["dropout"], "target_modules": o["target_modules"] or default_targets(model.config),
+                  "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model}
+    elif format == "native":
+        config = {"kind": cfg["kind"], "name": name, "options": cfg["options"], "base_model": base_model,
+                  "base": _base_identity(model.config), "extra": extra or {}}
+    else:
+        raise ValueError(f"format={format!r}: expected 'native' or 'peft'")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path / "adapter_model.safetensors", save(state))
+    _write_atomic(path / "adapter_config.json", json.dumps(config, indent=2))
+
+
+def _peft_key(config, key):  # layers.0.attn.q_proj.adapter.lora_A.weight -> base_model.model.<hf module>.lora_A.weight
+    module, _, rest = key.partition(".adapter.")
+    return f"base_model.model.{hf_name(config, module + '.weight')[:-len('.weight')]}.{rest}"
+
+
+def read_adapter_config(path):
+    f = Path(path) / "adapter_config.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{f}: cannot read the adapter config ({e})") from e
+
+
+def load_adapter(model, path, name=None):
+    """Attach and fill the adapter saved in `path` (ours, or a Hugging Face PEFT LoRA folder); strict."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    if "peft_type" in config:
+        kind, options, state = _from_peft(model, path, config)
+    else:
+        base = _base_identity(model.config)
+        diff = {k: (v, base.get(k)) for k, v in config.get("base", {}).items() if base.get(k) != v}
+        if diff:
+            raise ValueError(f"{path}: adapter was trained on another base model (saved, this model): {diff}")
+        kind, options, state = config["kind"], config["options"], _read_tensors(path)
+    name = name or config.get("name", "default")
+    add_adapter(model, kind, name=name, **options)
+    expected = adapter_state(model, name)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{path}: adapter tensors do not match: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    for k, t in state.items():
+        if t.shape != expected[k].shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, this model expects {tuple(expected[k].shape)}")
+        expected[k].copy_(t)  # state_dict tensors share storage with the parameters
+    return model
+
+
+def _read_tensors(path):
+    """adapter_model.safetensors, else adapter_model.bin (loaded without running pickled code)."""
+    from safetensors.torch import load_file
+    if (path / "adapter_model.safetensors").exists():
+        return load_file(path / "adapter_model.safetensors")
+    if (path / "adapter_model.bin").exists():
+        return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def _from_peft(model, path, config):
+    """A PEFT LoRA folder -> (kind, options, our state dict)."""
+    unsupported = {k: config[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
+                                          "layers_to_transform", "fan_in_fan_out") if config.get(k)}
+    if config["peft_type"] != "LORA" or config.get("bias", "none") != "none" or unsupported:
+        raise ValueError(f"{path}: only plain PEFT LoRA (bias='none') is supported; got peft_type="
+                         f"{config['peft_type']}, bias={config.get('bias')}, {unsupported}")
+    ours = {}  # official module name -> ours, for every projection
+    for n, m in model.named_modules():
+        if isinstance(m, Linear):
+            ours[hf_name(model.config, n + ".weight")[:-len(".weight")]] = n
+    state, targets = {}, set()
+    for k, t in _read_tensors(path).items():
+        module, _, rest = k.removeprefix("base_model.model.").rpartition(".lora_")
+        rest = "lora_" + rest.replace(".default.", ".")  # keys may carry the adapter name
+        if module not in ours:
+            raise KeyError(f"{path}: LoRA tensor {k} names no projection of this {model.config.arch} model")
+        state[f"{ours[module]}.adapter.{rest}"] = t
+        targets.add(module.rsplit(".", 1)[-1])
+    r = config["r"]
+    alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1)  # rsLoRA scales alpha/sqrt(r)
+    return "lora", dict(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0), target_modules=sorted(targets)), state
