@@ -134,9 +134,8 @@ class RMSNorm(nn.Module):
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def make_norm(c, dim=None):
-    dim = dim or c.n_embd
-    return RMSNorm(dim, c.norm_eps) if c.norm == "rmsnorm" else nn.LayerNorm(dim, eps=c.norm_eps)
+def make_norm(c):
+    return RMSNorm(c.n_embd, c.norm_eps) if c.norm == "rmsnorm" else nn.LayerNorm(c.n_embd, eps=c.norm_eps)
 
 
 def rope_angles(c, pos):
@@ -587,9 +586,12 @@ def _torch_load(f):
 
 def _read_json(f):
     try:
-        return json.loads(Path(f).read_text())
+        d = json.loads(Path(f).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{f}: cannot read JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _hf_files(path):
