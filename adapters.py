@@ -42,10 +42,11 @@ def default_targets(config):
     return qkv + list(LINEAR_NAMES[config.arch][1:])
 
 
-def fp32(fn, x, out_dtype):
-    """Run fn on x in fp32, outside autocast, and hand back out_dtype: adapter maths stays fp32 on a bf16 base."""
+def in_own_dtype(module, fn, x, out_dtype):
+    """Run fn on x in the adapter's own dtype (fp32 as add_adapter makes it), outside autocast, and hand back
+    out_dtype: adapter maths stays fp32 on a bf16/fp16 base, as LLM-Adapters does."""
     with torch.autocast(x.device.type, enabled=False):
-        return fn(x.float()).to(out_dtype)
+        return fn(x.to(next(module.parameters()).dtype)).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------- the modules
@@ -63,7 +64,7 @@ class LoRA(nn.Module):
     def forward(self, x, y):
         if self.merged:
             return y
-        return y + fp32(lambda x: self.lora_B(self.lora_A(self.dropout(x))) * self.scale, x, y.dtype)
+        return y + in_own_dtype(self, lambda x: self.lora_B(self.lora_A(self.dropout(x))) * self.scale, x, y.dtype)
 
 
 class Split(nn.Module):
@@ -109,9 +110,9 @@ class Bottleneck(nn.Module):
     def forward(self, *args):  # (y) in a post slot, (h) beside a sublayer, (x, y) beside a linear
         if len(args) == 2:  # per-linear parallel: the branch reads the linear's input, adds to its output
             x, y = args
-            return y + fp32(self.branch, x, y.dtype)
+            return y + in_own_dtype(self, self.branch, x, y.dtype)
         (x,) = args
-        z = fp32(self.branch, x, x.dtype)
+        z = in_own_dtype(self, self.branch, x, x.dtype)
         return x + z if self.residual else z
 
 
@@ -210,7 +211,7 @@ SLOT_TYPES = {"adapter": LinearSlot, "post_attn": PostSlot, "post_mlp": PostSlot
 
 def _attach(owner, slot, name, module):
     if getattr(owner, slot) is None:
-        setattr(owner, slot, SLOT_TYPES[slot]())
+        setattr(owner, slot, SLOT_TYPES[slot]().train(owner.training))  # new modules follow the model's mode
     s = getattr(owner, slot)
     s[name] = module
     s.active.add(name)
@@ -248,10 +249,6 @@ def add_adapter(model, kind, name="default", **options):
     o = {**ADAPTER_DEFAULTS[kind], **options}
     _check(kind, o)
     c, device = model.config, model.embed.weight.device
-    in_slots = {id(p) for _, _, s in slots(model) for p in s.parameters()}
-    for p in model.parameters():  # freeze the base; adapters attached earlier keep their setting
-        if id(p) not in in_slots:
-            p.requires_grad_(False)
     new = []
     if kind == "lora":
         for _, lin in _linears(model, o["target_modules"] or default_targets(c), "target_modules").items():
@@ -266,13 +263,18 @@ def add_adapter(model, kind, name="default", **options):
             where = "post_" if kind == "series" else "beside_"
             for block in model.layers:
                 for sub in PLACEMENTS[o["placement"]]:
-                    new.append((block, where + sub, Bottleneck(c.n_embd, c.n_embd, *args, residual=kind == "series")))
+                    new.append((block, where + sub, Bottleneck(c.n_embd, c.n_embd, *args,
+                                                           residual=kind == "series" and o["residual"])))
     elif kind == "prefix":
         new = [(block.attn, "prefix", Prefix(c, o["num_virtual_tokens"], o["reparam"])) for block in model.layers]
     else:
         new = [(model, "prompt", Prompt(model.embed, o["num_virtual_tokens"]))]
+    in_slots = {id(p) for _, _, s in slots(model) for p in s.parameters()}
+    for p in model.parameters():  # freeze the base; adapters attached earlier keep their setting
+        if id(p) not in in_slots:
+            p.requires_grad_(False)
     for owner, slot, module in new:
-        _attach(owner, slot, name, module.to(device=device, dtype=torch.float32))
+        _attach(owner, slot, name, module.to(device=device, dtype=torch.float32).train(model.training))
     model.adapter_configs = {**getattr(model, "adapter_configs", {}), name: {"kind": kind, "options": o}}
     return model
 
@@ -285,7 +287,7 @@ def _check(kind, o):
             raise ValueError(f"non_linearity={o['non_linearity']!r}: expected one of {list(ACTIVATIONS)}")
         if o["scaling"] != "learned" and not isinstance(o["scaling"], (int, float)):
             raise ValueError(f"scaling={o['scaling']!r}: expected a number or 'learned'")
-        if not 0 <= o["sparse"] < 256:
+        if o["sparse"] != 0 and not 2 <= o["sparse"] < 256:
             raise ValueError(f"sparse={o['sparse']}: expected 0 (off) or a number of parts from 2 to 255")
     for k in ("r", "bottleneck", "num_virtual_tokens"):
         if k in o and (not isinstance(o[k], int) or o[k] < 1):
@@ -294,6 +296,19 @@ def _check(kind, o):
 
 def adapter_names(model):
     return list(getattr(model, "adapter_configs", {}))
+
+
+def remove_adapter(model, name):
+    """Detach adapter `name` from every slot (empty slots go back to None)."""
+    if name not in adapter_names(model):
+        raise ValueError(f"no adapter named {name!r}; attached: {adapter_names(model)}")
+    for mname, attr, s in list(slots(model)):
+        if name in s:
+            del s[name]
+            s.active.discard(name)
+            if not len(s):
+                setattr(model.get_submodule(mname), attr, None)
+    del model.adapter_configs[name]
 
 
 def set_active(model, names):
@@ -344,7 +359,8 @@ def _loras(model, merged):
 
 def sparse_step(model, step):
     """Pick the part of every sparse (MoSA) adapter that trains at this optimizer step: random, but a function of
-    the step so a resumed run picks the same."""
+    the step so a resumed run picks the same. Parts that did not run get no gradient (None), so the optimizer must
+    zero grads with set_to_none=True (PyTorch's default) for AdamW to leave them untouched."""
     splits = [m for m in model.modules() if isinstance(m, Split)]
     if splits:
         k = int(torch.randint(splits[0].n, (), generator=torch.Generator().manual_seed(step)))
@@ -447,14 +463,18 @@ def load_adapter(model, path, name=None):
         kind, options, state = config["kind"], config["options"], _read_tensors(path)
     name = name or config.get("name", "default")
     add_adapter(model, kind, name=name, **options)
-    expected = adapter_state(model, name)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{path}: adapter tensors do not match: missing {missing[:6]}, unexpected {unexpected[:6]}")
-    for k, t in state.items():
-        if t.shape != expected[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, this model expects {tuple(expected[k].shape)}")
-        expected[k].copy_(t)  # state_dict tensors share storage with the parameters
+    try:
+        expected = adapter_state(model, name)
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise KeyError(f"{path}: adapter tensors do not match: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        for k, t in state.items():
+            if t.shape != expected[k].shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, this model expects {tuple(expected[k].shape)}")
+            expected[k].copy_(t)  # state_dict tensors share storage with the parameters
+    except (KeyError, ValueError):
+        remove_adapter(model, name)  # leave the model as it was
+        raise
     return model
 
 
