@@ -77,6 +77,24 @@ def build(cuda):
     return cfg, m, dtype
 
 
+def time_training(loss_fn, params, device):
+    """Warm up, then time `steps` optimizer steps of loss_fn() -> loss (bf16 autocast on CUDA). The same for ours
+    and HF+PEFT: AdamW on the trainable parameters. Returns (tokens/s, peak GiB)."""
+    opt = torch.optim.AdamW(params, lr=3e-4, fused=device == "cuda")
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    dt = timed(step, steps, warmup)
+    return micro_batch * seq_len * steps / dt, peak_gib()
+
+
 def train_flops_per_token(cfg, n_params):
     attn = 2 * 2 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim  # QK^T and AV, forward
     return 2 * n_params + 2 * n_params + 2 * attn  # forward + activation gradients (frozen weights)
@@ -87,25 +105,12 @@ def bench_train(cfg, m, dtype, device):
     add_adapter(m, adapter, **opts)
     m.grad_checkpoint = grad_ckpt
     m.train()
-    params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-4, fused=device == "cuda")
     fwd = torch.compile(m) if compile else m
     x = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), device=device)
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            _, loss = fwd(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    dt = timed(step, steps, warmup)
-    tok_s = micro_batch * seq_len * steps / dt
+    tok_s, peak = time_training(lambda: fwd(x, x)[1], [p for p in m.parameters() if p.requires_grad], device)
     trainable, total = count_parameters(m)
     n_base = total - trainable
-    return {"tok_s": round(tok_s), "peak_gib": peak_gib(), "trainable": trainable,
+    return {"tok_s": round(tok_s), "peak_gib": peak, "trainable": trainable,
             "mfu": round(tok_s * train_flops_per_token(cfg, n_base) / (peak_tflops * 1e12), 3)}
 
 
@@ -142,20 +147,10 @@ def baseline_train(cfg, dtype, device):
         pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         pm.enable_input_require_grads()
     pm.train()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-4)
     x = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len), device=device)
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = pm(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    dt = timed(step, steps, warmup)
-    return {"tok_s": round(micro_batch * seq_len * steps / dt), "peak_gib": peak_gib()}
+    tok_s, peak = time_training(lambda: pm(input_ids=x, labels=x).loss,
+                                [p for p in pm.parameters() if p.requires_grad], device)
+    return {"tok_s": round(tok_s), "peak_gib": peak}
 
 
 def baseline_generate(cfg, dtype, device):
