@@ -15,14 +15,13 @@ random parts that train one per step; merge_sparse folds them back into one plai
 """
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LINEAR_NAMES, Attention, Block, Linear, Transformer, hf_name
+from model import LINEAR_NAMES, Linear, hf_name, write_atomic
 
 _bottleneck = dict(bottleneck=256, reduction=0, placement="mlp", non_linearity="tanh", scaling=1.0, dropout=0.0,
                    sparse=0)
@@ -402,13 +401,6 @@ def _base_identity(c):
     return {k: getattr(c, k) for k in keys}
 
 
-def _write_atomic(path, data):
-    """Write bytes or text to a temporary name beside path, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
-    os.replace(tmp, path)
-
-
 def save_adapter(model, path, name="default", base_model=None, extra=None, format="native"):
     """Write adapter `name`: adapter_model.safetensors + adapter_config.json. format="peft" writes a LoRA folder that
     Hugging Face PEFT loads (keys base_model.model.<official module>.lora_A.weight)."""
@@ -431,9 +423,8 @@ def save_adapter(model, path, name="default", base_model=None, extra=None, forma
     else:
         raise ValueError(f"format={format!r}: expected 'native' or 'peft'")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path / "adapter_model.safetensors", save(state))
-    _write_atomic(path / "adapter_config.json", json.dumps(config, indent=2))
+    write_atomic(path / "adapter_model.safetensors", save(state))
+    write_atomic(path / "adapter_config.json", json.dumps(config, indent=2))
 
 
 def _peft_key(config, key):  # layers.0.attn.q_proj.adapter.lora_A.weight -> base_model.model.<hf module>.lora_A.weight

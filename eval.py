@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, leakage, load_rows
 from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, extract_answer, get_kind, is_correct
 from data.template import format_prompt
-from model import Transformer
+from model import Transformer, write_atomic
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,19 +279,6 @@ def evaluate(model, tok, rows, dataset, kind=None, strict=False, template="alpac
 
 # ----------------------------------------------------------------------------------------------------------------
 # files and the command line
-
-def write_atomic(path, text):
-    """Write text to path through a temporary file in the same folder and os.replace."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
 
 def markdown_table(row_name, accuracies):
     """One row in the paper's layout: the datasets, then Avg, in percent."""

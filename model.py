@@ -18,8 +18,9 @@ Shapes: B batch, T new tokens, S keys (cached + new), C n_embd, H heads, D head_
 """
 import json
 import math
+import os
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -406,16 +407,12 @@ class Transformer(nn.Module):
         """Write the base model as a Hugging Face folder (config.json + model.safetensors with official names) that
         from_pretrained and transformers both load. Adapter tensors are not base weights and are left out (see
         adapters.save_adapter, or merge_lora first). Files are written to temporary names, then renamed."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save
         names = {n for n, _ in self.named_parameters(remove_duplicate=True)} - _adapter_names(self)
         sd = self.state_dict()
         tensors = {hf_name(self.config, n): sd[n].contiguous() for n in names}
-        save_file(tensors, path / "model.safetensors.tmp", metadata={"format": "pt"})
-        (path / "config.json.tmp").write_text(json.dumps(config_to_hf(self.config), indent=2))
-        (path / "model.safetensors.tmp").replace(path / "model.safetensors")
-        (path / "config.json.tmp").replace(path / "config.json")
+        write_atomic(Path(path) / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+        write_atomic(Path(path) / "config.json", json.dumps(config_to_hf(self.config), indent=2))
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
@@ -428,6 +425,18 @@ class Transformer(nn.Module):
         if (path / "config.json").exists():
             return _load_hf(path, device, dtype)
         raise FileNotFoundError(f"{path}: no params.json (Meta LLaMA) or config.json (Hugging Face) found")
+
+
+def write_atomic(path, data):
+    """Write bytes or text to a temporary file beside `path`, then rename it: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _adapter_names(model):
