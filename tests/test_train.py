@@ -1,0 +1,288 @@
+"""train.py: the embedded demo end to end (tiny sizes), every adapter kind, resume equivalence, bf16 autocast, DDP on
+gloo, and every configuration / input error with its message. Runs in-process (train.main(argv)) except DDP, which
+spawns two processes. The demo base is built once per session, shrunk (2 layers x 64) and pretrained for 40 steps."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import adapters
+import train
+from data import synthetic
+from data.prepare import write_json
+from model import Transformer
+from tokenizer import Tokenizer
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, intermediate_size=176)
+DEMO_ARGS = ["--demo_base_steps=40", "--demo_base_docs=3000", "--demo_n_train=200", "--demo_n_test=20",
+             "--max_steps=12", "--learning_rate=1e-2", "--warmup_steps=2", "--val_set_size=20", "--eval_interval=6", "--log_interval=1", "--threads=0"]
+
+
+def records(out, key="loss"):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if key in r]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The embedded demo with reduced sizes: builds the tiny base, writes the data, fine-tunes LoRA, evaluates."""
+    root = tmp_path_factory.mktemp("demo")
+    saved = dict(train.DEMO_MODEL)
+    train.DEMO_MODEL.update(TINY)
+    try:
+        model, summary = train.main([f"--demo_dir={root}", *DEMO_ARGS])
+    finally:
+        train.DEMO_MODEL.clear()
+        train.DEMO_MODEL.update(saved)
+    return root, model, summary
+
+
+@pytest.fixture(scope="session")
+def rows(demo):
+    """A small training file in LLM-Adapters' format (the demo's two-step task)."""
+    path = demo[0] / "rows.json"
+    write_json(path, synthetic.finetune_split(64, 8, seed=1)[0])
+    return path
+
+
+def run(demo, rows, out, *args):
+    """train.main on the session's tiny base and rows, 8-example steps, a 16-example validation split."""
+    return train.main([f"--model={demo[0] / 'base'}", f"--data={rows}", f"--out={out}", "--batch_size=8",
+                       "--micro_batch_size=4", "--val_set_size=16", "--warmup_steps=0", "--log_interval=1",
+                       "--threads=0", *args])
+
+
+def test_demo_end_to_end(demo, capsys):
+    root, model, summary = demo
+    base = root / "base"
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(base))
+    assert not os.path.exists(f"{base}.tmp")
+    tok = Tokenizer.from_pretrained(base)
+    for split in ("train", "test"):
+        data = json.load(open(root / "data" / f"{split}.json"))
+        assert data and set(data[0]) == {"instruction", "input", "output", "answer"}
+        assert all(tok.sp.unk_id() not in tok.encode(r["instruction"] + r["output"]) for r in data)
+    losses = [r["loss"] for r in records(root / "lora")]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+    accuracy = [r for r in records(root / "lora", "adapter_acc")][0]
+    assert 0 <= accuracy["base_acc"] <= 1 and 0 <= accuracy["adapter_acc"] <= 1
+    config = json.load(open(root / "lora" / "adapter_config.json"))
+    assert config["kind"] == "lora" and config["extra"]["template"] == "alpaca"
+    assert config["extra"]["dataset"].endswith("test.json") and config["extra"]["kind"] == "number"
+    # the adapter saved at the last validation (the best: it improved) loads onto a fresh base, same logits
+    assert summary["best_val"] == records(root / "lora", "val_loss")[-1]["val_loss"]
+    fresh = adapters.load_adapter(Transformer.from_pretrained(base), root / "lora")
+    x = torch.tensor([tok.encode("Tom has 3 pens. Then Tom finds 4 more pens.", bos=True)])
+    model.eval()
+    assert torch.equal(fresh.eval()(x)[0], model(x)[0])
+
+
+def test_demo_uses_cached_base(demo, capsys):
+    root = demo[0]
+    stamp = os.path.getmtime(root / "base" / "model.safetensors")
+    train.main([f"--demo_dir={root}", *DEMO_ARGS, "--max_steps=1", "--adapter=prompt", "--demo_n_test=4"])
+    out = capsys.readouterr().out
+    assert "building the demo base" not in out and "trainable of" in out and "exact match on 4" in out
+    assert os.path.getmtime(root / "base" / "model.safetensors") == stamp
+
+
+@pytest.mark.parametrize("kind", ["lora", "series", "parallel", "prefix", "prompt"])
+def test_each_adapter_trains(demo, rows, tmp_path, kind):
+    model, summary = run(demo, rows, tmp_path, f"--adapter={kind}", "--max_steps=8", "--learning_rate=1e-2",
+                         "--eval_interval=8")
+    losses = [r["loss"] for r in records(tmp_path)]
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert os.path.exists(tmp_path / "adapter_model.safetensors") and os.path.exists(tmp_path / "resume.pt")
+
+
+def test_adapter_options_from_command_line(demo, rows, tmp_path):
+    model, _ = run(demo, rows, tmp_path, "--adapter=lora", "--r=4", "--target_modules=q_proj,v_proj",
+                   "--max_steps=1")
+    opts = json.load(open(tmp_path / "adapter_config.json"))["options"]
+    assert opts["r"] == 4 and opts["target_modules"] == ["q_proj", "v_proj"]
+    model, _ = run(demo, rows, tmp_path / "p", "--adapter=parallel", "--bottleneck=16", "--placement=attn",
+                   "--scaling=learned", "--max_steps=1")
+    assert model.layers[0].beside_attn is not None and model.layers[0].beside_mlp is None
+
+
+def test_sparse_and_reparam_adapters_are_merged_at_the_end(demo, rows, tmp_path):
+    run(demo, rows, tmp_path / "s", "--adapter=series", "--sparse=2", "--max_steps=2", "--eval_interval=1")
+    run(demo, rows, tmp_path / "p", "--adapter=prefix", "--reparam=16", "--max_steps=2", "--eval_interval=1")
+    assert json.load(open(tmp_path / "s" / "adapter_config.json"))["options"]["sparse"] == 0
+    assert json.load(open(tmp_path / "p" / "adapter_config.json"))["options"]["reparam"] == 0
+    for sub in ("s", "p"):  # the merged adapters load as plain ones
+        adapters.load_adapter(Transformer.from_pretrained(demo[0] / "base"), tmp_path / sub)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_same_losses(demo, rows, tmp_path, monkeypatch):
+    args = ["--adapter=lora", "--max_steps=6", "--eval_interval=3", "--learning_rate=1e-2"]  # lora has dropout
+    run(demo, rows, tmp_path / "a", *args)
+    full = [r["loss"] for r in records(tmp_path / "a")]
+
+    log = train.log
+
+    def crash_after_step_4(rt, out, record, text):
+        log(rt, out, record, text)
+        if record and record.get("step") == 4 and "loss" in record:
+            raise Interrupt  # killed mid-run: the checkpoint of step 3 is on disk, nothing of step 4
+    monkeypatch.setattr(train, "log", crash_after_step_4)
+    with pytest.raises(Interrupt):
+        run(demo, rows, tmp_path / "b", *args)
+    monkeypatch.setattr(train, "log", log)
+    assert torch.load(tmp_path / "b" / "resume.pt", weights_only=True)["step"] == 3
+    run(demo, rows, tmp_path / "b", *args, "--resume=true")
+    resumed = {r["step"]: r["loss"] for r in records(tmp_path / "b")}
+    assert [resumed[s] for s in range(1, 7)] == full  # exactly, in fp32
+    with pytest.raises(SystemExit, match="--learning_rate=0.02 differs from the checkpoint's 0.01"):
+        run(demo, rows, tmp_path / "b", *args, "--resume=true", "--learning_rate=2e-2")
+
+
+def test_bf16_autocast_on_cpu(demo, rows, tmp_path):
+    model, summary = run(demo, rows, tmp_path, "--dtype=bfloat16", "--adapter=lora", "--max_steps=3")
+    assert model.embed.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(tmp_path))
+    assert summary["best_val"] is not None
+
+
+def test_train_on_inputs_false_masks_the_prompt(demo):
+    tok = Tokenizer.from_pretrained(demo[0] / "base")
+    row = {"instruction": "Tom has 3 pens. How many pens does Tom have now?", "input": "", "output": "3."}
+    cfg = train.get_config(["--model=x", "--train_on_inputs=false"])[0]
+    (x, y), = train.tokenize(tok, [row], cfg)[0]
+    prompt = tok.encode(train.format_prompt(row["instruction"]), bos=True)
+    full = tok.encode(train.format_prompt(row["instruction"]) + "3.", bos=True, eos=True)
+    assert x == full[:-1] and y[:len(prompt) - 1] == [-100] * (len(prompt) - 1) and y[len(prompt) - 1:] == full[len(prompt):]
+    cfg.cutoff_len, cfg.train_on_inputs = 12, True  # cut: no EOS; then a prompt longer than cutoff_len is dropped
+    (x, y), = train.tokenize(tok, [row], cfg)[0]
+    assert len(x) == 11 and y == full[1:12] and tok.eos_id not in y
+    cfg.train_on_inputs = False
+    assert train.tokenize(tok, [row], cfg) == ([], 1, 1)
+
+
+def test_epoch_plan_is_deterministic_and_shards_for_ddp():
+    examples = [([0] * (1 + i % 7), [0] * (1 + i % 7)) for i in range(50)]
+    cfg = train.get_config(["--model=x", "--batch_size=8", "--micro_batch_size=2"])[0]
+    one = train.SimpleNamespace(rank=0, world=1)
+    plan = train.epoch_plan(examples, cfg, 0, one)
+    assert plan == train.epoch_plan(examples, cfg, 0, one) != train.epoch_plan(examples, cfg, 1, one)
+    assert sorted(i for step in plan for mb in step for i in mb) == list(range(50)) and len(plan[0]) == 4
+    ranks = [train.epoch_plan(examples, cfg, 0, train.SimpleNamespace(rank=r, world=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) and all(len(a) == len(b) for a, b in zip(*ranks))
+    assert len(ranks[0][0]) == 2  # batch 8 = 2 micro-batches x 2 examples x 2 processes
+    seen = [i for p in ranks for step in p for mb in step for i in mb]
+    assert set(seen) == set(range(50)) and len(seen) == 52  # padded by repeating, like DistributedSampler
+
+
+def ddp_worker(rank, port, argv, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, _ = train.main(argv)
+    torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, f"{out}/rank{rank}.pt")
+
+
+def test_ddp_gloo_two_processes_agree(demo, rows, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    argv = [f"--model={demo[0] / 'base'}", f"--data={rows}", f"--out={out}", "--batch_size=8", "--micro_batch_size=2",
+            "--val_set_size=16", "--max_steps=3", "--eval_interval=3", "--adapter=lora", "--learning_rate=1e-2",
+            "--log_interval=1"]
+    mp.spawn(ddp_worker, args=(port, argv, tmp_path), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = adapters.load_adapter(Transformer.from_pretrained(demo[0] / "base"), out)  # rank 0 wrote it
+    assert all(torch.equal(t, a[n]) for n, t in fresh.named_parameters() if n in a)
+    assert len(records(out)) == 3  # one log, by rank 0
+
+
+# ------------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("argv, message", [
+    (["--learnin_rate=1"], "unknown setting --learnin_rate"),
+    (["--batch_size=abc"], "--batch_size=abc: expected int"),
+    (["--batch_size=1.5"], "--batch_size=1.5: expected int"),
+    (["--train_on_inputs=maybe"], "expected true or false"),
+    (["--model"], "--model: expected --key=value"),
+    (["--adapter=lora", "--bottleneck=64"], "--bottleneck does not apply to --adapter=lora .*series, parallel"),
+    (["--adapter=prompt", "--r=8"], "--r does not apply to --adapter=prompt"),
+    (["--adapter=adapterx"], "unknown adapter 'adapterx'"),
+    (["--decay=step"], "--decay=step: expected one of linear, cosine"),
+    (["--model=/no/such/dir", "--data=x.json"], "--model=/no/such/dir: no such folder"),
+    (["--model=."], "--data is required"),
+    (["missing_config.py"], "missing_config.py: no such config file"),
+])
+def test_config_errors(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(argv)
+
+
+def test_config_files(tmp_path, demo, rows):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"learning_rate": "fast"}))
+    with pytest.raises(SystemExit, match="expected float"):
+        train.get_config([str(bad)])
+    bad.write_text(json.dumps({"warmup": 3}))
+    with pytest.raises(SystemExit, match="unknown setting --warmup"):
+        train.get_config([str(bad)])
+    py = tmp_path / "x.py"
+    py.write_text("import math\nadapter = 'series'\nbottleneck = 32\nlearning_rate = 1e-3\nnum_epochs = 2\n")
+    cfg, options = train.get_config([str(py), "--num_epochs=5", "--model=m"])
+    assert (cfg.adapter, cfg.learning_rate, cfg.num_epochs, options) == ("series", 1e-3, 5, {"bottleneck": 32})
+
+
+def test_input_errors(demo, rows, tmp_path):
+    with pytest.raises(SystemExit, match="cannot load the checkpoint.*no params.json"):
+        run(demo, rows, tmp_path, f"--model={tmp_path}")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "q", "output": "a"}, {"instruction": "q2"}]))
+    with pytest.raises(SystemExit, match="row 1: missing field 'output'"):
+        run(demo, bad, tmp_path)
+    bad.write_text("[{not json")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        run(demo, bad, tmp_path)
+    bad.write_text("[]")
+    with pytest.raises(SystemExit, match="the list of rows is empty"):
+        run(demo, bad, tmp_path)
+    bad.write_text(json.dumps([{"instruction": "q", "output": "a"}] * 10))
+    with pytest.raises(SystemExit, match="10 rows, not more than --val_set_size=16"):
+        run(demo, bad, tmp_path)
+    with pytest.raises(SystemExit, match="no such file"):
+        run(demo, tmp_path / "nothing.json", tmp_path)
+    with pytest.raises(SystemExit, match="--cutoff_len=100000 exceeds the model's context of 256"):
+        run(demo, rows, tmp_path, "--cutoff_len=100000")
+    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+        run(demo, rows, tmp_path / "fresh", "--resume=true")
+    assert not os.path.exists(tmp_path / "adapter_config.json")  # nothing half-written
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo, rows, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match=r"loss is (nan|inf) at step \d.*stopped before writing anything"):
+        run(demo, rows, tmp_path / "lr", "--learning_rate=1e30", "--grad_clip=0", "--max_steps=20")
+    add_adapter = adapters.add_adapter
+
+    def add_poisoned(model, kind, **options):  # logits turn NaN from the 4th training step on (2 forwards a step)
+        model, calls = add_adapter(model, kind, **options), [0]
+
+        def hook(module, args, out):
+            calls[0] += model.training
+            return out * float("nan") if model.training and calls[0] > 6 else out
+        model.lm_head.register_forward_hook(hook)
+        return model
+    monkeypatch.setattr(adapters, "add_adapter", add_poisoned)
+    with pytest.raises(SystemExit, match=r"loss is nan at step 4 .* Last good checkpoint: .* \(step 2\)"):
+        run(demo, rows, tmp_path, "--max_steps=20", "--eval_interval=2")
+    state = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
+    monkeypatch.setattr(adapters, "add_adapter", add_adapter)
+    adapters.load_adapter(Transformer.from_pretrained(demo[0] / "base"), tmp_path)  # the saved adapter still loads

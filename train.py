@@ -1,0 +1,553 @@
+"""
+Fine-tune a LLaMA-family model with an adapter (LoRA, series, parallel, prefix, prompt), LLM-Adapters' recipe.
+
+    python train.py --adapter=parallel                     # the embedded demo: CPU, no downloads, a few minutes
+    python train.py --model=<checkpoint dir> --adapter=lora --data=math_10k.json --out=out/llama-7b-lora
+    torchrun --nproc_per_node=4 train.py --model=...        # DistributedDataParallel, the same code
+    python train.py config/x.py --r=16                      # a config file (Python or JSON), then overrides
+
+Every global below can be set with --key=value (checked against its default's type; bools take true/false), and so
+can the chosen adapter's options, checked against adapters.ADAPTER_DEFAULTS[adapter] (--r=16
+--target_modules=q_proj,v_proj, --bottleneck=64 --placement=attn, ...). Anything else is an error.
+
+Without --model: the embedded demo. A ~0.5M-parameter LLaMA with its own sentencepiece tokenizer is pretrained by
+train() below on arithmetic word problems (data/synthetic.py) and cached in <demo_dir>/base/, a checkpoint folder
+like any other; it is then fine-tuned on a related task written to <demo_dir>/data/{train,test}.json, and the run
+ends with the exact-match accuracy of the frozen base and of base + adapter on the held-out test split.
+
+--out gets adapter_model.safetensors + adapter_config.json (the adapter with the best validation loss), resume.pt
+(adapter, optimizer, step and RNG state, for --resume=true) and log.jsonl. Every file is written to a temporary
+name, then renamed: an interrupted run never leaves a broken one.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import adapters
+from data import synthetic
+from data.prepare import TRAIN_REQUIRE, DataError, load_rows, write_json
+from data.scoring import extract_answer, is_correct
+from data.template import TEMPLATE_NAME, format_example, format_prompt
+from model import Config, Transformer
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------------------------------------------
+# what to train
+model = ""                # checkpoint folder (Hugging Face or Meta layout, with its tokenizer); "" = the demo
+data = ""                 # LLM-Adapters JSON rows: instruction, input (optional), output
+out = ""                  # "" = <demo_dir>/<adapter> for the demo, out/<model folder name>-<adapter> otherwise
+adapter = "lora"          # lora | series | parallel | prefix | prompt
+resume = False            # continue from <out>/resume.pt, to the same losses as an uninterrupted run
+# LLM-Adapters' recipe
+cutoff_len = 256          # examples are cut to this many tokens (then without EOS), as LLM-Adapters does
+train_on_inputs = True    # false: no loss on the prompt (targets -100)
+group_by_length = True    # micro-batches of examples of similar length: little padding
+batch_size = 16           # examples per optimizer step, in micro-batches (gradient accumulation) over all processes
+micro_batch_size = 4
+learning_rate = 3e-4      # AdamW
+weight_decay = 0.0
+warmup_steps = 100        # linear warmup, then decay to 0 at the last step
+decay = "linear"          # linear | cosine
+num_epochs = 3
+max_steps = 0             # > 0: this many optimizer steps instead (the schedule ends there)
+val_set_size = 120        # rows held out for validation; the adapter is saved whenever validation loss improves
+eval_interval = 200       # steps between validations (each also writes resume.pt)
+grad_clip = 1.0           # 0 = off
+seed = 42
+# system
+device = ""               # cuda | cpu | mps; "" = cuda if available, else cpu
+dtype = ""                # of the frozen base and autocast: bfloat16 | float16 (+ GradScaler) | float32;
+                          # "" = bfloat16 on cuda (float16 where bf16 is unsupported), float32 elsewhere
+grad_ckpt = False         # recompute activations in backward: less memory, ~30% slower
+compile = False           # torch.compile the model
+threads = 0               # CPU threads for torch; 0 = torch's default
+log_interval = 10
+# the embedded demo (no --model)
+demo_dir = "out/demo"
+demo_n_train = 2000       # two-step training rows (val_set_size of them for validation)
+demo_n_test = 200         # held-out two-step problems for the accuracy comparison
+demo_base_steps = 1000    # pretraining steps of the base (built once: delete <demo_dir>/base to rebuild)
+demo_base_docs = 30000    # documents in its pretraining corpus
+# -----------------------------------------------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# The demo fine-tunes a tiny model in ~2 minutes; these replace the recipe's values unless set explicitly. One CPU
+# thread: its matrices are too small to gain from a second one, and lose a lot when the cores are shared.
+DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100, threads=1)
+DEMO_LR = {"prefix": 3e-2, "prompt": 3e-2}
+# Pretraining the demo base, by the same train(): whole documents, mixed lengths in every batch.
+DEMO_BASE = dict(learning_rate=1.5e-3, warmup_steps=50, decay="cosine", batch_size=32, micro_batch_size=32,
+                 train_on_inputs=True, group_by_length=False, eval_interval=500, resume=False)
+DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=96, intermediate_size=264)
+
+
+def fail(msg):
+    raise SystemExit(f"train.py: error: {msg}")
+
+
+def coerce(key, value, default, option=False):
+    """A setting's value (a string from the command line, or typed from a config file) -> its default's type.
+    Adapter options defaulting to None (target_modules, per_linear) take JSON or a comma-separated list; float
+    adapter options also take a word (--scaling=learned), which adapters.add_adapter checks."""
+    want = type(default)
+    if isinstance(value, str) and want is not str:
+        try:
+            if default is None:
+                return json.loads(value) if value[:1] in "[{0123456789-" else [v for v in value.split(",") if v]
+            value = {"true": True, "false": False}[value.lower()] if want is bool else \
+                [v for v in value.split(",") if v] if want is list else want(value)
+        except (KeyError, ValueError):
+            if option and want is float and value.isalpha():
+                return value
+            fail(f"--{key}={value}: expected {'true or false' if want is bool else want.__name__}, like the "
+                 f"default {default!r}")
+    if want is float and type(value) is int or want is list and type(value) is tuple:
+        value = want(value)
+    if default is not None and type(value) is not want:
+        fail(f"{key}={value!r}: expected {want.__name__}, like the default {default!r}")
+    return value
+
+
+def get_config(argv):
+    """Defaults <- config files (Python assignments as in nanoGPT, or a JSON object), in order <- --key=value.
+    Returns (cfg, adapter options)."""
+    given = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq and not isinstance(DEFAULTS.get(key), bool):
+                fail(f"{arg}: expected --key=value")
+            given[key] = value if eq else True  # a bare --flag sets a bool
+            continue
+        if not os.path.isfile(arg):
+            fail(f"{arg}: no such config file (settings are given as --key=value)")
+        try:
+            if arg.endswith(".json"):
+                values = json.load(open(arg))
+            else:
+                exec(open(arg).read(), values := {})
+                values = {k: v for k, v in values.items() if not k.startswith("_") and type(v).__name__ != "module"}
+        except (ValueError, SyntaxError) as e:
+            fail(f"{arg}: cannot read the config file ({e})")
+        if not isinstance(values, dict):
+            fail(f"{arg}: expected a JSON object of settings")
+        given.update(values)
+    kind = given.get("adapter", adapter)
+    if kind not in adapters.ADAPTER_DEFAULTS:
+        fail(f"unknown adapter {kind!r}; adapters: {', '.join(adapters.ADAPTER_DEFAULTS)}")
+    allowed, cfg, options = adapters.ADAPTER_DEFAULTS[kind], dict(DEFAULTS), {}
+    for key, value in given.items():
+        if key in DEFAULTS:
+            cfg[key] = coerce(key, value, DEFAULTS[key])
+        elif key in allowed:
+            options[key] = coerce(key, value, allowed[key], option=True)
+        else:
+            owners = [k for k, o in adapters.ADAPTER_DEFAULTS.items() if key in o]
+            fail((f"--{key} does not apply to --adapter={kind} (it is an option of {', '.join(owners)})" if owners
+                  else f"unknown setting --{key}; settings: {', '.join(DEFAULTS)}") +
+                 f"; {kind} options: {', '.join(allowed)}")
+    if not cfg["model"]:
+        cfg.update({k: v for k, v in dict(DEMO, learning_rate=DEMO_LR.get(kind, DEMO["learning_rate"])).items()
+                    if k not in given})
+    for key, ok in (("decay", ("linear", "cosine")), ("dtype", ("", "bfloat16", "float16", "float32"))):
+        if cfg[key] not in ok:
+            fail(f"--{key}={cfg[key]}: expected one of {', '.join(ok)}")
+    return SimpleNamespace(**cfg), options
+
+
+def setup(cfg):
+    """Device, dtype, autocast context and DDP (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.split(":")[0] not in ("cuda", "cpu", "mps"):
+        fail(f"--device={device}: expected cuda, cpu or mps")
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        fail(f"--device={device}, but CUDA is not available")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dt = getattr(torch, cfg.dtype or ("float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported()
+                                      else "float16"))
+    ctx = nullcontext() if dt == torch.float32 else torch.autocast(device.split(":")[0], dtype=dt)
+    return SimpleNamespace(device=torch.device(device), dtype=dt, ctx=ctx, rank=rank, world=world, master=rank == 0)
+
+
+def log(rt, out, record, text):
+    if rt.master:
+        print(text, flush=True)
+        if out and record:
+            with open(os.path.join(out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# data: rows -> examples (input ids, targets) -> micro-batches
+
+
+def tokenize(tok, rows, cfg):
+    """LLM-Adapters' examples: [BOS] prompt + response EOS, cut at cutoff_len (so without EOS); the targets are the
+    ids shifted by one (nanoGPT style), -100 on the prompt when train_on_inputs is false. Returns (examples, number
+    cut, number dropped): a row left without any target (its prompt fills cutoff_len) is dropped."""
+    examples, n_cut, n_dropped = [], 0, 0
+    for row in rows:
+        prompt, response = format_example(row)
+        ids = tok.encode(prompt + response, bos=tok.add_bos, eos=True)
+        n_cut += len(ids) > cfg.cutoff_len
+        ids = ids[:cfg.cutoff_len]
+        targets = ids[1:]
+        if not cfg.train_on_inputs:
+            n_prompt = len(tok.encode(prompt, bos=tok.add_bos))
+            targets = [-100] * (n_prompt - 1) + targets[n_prompt - 1:]
+        if all(t == -100 for t in targets):
+            n_dropped += 1
+        else:
+            examples.append((ids[:-1], targets[:len(ids) - 1]))
+    return examples, n_cut, n_dropped
+
+
+def epoch_plan(examples, cfg, epoch, rt):
+    """This process's optimizer steps of one epoch, each a list of micro-batches (lists of example indices): a pure
+    function of (seed, epoch), so a resumed run gets the same batches. group_by_length sorts by length within groups
+    of 50 micro-batches (as Hugging Face's), then shuffles the micro-batches so that a step still mixes lengths.
+    The list is padded to a multiple of the world size by repeating its start (DistributedSampler's rule) and
+    dealt round-robin to the processes."""
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    order, mb = torch.randperm(len(examples), generator=g).tolist(), cfg.micro_batch_size
+    if cfg.group_by_length:
+        order = [i for s in range(0, len(order), 50 * mb)
+                 for i in sorted(order[s:s + 50 * mb], key=lambda i: len(examples[i][0]))]
+    micro = [order[s:s + mb] for s in range(0, len(order), mb)]
+    if cfg.group_by_length:
+        micro = [micro[i] for i in torch.randperm(len(micro), generator=g).tolist()]
+    micro = (micro + micro[:-len(micro) % rt.world])[rt.rank::rt.world]
+    accum = cfg.batch_size // (mb * rt.world)
+    return [micro[s:s + accum] for s in range(0, len(micro), accum)]
+
+
+def collate(examples, idx, device):
+    """Right-padded (x, y): padding is id 0 with target -100, and causal attention hides it from the real tokens."""
+    T = max(len(examples[i][0]) for i in idx)
+    x, y = torch.zeros(len(idx), T, dtype=torch.long), torch.full((len(idx), T), -100, dtype=torch.long)
+    for r, i in enumerate(idx):
+        x[r, :len(examples[i][0])], y[r, :len(examples[i][1])] = torch.tensor(examples[i][0]), torch.tensor(examples[i][1])
+    return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the one training loop, for the demo base's pretraining and for every adapter
+
+
+def get_lr(step, total, cfg):
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.learning_rate * (1 - progress if cfg.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def val_loss(model, examples, cfg, rt):
+    """Mean loss per target token over the validation examples, sharded over the processes."""
+    model.eval()
+    order, mb = sorted(range(len(examples)), key=lambda i: len(examples[i][0])), cfg.micro_batch_size
+    total = torch.zeros(2, device=rt.device)
+    for s in range(rt.rank * mb, len(order), rt.world * mb):
+        x, y = collate(examples, order[s:s + mb], rt.device)
+        with rt.ctx:
+            loss = model(x, y)[1]
+        total += torch.stack([loss.float() * (y != -100).sum(), (y != -100).sum().float()])
+    if rt.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=None):
+    """Train the model's trainable parameters: AdamW, warmup then linear/cosine decay, gradient accumulation and
+    clipping, autocast (+ GradScaler with float16), DDP. Every eval_interval steps and at the end: validation, save()
+    on rank 0 if it improved, and with `out` an atomic resume checkpoint out/resume.pt. A non-finite loss stops the
+    run before anything of its step is applied or written. before_step(step) runs before each step (sparse adapters
+    pick their part there). Returns a summary dict."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    fwd = torch.compile(model) if cfg.compile else model
+    if rt.world > 1:  # sparse adapters (before_step) leave the parts not picked at a step unused
+        fwd = DDP(fwd, device_ids=[rt.device] if rt.device.type == "cuda" else None,
+                  find_unused_parameters=before_step is not None)
+    steps_per_epoch = len(epoch_plan(train_ex, cfg, 0, rt))
+    total = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+    step, best, saved_at, loss, path = 0, math.inf, None, None, out and os.path.join(out, "resume.pt")
+    if cfg.resume:
+        if not os.path.exists(path):
+            fail(f"--resume: no checkpoint {path}")
+        state = torch.load(path, map_location=rt.device, weights_only=True)
+        for key, was in state["config"].items():
+            if getattr(cfg, key) != was:
+                fail(f"--resume: --{key}={getattr(cfg, key)!r} differs from the checkpoint's {was!r}")
+        if sorted(state["trainable"]) != sorted(n for n, _ in named):
+            fail(f"--resume: {path} holds other trainable parameters than this adapter's")
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(state["trainable"][n])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, best, saved_at = state["step"], state["best_val"], state["step"]
+        rng = state["rng"][rt.rank if len(state["rng"]) == rt.world else 0]
+        torch.set_rng_state(rng["cpu"].cpu())
+        if rng["cuda"] is not None and rt.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu())
+        log(rt, None, None, f"resumed from {path} at step {step}")
+    elif out and rt.master:
+        open(os.path.join(out, "log.jsonl"), "w").close()
+    model.train()
+    t0, start, plan, tokens = time.time(), step, (None, None), 0
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        if plan[0] != epoch:
+            plan = (epoch, epoch_plan(train_ex, cfg, epoch, rt))
+        micro = plan[1][i]
+        if before_step is not None:
+            before_step(step)
+        lr = get_lr(step, total, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        stats = torch.zeros(2, device=rt.device)  # this step's loss, tokens
+        for k, idx in enumerate(micro):
+            x, y = collate(train_ex, idx, rt.device)
+            if rt.world > 1:  # all-reduce the gradients once, after the last micro-batch
+                fwd.require_backward_grad_sync = k == len(micro) - 1
+            with rt.ctx:
+                loss = fwd(x, y)[1] / len(micro)
+            scaler.scale(loss).backward()
+            n = sum(len(train_ex[j][0]) for j in idx)
+            stats += torch.stack([loss.detach().float(), torch.tensor(float(n), device=rt.device)])
+        if rt.world > 1:
+            dist.all_reduce(stats)
+            stats[0] /= rt.world
+        loss, tokens = stats[0].item(), tokens + int(stats[1].item())
+        if not math.isfinite(loss):
+            stop(f"loss is {loss} at step {step + 1} (lr {lr:.2e})", out, saved_at)
+        if cfg.grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.log_interval == 0 or step in (start + 1, total):
+            dt = time.time() - t0
+            eta, mem = round(dt / (step - start) * (total - step)), 0
+            if rt.device.type == "cuda":
+                mem = torch.cuda.max_memory_allocated(rt.device) / 2**20
+            log(rt, out, dict(step=step, loss=loss, lr=lr, tok_s=round(tokens / dt), eta_s=eta, mem_mb=round(mem),
+                              time_s=round(dt, 1)),
+                f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tokens / dt:.0f} tok/s | eta "
+                f"{eta // 60}m{eta % 60:02d}s" + (f" | peak mem {mem:.0f} MiB" if mem else ""))
+        if step % cfg.eval_interval == 0 or step == total:
+            val = val_loss(fwd, val_ex, cfg, rt) if val_ex else None
+            if val is not None and not math.isfinite(val):
+                stop(f"validation loss is {val} at step {step}", out, saved_at)
+            improved = val is None or val < best
+            best = val if improved and val is not None else best
+            if improved and save is not None and rt.master:
+                save()
+            if val is not None:
+                log(rt, out, dict(step=step, val_loss=val), f"step {step}: val loss {val:.4f} " +
+                    ("(best" + (", saved)" if save else ")") if improved else f"(best {best:.4f})"))
+            if path:
+                save_state(path, named, opt, scaler, step, best, cfg, rt)
+                saved_at = step
+    return dict(steps=step, loss=loss, best_val=best if val_ex else None, time_s=time.time() - t0)
+
+
+def stop(what, out, saved_at):
+    fail(f"{what}: stopped before writing anything of this step. Last good checkpoint: "
+         + (f"{out} (step {saved_at})" if saved_at is not None else "none written yet"))
+
+
+def save_state(path, named, opt, scaler, step, best, cfg, rt):
+    """resume.pt: trainable weights, optimizer, GradScaler, step (the schedule is a function of it) and every
+    process's RNG state, with the settings a resumed run must share. Temporary file, then renamed."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None}
+    rngs = [rng] * rt.world
+    if rt.world > 1:
+        dist.all_gather_object(rngs, rng)
+    if rt.master:
+        keys = ("model", "data", "adapter", "batch_size", "micro_batch_size", "learning_rate", "warmup_steps",
+                "decay", "num_epochs", "max_steps", "seed", "cutoff_len", "train_on_inputs", "val_set_size")
+        torch.save(dict(step=step, best_val=best, trainable={n: p.detach().cpu() for n, p in named}, rng=rngs,
+                        optimizer=opt.state_dict(), scaler=scaler.state_dict(), config={k: getattr(cfg, k) for k in keys}),
+                   path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the embedded demo
+
+
+def build_demo_base(path, cfg, rt):
+    """The demo's base model, built in path.tmp and renamed when complete: a sentencepiece tokenizer trained on the
+    synthetic corpus, and a tiny LLaMA pretrained on it by train(); config.json, model.safetensors, tokenizer.model."""
+    import sentencepiece as spm
+    docs, tmp = synthetic.pretrain_corpus(cfg.demo_base_docs, seed=cfg.seed), path + ".tmp"
+    log(rt, None, None, f"building the demo base model in {path} (once): a tokenizer, then pretraining on "
+                        f"{len(docs)} synthetic arithmetic documents")
+    if rt.master:  # digits split; pieces may span spaces, so the template's fixed sentences are a few tokens each
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(docs), model_prefix=os.path.join(tmp, "tokenizer"), model_type="bpe",
+            vocab_size=320, split_digits=True, split_by_whitespace=False, max_sentencepiece_length=64,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"],
+            character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+        os.remove(os.path.join(tmp, "tokenizer.vocab"))
+    if rt.world > 1:
+        dist.barrier()
+    tok = Tokenizer.from_pretrained(tmp)
+    torch.manual_seed(cfg.seed)
+    base = Transformer(Config("demo-base", vocab_size=tok.vocab_size, block_size=cfg.cutoff_len, **DEMO_MODEL))
+    examples = [(ids[:-1], ids[1:]) for ids in (tok.encode(d, bos=True, eos=True) for d in docs)]
+    pcfg = SimpleNamespace(**{**vars(cfg), **DEMO_BASE, "max_steps": cfg.demo_base_steps})
+    summary = train(base.to(rt.device), examples[200:], examples[:200], pcfg, rt)
+    if rt.master:
+        base.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    if rt.world > 1:
+        dist.barrier()
+    log(rt, None, None, f"demo base model: {sum(p.numel() for p in base.parameters()):,} parameters, pretrained "
+                        f"{summary['steps']} steps in {summary['time_s']:.0f}s, val loss {summary['best_val']:.3f}")
+
+
+@torch.no_grad()
+def accuracy(model, tok, rows, rt, batch=50, max_new_tokens=40):
+    """Exact match of the greedy continuations of the template prompts, read as LLM-Adapters does (last number)."""
+    model.eval()
+    correct = 0
+    for s in range(0, len(rows), batch):
+        prompts = [tok.encode(format_prompt(r["instruction"], r.get("input")), bos=tok.add_bos) for r in rows[s:s + batch]]
+        T = max(map(len, prompts))
+        idx = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in prompts], device=rt.device)
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=rt.device)
+        with rt.ctx:
+            out = model.generate(idx, max_new_tokens, eos_id=tok.eos_id, attention_mask=mask)[:, T:].tolist()
+        for row, ids in zip(rows[s:s + batch], out):
+            text = tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
+            correct += is_correct("demo", extract_answer("demo", text, kind="number"), row["answer"], kind="number")
+    return correct / len(rows)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg, options = get_config(sys.argv[1:] if argv is None else argv)
+    rt = setup(cfg)
+    demo = not cfg.model
+    if demo:
+        cfg.model, cfg.data = os.path.join(cfg.demo_dir, "base"), cfg.data or os.path.join(cfg.demo_dir, "data", "train.json")
+        if not os.path.exists(os.path.join(cfg.model, "config.json")):
+            build_demo_base(cfg.model, cfg, rt)
+        train_rows, test_rows = synthetic.finetune_split(cfg.demo_n_train, cfg.demo_n_test, seed=cfg.seed)
+        if rt.master:
+            write_json(os.path.join(cfg.demo_dir, "data", "train.json"), train_rows)
+            write_json(os.path.join(cfg.demo_dir, "data", "test.json"), test_rows)
+        if rt.world > 1:
+            dist.barrier()
+    cfg.out = cfg.out or (os.path.join(cfg.demo_dir, cfg.adapter) if demo else
+                          os.path.join("out", f"{os.path.basename(os.path.normpath(cfg.model))}-{cfg.adapter}"))
+    if not os.path.isdir(cfg.model):
+        fail(f"--model={cfg.model}: no such folder")
+    if not cfg.data:
+        fail("--data is required with --model (a JSON file of instruction/input/output rows)")
+    try:
+        base, tok = Transformer.from_pretrained(cfg.model, rt.device, rt.dtype), Tokenizer.from_pretrained(cfg.model)
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"--model={cfg.model}: cannot load the checkpoint: {e}")
+    if cfg.cutoff_len > base.config.block_size:
+        fail(f"--cutoff_len={cfg.cutoff_len} exceeds the model's context of {base.config.block_size} tokens")
+    if cfg.batch_size % (cfg.micro_batch_size * rt.world):
+        fail(f"--batch_size={cfg.batch_size} is not a multiple of --micro_batch_size={cfg.micro_batch_size} x "
+             f"{rt.world} processes")
+    if not os.path.isfile(cfg.data):
+        fail(f"--data={cfg.data}: no such file")
+    try:
+        rows = load_rows(cfg.data, TRAIN_REQUIRE)
+    except (DataError, OSError) as e:
+        fail(e)
+    if len(rows) <= cfg.val_set_size:
+        fail(f"{cfg.data}: {len(rows)} rows, not more than --val_set_size={cfg.val_set_size}")
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    (train_ex, n_cut, n_dropped), (val_ex, _, _) = (tokenize(tok, [rows[i] for i in perm[cfg.val_set_size:]], cfg),
+                                                   tokenize(tok, [rows[i] for i in perm[:cfg.val_set_size]], cfg))
+    if n_cut or n_dropped:
+        log(rt, None, None, f"{n_cut} training rows cut at --cutoff_len={cfg.cutoff_len} tokens, {n_dropped} "
+                            "dropped (nothing left to learn)")
+    if not train_ex:
+        fail(f"{cfg.data}: no training example left")
+    base_acc = accuracy(base, tok, test_rows, rt) if demo else None
+    torch.manual_seed(cfg.seed)
+    try:
+        model = adapters.add_adapter(base, cfg.adapter, **options)
+    except ValueError as e:
+        fail(e)
+    model.grad_checkpoint = cfg.grad_ckpt
+    trainable, total = adapters.count_parameters(model)
+    log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of {total:,} parameters "
+                        f"({100 * trainable / total:.2f}%); {len(train_ex)} training, {len(val_ex)} validation examples")
+    extra = dict(template=TEMPLATE_NAME, data=cfg.data)
+    if demo:  # what eval.py needs to score it
+        extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
+    # sparse (MoSA) and reparameterised prefix adapters train in a form merged into a plain adapter at the end
+    opts = model.adapter_configs["default"]["options"]
+    merges = [f for f, on in ((adapters.merge_sparse, opts.get("sparse")), (adapters.merge_prefix, opts.get("reparam")))
+              if on]
+    best_state = {}
+
+    def save():
+        adapters.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
+        if merges:
+            best_state.update({k: t.detach().cpu().clone() for k, t in adapters.adapter_state(model, "default").items()})
+
+    if rt.master:
+        os.makedirs(cfg.out, exist_ok=True)
+    summary = train(model, train_ex, val_ex, cfg, rt, out=cfg.out, save=save,
+                    before_step=(lambda step: adapters.sparse_step(model, step)) if opts.get("sparse") else None)
+    if merges and rt.master:
+        with torch.no_grad():
+            for k, t in adapters.adapter_state(model, "default").items():
+                t.copy_(best_state[k])
+        for merge in merges:
+            merge(model)
+        save()
+    best = summary["best_val"]
+    log(rt, cfg.out, dict(summary=summary, trainable=trainable, total=total),
+        f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable parameters "
+        f"({100 * trainable / total:.2f}%), best val loss {best and round(best, 4)}; adapter in {cfg.out}")
+    if demo and rt.master:
+        tuned = adapters.load_adapter(Transformer.from_pretrained(cfg.model, rt.device, rt.dtype), cfg.out)
+        acc = accuracy(tuned, tok, test_rows, rt)
+        log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
+            f"exact match on {len(test_rows)} held-out two-step problems: base {100 * base_acc:.1f}% -> "
+            f"{cfg.adapter} {100 * acc:.1f}% ({100 * (acc - base_acc):+.1f} points)")
+    if rt.world > 1:
+        dist.destroy_process_group()
+    return model, summary
+
+
+if __name__ == "__main__":
+    main()
