@@ -10,7 +10,7 @@ Every global below can be set with --key=value (checked against its default's ty
 can the chosen adapter's options, checked against adapters.ADAPTER_DEFAULTS[adapter] (--r=16
 --target_modules=q_proj,v_proj, --bottleneck=64 --placement=attn, ...). Anything else is an error.
 
-Without --model: the embedded demo. A ~0.5M-parameter LLaMA with its own sentencepiece tokenizer is pretrained by
+Without --model: the embedded demo. A ~0.9M-parameter LLaMA with its own sentencepiece tokenizer is pretrained by
 train() below on arithmetic word problems (data/synthetic.py) and cached in <demo_dir>/base/, a checkpoint folder
 like any other; it is then fine-tuned on a related task written to <demo_dir>/data/{train,test}.json, and the run
 ends with the exact-match accuracy of the frozen base and of base + adapter on the held-out test split.
@@ -73,7 +73,7 @@ threads = 0               # CPU threads for torch; 0 = torch's default
 log_interval = 10
 # the embedded demo (no --model)
 demo_dir = "out/demo"
-demo_n_train = 2000       # two-step training rows (val_set_size of them for validation)
+demo_n_train = 4000       # two-step training rows (val_set_size of them for validation)
 demo_n_test = 200         # held-out two-step problems for the accuracy comparison
 demo_base_steps = 1000    # pretraining steps of the base (built once: delete <demo_dir>/base to rebuild)
 demo_base_docs = 30000    # documents in its pretraining corpus
@@ -82,11 +82,11 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 # The demo fine-tunes a tiny model in ~2 minutes; these replace the recipe's values unless set explicitly. One CPU
 # thread: its matrices are too small to gain from a second one, and lose a lot when the cores are shared.
 DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100, threads=1)
-DEMO_LR = {"prefix": 3e-2, "prompt": 3e-2}
+DEMO_LR = {"prefix": 2e-1, "prompt": 1e-1}  # a few thousand parameters, far from the base's weights
 # Pretraining the demo base, by the same train(): whole documents, mixed lengths in every batch.
-DEMO_BASE = dict(learning_rate=1.5e-3, warmup_steps=50, decay="cosine", batch_size=32, micro_batch_size=32,
+DEMO_BASE = dict(learning_rate=1e-3, warmup_steps=50, decay="cosine", batch_size=32, micro_batch_size=32,
                  train_on_inputs=True, group_by_length=False, eval_interval=500, resume=False)
-DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=96, intermediate_size=264)
+DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, intermediate_size=352)
 
 
 def fail(msg):

@@ -58,7 +58,7 @@ def two_step(a, b, c, rng):
 
 
 def pretrain_corpus(n, seed=0):
-    """n documents: 1/10 equations, 1/10 one-step and 1/4 two-step problems as plain text, 11/20 one-step problems
+    """n documents: 1/10 equations, 1/10 one-step and 2/5 two-step problems as plain text, 2/5 one-step problems
     in the template."""
     rng = random.Random(seed)
     train_triples = [t for t in TRIPLES if not held_out(*t)]
