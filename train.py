@@ -6,18 +6,13 @@ Fine-tune a LLaMA-family model with an adapter (LoRA, series, parallel, prefix, 
     torchrun --nproc_per_node=4 train.py --model=...        # DistributedDataParallel, the same code
     python train.py config/x.py --r=16                      # a config file (Python or JSON), then overrides
 
-Every global below can be set with --key=value (checked against its default's type; bools take true/false), and so
-can the chosen adapter's options, checked against adapters.ADAPTER_DEFAULTS[adapter] (--r=16
---target_modules=q_proj,v_proj, --bottleneck=64 --placement=attn, ...). Anything else is an error.
-
-Without --model: the embedded demo. A ~0.9M-parameter LLaMA with its own sentencepiece tokenizer is pretrained by
-train() below on arithmetic word problems (data/synthetic.py) and cached in <demo_dir>/base/, a checkpoint folder
-like any other; it is then fine-tuned on a related task written to <demo_dir>/data/{train,test}.json, and the run
-ends with the exact-match accuracy of the frozen base and of base + adapter on the held-out test split.
-
---out gets adapter_model.safetensors + adapter_config.json (the adapter with the best validation loss), resume.pt
-(adapter, optimizer, step and RNG state, for --resume=true) and log.jsonl. Every file is written to a temporary
-name, then renamed: an interrupted run never leaves a broken one.
+Every global below is a --key=value setting (type-checked; bools take true/false), and so is every option of the
+chosen adapter in adapters.ADAPTER_DEFAULTS (--r=16 --target_modules=q_proj,v_proj, --bottleneck=64 ...).
+Without --model, the embedded demo: a tiny LLaMA pretrained by train() on synthetic arithmetic (data/synthetic.py),
+cached in <demo_dir>/base/ like any checkpoint, is fine-tuned on a related task (<demo_dir>/data/), and the run ends
+with the exact-match accuracy of the frozen base vs base + adapter on the held-out test split.
+--out gets the adapter with the best validation loss (adapter_model.safetensors + adapter_config.json), resume.pt
+(for --resume=true) and log.jsonl, each written to a temporary name and renamed, so never left half-written.
 """
 import json
 import math
@@ -402,19 +397,13 @@ def save_state(path, named, opt, scaler, step, best, cfg, rt):
 def build_demo_base(path, cfg, rt):
     """The demo's base model, built in path.tmp and renamed when complete: a sentencepiece tokenizer trained on the
     synthetic corpus, and a tiny LLaMA pretrained on it by train(); config.json, model.safetensors, tokenizer.model."""
-    import sentencepiece as spm
     docs, tmp = synthetic.pretrain_corpus(cfg.demo_base_docs, seed=cfg.seed), path + ".tmp"
     log(rt, None, None, f"building the demo base model in {path} (once): a tokenizer, then pretraining on "
                         f"{len(docs)} synthetic arithmetic documents")
-    if rt.master:  # digits split; pieces may span spaces, so the template's fixed sentences are a few tokens each
+    if rt.master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(docs), model_prefix=os.path.join(tmp, "tokenizer"), model_type="bpe",
-            vocab_size=320, split_digits=True, split_by_whitespace=False, max_sentencepiece_length=64,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"],
-            character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-        os.remove(os.path.join(tmp, "tokenizer.vocab"))
+        synthetic.train_tokenizer(docs, os.path.join(tmp, "tokenizer"))
     if rt.world > 1:
         dist.barrier()
     tok = Tokenizer.from_pretrained(tmp)
@@ -459,7 +448,9 @@ def main(argv=None):
     rt = setup(cfg)
     demo = not cfg.model
     if demo:
-        cfg.model, cfg.data = os.path.join(cfg.demo_dir, "base"), cfg.data or os.path.join(cfg.demo_dir, "data", "train.json")
+        if cfg.data:
+            fail("--data needs --model (the demo writes its own data)")
+        cfg.model, cfg.data = os.path.join(cfg.demo_dir, "base"), os.path.join(cfg.demo_dir, "data", "train.json")
         if not os.path.exists(os.path.join(cfg.model, "config.json")):
             build_demo_base(cfg.model, cfg, rt)
         train_rows, test_rows = synthetic.finetune_split(cfg.demo_n_train, cfg.demo_n_test, seed=cfg.seed)

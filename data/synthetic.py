@@ -9,11 +9,13 @@ Word problems about one person's things, with numbers 0..MAX_NUMBER (intermediat
 
 - `pretrain_corpus`: the base model's text: equations ("7 + 5 = 12"), one- and two-step problems as plain text,
   and ONE-step problems inside the Alpaca template (data/template.py). So the base can do the arithmetic, but in
-  the template it has only ever answered one step: asked a two-step question there, it stops after the first.
+  the template it has only ever answered one step: asked a two-step question there, it mostly stops after one.
 - `finetune_split`: the adapter's task, TWO-step problems in LLM-Adapters' JSON rows (instruction, input, output,
   answer; the answer is the output's last number), i.e. learning to follow the instruction. The test problems
   are `held_out` triples (a, b, c), which no training text of either stage contains.
+- `train_tokenizer`: the base model's sentencepiece tokenizer, trained on the pretraining corpus.
 """
+import os
 import random
 
 from data.template import format_example
@@ -94,5 +96,19 @@ def finetune_split(n_train, n_test, seed=0):
     train = [t for t in TRIPLES if not held_out(*t)]
     if n_test > len(test):
         raise ValueError(f"n_test={n_test}: there are {len(test)} held-out two-step problems")
-    test, _ = rng.sample(test, n_test), rng.shuffle(train)
+    test = rng.sample(test, n_test)
+    rng.shuffle(train)
     return finetune_rows([train[i % len(train)] for i in range(n_train)], seed + 1), finetune_rows(test, seed + 2)
+
+
+def train_tokenizer(docs, prefix, vocab_size=320):
+    """A sentencepiece BPE tokenizer for the corpus, written to <prefix>.model, with LLaMA's ids (unk 0, bos 1,
+    eos 2, no pad piece). Digits are split; pieces may span spaces, so the template's fixed sentences are a few
+    tokens each; "\n" is a piece of its own, so the prompt's tokens are a prefix of the prompt + response's."""
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(docs), model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
+        split_digits=True, split_by_whitespace=False, max_sentencepiece_length=64, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, user_defined_symbols=["\n"], character_coverage=1.0, hard_vocab_limit=False,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    os.remove(prefix + ".vocab")

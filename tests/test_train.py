@@ -4,6 +4,8 @@ spawns two processes. The demo base is built once per session, shrunk (2 layers 
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -154,6 +156,13 @@ def test_bf16_autocast_on_cpu(demo, rows, tmp_path):
     assert summary["best_val"] is not None
 
 
+def test_grad_checkpointing_gives_the_same_losses(demo, rows, tmp_path):
+    run(demo, rows, tmp_path / "a", "--adapter=lora", "--max_steps=3")
+    run(demo, rows, tmp_path / "b", "--adapter=lora", "--max_steps=3", "--grad_ckpt=true")
+    a, b = ([r["loss"] for r in records(tmp_path / x)] for x in "ab")
+    assert a == pytest.approx(b, rel=1e-5)
+
+
 def test_train_on_inputs_false_masks_the_prompt(demo):
     tok = Tokenizer.from_pretrained(demo[0] / "base")
     row = {"instruction": "Tom has 3 pens. How many pens does Tom have now?", "input": "", "output": "3."}
@@ -220,11 +229,20 @@ def test_ddp_gloo_two_processes_agree(demo, rows, tmp_path):
     (["--decay=step"], "--decay=step: expected one of linear, cosine"),
     (["--model=/no/such/dir", "--data=x.json"], "--model=/no/such/dir: no such folder"),
     (["--model=."], "--data is required"),
+    (["--data=x.json"], "--data needs --model"),
     (["missing_config.py"], "missing_config.py: no such config file"),
 ])
 def test_config_errors(argv, message):
     with pytest.raises(SystemExit, match=message):
         train.main(argv)
+
+
+def test_command_line_error_exits_with_the_message():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "train.py", "--adapter=series", "--r=8"], cwd=root, capture_output=True,
+                       text=True)
+    assert p.returncode == 1 and "train.py: error: --r does not apply to --adapter=series" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_config_files(tmp_path, demo, rows):
