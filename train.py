@@ -114,13 +114,18 @@ def coerce(key, value, default, option=False):
 def get_config(argv):
     """Defaults <- config files (Python assignments as in nanoGPT, or a JSON object), in order <- --key=value.
     Returns (cfg, adapter options)."""
-    given = {}
-    for arg in argv:
+    given, argv = {}, list(argv)
+    while argv:
+        arg = argv.pop(0)
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
-            if not eq and not isinstance(DEFAULTS.get(key), bool):
-                fail(f"{arg}: expected --key=value")
-            given[key] = value if eq else True  # a bare --flag sets a bool
+            if not eq and isinstance(DEFAULTS.get(key), bool):
+                value = "true"  # a bare --flag sets a bool
+            elif not eq:  # --key value, as in `python train.py --adapter parallel`
+                if not argv or argv[0].startswith("--"):
+                    fail(f"{arg}: expected --key=value or --key value")
+                value = argv.pop(0)
+            given[key] = value
             continue
         if not os.path.isfile(arg):
             fail(f"{arg}: no such config file (settings are given as --key=value)")

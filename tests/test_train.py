@@ -304,3 +304,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo, rows, tmp_path,
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
     monkeypatch.setattr(adapters, "add_adapter", add_adapter)
     adapters.load_adapter(Transformer.from_pretrained(demo[0] / "base"), tmp_path)  # the saved adapter still loads
+
+
+def test_key_space_value_form():
+    """`python train.py --adapter parallel`, as users type it, equals --adapter=parallel."""
+    cfg, options = train.get_config(["--adapter", "parallel", "--bottleneck", "64", "--resume"])
+    assert (cfg.adapter, options, cfg.resume) == ("parallel", {"bottleneck": 64}, True)
+    assert train.get_config(["--adapter=parallel", "--bottleneck=64", "--resume=true"])[1] == options
