@@ -73,9 +73,11 @@ demo_n_test = 200         # held-out two-step problems for the accuracy comparis
 demo_base_steps = 1000    # pretraining steps of the base (built once: delete <demo_dir>/base to rebuild)
 demo_base_docs = 30000    # documents in its pretraining corpus
 # -----------------------------------------------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+DEFAULTS = {k: v for k, v in globals().items()  # the settings above (lower-case, unlike imported names)
+            if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 # The demo fine-tunes a tiny model in ~2 minutes; these replace the recipe's values unless set explicitly. One CPU
-# thread: its matrices are too small to gain from a second one, and lose a lot when the cores are shared.
+# thread: a second one halves the time on an idle machine (--threads=2), but makes it several times slower when
+# the other core is busy, as every small matrix product then waits for both.
 DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100, threads=1)
 DEMO_LR = {"prefix": 2e-1, "prompt": 1e-1}  # a few thousand parameters, far from the base's weights
 # Pretraining the demo base, by the same train(): whole documents, mixed lengths in every batch.
@@ -114,12 +116,15 @@ def coerce(key, value, default, option=False):
 def get_config(argv):
     """Defaults <- config files (Python assignments as in nanoGPT, or a JSON object), in order <- --key=value.
     Returns (cfg, adapter options)."""
+    if "--help" in argv or "-h" in argv:
+        print(__doc__ + "\nsettings: " + " ".join(f"--{k}={v}" for k, v in DEFAULTS.items()))
+        raise SystemExit(0)
     given, argv = {}, list(argv)
     while argv:
         arg = argv.pop(0)
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
-            if not eq and isinstance(DEFAULTS.get(key), bool):
+            if not eq and isinstance(DEFAULTS.get(key), bool) and (argv[:1] + [""])[0].lower() not in ("true", "false"):
                 value = "true"  # a bare --flag sets a bool
             elif not eq:  # --key value, as in `python train.py --adapter parallel`
                 if not argv or argv[0].startswith("--"):
@@ -130,10 +135,12 @@ def get_config(argv):
         if not os.path.isfile(arg):
             fail(f"{arg}: no such config file (settings are given as --key=value)")
         try:
+            with open(arg) as f:
+                text = f.read()
             if arg.endswith(".json"):
-                values = json.load(open(arg))
+                values = json.loads(text)
             else:
-                exec(open(arg).read(), values := {})
+                exec(text, values := {})
                 values = {k: v for k, v in values.items() if not k.startswith("_") and type(v).__name__ != "module"}
         except (ValueError, SyntaxError) as e:
             fail(f"{arg}: cannot read the config file ({e})")
@@ -242,7 +249,8 @@ def collate(examples, idx, device):
     T = max(len(examples[i][0]) for i in idx)
     x, y = torch.zeros(len(idx), T, dtype=torch.long), torch.full((len(idx), T), -100, dtype=torch.long)
     for r, i in enumerate(idx):
-        x[r, :len(examples[i][0])], y[r, :len(examples[i][1])] = torch.tensor(examples[i][0]), torch.tensor(examples[i][1])
+        ids, targets = examples[i]
+        x[r, :len(ids)], y[r, :len(targets)] = torch.tensor(ids), torch.tensor(targets)
     return x.to(device), y.to(device)
 
 
@@ -390,8 +398,8 @@ def save_state(path, named, opt, scaler, step, best, cfg, rt):
         keys = ("model", "data", "adapter", "batch_size", "micro_batch_size", "learning_rate", "warmup_steps",
                 "decay", "num_epochs", "max_steps", "seed", "cutoff_len", "train_on_inputs", "val_set_size")
         torch.save(dict(step=step, best_val=best, trainable={n: p.detach().cpu() for n, p in named}, rng=rngs,
-                        optimizer=opt.state_dict(), scaler=scaler.state_dict(), config={k: getattr(cfg, k) for k in keys}),
-                   path + ".tmp")
+                        optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                        config={k: getattr(cfg, k) for k in keys}), path + ".tmp")
         os.replace(path + ".tmp", path)
 
 
@@ -433,13 +441,14 @@ def accuracy(model, tok, rows, rt, batch=50, max_new_tokens=40):
     model.eval()
     correct = 0
     for s in range(0, len(rows), batch):
-        prompts = [tok.encode(format_prompt(r["instruction"], r.get("input")), bos=tok.add_bos) for r in rows[s:s + batch]]
+        chunk = rows[s:s + batch]
+        prompts = [tok.encode(format_prompt(r["instruction"], r.get("input")), bos=tok.add_bos) for r in chunk]
         T = max(map(len, prompts))
         idx = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in prompts], device=rt.device)
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=rt.device)
         with rt.ctx:
             out = model.generate(idx, max_new_tokens, eos_id=tok.eos_id, attention_mask=mask)[:, T:].tolist()
-        for row, ids in zip(rows[s:s + batch], out):
+        for row, ids in zip(chunk, out):
             text = tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
             correct += is_correct("demo", extract_answer("demo", text, kind="number"), row["answer"], kind="number")
     return correct / len(rows)
@@ -504,7 +513,7 @@ def main(argv=None):
     model.grad_checkpoint = cfg.grad_ckpt
     trainable, total = adapters.count_parameters(model)
     log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of {total:,} parameters "
-                        f"({100 * trainable / total:.2f}%); {len(train_ex)} training, {len(val_ex)} validation examples")
+                        f"({100 * trainable / total:.2f}%); {len(train_ex)} training, {len(val_ex)} validation rows")
     extra = dict(template=TEMPLATE_NAME, data=cfg.data)
     if demo:  # what eval.py needs to score it
         extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
@@ -517,7 +526,8 @@ def main(argv=None):
     def save():
         adapters.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
         if merges:
-            best_state.update({k: t.detach().cpu().clone() for k, t in adapters.adapter_state(model, "default").items()})
+            state = adapters.adapter_state(model, "default")
+            best_state.update({k: t.detach().cpu().clone() for k, t in state.items()})
 
     if rt.master:
         os.makedirs(cfg.out, exist_ok=True)

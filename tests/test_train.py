@@ -219,6 +219,7 @@ def test_ddp_gloo_two_processes_agree(demo, rows, tmp_path):
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("argv, message", [
     (["--learnin_rate=1"], "unknown setting --learnin_rate"),
+    (["--TEMPLATE_NAME=x"], "unknown setting --TEMPLATE_NAME"),
     (["--batch_size=abc"], "--batch_size=abc: expected int"),
     (["--batch_size=1.5"], "--batch_size=1.5: expected int"),
     (["--train_on_inputs=maybe"], "expected true or false"),
@@ -311,3 +312,4 @@ def test_key_space_value_form():
     cfg, options = train.get_config(["--adapter", "parallel", "--bottleneck", "64", "--resume"])
     assert (cfg.adapter, options, cfg.resume) == ("parallel", {"bottleneck": 64}, True)
     assert train.get_config(["--adapter=parallel", "--bottleneck=64", "--resume=true"])[1] == options
+    assert train.get_config(["--resume", "false", "--grad_ckpt"])[0].resume is False
