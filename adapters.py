@@ -4,7 +4,8 @@ The adapter families of LLM-Adapters on the hook slots of model.py, side by side
   lora      W x + (alpha/r) B A x on named linears (Hu et al.); A Kaiming-uniform, B zero
   series    y + s * up(act(down(y))) after a sublayer (Houlsby: attn+mlp; Pfeiffer: mlp only, the paper's best)
   parallel  sublayer(h) + s * up(act(down(h))) beside a sublayer (He et al.), or beside named linears (LLM-Adapters)
-  prefix    learned keys/values in front of every layer's attention (Li & Liang), optionally reparameterised
+  prefix    learned keys/values in front of every layer's attention (Li & Liang), optionally reparameterised;
+            gated=True: LLaMA-Adapter's zero-gated adaption prompt with its own softmax (Zhang et al.)
   prompt    soft tokens in front of the input embeddings (Lester et al.)
 
 Every adapter's last projection starts at zero, so a fresh lora/series/parallel model equals the base exactly.
@@ -15,6 +16,7 @@ random parts that train one per step; merge_sparse folds them back into one plai
 """
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -29,7 +31,8 @@ ADAPTER_DEFAULTS = {  # the paper's best settings; README has the table
     "lora": dict(r=32, alpha=64, dropout=0.05, target_modules=None),  # None = q,k,v + the MLP's in/out linears
     "series": dict(_bottleneck, residual=True),
     "parallel": dict(_bottleneck, per_linear=None),
-    "prefix": dict(num_virtual_tokens=10, reparam=0),  # reparam = hidden size of the reparameterisation MLP
+    # reparam = hidden size of the reparameterisation MLP; gated = LLaMA-Adapter; layers = the top N only (0 = all)
+    "prefix": dict(num_virtual_tokens=10, reparam=0, gated=False, layers=0),
     "prompt": dict(num_virtual_tokens=10),
 }
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -139,8 +142,24 @@ class Prefix(nn.Module):
         H, P, D = self.shape
         return k.view(P, H, D).transpose(0, 1), v.view(P, H, D).transpose(0, 1)
 
-    def forward(self, batch_size):
-        return tuple(t.expand(batch_size, *self.shape) for t in self.kv())
+    def forward(self, x, qkv):
+        k, v = (t.expand(x.size(0), *self.shape) for t in self.kv())
+        return k, v, None
+
+
+class GatedPrefix(nn.Module):
+    """LLaMA-Adapter's adaption prompt (Zhang et al. 2023; PEFT's adaption_prompt): num_virtual_tokens vectors in
+    embedding space that the layer's own projections turn into keys/values. Queries attend to them with their own
+    softmax, scaled by a gate that starts at zero, and the result is added: step 0 equals the base."""
+
+    def __init__(self, c, num_virtual_tokens):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, c.n_embd))  # the scale of normalised inputs
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, qkv):
+        _, k, v = qkv(self.embedding.to(x.dtype)[None])  # (1, Hkv, P, D) each, through any LoRA on k/v too
+        return k.expand(x.size(0), -1, -1, -1), v.expand(x.size(0), -1, -1, -1), self.gate
 
 
 class Prompt(nn.Module):
@@ -187,10 +206,15 @@ class BesideSlot(Slot):  # Block.beside_attn / beside_mlp: h -> what to add
         return sum(m(h) for m in self.running())
 
 
-class PrefixSlot(Slot):  # Attention.prefix: B -> (k, v), or None when nothing runs
-    def forward(self, batch_size):
-        kvs = [m(batch_size) for m in self.running()]
-        return (torch.cat([k for k, _ in kvs], 2), torch.cat([v for _, v in kvs], 2)) if kvs else None
+class PrefixSlot(Slot):  # Attention.prefix: (x, qkv) -> (k, v, gate), or None when nothing runs
+    def forward(self, x, qkv):
+        kvs = [m(x, qkv) for m in self.running()]
+        if any(gate is not None for _, _, gate in kvs):
+            if len(kvs) > 1:
+                names = ", ".join(n for n in self if n in self.active)
+                raise ValueError(f"a gated prefix cannot run beside other prefixes ({names}); pick one with set_active")
+            return kvs[0]
+        return (torch.cat([k for k, _, _ in kvs], 2), torch.cat([v for _, v, _ in kvs], 2), None) if kvs else None
 
 
 class PromptSlot(Slot):  # Transformer.prompt: (B, T, C) -> (B, n_tokens + T, C)
@@ -246,7 +270,7 @@ def add_adapter(model, kind, name="default", **options):
     if any(name in s for _, _, s in slots(model)):
         raise ValueError(f"an adapter named {name!r} is already attached; pick another name=")
     o = {**ADAPTER_DEFAULTS[kind], **options}
-    _check(kind, o)
+    _check(kind, o, model.config.n_layer)
     c, device = model.config, model.embed.weight.device
     new = []
     if kind == "lora":
@@ -265,7 +289,9 @@ def add_adapter(model, kind, name="default", **options):
                     new.append((block, where + sub, Bottleneck(c.n_embd, c.n_embd, *args,
                                                            residual=kind == "series" and o["residual"])))
     elif kind == "prefix":
-        new = [(block.attn, "prefix", Prefix(c, o["num_virtual_tokens"], o["reparam"])) for block in model.layers]
+        P = o["num_virtual_tokens"]
+        for block in model.layers[c.n_layer - (o["layers"] or c.n_layer):]:  # the top `layers` ones
+            new.append((block.attn, "prefix", GatedPrefix(c, P) if o["gated"] else Prefix(c, P, o["reparam"])))
     else:
         new = [(model, "prompt", Prompt(model.embed, o["num_virtual_tokens"]))]
     in_slots = {id(p) for _, _, s in slots(model) for p in s.parameters()}
@@ -278,7 +304,7 @@ def add_adapter(model, kind, name="default", **options):
     return model
 
 
-def _check(kind, o):
+def _check(kind, o, n_layer):
     if kind in ("series", "parallel"):
         if o["placement"] not in PLACEMENTS:
             raise ValueError(f"placement={o['placement']!r}: expected one of {list(PLACEMENTS)}")
@@ -288,6 +314,10 @@ def _check(kind, o):
             raise ValueError(f"scaling={o['scaling']!r}: expected a number or 'learned'")
         if o["sparse"] != 0 and not 2 <= o["sparse"] < 256:
             raise ValueError(f"sparse={o['sparse']}: expected 0 (off) or a number of parts from 2 to 255")
+    if kind == "prefix" and o["gated"] and o["reparam"]:
+        raise ValueError("gated=True takes no reparam: its prompt already goes through the layer's projections")
+    if kind == "prefix" and not (isinstance(o["layers"], int) and 0 <= o["layers"] <= n_layer):
+        raise ValueError(f"layers={o['layers']!r}: expected 0 (all) up to the model's {n_layer} layers")
     for k in ("r", "bottleneck", "num_virtual_tokens"):
         if k in o and (not isinstance(o[k], int) or o[k] < 1):
             raise ValueError(f"{k}={o[k]!r}: expected a positive integer")
@@ -480,12 +510,14 @@ def _read_tensors(path):
 
 
 def _from_peft(model, path, config):
-    """A PEFT LoRA folder -> (kind, options, our state dict)."""
+    """A PEFT LoRA or adaption-prompt folder -> (kind, options, our state dict)."""
+    if config["peft_type"] == "ADAPTION_PROMPT":
+        return _from_peft_adaption_prompt(path, config)
     unsupported = {k: config[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
                                           "layers_to_transform", "fan_in_fan_out") if config.get(k)}
     if config["peft_type"] != "LORA" or config.get("bias", "none") != "none" or unsupported:
-        raise ValueError(f"{path}: only plain PEFT LoRA (bias='none') is supported; got peft_type="
-                         f"{config['peft_type']}, bias={config.get('bias')}, {unsupported}")
+        raise ValueError(f"{path}: only plain PEFT LoRA (bias='none') and ADAPTION_PROMPT are supported; got "
+                         f"peft_type={config['peft_type']}, bias={config.get('bias')}, {unsupported}")
     ours = {}  # official module name -> ours, for every projection
     for n, m in model.named_modules():
         if isinstance(m, Linear):
@@ -501,3 +533,15 @@ def _from_peft(model, path, config):
     r = config["r"]
     alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1)  # rsLoRA scales alpha/sqrt(r)
     return "lora", dict(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0), target_modules=sorted(targets)), state
+
+
+def _from_peft_adaption_prompt(path, config):
+    """PEFT's LLaMA-Adapter (per layer: adaption_prompt (1, P, C) and adaption_gate (1,)) -> our gated prefix."""
+    state = {}
+    for k, t in _read_tensors(path).items():
+        m = re.search(r"layers\.(\d+)\.[^.]+\.adaption_(prompt|gate)$", k)
+        if m is None:
+            raise KeyError(f"{path}: {k} is not the adaption prompt or gate of a decoder layer")
+        prompt = m[2] == "prompt"
+        state[f"layers.{m[1]}.attn.prefix." + ("embedding" if prompt else "gate")] = t[0] if prompt else t
+    return "prefix", dict(num_virtual_tokens=config["adapter_len"], gated=True, layers=config["adapter_layers"]), state

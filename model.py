@@ -11,7 +11,9 @@ Hook slots for adapters.py (plain attributes, None = nothing happens; this file 
   Block.post_mlp       y -> y             MLP output, before the residual add                     (series adapters)
   Block.beside_attn    h -> y             reads the attention input, added to its output          (parallel adapters)
   Block.beside_mlp     h -> y             reads the MLP input, added to its output                (parallel adapters)
-  Attention.prefix     B -> (k, v)|None   extra keys/values (B, n_kv_head, P, head_dim), no rotary (prefix tuning)
+  Attention.prefix     (x, qkv) -> (k, v, gate)|None   extra keys/values (B, n_kv_head, P, head_dim), no rotary;
+                       gate None: in front of the keys, one softmax (prefix tuning); a gate tensor: their own
+                       softmax, scaled by the gate and added (LLaMA-Adapter). qkv: this layer's projections
   Transformer.prompt   emb -> emb         prepends `prompt.n_tokens` soft tokens to the embeddings (prompt tuning)
 
 Shapes: B batch, T new tokens, S keys (cached + new), C n_embd, H heads, D head_dim, V vocab.
@@ -218,9 +220,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         causal = mask is None and T > 1  # the model passes mask=None only when plain causal attention is right
-        prefix = self.prefix(B) if self.prefix is not None else None  # a slot may have nothing to offer: None
-        if prefix is not None:  # learned keys/values in front, visible to every query
-            pk, pv = prefix
+        prefix = self.prefix(x, self.qkv) if self.prefix is not None else None  # a slot may offer nothing: None
+        gqa = self.c.n_kv_head != self.c.n_head
+        if prefix is not None and prefix[2] is None:  # learned keys/values in front, visible to every query
+            pk, pv, _ = prefix
             k, v = torch.cat((pk.to(k.dtype), k), dim=2), torch.cat((pv.to(v.dtype), v), dim=2)
             if causal:
                 S = k.size(2) - pk.size(2)
@@ -228,8 +231,11 @@ class Attention(nn.Module):
             if mask is not None:
                 mask = F.pad(mask, (pk.size(2), 0), value=True if mask.dtype == torch.bool else 0.0)
             causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.c.n_kv_head != self.c.n_head)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        if prefix is not None and prefix[2] is not None:  # gated: every query attends to the prefix on its own
+            pk, pv, gate = prefix
+            extra = F.scaled_dot_product_attention(q, pk.to(q.dtype), pv.to(q.dtype), enable_gqa=gqa)
+            y = y + (gate * extra).to(y.dtype)
         return getattr(self, self.out_name)(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -30,10 +30,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import adapters
 from data import synthetic
 from data.prepare import TRAIN_REQUIRE, DataError, load_rows, write_json
-from data.scoring import extract_answer, is_correct
-from data.template import TEMPLATE_NAME, format_example, format_prompt
+from data.template import TEMPLATE_NAME, format_example
+from eval import evaluate
 from model import Config, Transformer
 from tokenizer import Tokenizer
+
+TORCH_THREADS = torch.get_num_threads()  # torch's default, before setup() applies --threads
 
 # -----------------------------------------------------------------------------------------------------------------
 # what to train
@@ -70,18 +72,20 @@ log_interval = 10
 demo_dir = "out/demo"
 demo_n_train = 4000       # two-step training rows (val_set_size of them for validation)
 demo_n_test = 200         # held-out two-step problems for the accuracy comparison
-demo_base_steps = 1000    # pretraining steps of the base (built once: delete <demo_dir>/base to rebuild)
+demo_base_steps = 900     # pretraining steps of the base (built once: delete <demo_dir>/base to rebuild)
+demo_base_threads = 0     # CPU threads while pretraining it; 0 = torch's default (all cores: its batches use them)
 demo_base_docs = 30000    # documents in its pretraining corpus
 # -----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()  # the settings above (lower-case, unlike imported names)
             if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 # The demo fine-tunes a tiny model in ~2 minutes; these replace the recipe's values unless set explicitly. One CPU
-# thread: a second one halves the time on an idle machine (--threads=2), but makes it several times slower when
-# the other core is busy, as every small matrix product then waits for both.
+# thread: a second one is faster on an idle machine (--threads=2), but several times slower when the other core is
+# busy, as every small matrix product then waits for both. The base's pretraining (micro-batches of 32, not 4) uses
+# torch's default instead (--demo_base_threads).
 DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100, threads=1)
 DEMO_LR = {"prefix": 2e-1, "prompt": 1e-1}  # a few thousand parameters, far from the base's weights
 # Pretraining the demo base, by the same train(): whole documents, mixed lengths in every batch.
-DEMO_BASE = dict(learning_rate=1e-3, warmup_steps=50, decay="cosine", batch_size=32, micro_batch_size=32,
+DEMO_BASE = dict(learning_rate=1.5e-3, warmup_steps=50, decay="cosine", batch_size=32, micro_batch_size=32,
                  train_on_inputs=True, group_by_length=False, eval_interval=500, resume=False)
 DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, intermediate_size=352)
 
@@ -424,7 +428,12 @@ def build_demo_base(path, cfg, rt):
     base = Transformer(Config("demo-base", vocab_size=tok.vocab_size, block_size=cfg.cutoff_len, **DEMO_MODEL))
     examples = [(ids[:-1], ids[1:]) for ids in (tok.encode(d, bos=True, eos=True) for d in docs)]
     pcfg = SimpleNamespace(**{**vars(cfg), **DEMO_BASE, "max_steps": cfg.demo_base_steps})
-    summary = train(base.to(rt.device), examples[200:], examples[:200], pcfg, rt)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.demo_base_threads or TORCH_THREADS)
+    try:
+        summary = train(base.to(rt.device), examples[200:], examples[:200], pcfg, rt)
+    finally:
+        torch.set_num_threads(threads)
     if rt.master:
         base.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
@@ -435,23 +444,11 @@ def build_demo_base(path, cfg, rt):
                         f"{summary['steps']} steps in {summary['time_s']:.0f}s, val loss {summary['best_val']:.3f}")
 
 
-@torch.no_grad()
-def accuracy(model, tok, rows, rt, batch=50, max_new_tokens=40):
-    """Exact match of the greedy continuations of the template prompts, read as LLM-Adapters does (last number)."""
-    model.eval()
-    correct = 0
-    for s in range(0, len(rows), batch):
-        chunk = rows[s:s + batch]
-        prompts = [tok.encode(format_prompt(r["instruction"], r.get("input")), bos=tok.add_bos) for r in chunk]
-        T = max(map(len, prompts))
-        idx = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in prompts], device=rt.device)
-        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=rt.device)
-        with rt.ctx:
-            out = model.generate(idx, max_new_tokens, eos_id=tok.eos_id, attention_mask=mask)[:, T:].tolist()
-        for row, ids in zip(chunk, out):
-            text = tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
-            correct += is_correct("demo", extract_answer("demo", text, kind="number"), row["answer"], kind="number")
-    return correct / len(rows)
+def accuracy(model, tok, rows, rt):
+    """Exact match of the greedy answers to the template prompts, generated and scored as eval.py does."""
+    with rt.ctx:
+        return evaluate(model.eval(), tok, rows, "demo", kind="number", max_new_tokens=40, batch_size=50,
+                        progress=False)[1]
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -46,10 +46,14 @@ SPECS = {
     "parallel-per-linear-sparse": ("parallel", dict(per_linear="PER_LINEAR", bottleneck=16, sparse=3)),
     "prefix": ("prefix", dict(num_virtual_tokens=5)),
     "prefix-reparam": ("prefix", dict(num_virtual_tokens=5, reparam=32)),
+    "prefix-gated": ("prefix", dict(num_virtual_tokens=5, gated=True)),
+    "prefix-gated-top": ("prefix", dict(num_virtual_tokens=3, gated=True, layers=1)),
     "prompt": ("prompt", dict(num_virtual_tokens=5)),
 }
-EXACT = [s for s in SPECS if not s.startswith(("prefix", "prompt"))]  # identity at initialisation
-SUBSET = ("lora", "series-learned", "parallel-per-linear", "parallel-sparse", "prefix-reparam", "prompt")
+# identity at initialisation: all but the ungated prefix and the prompt (the paper's, without a gate)
+EXACT = [s for s in SPECS if not s.startswith(("prefix", "prompt")) or "gated" in s]
+SUBSET = ("lora", "series-learned", "parallel-per-linear", "parallel-sparse", "prefix-reparam", "prefix-gated",
+          "prompt")
 # every spec on LLaMA and GPT-J, a representative subset on BLOOM and OPT
 CASES = [(f, s) for f in MAIN for s in SPECS] + [(f, s) for f in ("bloom", "opt") for s in SUBSET]
 
@@ -150,9 +154,15 @@ def expected_places(model, kind, o):
         subs = {"mlp": ["mlp"], "attn": ["attn"], "both": ["attn", "mlp"]}[o.get("placement", "mlp")]
         where = "post_" if kind == "series" else "beside_"
         return {(f"layers.{i}", where + s) for i in range(c.n_layer) for s in subs}
-    if kind == "prefix":
-        return {(f"layers.{i}.attn", "prefix") for i in range(c.n_layer)}
+    if kind == "prefix":  # the top `layers` (0: all)
+        return {(f"layers.{i}.attn", "prefix") for i in range(c.n_layer - (o.get("layers") or c.n_layer), c.n_layer)}
     return {("", "prompt")}
+
+
+def prefix_len(model):
+    """How many prefix keys the first layer's attention gets now."""
+    att = model.layers[0].attn
+    return att.prefix(torch.zeros(2, 1, model.config.n_embd), att.qkv)[0].shape[2]
 
 
 def splits(model):
@@ -206,7 +216,8 @@ def test_prefix_key_value_shapes(family, reparam):
     c = model.config
     A.add_adapter(model, "prefix", num_virtual_tokens=6, reparam=reparam)
     for block in model.layers:
-        k, v = block.attn.prefix(3)
+        k, v, gate = block.attn.prefix(torch.zeros(3, 1, c.n_embd), block.attn.qkv)
+        assert gate is None
         assert k.shape == v.shape == (3, c.n_kv_head, 6, c.head_dim)
         assert k.dtype == v.dtype == torch.float32
     if family == "llama-gqa":
@@ -214,12 +225,14 @@ def test_prefix_key_value_shapes(family, reparam):
     logits(model.eval(), ids(model))  # the attention accepts them
 
 
-@pytest.mark.parametrize("sid", ["prefix", "prefix-reparam", "prompt"])
+@pytest.mark.parametrize("sid", ["prefix", "prefix-reparam", "prefix-gated", "prompt"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_prompt_generation(family, sid):
     model = tiny_model(family)
     kind, o = spec(family, sid)
     A.add_adapter(model, kind, **o)
+    if o.get("gated"):  # open the gates, or this would be the base model
+        randomize_adapters_(model, std=0.5)
     model.eval()
     # KV-cache generation == greedy loop of full forwards without cache
     idx = ids(model, B=2, T=5)
@@ -263,6 +276,68 @@ def test_prefix_and_prompt_change_the_output():
         base = logits(model, idx)
         A.add_adapter(model, kind, num_virtual_tokens=4)
         assert (logits(model.eval(), idx) - base).abs().max() > 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llama", "llama-gqa", "bloom"])
+def test_gated_prefix_is_llama_adapter_attention(family):
+    """Gated prefix (LLaMA-Adapter): out_proj(softmax(q K^T) V + g softmax(q Kp^T) Vp), Kp, Vp = the layer's own k/v
+    projections of the prompt (no rotary), one softmax each; written out here by hand."""
+    model = tiny_model(family)
+    c, att = model.config, model.layers[0].attn
+    A.add_adapter(model, "prefix", num_virtual_tokens=4, gated=True)
+    module = att.prefix["default"]
+    module.gate.fill_(0.7)
+    B, T, rep = 2, 5, c.n_head // c.n_kv_head
+    x = torch.randn(B, T, c.n_embd)
+    _, pk, pv = att.qkv(module.embedding[None])
+    q, k, v = att.qkv(x)
+    if c.pos == "rope":
+        from model import apply_rope, rope_angles
+        rope = rope_angles(c, torch.arange(T).expand(B, T))
+        q, k = apply_rope(q, *rope, c.rope_interleaved), apply_rope(k, *rope, c.rope_interleaved)
+    else:  # BLOOM: ALiBi bias on the sequence's own keys, none on the prefix
+        from model import alibi_slopes
+        pos = torch.arange(T)
+        rope, bias = None, torch.tensor(alibi_slopes(c.n_head))[:, None, None] * pos.float()
+    scale = 1 / math.sqrt(c.head_dim)
+    s = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * scale
+    if rope is None:
+        s = s + bias
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    sp = q @ pk.repeat_interleave(rep, 1).transpose(-1, -2) * scale
+    y = s.softmax(-1) @ v.repeat_interleave(rep, 1) + 0.7 * sp.softmax(-1) @ pv.repeat_interleave(rep, 1)
+    want = getattr(att, att.out_name)(y.transpose(1, 2).reshape(B, T, -1))
+    mask = None if rope is not None else model.attention_mask(None, torch.arange(T).expand(B, T), T, T)
+    got = att(x, rope, mask, None)
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_gated_prefix_trains_gate_first():
+    # the gate starts at zero, so only it gets a gradient at step 0; afterwards the prompt learns too
+    model = tiny_model("llama")
+    A.add_adapter(model, "prefix", num_virtual_tokens=4, gated=True)
+    idx = ids(model)
+    model(idx, targets=idx)[1].backward()
+    module = model.layers[0].attn.prefix["default"]
+    assert module.gate.grad.abs().item() > 0 and module.embedding.grad.abs().max().item() == 0
+    assert A.count_parameters(model)[0] == model.config.n_layer * (4 * model.config.n_embd + 1)
+
+
+def test_gated_prefix_options_checked():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="gated=True takes no reparam"):
+        A.add_adapter(model, "prefix", gated=True, reparam=16)
+    with pytest.raises(ValueError, match=r"layers=5: expected 0 \(all\) up to the model's 2 layers"):
+        A.add_adapter(model, "prefix", layers=5)
+    with pytest.raises(ValueError, match=r"layers=1.5: expected 0"):
+        A.add_adapter(model, "prefix", layers=1.5)
+    A.add_adapter(model, "prefix", name="g", gated=True)
+    A.add_adapter(model, "prefix", name="p")
+    with pytest.raises(ValueError, match=r"a gated prefix cannot run beside other prefixes \(g, p\)"):
+        model(ids(model))
+    A.set_active(model, ["g"])
+    model(ids(model))
 
 
 def test_merge_prefix():
@@ -538,9 +613,9 @@ def test_two_prompts_and_two_prefixes_stack():
     out = model.prompt(emb)
     assert torch.equal(out[0, :3], model.prompt["p1"].embedding)  # the first added comes first
     assert torch.equal(out[0, 3:5], model.prompt["p2"].embedding)
-    assert model.layers[0].attn.prefix(2)[0].shape[2] == 5
+    assert prefix_len(model) == 5
     A.set_active(model, ["p2", "k1"])
-    assert model.prompt.n_tokens == 2 and model.layers[0].attn.prefix(2)[0].shape[2] == 4
+    assert model.prompt.n_tokens == 2 and prefix_len(model) == 4
     model.eval()
     idx = ids(model, T=5)
     assert torch.equal(model.generate(idx, 4), greedy_no_cache(model, idx, 4))
@@ -650,6 +725,28 @@ def test_peft_rslora_scaling(hf_base, tmp_path):
     assert (logits(ours, idx) - ref).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("family", ["llama", "llama-gqa"])
+def test_peft_adaption_prompt_loads_as_gated_prefix(family, tmp_path):
+    """PEFT's LLaMA-Adapter (adaption_prompt) folder loads as our gated prefix, with the same logits."""
+    import peft
+    ckpt, hf = make_hf_checkpoint(tmp_path / "base", family, seed=3)
+    pm = peft.get_peft_model(hf, peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=1))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "adaption_gate" in n:
+                p.fill_(0.8)  # open the zero-initialised gate
+    pm.eval()
+    idx = ids(hf, B=2, T=7)
+    with torch.no_grad():
+        ref = pm(idx).logits
+    pm.save_pretrained(tmp_path / "adapter")
+    ours = A.load_adapter(Transformer.from_pretrained(ckpt), tmp_path / "adapter").eval()
+    assert ours.adapter_configs["default"]["options"] == dict(num_virtual_tokens=4, reparam=0, gated=True, layers=1)
+    assert attached(ours, "default") == {(f"layers.{ours.config.n_layer - 1}.attn", "prefix")}
+    assert (logits(ours, idx) - ref).abs().max() < 1e-4
+    assert (logits(Transformer.from_pretrained(ckpt), idx) - ref).abs().max() > 1e-2  # the adapter matters
+
+
 @pytest.mark.parametrize("config, message", [
     (dict(use_dora=True), r"only plain PEFT LoRA.*use_dora"),
     (dict(bias="all"), r"only plain PEFT LoRA \(bias='none'\).*bias=all"),
@@ -681,6 +778,7 @@ LLAMA_7B_TOTAL = 6_738_415_616  # LLaMA-7B's published parameter count
     ("series", dict(bottleneck=256, placement="mlp"), 67_108_864),
     ("parallel", dict(bottleneck=256, placement="mlp"), 67_108_864),
     ("prefix", dict(num_virtual_tokens=10), 2_621_440),
+    ("prefix", dict(num_virtual_tokens=10, gated=True, layers=30), 1_228_830),  # LLaMA-Adapter's "1.2M"
     ("prompt", dict(num_virtual_tokens=10), 40_960),
 ])
 def test_llama_7b_trainable_counts(kind, options, trainable):
@@ -774,7 +872,7 @@ def test_errors_on_save_and_load(tmp_path):
 
 # ------------------------------------------------------------------------------------------ fp32 adapter maths
 @pytest.mark.parametrize("sid", ["lora", "series-learned", "parallel-both", "parallel-per-linear", "series-sparse",
-                                 "prefix-reparam", "prompt"])
+                                 "prefix-reparam", "prefix-gated", "prompt"])
 def test_bf16_base_fp32_adapters(sid):
     model = tiny_model("llama").to(torch.bfloat16)
     idx = ids(model)

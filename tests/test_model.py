@@ -23,6 +23,12 @@ def rand_ids(*shape, vocab=256, seed=0):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
+def padded_rows(lengths):
+    """Random rows of these lengths, and them left-padded: (rows, idx, attention_mask)."""
+    seqs = [rand_ids(n, vocab=512, seed=n) for n in lengths]
+    return seqs, *left_pad(seqs)
+
+
 def max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
@@ -236,8 +242,7 @@ def test_kv_cache_overflow_and_bad_mask():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_batched_equals_one_by_one(family):
     m = tiny_model(family)
-    seqs = [rand_ids(n, vocab=512, seed=n) for n in (7, 2, 5)]
-    idx, mask = left_pad(seqs)
+    seqs, idx, mask = padded_rows((7, 2, 5))
     T, n_new = idx.size(1), 6
     out = m.generate(idx, n_new, attention_mask=mask)
     assert out.shape == (3, T + n_new) and torch.equal(out[:, :T], idx)
@@ -251,8 +256,7 @@ def test_generate_batched_equals_one_by_one(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_eos_stops_rows(family):
     m = tiny_model(family)
-    seqs = [rand_ids(n, vocab=512, seed=n) for n in (7, 3, 5)]
-    idx, mask = left_pad(seqs)
+    seqs, idx, mask = padded_rows((7, 3, 5))
     T, n_new = idx.size(1), 8
     base = m.generate(idx, n_new, attention_mask=mask)[:, T:]
     eos = int(base[0, 1])  # row 0 stops at its second new token
@@ -503,12 +507,13 @@ class Prefix(nn.Module):
         self.k = nn.Parameter(torch.randn(1, c.n_kv_head, n, c.head_dim))
         self.v = nn.Parameter(torch.randn(1, c.n_kv_head, n, c.head_dim))
 
-    def forward(self, B):
-        return self.k.expand(B, -1, -1, -1), self.v.expand(B, -1, -1, -1)
+    def forward(self, x, qkv):
+        B = x.size(0)
+        return self.k.expand(B, -1, -1, -1), self.v.expand(B, -1, -1, -1), None
 
 
 class NoPrefix(nn.Module):
-    def forward(self, B):
+    def forward(self, x, qkv):
         return None
 
 
@@ -585,7 +590,7 @@ def test_prefix_slot_matches_manual_attention(family):
     rope = rope_angles(c, torch.arange(T).expand(B, T)) if c.pos == "rope" else None
     base = att(x, rope, None, None)
     att.prefix = Prefix(c)
-    pk, pv = att.prefix(B)
+    pk, pv, _ = att.prefix(x, att.qkv)
     q, k, v = att.qkv(x)
     if rope is not None:
         q, k = apply_rope(q, *rope, c.rope_interleaved), apply_rope(k, *rope, c.rope_interleaved)
@@ -609,8 +614,7 @@ def test_prefix_slot_generation_with_cache(family):
     torch.manual_seed(0)
     for blk in m.layers:
         blk.attn.prefix = Prefix(m.config)
-    seqs = [rand_ids(n, vocab=512, seed=n) for n in (6, 2, 4)]
-    idx, mask = left_pad(seqs)
+    seqs, idx, mask = padded_rows((6, 2, 4))
     T = idx.size(1)
     out = m.generate(idx, 5, attention_mask=mask)
     assert torch.equal(out, greedy_no_cache(m, idx, 5, mask))
@@ -640,8 +644,7 @@ def test_prompt_slot(family):
     m.prompt = Prompt(m.embed, lead[:0])  # n_tokens == 0: nothing prepended
     assert torch.equal(ours(m, idx, attention_mask=mask), base)
     m.prompt = Prompt(m.embed, lead)
-    seqs = [rand_ids(n, vocab=512, seed=n) for n in (6, 2, 4)]
-    idx, mask = left_pad(seqs)
+    seqs, idx, mask = padded_rows((6, 2, 4))
     T = idx.size(1)
     out = m.generate(idx, 5, attention_mask=mask)
     assert torch.equal(out, greedy_no_cache(m, idx, 5, mask))

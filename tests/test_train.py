@@ -15,6 +15,7 @@ import adapters
 import train
 from data import synthetic
 from data.prepare import write_json
+from data.template import format_prompt
 from model import Transformer
 from tokenizer import Tokenizer
 
@@ -112,6 +113,33 @@ def test_adapter_options_from_command_line(demo, rows, tmp_path):
     assert model.layers[0].beside_attn is not None and model.layers[0].beside_mlp is None
 
 
+def test_gated_prefix_from_command_line(demo, rows, tmp_path):
+    model, _ = run(demo, rows, tmp_path, "--adapter=prefix", "--gated=true", "--layers=1", "--max_steps=2")
+    assert model.layers[0].attn.prefix is None
+    gated = model.layers[1].attn.prefix["default"]
+    assert isinstance(gated, adapters.GatedPrefix) and gated.gate.item() != 0  # the gate opened while training
+    opts = json.load(open(tmp_path / "adapter_config.json"))["options"]
+    assert opts["gated"] is True and opts["layers"] == 1
+
+
+def test_demo_base_pretrains_with_its_own_threads(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_train(model, train_ex, val_ex, cfg, rt, **kw):
+        seen.append((torch.get_num_threads(), cfg.max_steps, cfg.batch_size))
+        return dict(steps=0, best_val=0.0, time_s=0.0)
+    monkeypatch.setattr(train, "train", fake_train)
+    cfg, _ = train.get_config(["--demo_base_threads=3", "--demo_base_docs=3000", "--demo_base_steps=7"])
+    rt = train.setup(cfg)
+    before = torch.get_num_threads()
+    try:
+        train.build_demo_base(str(tmp_path / "base"), cfg, rt)
+        assert seen == [(3, 7, 32)] and torch.get_num_threads() == before == 1  # the fine-tune's single thread
+        assert os.path.exists(tmp_path / "base" / "model.safetensors")
+    finally:
+        torch.set_num_threads(train.TORCH_THREADS)
+
+
 def test_sparse_and_reparam_adapters_are_merged_at_the_end(demo, rows, tmp_path):
     run(demo, rows, tmp_path / "s", "--adapter=series", "--sparse=2", "--max_steps=2", "--eval_interval=1")
     run(demo, rows, tmp_path / "p", "--adapter=prefix", "--reparam=16", "--max_steps=2", "--eval_interval=1")
@@ -168,8 +196,8 @@ def test_train_on_inputs_false_masks_the_prompt(demo):
     row = {"instruction": "Tom has 3 pens. How many pens does Tom have now?", "input": "", "output": "3."}
     cfg = train.get_config(["--model=x", "--train_on_inputs=false"])[0]
     (x, y), = train.tokenize(tok, [row], cfg)[0]
-    prompt = tok.encode(train.format_prompt(row["instruction"]), bos=True)
-    full = tok.encode(train.format_prompt(row["instruction"]) + "3.", bos=True, eos=True)
+    prompt = tok.encode(format_prompt(row["instruction"]), bos=True)
+    full = tok.encode(format_prompt(row["instruction"]) + "3.", bos=True, eos=True)
     assert x == full[:-1] and y[:len(prompt) - 1] == [-100] * (len(prompt) - 1) and y[len(prompt) - 1:] == full[len(prompt):]
     cfg.cutoff_len, cfg.train_on_inputs = 12, True  # cut: no EOS; then a prompt longer than cutoff_len is dropped
     (x, y), = train.tokenize(tok, [row], cfg)[0]
