@@ -414,7 +414,8 @@ def save_state(path, named, opt, scaler, step, best, cfg, rt):
 def build_demo_base(path, cfg, rt):
     """The demo's base model, built in path.tmp and renamed when complete: a sentencepiece tokenizer trained on the
     synthetic corpus, and a tiny LLaMA pretrained on it by train(); config.json, model.safetensors, tokenizer.model."""
-    docs, tmp = synthetic.pretrain_corpus(cfg.demo_base_docs, seed=cfg.seed), path + ".tmp"
+    t0, tmp = time.time(), path + ".tmp"
+    docs = synthetic.pretrain_corpus(cfg.demo_base_docs, seed=cfg.seed)
     log(rt, None, None, f"building the demo base model in {path} (once): a tokenizer, then pretraining on "
                         f"{len(docs)} synthetic arithmetic documents")
     if rt.master:
@@ -441,7 +442,8 @@ def build_demo_base(path, cfg, rt):
     if rt.world > 1:
         dist.barrier()
     log(rt, None, None, f"demo base model: {sum(p.numel() for p in base.parameters()):,} parameters, pretrained "
-                        f"{summary['steps']} steps in {summary['time_s']:.0f}s, val loss {summary['best_val']:.3f}")
+                        f"{summary['steps']} steps in {summary['time_s']:.0f}s, val loss {summary['best_val']:.3f}; "
+                        f"built in {time.time() - t0:.0f}s")
 
 
 def accuracy(model, tok, rows, rt):
