@@ -33,7 +33,7 @@ from model import Transformer, write_atomic
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
-# defaults; override any with --key=value (booleans: --strict or --strict=false)
+# defaults; override any with --key=value or --key value (booleans: --strict or --strict=false)
 DEFAULTS = dict(
     model="",             # base model folder (Hugging Face or Meta layout); "" = the embedded demo
     adapter="",           # adapter folder (adapter_config.json); "" = the base model alone (demo: <demo>/lora)
@@ -63,13 +63,17 @@ def warn(msg):
 
 
 def parse_config(argv):
-    """--key=value arguments -> config dict; each value is converted to its default's type."""
-    cfg = dict(DEFAULTS)
-    for arg in argv:
+    """--key=value (or --key value) arguments -> config dict; each value is converted to its default's type."""
+    cfg, argv = dict(DEFAULTS), list(argv)
+    while argv:
+        arg = argv.pop(0)
         key, eq, value = arg[2:].partition("=")
         if not arg.startswith("--") or key not in DEFAULTS:
             raise ValueError(f"unknown option {arg!r}; options: {' '.join('--' + k for k in DEFAULTS)}")
         typ = type(DEFAULTS[key])
+        if not eq and argv and not argv[0].startswith("--") and (typ is not bool or argv[0].lower() in
+                                                                 ("true", "false", "1", "0")):
+            eq, value = "=", argv.pop(0)  # --dataset gsm8k, as train.py takes it
         if typ is bool:
             if value.lower() not in ("", "true", "false", "1", "0") or (eq and not value):
                 raise ValueError(f"--{key}={value}: expected true or false")
@@ -341,9 +345,14 @@ def main(argv=None):
     accuracies, n = {}, {}
     for name, data in rows.items():
         t0 = time.time()
-        records, accuracies[name] = evaluate(model, tok, data, name, kind, cfg["strict"], template,
-                                             cfg["max_new_tokens"], cfg["batch_size"], cfg["num_beams"],
-                                             cfg["length_penalty"])
+        try:
+            records, accuracies[name] = evaluate(model, tok, data, name, kind, cfg["strict"], template,
+                                                 cfg["max_new_tokens"], cfg["batch_size"], cfg["num_beams"],
+                                                 cfg["length_penalty"])
+        except torch.cuda.OutOfMemoryError as e:
+            raise MemoryError(f"{name}: out of memory on {device} with --batch_size={cfg['batch_size']} and "
+                              f"--num_beams={cfg['num_beams']}: lower --batch_size (results do not depend on it)"
+                              ) from e
         n[name] = len(records)
         write_atomic(os.path.join(out, f"{name}.jsonl"),
                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -360,5 +369,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError, KeyError, NotImplementedError) as e:
+    except (ValueError, OSError, KeyError, NotImplementedError, MemoryError) as e:
         sys.exit(f"eval.py: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")

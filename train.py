@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adapters
@@ -520,22 +521,24 @@ def main(argv=None):
     opts = model.adapter_configs["default"]["options"]
     merges = [f for f, on in ((adapters.merge_sparse, opts.get("sparse")), (adapters.merge_prefix, opts.get("reparam")))
               if on]
-    best_state = {}
 
     def save():
         adapters.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
-        if merges:
-            state = adapters.adapter_state(model, "default")
-            best_state.update({k: t.detach().cpu().clone() for k, t in state.items()})
 
     if rt.master:
         os.makedirs(cfg.out, exist_ok=True)
-    summary = train(model, train_ex, val_ex, cfg, rt, out=cfg.out, save=save,
-                    before_step=(lambda step: adapters.sparse_step(model, step)) if opts.get("sparse") else None)
-    if merges and rt.master:
+    try:
+        summary = train(model, train_ex, val_ex, cfg, rt, out=cfg.out, save=save,
+                        before_step=(lambda step: adapters.sparse_step(model, step)) if opts.get("sparse") else None)
+    except torch.cuda.OutOfMemoryError:
+        fail(f"out of memory on {rt.device} with --micro_batch_size={cfg.micro_batch_size} and --cutoff_len="
+             f"{cfg.cutoff_len}: lower --micro_batch_size (--batch_size stays, by more accumulation steps), or try "
+             f"--grad_ckpt=true, --dtype=bfloat16 or a shorter --cutoff_len. Checkpoints in {cfg.out} are intact")
+    if merges and rt.master:  # the best adapter, saved in training form (also by a run this one resumed): merge it
+        best = load_file(os.path.join(cfg.out, "adapter_model.safetensors"))
         with torch.no_grad():
             for k, t in adapters.adapter_state(model, "default").items():
-                t.copy_(best_state[k])
+                t.copy_(best[k])
         for merge in merges:
             merge(model)
         save()

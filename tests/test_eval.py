@@ -272,10 +272,22 @@ def test_dataset_errors(tiny_dir, tmp_path):
         ev.main([f"--model={tiny_dir}"])
 
 
+def test_out_of_memory_gives_a_hint(tiny_dir, tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(ev, "generate_ids", oom)
+    path = write_set(tmp_path / "numbers", number_rows(2))
+    with pytest.raises(MemoryError, match=r"numbers: out of memory on cpu with --batch_size=7 .*lower --batch_size"):
+        ev.main([f"--model={tiny_dir}", f"--dataset={path}", "--batch_size=7", f"--out={tmp_path / 'o'}"])
+
+
 def test_config_parsing():
     cfg = ev.parse_config(["--batch_size=8", "--strict", "--dtype=float32", "--kind=number"])
     assert cfg["batch_size"] == 8 and cfg["strict"] is True and cfg["num_beams"] == 1
     assert ev.parse_config(["--strict=false"])["strict"] is False
+    spaced = ev.parse_config(["--dataset", "gsm8k", "--strict", "--batch_size", "8", "--num_beams", "4"])
+    assert spaced == ev.parse_config(["--dataset=gsm8k", "--strict", "--batch_size=8", "--num_beams=4"])
+    assert ev.parse_config(["--strict", "false", "--limit", "3"])["strict"] is False
     for argv, match in ((["--batchsize=8"], "unknown option '--batchsize=8'; options: --model"),
                         (["gsm8k"], "unknown option 'gsm8k'"), (["--batch_size=big"], "--batch_size=big: expected int"),
                         (["--limit"], "--limit needs a value"), (["--strict=maybe"], "expected true or false"),

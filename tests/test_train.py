@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 import adapters
 import train
@@ -174,6 +175,42 @@ def test_resume_gives_the_same_losses(demo, rows, tmp_path, monkeypatch):
     assert [resumed[s] for s in range(1, 7)] == full  # exactly, in fp32
     with pytest.raises(SystemExit, match="--learning_rate=0.02 differs from the checkpoint's 0.01"):
         run(demo, rows, tmp_path / "b", *args, "--resume=true", "--learning_rate=2e-2")
+
+
+def test_resumed_sparse_run_merges_the_best_adapter_of_the_first_run(demo, rows, tmp_path, monkeypatch):
+    """A sparse (MoSA) adapter trains split and is merged at the end from the best one saved; when that best was
+    saved before an interruption, the resumed run still merges it (validation losses scripted: best at step 2)."""
+    args = ["--adapter=series", "--sparse=2", "--max_steps=4", "--eval_interval=2", "--bottleneck=8"]
+
+    def scripted_val_losses():
+        values = iter([1.0, 2.0])
+        monkeypatch.setattr(train, "val_loss", lambda *a: next(values))
+    scripted_val_losses()
+    run(demo, rows, tmp_path / "a", *args)
+    log = train.log
+
+    def crash_at_step_3(rt, out, record, text):
+        log(rt, out, record, text)
+        if record and record.get("step") == 3:
+            raise Interrupt
+    scripted_val_losses()
+    monkeypatch.setattr(train, "log", crash_at_step_3)
+    with pytest.raises(Interrupt):
+        run(demo, rows, tmp_path / "b", *args)
+    monkeypatch.setattr(train, "log", log)
+    monkeypatch.setattr(train, "val_loss", lambda *a: 2.0)  # step 4 does not improve on the first run's 1.0
+    run(demo, rows, tmp_path / "b", *args, "--resume=true")
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(tmp_path / "b" / "adapter_config.json"))["options"]["sparse"] == 0
+
+
+def test_out_of_memory_gives_a_hint(demo, rows, tmp_path, monkeypatch):
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "collate", oom)
+    with pytest.raises(SystemExit, match=r"out of memory on cpu with --micro_batch_size=4 .*lower --micro_batch_size"):
+        run(demo, rows, tmp_path)
 
 
 def test_bf16_autocast_on_cpu(demo, rows, tmp_path):
