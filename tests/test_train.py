@@ -228,6 +228,16 @@ def test_grad_checkpointing_gives_the_same_losses(demo, rows, tmp_path):
     assert a == pytest.approx(b, rel=1e-5)
 
 
+def test_torch_compile_gives_the_same_losses(demo, rows, tmp_path):
+    args = ["--adapter=series", "--max_steps=2", "--eval_interval=2"]  # no dropout: compiled RNG differs from eager
+    run(demo, rows, tmp_path / "eager", *args)
+    run(demo, rows, tmp_path / "compiled", *args, "--compile=true")
+    for key in ("loss", "val_loss"):
+        eager, compiled = ([r[key] for r in records(tmp_path / d, key)] for d in ("eager", "compiled"))
+        assert len(eager) == (2 if key == "loss" else 1)
+        assert compiled == pytest.approx(eager, rel=1e-4)
+
+
 def test_train_on_inputs_false_masks_the_prompt(demo):
     tok = Tokenizer.from_pretrained(demo[0] / "base")
     row = {"instruction": "Tom has 3 pens. How many pens does Tom have now?", "input": "", "output": "3."}
