@@ -213,11 +213,22 @@ def test_out_of_memory_gives_a_hint(demo, rows, tmp_path, monkeypatch):
         run(demo, rows, tmp_path)
 
 
-def test_bf16_autocast_on_cpu(demo, rows, tmp_path):
-    model, summary = run(demo, rows, tmp_path, "--dtype=bfloat16", "--adapter=lora", "--max_steps=3")
-    assert model.embed.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_autocast_on_cpu(demo, rows, tmp_path, dtype):
+    """The frozen base in bf16/fp16, the adapter and its optimizer state in fp32; fp16 goes through a GradScaler.
+    The losses follow the fp32 run's within half-precision rounding."""
+    name = str(dtype).split(".")[1]
+    args = ["--adapter=series", "--max_steps=3", "--eval_interval=3"]
+    run(demo, rows, tmp_path / "fp32", *args)
+    model, summary = run(demo, rows, tmp_path / name, *args, f"--dtype={name}")
+    assert model.embed.weight.dtype == dtype and model.lm_head.weight.dtype == dtype
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(tmp_path))
+    state = torch.load(tmp_path / name / "resume.pt", weights_only=True)
+    assert all(t.dtype == torch.float32 for s in state["optimizer"]["state"].values() for t in s.values()
+               if t.numel() > 1)
+    assert ("scale" in state["scaler"]) == (dtype == torch.float16)  # a disabled scaler's state is empty
+    full = [r["loss"] for r in records(tmp_path / "fp32")]
+    assert [r["loss"] for r in records(tmp_path / name)] == pytest.approx(full, rel=1e-3)  # measured: <4e-4
     assert summary["best_val"] is not None
 
 
