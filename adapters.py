@@ -51,6 +51,14 @@ def in_own_dtype(module, fn, x, out_dtype):
         return fn(x.to(next(module.parameters()).dtype)).to(out_dtype)
 
 
+def fast_fp32_matmuls(device, base_dtype):
+    """Beside a bf16/fp16 base on CUDA, let the fp32 adapter matmuls use TF32 tensor cores (10-bit mantissa, still
+    finer than bf16's 7) rather than the GPU's far slower plain-fp32 units, as nanoGPT does. A float32 base keeps
+    PyTorch's exact-fp32 default: whoever asks for fp32 gets it."""
+    if torch.device(device).type == "cuda" and base_dtype != torch.float32:
+        torch.set_float32_matmul_precision("high")
+
+
 # --------------------------------------------------------------------------------------------------- the modules
 class LoRA(nn.Module):
     def __init__(self, d_in, d_out, r, alpha, dropout):

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from adapters import ADAPTER_DEFAULTS, add_adapter, count_parameters
+from adapters import ADAPTER_DEFAULTS, add_adapter, count_parameters, fast_fp32_matmuls
 from model import Config, Transformer
 
 # defaults, overridden by --key=value
@@ -175,6 +175,7 @@ def main(argv):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     cfg, m, dtype = build(cuda)
+    fast_fp32_matmuls(device, dtype)  # as train.py: TF32 for the fp32 adapter maths beside the bf16 base
     res = {"model": cfg.name, "n_layer": cfg.n_layer, "task": task, "adapter": adapter, "device":
            torch.cuda.get_device_name(0) if cuda else "cpu (smoke test, tiny-llama)", "torch": torch.__version__}
     res["ours"] = bench_train(cfg, m, dtype, device) if task == "train" else bench_generate(cfg, m, device)

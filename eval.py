@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from adapters import fast_fp32_matmuls, load_adapter, read_adapter_config
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, leakage, load_rows
 from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, extract_answer, get_kind, is_correct
 from data.template import format_prompt
@@ -299,7 +300,6 @@ def load(model_dir, adapter_dir, device, dtype):
     tok = Tokenizer.from_pretrained(model_dir)
     extra = {}
     if adapter_dir:  # the adapter keeps its own dtype (adapters.py runs adapter maths in fp32)
-        from adapters import load_adapter, read_adapter_config
         model = load_adapter(model, adapter_dir)  # raises for an adapter of another base model
         extra = read_adapter_config(adapter_dir).get("extra") or {}
     return model.eval(), tok, extra
@@ -329,6 +329,7 @@ def main(argv=None):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={device}: CUDA is not available here (use --device=cpu)")
     dtype = getattr(torch, cfg["dtype"] or ("bfloat16" if device.startswith("cuda") else "float32"))
+    fast_fp32_matmuls(device, dtype)
     model, tok, extra = load(cfg["model"], cfg["adapter"], device, dtype)
     template = extra.get("template", "alpaca")
     if template not in TEMPLATES:

@@ -194,6 +194,7 @@ def setup(cfg):
     dt = getattr(torch, cfg.dtype or ("float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported()
                                       else "float16"))
     ctx = nullcontext() if dt == torch.float32 else torch.autocast(device.split(":")[0], dtype=dt)
+    adapters.fast_fp32_matmuls(device, dt)
     return SimpleNamespace(device=torch.device(device), dtype=dt, ctx=ctx, rank=rank, world=world, master=rank == 0)
 
 

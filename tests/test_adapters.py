@@ -942,6 +942,19 @@ def test_bottleneck_runs_in_fp32_under_autocast():
     assert seen == [torch.float32] and out.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("device, dtype, expected", [("cuda", torch.bfloat16, "high"), ("cuda:1", torch.float16, "high"),
+                                                     ("cuda", torch.float32, "highest"), ("cpu", torch.bfloat16, "highest")])
+def test_fast_fp32_matmuls_only_beside_a_half_precision_cuda_base(device, dtype, expected):
+    """The flag needs no GPU to be set: TF32 for the fp32 adapter maths on CUDA with a bf16/fp16 base, else exact."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        A.fast_fp32_matmuls(device, dtype)
+        assert torch.get_float32_matmul_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 def test_failed_add_leaves_the_model_as_it_was():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="unknown linear name"):

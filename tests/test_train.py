@@ -264,6 +264,15 @@ def test_train_on_inputs_false_masks_the_prompt(demo):
     assert train.tokenize(tok, [row], cfg) == ([], 1, 1)
 
 
+def test_setup_applies_the_dtype_and_the_adapter_matmul_precision(monkeypatch):
+    seen = []
+    monkeypatch.setattr(adapters, "fast_fp32_matmuls", lambda device, dtype: seen.append((device, dtype)))
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        rt = train.setup(train.get_config(["--device=cpu", f"--dtype={name}", "--threads=0"])[0])
+        assert rt.dtype == dtype and seen[-1] == ("cpu", dtype)
+        assert (rt.ctx.fast_dtype == dtype) if dtype != torch.float32 else not isinstance(rt.ctx, torch.autocast)
+
+
 def test_epoch_plan_is_deterministic_and_shards_for_ddp():
     examples = [([0] * (1 + i % 7), [0] * (1 + i % 7)) for i in range(50)]
     cfg = train.get_config(["--model=x", "--batch_size=8", "--micro_batch_size=2"])[0]
