@@ -296,7 +296,8 @@ def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=Non
     pick their part there). Returns a summary dict."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                            fused=rt.device.type == "cuda" or None)  # one kernel for all parameters on a GPU
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     fwd = torch.compile(model) if cfg.compile else model
     if rt.world > 1:  # sparse adapters (before_step) leave the parts not picked at a step unused
