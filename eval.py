@@ -1,7 +1,7 @@
 """
 Evaluate a base model, or a base model + adapter, on LLM-Adapters' test sets (or any set in their format).
 
-    python eval.py              # the embedded demo: out/demo/base + out/demo/lora on out/demo/data/test.json
+    python eval.py              # the embedded demo: out/demo/base alone and + each adapter trained in out/demo/
     python eval.py --model=<dir> [--adapter=<dir>] --dataset=gsm8k|AQuA|...|math|commonsense|path/to/test.json \
                    [--data_dir=<dir>] [--limit=N] [--batch_size=32] [--num_beams=4] [--strict] [--out=<dir>]
 
@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from adapters import fast_fp32_matmuls, load_adapter, read_adapter_config
+from adapters import ADAPTER_DEFAULTS, fast_fp32_matmuls, load_adapter, read_adapter_config
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, leakage, load_rows
 from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, extract_answer, get_kind, is_correct
 from data.template import format_prompt
@@ -37,7 +37,7 @@ from tokenizer import Tokenizer
 # defaults; override any with --key=value or --key value (booleans: --strict or --strict=false)
 DEFAULTS = dict(
     model="",             # base model folder (Hugging Face or Meta layout); "" = the embedded demo
-    adapter="",           # adapter folder (adapter_config.json); "" = the base model alone (demo: <demo>/lora)
+    adapter="",           # adapter folder (adapter_config.json); "" = the base alone (demo: and + each trained one)
     dataset="",           # a name, a group (math, commonsense), or a path to a test.json or its folder
     data_dir="",          # folder of <name>/test.json; "" = data/out, then ../shared/data/llm-adapters/dataset
     kind="",              # answer kind of a set not known by name: number | option | choice1,choice2,...
@@ -285,13 +285,15 @@ def evaluate(model, tok, rows, dataset, kind=None, strict=False, template="alpac
 # ----------------------------------------------------------------------------------------------------------------
 # files and the command line
 
-def markdown_table(row_name, accuracies):
-    """One row in the paper's layout: the datasets, then Avg, in percent."""
-    cols = list(accuracies) + ["Avg"]
-    values = list(accuracies.values())
-    cells = [f"{100 * a:.1f}" for a in values + [sum(values) / len(values)]]
-    return "\n".join(["| Model | " + " | ".join(cols) + " |", "|---" + "|---:" * len(cols) + "|",
-                      f"| {row_name} | " + " | ".join(cells) + " |"])
+def markdown_table(table):
+    """{model row: {dataset: accuracy}} in the paper's layout: a row per model, the datasets, then Avg, in percent."""
+    cols = list(next(iter(table.values()))) + ["Avg"]
+    lines = ["| Model | " + " | ".join(cols) + " |", "|---" + "|---:" * len(cols) + "|"]
+    for row_name, accuracies in table.items():
+        values = list(accuracies.values())
+        lines.append(f"| {row_name} | " + " | ".join(f"{100 * a:.1f}" for a in values + [sum(values) / len(values)])
+                     + " |")
+    return "\n".join(lines)
 
 
 def load(model_dir, adapter_dir, device, dtype):
@@ -305,44 +307,19 @@ def load(model_dir, adapter_dir, device, dtype):
     return model.eval(), tok, extra
 
 
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    if not cfg["model"]:  # the embedded demo
-        cfg["model"] = os.path.join(DEMO_DIR, "base")
-        cfg["adapter"] = cfg["adapter"] or os.path.join(DEMO_DIR, "lora")
-        test = os.path.join(DEMO_DIR, "data", "test.json")
-        needed = [cfg["model"], cfg["adapter"]] + ([] if cfg["dataset"] else [test])
-        missing = [p for p in needed if not os.path.exists(p)]
-        if missing:
-            raise FileNotFoundError(f"the embedded demo is not built ({', '.join(missing)} missing): run "
-                                    "`python train.py` first, or pass --model=<dir> --dataset=<name>")
-        datasets = find_datasets(cfg["dataset"], cfg["data_dir"]) if cfg["dataset"] else [("demo", test)]
-    elif not cfg["dataset"]:
-        raise ValueError(f"--dataset is required with --model: a name ({', '.join(DATASET_KIND)}), "
-                         f"a group ({', '.join(GROUPS)}) or a path to a test.json")
-    else:
-        datasets = find_datasets(cfg["dataset"], cfg["data_dir"])
-    kind = parse_kind(cfg["kind"])
-    rows = {name: load_rows(path, TEST_REQUIRE)[:cfg["limit"] or None] for name, path in datasets}
-
-    device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device={device}: CUDA is not available here (use --device=cpu)")
-    dtype = getattr(torch, cfg["dtype"] or ("bfloat16" if device.startswith("cuda") else "float32"))
-    fast_fp32_matmuls(device, dtype)
-    model, tok, extra = load(cfg["model"], cfg["adapter"], device, dtype)
+def run(cfg, adapter_dir, rows, kind, device, dtype, out):
+    """Evaluate the base model + adapter_dir ("" = none) on every set of rows; write <out>/<set>.jsonl and
+    <out>/summary.json. Returns ({set: accuracy}, the summary)."""
+    model, tok, extra = load(cfg["model"], adapter_dir, device, dtype)
     template = extra.get("template", "alpaca")
     if template not in TEMPLATES:
-        raise ValueError(f"{cfg['adapter']}: unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
+        raise ValueError(f"{adapter_dir}: unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
     train = extra.get("train_data") or extra.get("data")  # the adapter's training file (train.py: "data")
     if train and os.path.isfile(train):
         for name, c in leakage(load_rows(train, TRAIN_REQUIRE), rows).items():
             if c["normalized"]:
                 warn(f"{name}: {c['normalized']} of {c['total']} test questions also occur in the adapter's "
                      f"training data {train}")
-
-    names = [os.path.basename(os.path.normpath(p)) for p in (cfg["model"], cfg["adapter"]) if p]
-    out = cfg["out"] or os.path.join("out", "eval", names[-1])
     accuracies, n = {}, {}
     for name, data in rows.items():
         t0 = time.time()
@@ -362,9 +339,53 @@ def main(argv=None):
     summary = {k: {"accuracy": a, "n": n[k]} for k, a in accuracies.items()}
     summary["average"] = sum(accuracies.values()) / len(accuracies)
     write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    print(markdown_table(" + ".join(names), accuracies))
     print(f"wrote {out}/summary.json and {len(rows)} JSONL file(s)", file=sys.stderr)
-    return summary
+    return accuracies, summary
+
+
+def main(argv=None):
+    """Returns {model row name: summary}: one row, or for the demo without --adapter the base and every adapter
+    that train.py left in the demo folder."""
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    adapter_dirs = [cfg["adapter"]]
+    if not cfg["model"]:  # the embedded demo
+        cfg["model"] = os.path.join(DEMO_DIR, "base")
+        test = os.path.join(DEMO_DIR, "data", "test.json")
+        trained = [d for d in (os.path.join(DEMO_DIR, k) for k in ADAPTER_DEFAULTS)
+                   if os.path.isfile(os.path.join(d, "adapter_config.json"))]
+        adapter_dirs = [cfg["adapter"]] if cfg["adapter"] else ["", *trained]
+        needed = [cfg["model"], *filter(None, adapter_dirs)] + ([] if cfg["dataset"] else [test])
+        missing = [p for p in needed if not os.path.exists(p)]
+        if adapter_dirs == [""]:  # no adapter trained yet
+            missing.append(os.path.join(DEMO_DIR, "<adapter>"))
+        if missing:
+            raise FileNotFoundError(f"the embedded demo is not built ({', '.join(missing)} missing): run "
+                                    "`python train.py` first, or pass --model=<dir> --dataset=<name>")
+        datasets = find_datasets(cfg["dataset"], cfg["data_dir"]) if cfg["dataset"] else [("demo", test)]
+    elif not cfg["dataset"]:
+        raise ValueError(f"--dataset is required with --model: a name ({', '.join(DATASET_KIND)}), "
+                         f"a group ({', '.join(GROUPS)}) or a path to a test.json")
+    else:
+        datasets = find_datasets(cfg["dataset"], cfg["data_dir"])
+    kind = parse_kind(cfg["kind"])
+    rows = {name: load_rows(path, TEST_REQUIRE)[:cfg["limit"] or None] for name, path in datasets}
+
+    device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={device}: CUDA is not available here (use --device=cpu)")
+    dtype = getattr(torch, cfg["dtype"] or ("bfloat16" if device.startswith("cuda") else "float32"))
+    fast_fp32_matmuls(device, dtype)
+    table, summaries = {}, {}
+    for adapter_dir in adapter_dirs:
+        names = [os.path.basename(os.path.normpath(p)) for p in (cfg["model"], adapter_dir) if p]
+        if cfg["out"] and len(adapter_dirs) == 1:
+            out = cfg["out"]
+        else:  # out/eval/<adapter or model name>; several rows get one such folder each inside --out
+            out = os.path.join(cfg["out"] or os.path.join("out", "eval"), names[-1])
+        row = " + ".join(names)
+        table[row], summaries[row] = run(cfg, adapter_dir, rows, kind, device, dtype, out)
+    print(markdown_table(table))
+    return summaries
 
 
 if __name__ == "__main__":

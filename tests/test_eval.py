@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -206,12 +207,18 @@ def test_scoring_of_responses(loaded, monkeypatch):
     assert run("boolq", ["True", "it is false"], ["true", "false"], strict=True)[0] == ["true", "false"]
 
 
+def main1(argv):
+    """eval.main for one model row: its summary."""
+    (summary,) = ev.main(argv).values()
+    return summary
+
+
 def test_main_writes_jsonl_summary_and_table(tiny_dir, tmp_path, capsys):
     nums = write_set(tmp_path / "data" / "numbers", number_rows(7))
     opts = write_set(tmp_path / "data" / "letters", option_rows(5))
     out = tmp_path / "res"
     for path, name in ((nums, "numbers"), (opts.parent, "letters")):  # a test.json or its folder
-        summary = ev.main([f"--model={tiny_dir}", f"--dataset={path}", f"--out={out}", "--max_new_tokens=6",
+        summary = main1([f"--model={tiny_dir}", f"--dataset={path}", f"--out={out}", "--max_new_tokens=6",
                            "--batch_size=3"])
         rows = json.loads((tmp_path / "data" / name / "test.json").read_text())
         assert list(summary) == [name, "average"] and summary[name]["n"] == len(rows)
@@ -228,13 +235,15 @@ def test_main_writes_jsonl_summary_and_table(tiny_dir, tmp_path, capsys):
 
 
 def test_markdown_table_layout():
-    assert ev.markdown_table("llama + lora", {"gsm8k": 0.5, "AQuA": 0.25}).splitlines() == [
-        "| Model | gsm8k | AQuA | Avg |", "|---|---:|---:|---:|", "| llama + lora | 50.0 | 25.0 | 37.5 |"]
+    table = {"llama": {"gsm8k": 0.25, "AQuA": 0.25}, "llama + lora": {"gsm8k": 0.5, "AQuA": 0.25}}
+    assert ev.markdown_table(table).splitlines() == [
+        "| Model | gsm8k | AQuA | Avg |", "|---|---:|---:|---:|", "| llama | 25.0 | 25.0 | 25.0 |",
+        "| llama + lora | 50.0 | 25.0 | 37.5 |"]
 
 
 def test_limit_and_beams(tiny_dir, tmp_path):
     path = write_set(tmp_path / "gsm8k", number_rows(6))
-    summary = ev.main([f"--model={tiny_dir}", "--dataset=gsm8k", f"--data_dir={tmp_path}", f"--out={tmp_path / 'o'}",
+    summary = main1([f"--model={tiny_dir}", "--dataset=gsm8k", f"--data_dir={tmp_path}", f"--out={tmp_path / 'o'}",
                        "--limit=3", "--max_new_tokens=4", "--num_beams=2"])
     assert summary["gsm8k"]["n"] == 3 and len((tmp_path / "o" / "gsm8k.jsonl").read_text().splitlines()) == 3
     assert path.exists()
@@ -243,7 +252,7 @@ def test_limit_and_beams(tiny_dir, tmp_path):
 def test_group_skips_missing_sets_with_a_warning(tiny_dir, tmp_path, capsys):
     write_set(tmp_path / "gsm8k", number_rows(2))
     write_set(tmp_path / "AQuA", option_rows(2))
-    summary = ev.main([f"--model={tiny_dir}", "--dataset=math", f"--data_dir={tmp_path}", f"--out={tmp_path / 'o'}",
+    summary = main1([f"--model={tiny_dir}", "--dataset=math", f"--data_dir={tmp_path}", f"--out={tmp_path / 'o'}",
                        "--max_new_tokens=2"])
     assert list(summary) == ["gsm8k", "AQuA", "average"]
     err = capsys.readouterr().err
@@ -265,7 +274,7 @@ def test_dataset_errors(tiny_dir, tmp_path):
     words = write_set(tmp_path / "words", [{"instruction": "q", "answer": "yes"}, {"instruction": "r", "answer": "no"}])
     with pytest.raises(ValueError, match="cannot infer the answer kind"):
         ev.main([f"--model={tiny_dir}", f"--dataset={words}", "--max_new_tokens=1", f"--out={tmp_path / 'o'}"])
-    summary = ev.main([f"--model={tiny_dir}", f"--dataset={words}", "--kind=yes,no", "--max_new_tokens=1",
+    summary = main1([f"--model={tiny_dir}", f"--dataset={words}", "--kind=yes,no", "--max_new_tokens=1",
                        f"--out={tmp_path / 'o'}"])
     assert summary["words"]["n"] == 2
     with pytest.raises(ValueError, match="--dataset is required"):
@@ -311,7 +320,7 @@ def test_adapter_template_leakage_and_base_check(tiny_dir, tmp_path, capsys, mon
     for name, template in (("mylora", "alpaca"), ("other", "vicuna")):  # train.py names the training file "data"
         adapters.save_adapter(model, tmp_path / name, extra={"template": template, "data": str(train)})
     args = [f"--model={tiny_dir}", "--dataset=gsm8k", f"--data_dir={tmp_path}", "--max_new_tokens=3"]
-    summary = ev.main(args + ["--adapter=mylora"])
+    summary = main1(args + ["--adapter=mylora"])
     assert (tmp_path / "out" / "eval" / "mylora" / "summary.json").exists() and summary["gsm8k"]["n"] == 3
     captured = capsys.readouterr()
     assert "gsm8k: 1 of 3 test questions also occur in the adapter's training data" in captured.err
@@ -323,6 +332,34 @@ def test_adapter_template_leakage_and_base_check(tiny_dir, tmp_path, capsys, mon
     adapters.save_adapter(other, tmp_path / "wrong")
     with pytest.raises(ValueError, match="another base model"):
         ev.main(args + ["--adapter=wrong"])
+
+
+def test_demo_evaluates_the_base_and_every_trained_adapter(tiny_dir, tmp_path, capsys, monkeypatch):
+    """`python eval.py` after `python train.py --adapter=...` runs: a row for the base, then one per adapter."""
+    adapters = pytest.importorskip("adapters")
+    monkeypatch.chdir(tmp_path)
+    demo = tmp_path / "demo"
+    monkeypatch.setattr(ev, "DEMO_DIR", str(demo))
+    shutil.copytree(tiny_dir, demo / "base")
+    write_set(demo / "data", number_rows(4))
+    for kind in ("series", "lora"):
+        model = adapters.add_adapter(ev.load(tiny_dir, "", "cpu", torch.float32)[0], kind)
+        for p in adapters.adapter_state(model, "default").values():
+            p.normal_(0, 0.5)  # trained adapters: each changes the answers
+        adapters.save_adapter(model, demo / kind)
+    summaries = ev.main(["--max_new_tokens=4"])
+    assert list(summaries) == ["base", "base + lora", "base + series"]  # adapters in adapters.py's order
+    table = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(" |")[0] for line in table[2:]] == ["| base", "| base + lora", "| base + series"]
+    responses = {}
+    for row, sub in (("base", "base"), ("base + lora", "lora"), ("base + series", "series")):
+        lines = (tmp_path / "out" / "eval" / sub / "demo.jsonl").read_text().splitlines()
+        assert summaries[row]["demo"]["n"] == len(lines) == 4
+        responses[sub] = [json.loads(line)["response"] for line in lines]
+    assert responses["lora"] != responses["base"] and responses["series"] != responses["base"]
+    # one adapter named on the command line: that row only, the same answers
+    only = ev.main([f"--adapter={demo / 'lora'}", "--max_new_tokens=4", f"--out={tmp_path / 'one'}"])
+    assert list(only) == ["base + lora"] and only["base + lora"] == summaries["base + lora"]
 
 
 def test_demo_missing_tells_to_run_train(tmp_path, monkeypatch):
