@@ -295,20 +295,27 @@ def ddp_worker(rank, port, argv, out):
     torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, f"{out}/rank{rank}.pt")
 
 
-def test_ddp_gloo_two_processes_agree(demo, rows, tmp_path):
+def test_ddp_gloo_two_processes_agree_with_one(demo, rows, tmp_path):
+    """2 processes x 2 accumulation steps of micro-batch 2 see the same 8 examples a step as 1 process x 4: the ranks
+    end identical, and the losses equal the single-process run's (no dropout, so no rank-dependent randomness)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "run"
-    argv = [f"--model={demo[0] / 'base'}", f"--data={rows}", f"--out={out}", "--batch_size=8", "--micro_batch_size=2",
-            "--val_set_size=16", "--max_steps=3", "--eval_interval=3", "--adapter=lora", "--learning_rate=1e-2",
-            "--log_interval=1"]
-    mp.spawn(ddp_worker, args=(port, argv, tmp_path), nprocs=2)
+    argv = [f"--model={demo[0] / 'base'}", f"--data={rows}", "--batch_size=8", "--micro_batch_size=2",
+            "--val_set_size=16", "--max_steps=3", "--eval_interval=3", "--adapter=lora", "--dropout=0",
+            "--learning_rate=1e-2", "--log_interval=1", "--threads=0"]
+    mp.spawn(ddp_worker, args=(port, argv + [f"--out={out}"], tmp_path), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fresh = adapters.load_adapter(Transformer.from_pretrained(demo[0] / "base"), out)  # rank 0 wrote it
     assert all(torch.equal(t, a[n]) for n, t in fresh.named_parameters() if n in a)
     assert len(records(out)) == 3  # one log, by rank 0
+    single, _ = train.main(argv + [f"--out={tmp_path / 'single'}"])
+    for key in ("loss", "val_loss"):
+        assert [r[key] for r in records(out, key)] == pytest.approx([r[key] for r in records(tmp_path / "single", key)],
+                                                                    rel=1e-5)
+    assert all(torch.allclose(p, a[n], atol=1e-6) for n, p in single.named_parameters() if n in a)
 
 
 # ------------------------------------------------------------------------------------------------ errors
