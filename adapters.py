@@ -493,18 +493,23 @@ def load_adapter(model, path, name=None):
     name = name or config.get("name", "default")
     add_adapter(model, kind, name=name, **options)
     try:
-        expected = adapter_state(model, name)
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise KeyError(f"{path}: adapter tensors do not match: missing {missing[:6]}, unexpected {unexpected[:6]}")
-        for k, t in state.items():
-            if t.shape != expected[k].shape:
-                raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, this model expects {tuple(expected[k].shape)}")
-            expected[k].copy_(t)  # state_dict tensors share storage with the parameters
+        fill_adapter(model, name, state, path)
     except (KeyError, ValueError):
         remove_adapter(model, name)  # leave the model as it was
         raise
     return model
+
+
+def fill_adapter(model, name, state, source):
+    """Copy `state` (keyed as adapter_state) into adapter `name`, strictly: the same keys, the same shapes."""
+    expected = adapter_state(model, name)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{source}: adapter tensors do not match: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    for k, t in state.items():
+        if t.shape != expected[k].shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(t.shape)}, this model expects {tuple(expected[k].shape)}")
+        expected[k].copy_(t)  # state_dict tensors share storage with the parameters
 
 
 def _read_tensors(path):

@@ -63,6 +63,9 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
 
 
+BOOLS = {"true": True, "false": False, "1": True, "0": False}
+
+
 def parse_config(argv):
     """--key=value (or --key value) arguments -> config dict; each value is converted to its default's type."""
     cfg, argv = dict(DEFAULTS), list(argv)
@@ -72,13 +75,12 @@ def parse_config(argv):
         if not arg.startswith("--") or key not in DEFAULTS:
             raise ValueError(f"unknown option {arg!r}; options: {' '.join('--' + k for k in DEFAULTS)}")
         typ = type(DEFAULTS[key])
-        if not eq and argv and not argv[0].startswith("--") and (typ is not bool or argv[0].lower() in
-                                                                 ("true", "false", "1", "0")):
+        if not eq and argv and not argv[0].startswith("--") and (typ is not bool or argv[0].lower() in BOOLS):
             eq, value = "=", argv.pop(0)  # --dataset gsm8k, as train.py takes it
         if typ is bool:
-            if value.lower() not in ("", "true", "false", "1", "0") or (eq and not value):
+            if value.lower() not in BOOLS and (eq or value):
                 raise ValueError(f"--{key}={value}: expected true or false")
-            cfg[key] = value.lower() in ("", "true", "1")
+            cfg[key] = BOOLS.get(value.lower(), True)  # a bare --strict is true
             continue
         if not eq:
             raise ValueError(f"--{key} needs a value: --{key}=<{typ.__name__}>")

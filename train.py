@@ -537,10 +537,8 @@ def main(argv=None):
              f"{cfg.cutoff_len}: lower --micro_batch_size (--batch_size stays, by more accumulation steps), or try "
              f"--grad_ckpt=true, --dtype=bfloat16 or a shorter --cutoff_len. Checkpoints in {cfg.out} are intact")
     if merges and rt.master:  # the best adapter, saved in training form (also by a run this one resumed): merge it
-        best = load_file(os.path.join(cfg.out, "adapter_model.safetensors"))
-        with torch.no_grad():
-            for k, t in adapters.adapter_state(model, "default").items():
-                t.copy_(best[k])
+        best = os.path.join(cfg.out, "adapter_model.safetensors")
+        adapters.fill_adapter(model, "default", load_file(best), best)
         for merge in merges:
             merge(model)
         save()
