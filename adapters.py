@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LINEAR_NAMES, Linear, hf_name, write_atomic
+from checkpoints import hf_name, write_atomic
+from model import LINEAR_NAMES, Linear
 
 _bottleneck = dict(bottleneck=256, reduction=0, placement="mlp", non_linearity="tanh", scaling=1.0, dropout=0.0,
                    sparse=0)

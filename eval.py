@@ -30,7 +30,7 @@ from adapters import ADAPTER_DEFAULTS, fast_fp32_matmuls, load_adapter, read_ada
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, leakage, load_rows
 from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, extract_answer, get_kind, is_correct
 from data.template import format_prompt
-from model import Transformer, write_atomic
+from checkpoints import load_model, write_atomic
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def markdown_table(table):
 
 def load(model_dir, adapter_dir, device, dtype):
     """(model in eval mode, tokenizer, the adapter config's "extra" dict) for a base folder and optional adapter."""
-    model = Transformer.from_pretrained(model_dir, device=device, dtype=dtype)
+    model = load_model(model_dir, device=device, dtype=dtype)
     tok = Tokenizer.from_pretrained(model_dir)
     extra = {}
     if adapter_dir:  # the adapter keeps its own dtype (adapters.py runs adapter maths in fp32)

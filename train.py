@@ -33,6 +33,7 @@ from data import synthetic
 from data.prepare import TRAIN_REQUIRE, DataError, load_rows, write_json
 from data.template import TEMPLATE_NAME, format_example
 from eval import evaluate
+from checkpoints import load_model, save_model, write_atomic
 from model import Config, Transformer
 from tokenizer import Tokenizer
 
@@ -404,10 +405,9 @@ def save_state(path, named, opt, scaler, step, best, cfg, rt):
     if rt.master:
         keys = ("model", "data", "adapter", "batch_size", "micro_batch_size", "learning_rate", "warmup_steps",
                 "decay", "num_epochs", "max_steps", "seed", "cutoff_len", "train_on_inputs", "val_set_size")
-        torch.save(dict(step=step, best_val=best, trainable={n: p.detach().cpu() for n, p in named}, rng=rngs,
-                        optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                        config={k: getattr(cfg, k) for k in keys}), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        state = dict(step=step, best_val=best, trainable={n: p.detach().cpu() for n, p in named}, rng=rngs,
+                     optimizer=opt.state_dict(), scaler=scaler.state_dict(), config={k: getattr(cfg, k) for k in keys})
+        write_atomic(path, lambda f: torch.save(state, f))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -439,7 +439,7 @@ def build_demo_base(path, cfg, rt):
     finally:
         torch.set_num_threads(threads)
     if rt.master:
-        base.save_pretrained(tmp)
+        save_model(base, tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     if rt.world > 1:
@@ -482,7 +482,7 @@ def main(argv=None):
     if not cfg.data:
         fail("--data is required with --model (a JSON file of instruction/input/output rows)")
     try:
-        base, tok = Transformer.from_pretrained(cfg.model, rt.device, rt.dtype), Tokenizer.from_pretrained(cfg.model)
+        base, tok = load_model(cfg.model, rt.device, rt.dtype), Tokenizer.from_pretrained(cfg.model)
     except (OSError, ValueError, KeyError) as e:
         fail(f"--model={cfg.model}: cannot load the checkpoint: {e}")
     if cfg.cutoff_len > base.config.block_size:
@@ -547,7 +547,7 @@ def main(argv=None):
         f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable parameters "
         f"({100 * trainable / total:.2f}%), best val loss {best and round(best, 4)}; adapter in {cfg.out}")
     if demo and rt.master:
-        tuned = adapters.load_adapter(Transformer.from_pretrained(cfg.model, rt.device, rt.dtype), cfg.out)
+        tuned = adapters.load_adapter(load_model(cfg.model, rt.device, rt.dtype), cfg.out)
         acc = accuracy(tuned, tok, test_rows, rt)
         log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
             f"exact match on {len(test_rows)} held-out two-step problems: base {100 * base_acc:.1f}% -> "

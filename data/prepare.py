@@ -24,9 +24,9 @@ import glob
 import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoints import write_atomic  # noqa: E402
 from data.scoring import COMMONSENSE, MATH  # noqa: E402
 
 PAPER_TEST_SETS = MATH + COMMONSENSE
@@ -129,17 +129,8 @@ def leakage(train_rows, test_sets) -> dict:
 
 
 def write_json(path, rows):
-    """Write rows to path atomically (temp file in the same folder, then os.replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(rows, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write rows to path atomically (checkpoints.write_atomic: temporary file, then renamed)."""
+    write_atomic(path, json.dumps(rows, ensure_ascii=False, indent=1))
 
 
 def prepare(root, out=None, verbose=True) -> dict:

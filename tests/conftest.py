@@ -146,7 +146,7 @@ def make_hf_checkpoint(path, family, layout="safetensors", seed=0, strip_prefix=
     layout: one of LAYOUTS. Plain safetensors layouts come from transformers' own save_pretrained; .bin layouts
     hold the full state dict (GPT-J's legacy attn.bias/attn.masked_bias buffers included). strip_prefix: save the
     keys of the bare base model, without the outer `transformer.` (BLOOM, GPT-J) / `model.` (OPT, LLaMA) prefix,
-    as the original BLOOM/OPT releases did (model.py accepts that for BLOOM and OPT only). extra_tensors: name -> tensor added to the checkpoint; drop: names removed.
+    as the original BLOOM/OPT releases did (checkpoints.py accepts that for BLOOM and OPT only). extra_tensors: name -> tensor added to the checkpoint; drop: names removed.
     overrides go to tiny_hf_config."""
     path = Path(path)
     hf = make_hf_model(family, seed, **overrides)
@@ -176,7 +176,7 @@ def make_hf_checkpoint(path, family, layout="safetensors", seed=0, strip_prefix=
 
 def hf_to_meta(hf_model, n_shards=1):
     """Convert a transformers LLaMA to Meta's consolidated.NN.pth state dicts (a list of n_shards), the inverse of
-    model.meta_to_rotate_half: q/k rows go back to Meta's interleaved (2j, 2j+1) pairing. Model-parallel shards are
+    checkpoints.meta_to_rotate_half: q/k rows go back to Meta's interleaved (2j, 2j+1) pairing. Model-parallel shards are
     split as Meta's releases are: wq/wk/wv/w1/w3/output along dim 0, wo/w2/tok_embeddings along dim 1, norms
     replicated. Each shard also carries a `rope.freqs` tensor, as the LLaMA-1 files do."""
     c = hf_model.config

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import adapters as A
 from conftest import left_pad, make_hf_checkpoint, tiny_model
+from checkpoints import load_model
 from model import Config, Linear, Transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers/peft
@@ -674,12 +675,12 @@ def test_peft_lora_loads_here(family, hf_base, tmp_path):
     if (tmp_path / "bin" / "adapter_model.bin").exists():  # peft still writes .bin when asked
         folders.append(tmp_path / "bin")
     for folder in folders:
-        ours = A.load_adapter(Transformer.from_pretrained(ckpt), folder).eval()
+        ours = A.load_adapter(load_model(ckpt), folder).eval()
         o = ours.adapter_configs["default"]["options"]
         assert (o["r"], o["alpha"], o["dropout"]) == (4, 12, 0.1)
         assert sorted(o["target_modules"]) == sorted(PEFT_TARGETS[family])
         assert (logits(ours, idx) - ref).abs().max() < 1e-4, folder.name
-    base = logits(Transformer.from_pretrained(ckpt), idx)
+    base = logits(load_model(ckpt), idx)
     assert (base - ref).abs().max() > 1e-2  # the LoRA matters
 
 
@@ -687,7 +688,7 @@ def test_peft_lora_loads_here(family, hf_base, tmp_path):
 def test_peft_export_loads_in_peft(family, hf_base, tmp_path):
     import peft
     ckpt, hf = hf_base(family)
-    ours = Transformer.from_pretrained(ckpt)
+    ours = load_model(ckpt)
     A.add_adapter(ours, "lora", r=8, alpha=16, dropout=0.0)
     randomize_adapters_(ours, std=0.05)
     ours.eval()
@@ -704,8 +705,8 @@ def test_peft_export_loads_in_peft(family, hf_base, tmp_path):
     finally:
         unwrap(pm)
     assert (got - want).abs().max() < 1e-4
-    assert (logits(Transformer.from_pretrained(ckpt), idx) - want).abs().max() > 1e-2  # the LoRA matters
-    back = A.load_adapter(Transformer.from_pretrained(ckpt), tmp_path).eval()  # and our own export loads here
+    assert (logits(load_model(ckpt), idx) - want).abs().max() > 1e-2  # the LoRA matters
+    back = A.load_adapter(load_model(ckpt), tmp_path).eval()  # and our own export loads here
     assert torch.equal(logits(back, idx), want)
 
 
@@ -719,7 +720,7 @@ def test_peft_rslora_scaling(hf_base, tmp_path):
         pm.save_pretrained(tmp_path)
     finally:
         unwrap(pm)
-    ours = A.load_adapter(Transformer.from_pretrained(ckpt), tmp_path).eval()
+    ours = A.load_adapter(load_model(ckpt), tmp_path).eval()
     loras = [m for m in ours.modules() if isinstance(m, A.LoRA)]
     assert len(loras) == 6 and all(math.isclose(m.scale, 8 / math.sqrt(4)) for m in loras)  # alpha/sqrt(r), not alpha/r
     assert (logits(ours, idx) - ref).abs().max() < 1e-4
@@ -740,11 +741,11 @@ def test_peft_adaption_prompt_loads_as_gated_prefix(family, tmp_path):
     with torch.no_grad():
         ref = pm(idx).logits
     pm.save_pretrained(tmp_path / "adapter")
-    ours = A.load_adapter(Transformer.from_pretrained(ckpt), tmp_path / "adapter").eval()
+    ours = A.load_adapter(load_model(ckpt), tmp_path / "adapter").eval()
     assert ours.adapter_configs["default"]["options"] == dict(num_virtual_tokens=4, reparam=0, gated=True, layers=1)
     assert attached(ours, "default") == {(f"layers.{ours.config.n_layer - 1}.attn", "prefix")}
     assert (logits(ours, idx) - ref).abs().max() < 1e-4
-    assert (logits(Transformer.from_pretrained(ckpt), idx) - ref).abs().max() > 1e-2  # the adapter matters
+    assert (logits(load_model(ckpt), idx) - ref).abs().max() > 1e-2  # the adapter matters
 
 
 @pytest.mark.parametrize("config, message", [
@@ -759,7 +760,7 @@ def test_peft_unsupported_configs_raise(config, message, hf_base, tmp_path):
     finally:
         unwrap(pm)
     with pytest.raises(ValueError, match=message):
-        A.load_adapter(Transformer.from_pretrained(ckpt), tmp_path)
+        A.load_adapter(load_model(ckpt), tmp_path)
 
 
 # ------------------------------------------------------------------------------- exact 7B trainable parameters

@@ -118,7 +118,7 @@ def test_prepare_writes_validated_copies(tmp_path, capsys):
         src = json.load(open(os.path.join(RELEASE, "dataset", name, "test.json"), encoding="utf-8"))
         assert P.load_rows(out / name / "test.json", P.TEST_REQUIRE) == src
     assert len(P.load_rows(out / "train" / "math_data.json", P.TRAIN_REQUIRE)) == 4
-    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]   # no temp files left
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]   # no temp files left
     report = P.prepare(RELEASE, None, verbose=False)
     assert report["test"] == {"AQuA": 1, "AddSub": 3, "boolq": 2} and report["train"] == {"math_data": 4}
     assert report["leakage"] == {"math_data": {"AddSub": {"exact": 1, "normalized": 2, "total": 3}}}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conftest import ROOT, left_pad, randomize_
 from data.prepare import DataError
 from data.template import format_prompt
+from checkpoints import save_model
 from model import Config, Transformer
 
 import eval as ev
@@ -40,7 +41,7 @@ def tiny_dir(tmp_path_factory):
                                    byte_fallback=True, split_digits=True, minloglevel=2)
     (folder / "tokenizer.vocab").unlink()
     torch.manual_seed(0)
-    randomize_(Transformer(Config.from_name("tiny-llama", vocab_size=360)), seed=0).save_pretrained(folder)
+    save_model(randomize_(Transformer(Config.from_name("tiny-llama", vocab_size=360)), seed=0), folder)
     return folder
 
 
@@ -231,7 +232,7 @@ def test_main_writes_jsonl_summary_and_table(tiny_dir, tmp_path, capsys):
         assert summary[name]["accuracy"] == sum(r["correct"] for r in records) / len(records)
         table = capsys.readouterr().out.strip().splitlines()
         assert table[0] == f"| Model | {name} | Avg |" and table[2].startswith(f"| {tiny_dir.name} | ")
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
 def test_markdown_table_layout():

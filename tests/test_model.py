@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from conftest import (FAMILIES, LAYOUTS, left_pad, make_hf_checkpoint, make_hf_model, make_meta_checkpoint,
                       tiny_model, write_state_dict)
-from model import (PRESETS, Config, Transformer, apply_rope, meta_to_rotate_half, rope_angles)
+from checkpoints import load_model, meta_to_rotate_half, save_model
+from model import PRESETS, Config, Transformer, apply_rope, rope_angles
 
 TOL = 1e-4  # fp32 parity, max |logit difference|
 
@@ -76,7 +77,7 @@ def test_parity_every_layout(hf_checkpoint, family, layout):
     if family == "gptj" and layout.startswith("bin"):  # the legacy buffers really are in the files
         keys = {k for f in path.glob("*.bin") for k in torch.load(f, weights_only=True)}
         assert {"transformer.h.0.attn.bias", "transformer.h.1.attn.masked_bias"} <= keys
-    m = Transformer.from_pretrained(path)
+    m = load_model(path)
     check_parity(m, hf, f"{family}/{layout}")
 
 
@@ -92,7 +93,7 @@ def test_parity_keys_without_outer_prefix(hf_checkpoint, family, layout):
         from safetensors import safe_open
         keys = {k for f in files for k in safe_open(f, "pt").keys()}
     assert not any(k.startswith(("transformer.", "model.")) for k in keys)
-    check_parity(Transformer.from_pretrained(path), hf, f"{family}/{layout}/no-prefix")
+    check_parity(load_model(path), hf, f"{family}/{layout}/no-prefix")
 
 
 CONFIG_VARIANTS = [
@@ -112,9 +113,9 @@ def test_parity_config_variants(tmp_path, family, overrides):
     """config.json fields the loader must honour; also round-trips through save_pretrained into transformers."""
     from transformers import AutoModelForCausalLM
     path, hf = make_hf_checkpoint(tmp_path / "src", family, **overrides)
-    m = Transformer.from_pretrained(path)
+    m = load_model(path)
     check_parity(m, hf, f"{family}/{overrides}")
-    m.save_pretrained(tmp_path / "out")
+    save_model(m, tmp_path / "out")
     hf2 = AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
     idx = rand_ids(2, 9)
     assert max_diff(theirs(hf2, idx), theirs(hf, idx)) < TOL
@@ -127,13 +128,13 @@ def test_safetensors_preferred_over_bin(tmp_path, sharded):
     path, hf = make_hf_checkpoint(tmp_path / "a", "llama", layout, seed=0)
     other = make_hf_model("llama", seed=1)
     write_state_dict(path, other.state_dict(), "bin-sharded" if sharded else "bin")
-    m = Transformer.from_pretrained(path)
+    m = load_model(path)
     idx = rand_ids(1, 8)
     assert max_diff(ours(m, idx), theirs(hf, idx)) < TOL
     assert max_diff(ours(m, idx), theirs(other, idx)) > 0.1
     for f in list(path.glob("*.bin")) + list(path.glob("pytorch_model.bin.index.json")):
         f.write_bytes(b"not a checkpoint")
-    m = Transformer.from_pretrained(path)
+    m = load_model(path)
     assert max_diff(ours(m, idx), theirs(hf, idx)) < TOL
 
 
@@ -154,7 +155,7 @@ def test_meta_layout_parity(tmp_path, family, multiple_of, ffn_mult, n_shards):
         assert shard["layers.0.attention.wo.weight"].shape == (64, 32)
         assert shard["tok_embeddings.weight"].shape == (256, 32)
         assert shard["output.weight"].shape == (128, 64)
-    m = Transformer.from_pretrained(path)
+    m = load_model(path)
     assert m.config.intermediate_size == hf.config.intermediate_size
     assert m.config.n_kv_head == hf.config.num_key_value_heads and m.config.vocab_size == 256
     check_parity(m, hf, f"{family}/meta-{n_shards}-shard")
@@ -302,7 +303,7 @@ def test_generate_sampling():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_load_and_autocast(hf_checkpoint, family):
     path, hf = hf_checkpoint(family)
-    m32, m16 = Transformer.from_pretrained(path), Transformer.from_pretrained(path, dtype=torch.bfloat16)
+    m32, m16 = load_model(path), load_model(path, dtype=torch.bfloat16)
     assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in m32.parameters()} == {torch.float32}
     idx, mask = left_pad([rand_ids(n, seed=n) for n in (9, 5)])
@@ -324,7 +325,7 @@ def test_bf16_load_and_autocast(hf_checkpoint, family):
 def test_loaded_model_is_materialised_and_tied(hf_checkpoint, family):
     path, _ = hf_checkpoint(family)
     for dtype in (None, torch.bfloat16):
-        m = Transformer.from_pretrained(path, dtype=dtype)
+        m = load_model(path, dtype=dtype)
         assert not any(t.is_meta for t in list(m.parameters()) + list(m.buffers()))
         assert all(p.requires_grad for p in m.parameters()) and not m.training
         if family in ("bloom", "opt", "opt-350m"):
@@ -340,11 +341,11 @@ def test_loaded_model_is_materialised_and_tied(hf_checkpoint, family):
 def test_error_no_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "empty")) + ".*no params.json"):
-        Transformer.from_pretrained(tmp_path / "empty")
+        load_model(tmp_path / "empty")
     (tmp_path / "cfg-only").mkdir()
     make_hf_model("llama").config.save_pretrained(tmp_path / "cfg-only")
     with pytest.raises(FileNotFoundError, match="cfg-only: no model.safetensors"):
-        Transformer.from_pretrained(tmp_path / "cfg-only")
+        load_model(tmp_path / "cfg-only")
 
 
 @pytest.mark.parametrize("layout", ["safetensors-sharded", "bin-sharded"])
@@ -353,7 +354,7 @@ def test_error_index_lists_missing_shard(tmp_path, layout):
     shard = sorted(path.glob("model-*.safetensors") if layout.startswith("safe") else path.glob("pytorch_model-*.bin"))[1]
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=re.escape(shard.name) + ": shard listed in .*index.json is missing"):
-        Transformer.from_pretrained(path)
+        load_model(path)
 
 
 @pytest.mark.parametrize("content", ['{"metadata": {}}', '{"weight_map": {}}', "not json {", "[1, 2]"])
@@ -361,20 +362,20 @@ def test_error_bad_index(tmp_path, content):
     path, _ = make_hf_checkpoint(tmp_path, "llama", "safetensors-sharded")
     (path / "model.safetensors.index.json").write_text(content)
     with pytest.raises(ValueError, match=re.escape(str(path / "model.safetensors.index.json"))):
-        Transformer.from_pretrained(path)
+        load_model(path)
 
 
 def test_error_unknown_tensor(tmp_path):
     key = "model.layers.0.self_attn.q_norm.weight"
     path, _ = make_hf_checkpoint(tmp_path, "llama", "safetensors", extra_tensors={key: torch.ones(16)})
     with pytest.raises(KeyError, match=re.escape(str(path / "model.safetensors")) + ".*" + re.escape(key)):
-        Transformer.from_pretrained(path)
+        load_model(path)
 
 
 def test_error_missing_tensor(tmp_path):
     path, _ = make_hf_checkpoint(tmp_path, "llama", "bin", drop=["model.layers.1.mlp.down_proj.weight"])
     with pytest.raises(KeyError, match=r"1 parameters missing.*layers\.1\.mlp\.down_proj\.weight"):
-        Transformer.from_pretrained(path)
+        load_model(path)
 
 
 def test_error_config_does_not_match_shapes(tmp_path):
@@ -383,14 +384,14 @@ def test_error_config_does_not_match_shapes(tmp_path):
     (path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 160}))
     with pytest.raises(ValueError, match=re.escape(str(path / "model.safetensors")) +
                        r": layers\.\d\.mlp\.(gate|up|down)_proj\.weight has shape .* the config expects"):
-        Transformer.from_pretrained(path)
+        load_model(path)
 
 
 def test_error_meta_missing_middle_shard(tmp_path):
     path = make_meta_checkpoint(tmp_path, make_hf_model("llama"), n_shards=2)
     (path / "consolidated.01.pth").rename(path / "consolidated.02.pth")
     with pytest.raises(FileNotFoundError, match=r"consolidated\.01\.pth is missing"):
-        Transformer.from_pretrained(path)
+        load_model(path)
 
 
 def test_error_meta_unknown_tensor(tmp_path):
@@ -399,13 +400,13 @@ def test_error_meta_unknown_tensor(tmp_path):
     sd["layers.0.attention.wz.weight"] = torch.ones(2)
     torch.save(sd, path / "consolidated.00.pth")
     with pytest.raises(KeyError, match=r"consolidated\.00\.pth.*layers\.0\.attention\.wz\.weight"):
-        Transformer.from_pretrained(path)
+        load_model(path)
 
 
 def test_error_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
     with pytest.raises(ValueError, match=re.escape(tmp_path.name) + ": model_type 'gpt2' is not supported"):
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_error_config_values():
@@ -460,13 +461,13 @@ def test_save_pretrained_round_trip(tmp_path, family):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
     path, hf = make_hf_checkpoint(tmp_path / "src", family)
-    m = Transformer.from_pretrained(path)
+    m = load_model(path)
     # adapter modules in hook slots are not base weights
     q = m.layers[0].attn.query_key_value if family == "bloom" else m.layers[0].attn.q_proj
     q.adapter = nn.Linear(2, 2)
     m.layers[1].post_mlp = nn.Linear(2, 2)
     m.layers[0].attn.prefix = nn.Linear(2, 2)
-    m.save_pretrained(tmp_path / "out")
+    save_model(m, tmp_path / "out")
     with safe_open(tmp_path / "out/model.safetensors", "pt") as f:
         saved = set(f.keys())
     with safe_open(path / "model.safetensors", "pt") as f:
@@ -474,7 +475,7 @@ def test_save_pretrained_round_trip(tmp_path, family):
     assert saved == official  # exactly transformers' own names, no adapter tensors, no tied copy
     q.adapter = m.layers[1].post_mlp = m.layers[0].attn.prefix = None
     idx = rand_ids(2, 9)
-    again = Transformer.from_pretrained(tmp_path / "out")
+    again = load_model(tmp_path / "out")
     assert torch.equal(ours(again, idx), ours(m, idx))
     assert again.config == replace(m.config, name="out")
     hf2, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)

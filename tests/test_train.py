@@ -17,7 +17,7 @@ import train
 from data import synthetic
 from data.prepare import write_json
 from data.template import format_prompt
-from model import Transformer
+from checkpoints import load_model
 from tokenizer import Tokenizer
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, intermediate_size=176)
@@ -78,7 +78,7 @@ def test_demo_end_to_end(demo, capsys):
     assert config["extra"]["dataset"].endswith("test.json") and config["extra"]["kind"] == "number"
     # the adapter saved at the last validation (the best: it improved) loads onto a fresh base, same logits
     assert summary["best_val"] == records(root / "lora", "val_loss")[-1]["val_loss"]
-    fresh = adapters.load_adapter(Transformer.from_pretrained(base), root / "lora")
+    fresh = adapters.load_adapter(load_model(base), root / "lora")
     x = torch.tensor([tok.encode("Tom has 3 pens. Then Tom finds 4 more pens.", bos=True)])
     model.eval()
     assert torch.equal(fresh.eval()(x)[0], model(x)[0])
@@ -147,7 +147,7 @@ def test_sparse_and_reparam_adapters_are_merged_at_the_end(demo, rows, tmp_path)
     assert json.load(open(tmp_path / "s" / "adapter_config.json"))["options"]["sparse"] == 0
     assert json.load(open(tmp_path / "p" / "adapter_config.json"))["options"]["reparam"] == 0
     for sub in ("s", "p"):  # the merged adapters load as plain ones
-        adapters.load_adapter(Transformer.from_pretrained(demo[0] / "base"), tmp_path / sub)
+        adapters.load_adapter(load_model(demo[0] / "base"), tmp_path / sub)
 
 
 class Interrupt(Exception):
@@ -308,7 +308,7 @@ def test_ddp_gloo_two_processes_agree_with_one(demo, rows, tmp_path):
     mp.spawn(ddp_worker, args=(port, argv + [f"--out={out}"], tmp_path), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    fresh = adapters.load_adapter(Transformer.from_pretrained(demo[0] / "base"), out)  # rank 0 wrote it
+    fresh = adapters.load_adapter(load_model(demo[0] / "base"), out)  # rank 0 wrote it
     assert all(torch.equal(t, a[n]) for n, t in fresh.named_parameters() if n in a)
     assert len(records(out)) == 3  # one log, by rank 0
     single, _ = train.main(argv + [f"--out={tmp_path / 'single'}"])
@@ -406,7 +406,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo, rows, tmp_path,
     state = torch.load(tmp_path / "resume.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
     monkeypatch.setattr(adapters, "add_adapter", add_adapter)
-    adapters.load_adapter(Transformer.from_pretrained(demo[0] / "base"), tmp_path)  # the saved adapter still loads
+    adapters.load_adapter(load_model(demo[0] / "base"), tmp_path)  # the saved adapter still loads
 
 
 def test_key_space_value_form():
