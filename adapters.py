@@ -18,6 +18,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -26,16 +27,6 @@ import torch.nn.functional as F
 from checkpoints import hf_name, write_atomic
 from model import LINEAR_NAMES, Linear
 
-_bottleneck = dict(bottleneck=256, reduction=0, placement="mlp", non_linearity="tanh", scaling=1.0, dropout=0.0,
-                   sparse=0)
-ADAPTER_DEFAULTS = {  # the paper's best settings; README has the table
-    "lora": dict(r=32, alpha=64, dropout=0.05, target_modules=None),  # None = q,k,v + the MLP's in/out linears
-    "series": dict(_bottleneck, residual=True),
-    "parallel": dict(_bottleneck, per_linear=None),
-    # reparam = hidden size of the reparameterisation MLP; gated = LLaMA-Adapter; layers = the top N only (0 = all)
-    "prefix": dict(num_virtual_tokens=10, reparam=0, gated=False, layers=0),
-    "prompt": dict(num_virtual_tokens=10),
-}
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PLACEMENTS = {"mlp": ("mlp",), "attn": ("attn",), "both": ("attn", "mlp")}
 
@@ -72,10 +63,16 @@ class LoRA(nn.Module):
     def delta(self):  # the update merge_lora folds into W
         return self.lora_B.weight @ self.lora_A.weight * self.scale
 
-    def forward(self, x, y):
+    def forward(self, x, y, linear):  # the Linear hook: input, output, the layer (LoRA needs only x)
         if self.merged:
             return y
         return y + in_own_dtype(self, lambda x: self.lora_B(self.lora_A(self.dropout(x))) * self.scale, x, y.dtype)
+
+    def merge(self, linear):  # fold into the base weight: W += scale * B A
+        linear.weight.data += self.delta().to(linear.weight.dtype)
+
+    def unmerge(self, linear):
+        linear.weight.data -= self.delta().to(linear.weight.dtype)
 
 
 class Split(nn.Module):
@@ -100,10 +97,14 @@ class Split(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """down -> activation -> up, times `scaling` (a float, or "learned"); up starts at zero. Series adapters add
-    the input back (residual=True); parallel ones return only the branch, added beside the sublayer."""
+    """down -> activation -> up, times `scaling` (a float, or "learned"); up starts at zero. Where it sits decides
+    what it computes (`on_linear`, `residual`, fixed when built):
+      post slot (series)          y -> y + branch(y)  (residual=True) or branch(y)
+      beside slot (parallel)      h -> branch(h), which the block adds to the sublayer's output
+      Linear hook (per-linear)    (x, y, linear) -> y + branch(x)"""
 
-    def __init__(self, d_in, d_out, bottleneck, non_linearity, scaling, dropout, sparse, residual=False):
+    def __init__(self, d_in, d_out, bottleneck, non_linearity, scaling, dropout, sparse, residual=False,
+                 on_linear=False):
         super().__init__()
         down, up = torch.empty(bottleneck, d_in), torch.zeros(d_out, bottleneck)
         nn.init.kaiming_uniform_(down, a=math.sqrt(5))
@@ -112,17 +113,16 @@ class Bottleneck(nn.Module):
         else:
             self.down, self.up = nn.Linear(d_in, bottleneck, bias=False), nn.Linear(bottleneck, d_out, bias=False)
             self.down.weight.data, self.up.weight.data = down, up
-        self.act, self.dropout, self.residual = ACTIVATIONS[non_linearity], nn.Dropout(dropout), residual
+        self.act, self.dropout = ACTIVATIONS[non_linearity], nn.Dropout(dropout)
+        self.residual, self.on_linear = residual, on_linear
         self.scaling = nn.Parameter(torch.ones(())) if scaling == "learned" else float(scaling)
 
     def branch(self, x):
         return F.linear(self.act(F.linear(self.dropout(x), self.down.weight)), self.up.weight) * self.scaling
 
-    def forward(self, *args):  # (y) in a post slot, (h) beside a sublayer, (x, y) beside a linear
-        if len(args) == 2:  # per-linear parallel: the branch reads the linear's input, adds to its output
-            x, y = args
+    def forward(self, x, y=None, linear=None):
+        if self.on_linear:  # beside one projection: reads its input x, adds to its output y
             return y + in_own_dtype(self, self.branch, x, y.dtype)
-        (x,) = args
         z = in_own_dtype(self, self.branch, x, x.dtype)
         return x + z if self.residual else z
 
@@ -196,10 +196,10 @@ class Slot(nn.ModuleDict):
         return [m for name, m in self.items() if name in self.active]
 
 
-class LinearSlot(Slot):  # Linear.adapter: (x, y) -> y
-    def forward(self, x, y):
+class LinearSlot(Slot):  # Linear.adapter: (x, y, linear) -> y
+    def forward(self, x, y, linear):
         for m in self.running():
-            y = m(x, y)
+            y = m(x, y, linear)
         return y
 
 
@@ -268,77 +268,134 @@ def _linears(model, names, option):
     return {n: m for n, m in found.items() if n.rsplit(".", 1)[-1] in names}
 
 
+# ------------------------------------------------------------------------------- the kinds: one entry per kind
+class Kind(NamedTuple):
+    """Everything add_adapter, train.py and the tests know about one adapter kind."""
+    defaults: dict             # its options with their defaults (the paper's best); README has the table
+    places: Callable           # (model, options) -> [(module name, slot attribute)]: one adapter module each
+    make: Callable             # (model, owner module, slot, options) -> the adapter module for that place
+    check: Callable = None     # (options, config) -> None, or raise ValueError naming the bad option
+    finish: Callable = None    # (model) after training: fold the training form into a plain one (MoSA, reparam)
+
+
+def _lora_places(model, o):
+    return [(n, "adapter") for n in _linears(model, o["target_modules"] or default_targets(model.config),
+                                             "target_modules")]
+
+
+def _bottleneck_places(kind):
+    def places(model, o):
+        if o.get("per_linear"):
+            return [(n, "adapter") for n in _linears(model, o["per_linear"], "per_linear")]
+        where = "post_" if kind == "series" else "beside_"
+        return [(f"layers.{i}", where + sub) for i in range(model.config.n_layer) for sub in PLACEMENTS[o["placement"]]]
+    return places
+
+
+def _make_bottleneck(model, owner, slot, o):
+    c, on_linear = model.config, slot == "adapter"
+    d_in, d_out = (owner.in_features, owner.out_features) if on_linear else (c.n_embd, c.n_embd)
+    size = c.n_embd // o["reduction"] if o["reduction"] else o["bottleneck"]
+    return Bottleneck(d_in, d_out, size, o["non_linearity"], o["scaling"], o["dropout"], o["sparse"],
+                      residual=o.get("residual", False), on_linear=on_linear)
+
+
+def _check_bottleneck(o, c):
+    if o["placement"] not in PLACEMENTS:
+        raise ValueError(f"placement={o['placement']!r}: expected one of {list(PLACEMENTS)}")
+    if o["non_linearity"] not in ACTIVATIONS:
+        raise ValueError(f"non_linearity={o['non_linearity']!r}: expected one of {list(ACTIVATIONS)}")
+    if o["scaling"] != "learned" and not isinstance(o["scaling"], (int, float)):
+        raise ValueError(f"scaling={o['scaling']!r}: expected a number or 'learned'")
+    if o["sparse"] != 0 and not 2 <= o["sparse"] < 256:
+        raise ValueError(f"sparse={o['sparse']}: expected 0 (off) or a number of parts from 2 to 255")
+
+
+def _check_prefix(o, c):
+    if o["gated"] and o["reparam"]:
+        raise ValueError("gated=True takes no reparam: its prompt already goes through the layer's projections")
+    if not (isinstance(o["layers"], int) and 0 <= o["layers"] <= c.n_layer):
+        raise ValueError(f"layers={o['layers']!r}: expected 0 (all) up to the model's {c.n_layer} layers")
+
+
+def _make_prefix(model, owner, slot, o):
+    P = o["num_virtual_tokens"]
+    return GatedPrefix(model.config, P) if o["gated"] else Prefix(model.config, P, o["reparam"])
+
+
+_bottleneck = dict(bottleneck=256, reduction=0, placement="mlp", non_linearity="tanh", scaling=1.0, dropout=0.0,
+                   sparse=0)
+KINDS = {
+    "lora": Kind(dict(r=32, alpha=64, dropout=0.05, target_modules=None),  # None = q,k,v + the MLP's in/out
+                 _lora_places, lambda m, lin, slot, o: LoRA(lin.in_features, lin.out_features, o["r"], o["alpha"],
+                                                            o["dropout"])),
+    "series": Kind(dict(_bottleneck, residual=True), _bottleneck_places("series"), _make_bottleneck,
+                   _check_bottleneck, lambda model: merge_sparse(model)),
+    "parallel": Kind(dict(_bottleneck, per_linear=None), _bottleneck_places("parallel"), _make_bottleneck,
+                     _check_bottleneck, lambda model: merge_sparse(model)),
+    # reparam = hidden size of the reparameterisation MLP; gated = LLaMA-Adapter; layers = the top N only (0 = all)
+    "prefix": Kind(dict(num_virtual_tokens=10, reparam=0, gated=False, layers=0),
+                   lambda model, o: [(f"layers.{i}.attn", "prefix") for i in
+                                     range(model.config.n_layer - (o["layers"] or model.config.n_layer),
+                                           model.config.n_layer)],
+                   _make_prefix, _check_prefix, lambda model: merge_prefix(model)),
+    "prompt": Kind(dict(num_virtual_tokens=10), lambda model, o: [("", "prompt")],
+                   lambda model, owner, slot, o: Prompt(model.embed, o["num_virtual_tokens"])),
+}
+ADAPTER_DEFAULTS = {kind: k.defaults for kind, k in KINDS.items()}  # options of each kind, for the configurators
+
+
 # ------------------------------------------------------------------------------------------------ the public API
 def add_adapter(model, kind, name="default", **options):
-    """Attach one adapter of `kind` to every block, freeze the base, leave the new adapter trainable (fp32)."""
-    if kind not in ADAPTER_DEFAULTS:
-        raise ValueError(f"unknown adapter kind {kind!r}; kinds: {', '.join(ADAPTER_DEFAULTS)}")
-    unknown = set(options) - set(ADAPTER_DEFAULTS[kind])
+    """Attach one adapter of `kind` at every place its entry in KINDS names, freeze the base, leave the new
+    adapter trainable (fp32)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r}; kinds: {', '.join(KINDS)}")
+    entry = KINDS[kind]
+    unknown = set(options) - set(entry.defaults)
     if unknown:
-        raise ValueError(f"{kind} adapter has no option(s) {sorted(unknown)}; options: {sorted(ADAPTER_DEFAULTS[kind])}")
-    if any(name in s for _, _, s in slots(model)):
+        raise ValueError(f"{kind} adapter has no option(s) {sorted(unknown)}; options: {sorted(entry.defaults)}")
+    if name in model.adapter_configs:
         raise ValueError(f"an adapter named {name!r} is already attached; pick another name=")
-    o = {**ADAPTER_DEFAULTS[kind], **options}
-    _check(kind, o, model.config.n_layer)
-    c, device = model.config, model.embed.weight.device
-    new = []
-    if kind == "lora":
-        for _, lin in _linears(model, o["target_modules"] or default_targets(c), "target_modules").items():
-            new.append((lin, "adapter", LoRA(lin.in_features, lin.out_features, o["r"], o["alpha"], o["dropout"])))
-    elif kind in ("series", "parallel"):
-        size = c.n_embd // o["reduction"] if o["reduction"] else o["bottleneck"]
-        args = (size, o["non_linearity"], o["scaling"], o["dropout"], o["sparse"])
-        if o.get("per_linear"):
-            for _, lin in _linears(model, o["per_linear"], "per_linear").items():
-                new.append((lin, "adapter", Bottleneck(lin.in_features, lin.out_features, *args)))
-        else:
-            where = "post_" if kind == "series" else "beside_"
-            for block in model.layers:
-                for sub in PLACEMENTS[o["placement"]]:
-                    new.append((block, where + sub, Bottleneck(c.n_embd, c.n_embd, *args,
-                                                           residual=kind == "series" and o["residual"])))
-    elif kind == "prefix":
-        P = o["num_virtual_tokens"]
-        for block in model.layers[c.n_layer - (o["layers"] or c.n_layer):]:  # the top `layers` ones
-            new.append((block.attn, "prefix", GatedPrefix(c, P) if o["gated"] else Prefix(c, P, o["reparam"])))
-    else:
-        new = [(model, "prompt", Prompt(model.embed, o["num_virtual_tokens"]))]
+    o = {**entry.defaults, **options}
+    for k in ("r", "bottleneck", "num_virtual_tokens"):
+        if k in o and (not isinstance(o[k], int) or o[k] < 1):
+            raise ValueError(f"{k}={o[k]!r}: expected a positive integer")
+    if entry.check is not None:
+        entry.check(o, model.config)
+    new = [(owner, slot, entry.make(model, owner, slot, o))
+           for owner, slot in ((model.get_submodule(n), s) for n, s in entry.places(model, o))]
     in_slots = {id(p) for _, _, s in slots(model) for p in s.parameters()}
     for p in model.parameters():  # freeze the base; adapters attached earlier keep their setting
         if id(p) not in in_slots:
             p.requires_grad_(False)
+    device = model.embed.weight.device
     for owner, slot, module in new:
         _attach(owner, slot, name, module.to(device=device, dtype=torch.float32).train(model.training))
-    model.adapter_configs = {**getattr(model, "adapter_configs", {}), name: {"kind": kind, "options": o}}
+    model.adapter_configs[name] = {"kind": kind, "options": o}
     return model
 
 
-def _check(kind, o, n_layer):
-    if kind in ("series", "parallel"):
-        if o["placement"] not in PLACEMENTS:
-            raise ValueError(f"placement={o['placement']!r}: expected one of {list(PLACEMENTS)}")
-        if o["non_linearity"] not in ACTIVATIONS:
-            raise ValueError(f"non_linearity={o['non_linearity']!r}: expected one of {list(ACTIVATIONS)}")
-        if o["scaling"] != "learned" and not isinstance(o["scaling"], (int, float)):
-            raise ValueError(f"scaling={o['scaling']!r}: expected a number or 'learned'")
-        if o["sparse"] != 0 and not 2 <= o["sparse"] < 256:
-            raise ValueError(f"sparse={o['sparse']}: expected 0 (off) or a number of parts from 2 to 255")
-    if kind == "prefix" and o["gated"] and o["reparam"]:
-        raise ValueError("gated=True takes no reparam: its prompt already goes through the layer's projections")
-    if kind == "prefix" and not (isinstance(o["layers"], int) and 0 <= o["layers"] <= n_layer):
-        raise ValueError(f"layers={o['layers']!r}: expected 0 (all) up to the model's {n_layer} layers")
-    for k in ("r", "bottleneck", "num_virtual_tokens"):
-        if k in o and (not isinstance(o[k], int) or o[k] < 1):
-            raise ValueError(f"{k}={o[k]!r}: expected a positive integer")
+def finish_adapters(model):
+    """After training: turn every adapter's training form into its plain one (MoSA parts merged, reparameterised
+    prefixes computed), as each kind's entry says; a no-op for the others."""
+    for kind in {cfg["kind"] for cfg in model.adapter_configs.values()}:
+        if KINDS[kind].finish is not None:
+            KINDS[kind].finish(model)
+
+
+def in_training_form(model):
+    """True while some adapter is in a form that finish_adapters folds (MoSA parts, a reparameterised prefix)."""
+    return any(isinstance(m, Split) or isinstance(m, Prefix) and not hasattr(m, "key") for m in model.modules())
 
 
 def adapter_names(model):
-    return list(getattr(model, "adapter_configs", {}))
+    return list(model.adapter_configs)
 
 
 def remove_adapter(model, name):
     """Detach adapter `name` from every slot (empty slots go back to None)."""
-    if name not in adapter_names(model):
+    if name not in model.adapter_configs:
         raise ValueError(f"no adapter named {name!r}; attached: {adapter_names(model)}")
     for mname, attr, s in list(slots(model)):
         if name in s:
@@ -375,24 +432,25 @@ def adapter_state(model, name):
     return out
 
 
-def merge_lora(model):
-    """Fold every active, unmerged LoRA into its base weight (W += scale * B A); logits stay the same."""
-    for lin, lora in _loras(model, merged=False):
-        lin.weight.data += lora.delta().to(lin.weight.dtype)
-        lora.merged = True
+def merge(model):
+    """Fold every active, unmerged adapter that lives on a projection and can be folded (LoRA: W += scale * B A)
+    into its base weight; logits stay the same, and the adapter then does nothing until unmerge."""
+    for lin, m in _mergeable(model, merged=False):
+        m.merge(lin)
+        m.merged = True
 
 
-def unmerge_lora(model):
-    """Undo merge_lora (W -= scale * B A): exact in fp32, within rounding in bf16."""
-    for lin, lora in _loras(model, merged=True):
-        lin.weight.data -= lora.delta().to(lin.weight.dtype)
-        lora.merged = False
+def unmerge(model):
+    """Undo merge: exact in fp32, within rounding in bf16."""
+    for lin, m in _mergeable(model, merged=True):
+        m.unmerge(lin)
+        m.merged = False
 
 
-def _loras(model, merged):
+def _mergeable(model, merged):
     for _, lin in model.named_modules():
         if isinstance(lin, Linear) and lin.adapter is not None:
-            yield from ((lin, m) for m in lin.adapter.running() if isinstance(m, LoRA) and m.merged == merged)
+            yield from ((lin, m) for m in lin.adapter.running() if hasattr(m, "merge") and m.merged == merged)
 
 
 def sparse_step(model, step):
@@ -417,7 +475,7 @@ def merge_sparse(model):
                     lin = nn.Linear(w.size(1), w.size(0), bias=False, device=w.device)
                     lin.weight = nn.Parameter(w, requires_grad=split.parts[0].requires_grad)
                     setattr(m, attr, lin)
-    for cfg in getattr(model, "adapter_configs", {}).values():
+    for cfg in model.adapter_configs.values():
         if cfg["options"].get("sparse"):
             cfg["options"] = {**cfg["options"], "sparse": 0}
 
@@ -429,7 +487,7 @@ def merge_prefix(model):
             k, v = (t.detach().clone() for t in m.kv())
             del m.embedding, m.mlp
             m.key, m.value = nn.Parameter(k), nn.Parameter(v)
-    for cfg in getattr(model, "adapter_configs", {}).values():
+    for cfg in model.adapter_configs.values():
         if cfg["kind"] == "prefix":
             cfg["options"] = {**cfg["options"], "reparam": 0}
 

@@ -6,7 +6,8 @@ The families differ only in fields of `Config` (norm, MLP, positions, residual l
 so loading a checkpoint is one explicit key map, and adapters target linears by the names users know.
 
 Hook slots for adapters.py (plain attributes, None = nothing happens; this file never imports adapter code):
-  Linear.adapter       (x, y) -> y        every projection: sees the linear's input and output     (LoRA, per-linear)
+  Linear.adapter       (x, y, linear) -> y   every projection: its input, output and the layer itself (W, bias)
+                                          (LoRA, DoRA, IA3, per-linear bottlenecks; adapters never store the layer)
   Block.post_attn      y -> y             attention output, before the residual add               (series adapters)
   Block.post_mlp       y -> y             MLP output, before the residual add                     (series adapters)
   Block.beside_attn    h -> y             reads the attention input, added to its output          (parallel adapters)
@@ -111,7 +112,9 @@ PRESETS = {c.name: c for c in [
 
 
 class Linear(nn.Linear):
-    """nn.Linear with one hook slot. `adapter(x, y) -> y` sees the input and the output (LoRA adds B(A(x)))."""
+    """nn.Linear with one hook slot. `adapter(x, y, self) -> y` sees the input, the output and the layer (LoRA adds
+    B(A(x)); DoRA needs W's norms). The layer is handed over at each call, never stored by the adapter, so the
+    adapter's state_dict and trainable parameters hold no base weight."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -119,7 +122,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        return y if self.adapter is None else self.adapter(x, y)
+        return y if self.adapter is None else self.adapter(x, y, self)
 
 
 class RMSNorm(nn.Module):
@@ -295,6 +298,7 @@ class Transformer(nn.Module):
         self.project_out = nn.Linear(c.n_embd, c.embed_dim, bias=False) if c.embed_dim != c.n_embd else None
         self.lm_head = nn.Linear(c.embed_dim, c.vocab_size, bias=c.lm_head_bias)
         self.prompt = None          # hook: prompt tuning
+        self.adapter_configs = {}   # adapter name -> {"kind", "options"}: what adapters.py attached to the slots
         self.grad_checkpoint = False  # recompute each block in backward (train.py --grad_ckpt)
         self.apply(self._init_weights)
         self.tie_weights()

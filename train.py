@@ -519,10 +519,7 @@ def main(argv=None):
     extra = dict(template=TEMPLATE_NAME, data=cfg.data)
     if demo:  # what eval.py needs to score it
         extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
-    # sparse (MoSA) and reparameterised prefix adapters train in a form merged into a plain adapter at the end
     opts = model.adapter_configs["default"]["options"]
-    merges = [f for f, on in ((adapters.merge_sparse, opts.get("sparse")), (adapters.merge_prefix, opts.get("reparam")))
-              if on]
 
     def save():
         adapters.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
@@ -536,11 +533,12 @@ def main(argv=None):
         fail(f"out of memory on {rt.device} with --micro_batch_size={cfg.micro_batch_size} and --cutoff_len="
              f"{cfg.cutoff_len}: lower --micro_batch_size (--batch_size stays, by more accumulation steps), or try "
              f"--grad_ckpt=true, --dtype=bfloat16 or a shorter --cutoff_len. Checkpoints in {cfg.out} are intact")
-    if merges and rt.master:  # the best adapter, saved in training form (also by a run this one resumed): merge it
+    # sparse (MoSA) and reparameterised prefix adapters train in a form folded into a plain adapter at the end:
+    # the best one, saved in training form (also by a run this one resumed)
+    if adapters.in_training_form(model) and rt.master:
         best = os.path.join(cfg.out, "adapter_model.safetensors")
         adapters.fill_adapter(model, "default", load_file(best), best)
-        for merge in merges:
-            merge(model)
+        adapters.finish_adapters(model)
         save()
     best = summary["best_val"]
     log(rt, cfg.out, dict(summary=summary, trainable=trainable, total=total),

@@ -143,21 +143,25 @@ def attached(model, name):
 
 
 def expected_places(model, kind, o):
-    """Where add_adapter must put an adapter, derived from the model's module names."""
-    c = model.config
-    if kind == "lora" or (kind == "parallel" and o.get("per_linear")):
-        names = (o.get("target_modules") or A.default_targets(c)) if kind == "lora" else o["per_linear"]
-        places = {(n, "adapter") for n, m in model.named_modules()
-                  if isinstance(m, Linear) and n.split(".")[-1] in names}
-        assert len(places) == c.n_layer * len(names)  # every name exists once per layer
-        return places
-    if kind in ("series", "parallel"):
-        subs = {"mlp": ["mlp"], "attn": ["attn"], "both": ["attn", "mlp"]}[o.get("placement", "mlp")]
+    """Where add_adapter must put an adapter: the places its KINDS entry names, checked here against the model's
+    module names (every place exists, per-layer kinds sit once in each layer or in the top `layers`)."""
+    c, o = model.config, {**A.KINDS[kind].defaults, **o}
+    places = set(A.KINDS[kind].places(model, o))
+    modules = dict(model.named_modules())
+    assert all(n in modules and hasattr(modules[n], slot) for n, slot in places)
+    if any(slot == "adapter" for _, slot in places):  # on named linears: each name once per layer
+        names = o.get("target_modules") or o.get("per_linear") or A.default_targets(c)
+        assert places == {(n, "adapter") for n, m in modules.items()
+                          if isinstance(m, Linear) and n.split(".")[-1] in names}
+        assert len(places) == c.n_layer * len(names)
+    elif kind == "prefix":  # the top `layers` (0: all)
+        assert places == {(f"layers.{i}.attn", "prefix") for i in range(c.n_layer - (o["layers"] or c.n_layer),
+                                                                         c.n_layer)}
+    elif kind in ("series", "parallel"):
+        subs = {"mlp": ["mlp"], "attn": ["attn"], "both": ["attn", "mlp"]}[o["placement"]]
         where = "post_" if kind == "series" else "beside_"
-        return {(f"layers.{i}", where + s) for i in range(c.n_layer) for s in subs}
-    if kind == "prefix":  # the top `layers` (0: all)
-        return {(f"layers.{i}.attn", "prefix") for i in range(c.n_layer - (o.get("layers") or c.n_layer), c.n_layer)}
-    return {("", "prompt")}
+        assert places == {(f"layers.{i}", where + s) for i in range(c.n_layer) for s in subs}
+    return places
 
 
 def prefix_len(model):
@@ -445,7 +449,7 @@ def test_merge_lora(family):
     A.set_active(model, "default")
     assert (unmerged - base).abs().max() > 1e-2  # the LoRA matters, so double counting would show
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, Linear)}
-    A.merge_lora(model)
+    A.merge(model)
     loras = [m for m in model.modules() if isinstance(m, A.LoRA)]
     assert loras and all(m.merged for m in loras)
     targeted = {n for n, m in model.named_modules() if isinstance(m, Linear) and m.adapter is not None}
@@ -454,9 +458,9 @@ def test_merge_lora(family):
             assert torch.equal(m.weight, weights[n]) != (n in targeted)  # exactly the targets were changed
     merged = logits(model, idx)
     assert (merged - unmerged).abs().max() < 1e-5  # merged + forward: the adapter is not counted twice
-    A.merge_lora(model)  # merging again is a no-op
+    A.merge(model)  # merging again is a no-op
     assert torch.equal(logits(model, idx), merged)
-    A.unmerge_lora(model)
+    A.unmerge(model)
     assert not any(m.merged for m in loras)
     for n, m in model.named_modules():
         if isinstance(m, Linear):
