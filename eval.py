@@ -26,15 +26,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-from adapters import ADAPTER_DEFAULTS, fast_fp32_matmuls, load_adapter, read_adapter_config
+from adapters import KINDS, fast_fp32_matmuls, load_adapter, read_adapter_config
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, leakage, load_rows
 from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, extract_answer, get_kind, is_correct
 from data.template import format_prompt
 from checkpoints import load_model, write_atomic
+from configurator import DEMO_DIR, DTYPES, ConfigError, configure, device_and_dtype
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
-# defaults; override any with --key=value or --key value (booleans: --strict or --strict=false)
+# defaults; override any with --key=value or --key value (booleans: --strict or --strict=false), as in train.py
 DEFAULTS = dict(
     model="",             # base model folder (Hugging Face or Meta layout); "" = the embedded demo
     adapter="",           # adapter folder (adapter_config.json); "" = the base alone (demo: and + each trained one)
@@ -50,9 +51,9 @@ DEFAULTS = dict(
     dtype="",             # bfloat16 | float16 | float32; "" = bfloat16 on cuda, float32 on cpu
     device="",            # "" = cuda if available, else cpu
     out="",               # "" = out/eval/<adapter name, or base model name>
+    demo_dir=DEMO_DIR,    # where train.py's embedded demo lives (without --model)
 )
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEMO_DIR = "out/demo"  # what `python train.py` builds: base/, lora/, data/test.json
 DATA_DIRS = [os.path.join(ROOT, "data", "out"),
              os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "llm-adapters", "dataset"))]
 GROUPS = {"math": MATH, "commonsense": COMMONSENSE}
@@ -63,39 +64,17 @@ def warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
 
 
-BOOLS = {"true": True, "false": False, "1": True, "0": False}
-
-
 def parse_config(argv):
-    """--key=value (or --key value) arguments -> config dict; each value is converted to its default's type."""
-    cfg, argv = dict(DEFAULTS), list(argv)
-    while argv:
-        arg = argv.pop(0)
-        key, eq, value = arg[2:].partition("=")
-        if not arg.startswith("--") or key not in DEFAULTS:
-            raise ValueError(f"unknown option {arg!r}; options: {' '.join('--' + k for k in DEFAULTS)}")
-        typ = type(DEFAULTS[key])
-        if not eq and argv and not argv[0].startswith("--") and (typ is not bool or argv[0].lower() in BOOLS):
-            eq, value = "=", argv.pop(0)  # --dataset gsm8k, as train.py takes it
-        if typ is bool:
-            if value.lower() not in BOOLS and (eq or value):
-                raise ValueError(f"--{key}={value}: expected true or false")
-            cfg[key] = BOOLS.get(value.lower(), True)  # a bare --strict is true
-            continue
-        if not eq:
-            raise ValueError(f"--{key} needs a value: --{key}=<{typ.__name__}>")
-        try:
-            cfg[key] = typ(value)
-        except ValueError:
-            raise ValueError(f"--{key}={value}: expected {typ.__name__}") from None
+    """--key=value (or --key value, config files) -> config dict, through configurator.py as train.py does."""
+    cfg = vars(configure(argv, DEFAULTS, __doc__)[0])
     for key in ("batch_size", "num_beams"):
         if cfg[key] < 1:
-            raise ValueError(f"--{key}={cfg[key]}: must be at least 1")
+            raise ConfigError(f"--{key}={cfg[key]}: must be at least 1")
     for key in ("limit", "max_new_tokens"):
         if cfg[key] < 0:
-            raise ValueError(f"--{key}={cfg[key]}: must be 0 or more")
-    if cfg["dtype"] not in ("", "bfloat16", "float16", "float32"):
-        raise ValueError(f"--dtype={cfg['dtype']}: expected bfloat16, float16 or float32")
+            raise ConfigError(f"--{key}={cfg[key]}: must be 0 or more")
+    if cfg["dtype"] not in DTYPES:
+        raise ConfigError(f"--dtype={cfg['dtype']}: expected bfloat16, float16 or float32")
     return cfg
 
 
@@ -351,15 +330,16 @@ def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     adapter_dirs = [cfg["adapter"]]
     if not cfg["model"]:  # the embedded demo
-        cfg["model"] = os.path.join(DEMO_DIR, "base")
-        test = os.path.join(DEMO_DIR, "data", "test.json")
-        trained = [d for d in (os.path.join(DEMO_DIR, k) for k in ADAPTER_DEFAULTS)
+        demo = cfg["demo_dir"]
+        cfg["model"] = os.path.join(demo, "base")
+        test = os.path.join(demo, "data", "test.json")
+        trained = [d for d in (os.path.join(demo, k) for k in KINDS)
                    if os.path.isfile(os.path.join(d, "adapter_config.json"))]
         adapter_dirs = [cfg["adapter"]] if cfg["adapter"] else ["", *trained]
         needed = [cfg["model"], *filter(None, adapter_dirs)] + ([] if cfg["dataset"] else [test])
         missing = [p for p in needed if not os.path.exists(p)]
         if adapter_dirs == [""]:  # no adapter trained yet
-            missing.append(os.path.join(DEMO_DIR, "<adapter>"))
+            missing.append(os.path.join(demo, "<adapter>"))
         if missing:
             raise FileNotFoundError(f"the embedded demo is not built ({', '.join(missing)} missing): run "
                                     "`python train.py` first, or pass --model=<dir> --dataset=<name>")
@@ -372,10 +352,7 @@ def main(argv=None):
     kind = parse_kind(cfg["kind"])
     rows = {name: load_rows(path, TEST_REQUIRE)[:cfg["limit"] or None] for name, path in datasets}
 
-    device = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device={device}: CUDA is not available here (use --device=cpu)")
-    dtype = getattr(torch, cfg["dtype"] or ("bfloat16" if device.startswith("cuda") else "float32"))
+    device, dtype = device_and_dtype(cfg["device"], cfg["dtype"])
     fast_fp32_matmuls(device, dtype)
     table, summaries = {}, {}
     for adapter_dir in adapter_dirs:

@@ -34,6 +34,8 @@ from data.prepare import TRAIN_REQUIRE, DataError, load_rows, write_json
 from data.template import TEMPLATE_NAME, format_example
 from eval import evaluate
 from checkpoints import load_model, save_model, write_atomic
+from configurator import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, read_args,
+                          settle)
 from model import Config, Transformer
 from tokenizer import Tokenizer
 
@@ -71,7 +73,7 @@ compile = False           # torch.compile the model
 threads = 0               # CPU threads for torch; 0 = torch's default
 log_interval = 10
 # the embedded demo (no --model)
-demo_dir = "out/demo"
+demo_dir = DEMO_DIR
 demo_n_train = 4000       # two-step training rows (val_set_size of them for validation)
 demo_n_test = 200         # held-out two-step problems for the accuracy comparison
 demo_base_steps = 900     # pretraining steps of the base (built once: delete <demo_dir>/base to rebuild)
@@ -96,107 +98,52 @@ def fail(msg):
     raise SystemExit(f"train.py: error: {msg}")
 
 
-def coerce(key, value, default, option=False):
-    """A setting's value (a string from the command line, or typed from a config file) -> its default's type.
-    Adapter options defaulting to None (target_modules, per_linear) take JSON or a comma-separated list; float
-    adapter options also take a word (--scaling=learned), which adapters.add_adapter checks."""
-    want = type(default)
-    if isinstance(value, str) and want is not str:
-        try:
-            if default is None:
-                return json.loads(value) if value[:1] in "[{0123456789-" else [v for v in value.split(",") if v]
-            value = {"true": True, "false": False}[value.lower()] if want is bool else \
-                [v for v in value.split(",") if v] if want is list else want(value)
-        except (KeyError, ValueError):
-            if option and want is float and value.isalpha():
-                return value
-            fail(f"--{key}={value}: expected {'true or false' if want is bool else want.__name__}, like the "
-                 f"default {default!r}")
-    if want is float and type(value) is int or want is list and type(value) is tuple:
-        value = want(value)
-    if default is not None and type(value) is not want:
-        fail(f"{key}={value!r}: expected {want.__name__}, like the default {default!r}")
-    return value
-
-
 def get_config(argv):
-    """Defaults <- config files (Python assignments as in nanoGPT, or a JSON object), in order <- --key=value.
-    Returns (cfg, adapter options)."""
+    """Defaults <- config files (Python assignments as in nanoGPT, or a JSON object), in order <- --key=value,
+    through configurator.py; without --model, the demo's recipe replaces the defaults it names. Returns
+    (cfg, adapter options)."""
     if "--help" in argv or "-h" in argv:
-        print(__doc__ + "\nsettings: " + " ".join(f"--{k}={v}" for k, v in DEFAULTS.items()))
-        raise SystemExit(0)
-    given, argv = {}, list(argv)
-    while argv:
-        arg = argv.pop(0)
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq and isinstance(DEFAULTS.get(key), bool) and (argv[:1] + [""])[0].lower() not in ("true", "false"):
-                value = "true"  # a bare --flag sets a bool
-            elif not eq:  # --key value, as in `python train.py --adapter parallel`
-                if not argv or argv[0].startswith("--"):
-                    fail(f"{arg}: expected --key=value or --key value")
-                value = argv.pop(0)
-            given[key] = value
-            continue
-        if not os.path.isfile(arg):
-            fail(f"{arg}: no such config file (settings are given as --key=value)")
-        try:
-            with open(arg) as f:
-                text = f.read()
-            if arg.endswith(".json"):
-                values = json.loads(text)
-            else:
-                exec(text, values := {})
-                values = {k: v for k, v in values.items() if not k.startswith("_") and type(v).__name__ != "module"}
-        except (ValueError, SyntaxError) as e:
-            fail(f"{arg}: cannot read the config file ({e})")
-        if not isinstance(values, dict):
-            fail(f"{arg}: expected a JSON object of settings")
-        given.update(values)
+        configure(argv, DEFAULTS, __doc__)
+    try:
+        given = read_args(argv, DEFAULTS)
+        kind = given.get("adapter", adapter)
+        if kind not in adapters.KINDS:
+            raise ConfigError(f"unknown adapter {kind!r}; adapters: {', '.join(adapters.KINDS)}")
+        defaults = DEFAULTS if given.get("model") else \
+            {**DEFAULTS, **DEMO, "learning_rate": DEMO_LR.get(kind, DEMO["learning_rate"])}
+        cfg, options = settle(given, defaults, lambda _: adapters.KINDS[kind].defaults, explain_option)
+        check_choice(cfg, "decay", ("linear", "cosine"))
+        check_choice(cfg, "dtype", DTYPES)
+    except ConfigError as e:
+        fail(e)
+    return cfg, options
+
+
+def explain_option(key, given):
+    """The error for an option of another adapter kind than the chosen one."""
     kind = given.get("adapter", adapter)
-    if kind not in adapters.ADAPTER_DEFAULTS:
-        fail(f"unknown adapter {kind!r}; adapters: {', '.join(adapters.ADAPTER_DEFAULTS)}")
-    allowed, cfg, options = adapters.ADAPTER_DEFAULTS[kind], dict(DEFAULTS), {}
-    for key, value in given.items():
-        if key in DEFAULTS:
-            cfg[key] = coerce(key, value, DEFAULTS[key])
-        elif key in allowed:
-            options[key] = coerce(key, value, allowed[key], option=True)
-        else:
-            owners = [k for k, o in adapters.ADAPTER_DEFAULTS.items() if key in o]
-            fail((f"--{key} does not apply to --adapter={kind} (it is an option of {', '.join(owners)})" if owners
-                  else f"unknown setting --{key}; settings: {', '.join(DEFAULTS)}") +
-                 f"; {kind} options: {', '.join(allowed)}")
-    if not cfg["model"]:
-        cfg.update({k: v for k, v in dict(DEMO, learning_rate=DEMO_LR.get(kind, DEMO["learning_rate"])).items()
-                    if k not in given})
-    for key, ok in (("decay", ("linear", "cosine")), ("dtype", ("", "bfloat16", "float16", "float32"))):
-        if cfg[key] not in ok:
-            fail(f"--{key}={cfg[key]}: expected one of {', '.join(ok)}")
-    return SimpleNamespace(**cfg), options
+    owners = [k for k, entry in adapters.KINDS.items() if key in entry.defaults]
+    return owners and (f"--{key} does not apply to --adapter={kind} (it is an option of {', '.join(owners)}); "
+                       f"{kind} options: {', '.join(adapters.KINDS[kind].defaults)}")
 
 
 def setup(cfg):
     """Device, dtype, autocast context and DDP (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.split(":")[0] not in ("cuda", "cpu", "mps"):
-        fail(f"--device={device}: expected cuda, cpu or mps")
-    cuda = device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        fail(f"--device={device}, but CUDA is not available")
+    try:
+        device, dt = device_and_dtype(cfg.device, cfg.dtype)
+    except ConfigError as e:
+        fail(e)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
             torch.cuda.set_device(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dt = getattr(torch, cfg.dtype or ("float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported()
-                                      else "float16"))
-    ctx = nullcontext() if dt == torch.float32 else torch.autocast(device.split(":")[0], dtype=dt)
+    ctx = nullcontext() if dt == torch.float32 else torch.autocast(device.type, dtype=dt)
     adapters.fast_fp32_matmuls(device, dt)
-    return SimpleNamespace(device=torch.device(device), dtype=dt, ctx=ctx, rank=rank, world=world, master=rank == 0)
+    return SimpleNamespace(device=device, dtype=dt, ctx=ctx, rank=rank, world=world, master=rank == 0)
 
 
 def log(rt, out, record, text):

@@ -298,9 +298,9 @@ def test_config_parsing():
     spaced = ev.parse_config(["--dataset", "gsm8k", "--strict", "--batch_size", "8", "--num_beams", "4"])
     assert spaced == ev.parse_config(["--dataset=gsm8k", "--strict", "--batch_size=8", "--num_beams=4"])
     assert ev.parse_config(["--strict", "false", "--limit", "3"])["strict"] is False
-    for argv, match in ((["--batchsize=8"], "unknown option '--batchsize=8'; options: --model"),
-                        (["gsm8k"], "unknown option 'gsm8k'"), (["--batch_size=big"], "--batch_size=big: expected int"),
-                        (["--limit"], "--limit needs a value"), (["--strict=maybe"], "expected true or false"),
+    for argv, match in ((["--batchsize=8"], "unknown setting --batchsize; settings: model"),
+                        (["gsm8k"], "gsm8k: no such config file"), (["--batch_size=big"], "--batch_size=big: expected int"),
+                        (["--limit"], "--limit: expected --limit=value"), (["--strict=maybe"], "expected true or false"),
                         (["--num_beams=0"], "at least 1"), (["--dtype=fp8"], "expected bfloat16, float16")):
         with pytest.raises(ValueError, match=match):
             ev.parse_config(argv)
@@ -340,7 +340,6 @@ def test_demo_evaluates_the_base_and_every_trained_adapter(tiny_dir, tmp_path, c
     adapters = pytest.importorskip("adapters")
     monkeypatch.chdir(tmp_path)
     demo = tmp_path / "demo"
-    monkeypatch.setattr(ev, "DEMO_DIR", str(demo))
     shutil.copytree(tiny_dir, demo / "base")
     write_set(demo / "data", number_rows(4))
     for kind in ("series", "lora"):
@@ -348,7 +347,7 @@ def test_demo_evaluates_the_base_and_every_trained_adapter(tiny_dir, tmp_path, c
         for p in adapters.adapter_state(model, "default").values():
             p.normal_(0, 0.5)  # trained adapters: each changes the answers
         adapters.save_adapter(model, demo / kind)
-    summaries = ev.main(["--max_new_tokens=4"])
+    summaries = ev.main(["--max_new_tokens=4", f"--demo_dir={demo}"])
     assert list(summaries) == ["base", "base + lora", "base + series"]  # adapters in adapters.py's order
     table = capsys.readouterr().out.strip().splitlines()
     assert [line.split(" |")[0] for line in table[2:]] == ["| base", "| base + lora", "| base + series"]
@@ -359,14 +358,13 @@ def test_demo_evaluates_the_base_and_every_trained_adapter(tiny_dir, tmp_path, c
         responses[sub] = [json.loads(line)["response"] for line in lines]
     assert responses["lora"] != responses["base"] and responses["series"] != responses["base"]
     # one adapter named on the command line: that row only, the same answers
-    only = ev.main([f"--adapter={demo / 'lora'}", "--max_new_tokens=4", f"--out={tmp_path / 'one'}"])
+    only = ev.main([f"--adapter={demo / 'lora'}", "--max_new_tokens=4", f"--out={tmp_path / 'one'}", f"--demo_dir={demo}"])
     assert list(only) == ["base + lora"] and only["base + lora"] == summaries["base + lora"]
 
 
-def test_demo_missing_tells_to_run_train(tmp_path, monkeypatch):
-    monkeypatch.setattr(ev, "DEMO_DIR", str(tmp_path / "demo"))
+def test_demo_missing_tells_to_run_train(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"run `python train.py` first"):
-        ev.main([])
+        ev.main([f"--demo_dir={tmp_path / 'demo'}"])
     # the command line: a one-line message, no traceback
     r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py")], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 1 and "run `python train.py` first" in r.stderr and "Traceback" not in r.stderr

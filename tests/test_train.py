@@ -269,7 +269,7 @@ def test_setup_applies_the_dtype_and_the_adapter_matmul_precision(monkeypatch):
     monkeypatch.setattr(adapters, "fast_fp32_matmuls", lambda device, dtype: seen.append((device, dtype)))
     for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
         rt = train.setup(train.get_config(["--device=cpu", f"--dtype={name}", "--threads=0"])[0])
-        assert rt.dtype == dtype and seen[-1] == ("cpu", dtype)
+        assert rt.dtype == dtype and seen[-1] == (torch.device("cpu"), dtype)
         assert (rt.ctx.fast_dtype == dtype) if dtype != torch.float32 else not isinstance(rt.ctx, torch.autocast)
 
 
@@ -325,7 +325,7 @@ def test_ddp_gloo_two_processes_agree_with_one(demo, rows, tmp_path):
     (["--batch_size=abc"], "--batch_size=abc: expected int"),
     (["--batch_size=1.5"], "--batch_size=1.5: expected int"),
     (["--train_on_inputs=maybe"], "expected true or false"),
-    (["--model"], "--model: expected --key=value"),
+    (["--model"], "--model: expected --model=value or --model value"),
     (["--adapter=lora", "--bottleneck=64"], "--bottleneck does not apply to --adapter=lora .*series, parallel"),
     (["--adapter=prompt", "--r=8"], "--r does not apply to --adapter=prompt"),
     (["--adapter=adapterx"], "unknown adapter 'adapterx'"),
