@@ -2,13 +2,16 @@
 The adapter families of LLM-Adapters on the hook slots of model.py, side by side:
 
   lora      W x + (alpha/r) B A x on named linears (Hu et al.); A Kaiming-uniform, B zero
+  dora      m * (W + s B A) x / ||W + s B A||_row: LoRA turns W, m scales its rows (Liu et al. 2024)
+  ia3       learned vectors scaling k, v and the MLP's inner activations (Liu et al. 2022)
   series    y + s * up(act(down(y))) after a sublayer (Houlsby: attn+mlp; Pfeiffer: mlp only, the paper's best)
   parallel  sublayer(h) + s * up(act(down(h))) beside a sublayer (He et al.), or beside named linears (LLM-Adapters)
   prefix    learned keys/values in front of every layer's attention (Li & Liang), optionally reparameterised;
             gated=True: LLaMA-Adapter's zero-gated adaption prompt with its own softmax (Zhang et al.)
   prompt    soft tokens in front of the input embeddings (Lester et al.)
 
-Every adapter's last projection starts at zero, so a fresh lora/series/parallel model equals the base exactly.
+Every adapter's last projection starts at zero (ia3's scales at one), so a fresh
+lora/dora/ia3/series/parallel model equals the base exactly.
 Adapters live in `Slot`s (named containers) on the model's hook attributes: several can share a model under
 names, be switched with set_active and combined (e.g. lora + series). Their maths runs in fp32 even when the base
 runs in bf16/fp16 or under autocast. sparse=N (MoSA, "split & merge") splits a bottleneck's weights into N disjoint
@@ -73,6 +76,88 @@ class LoRA(nn.Module):
 
     def unmerge(self, linear):
         linear.weight.data -= self.delta().to(linear.weight.dtype)
+
+
+class DoRA(LoRA):
+    """DoRA (Liu et al. 2024, "Weight-Decomposed Low-Rank Adaptation"): W is split into a magnitude
+    m, one number per output row, and a direction that LoRA moves. The paper found that full
+    fine-tuning moves the two apart and LoRA cannot; with m learned on its own, DoRA can:
+        y = m * (W + s B A) x / ||W + s B A||_row + b        norms over the input dim: (d_out,)
+    m starts at ||W||_row and B at zero, so a fresh DoRA is the base exactly. The norm is a constant
+    for the gradient (the paper's §4.3, as PEFT): that saves its backward's memory at no loss.
+    Like PEFT, forward adds to y = W x + b only what DoRA changes:
+        (g - 1) W x + g s B A x,  g = m / ||W + s B A||_row"""
+
+    def __init__(self, linear, r, alpha, dropout):
+        super().__init__(linear.in_features, linear.out_features, r, alpha, dropout)
+        self.lora_magnitude_vector = nn.Parameter(self.norm(linear))  # m (d_out,), PEFT's name
+        self.register_buffer("merged_norm", None, persistent=False)  # the norm, while merged
+
+    @torch.no_grad()  # DoRA §4.3: no gradient through the norm
+    def norm(self, linear):  # ||W + s B A||_row in fp32, (d_out,)
+        return torch.linalg.norm(linear.weight.float() + self.delta(), dim=1)
+
+    def forward(self, x, y, linear):
+        if self.merged:
+            return y
+        return y + in_own_dtype(self, lambda x: self.change(x, y, linear), x, y.dtype)
+
+    def change(self, x, y, linear):  # (g - 1) W x + g s B A x  (..., d_out)
+        g = self.lora_magnitude_vector / self.norm(linear)  # (d_out,); exactly 1 at step 0
+        if self.training and self.dropout.p > 0:  # W x sees the dropped-out x, as B A x (PEFT)
+            x = self.dropout(x)
+            wx = F.linear(x, linear.weight.to(x.dtype))
+        else:  # W x is in y already: saves a matmul
+            wx = y.to(x.dtype) - (0 if linear.bias is None else linear.bias.to(x.dtype))
+        return (g - 1) * wx + g * self.lora_B(self.lora_A(x)) * self.scale
+
+    @torch.no_grad()
+    def merge(self, linear):  # W <- g * (W + s B A); g's norm is kept, as merging changes W
+        self.merged_norm = self.norm(linear)
+        g = self.lora_magnitude_vector / self.merged_norm
+        linear.weight.data.copy_((linear.weight.float() + self.delta()) * g[:, None])
+
+    @torch.no_grad()
+    def unmerge(self, linear):  # W = W' / g - s B A: exact up to rounding
+        g = self.lora_magnitude_vector / self.merged_norm
+        linear.weight.data.copy_(linear.weight.float() / g[:, None] - self.delta())
+        self.merged_norm = None
+
+
+class IA3(nn.Module):
+    """(IA)^3 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+    In-Context Learning"): learned vectors that rescale activations elementwise: the keys and values
+    (outputs of k and v) and the input of the MLP's out projection (its inner activations). They
+    start at ones, so a fresh model is the base exactly, and train d_out (or d_in) numbers per
+    linear: the fewest of any kind here. `ia3_l` has PEFT's name and shapes: (d_out, 1) scales the
+    output rows, (1, d_in) the input columns; either way W * l is the merged weight."""
+
+    def __init__(self, linear, on_input):
+        super().__init__()
+        shape = (1, linear.in_features) if on_input else (linear.out_features, 1)
+        self.ia3_l, self.on_input, self.merged = nn.Parameter(torch.ones(shape)), on_input, False
+
+    def forward(self, x, y, linear):
+        if self.merged:
+            return y
+        if self.on_input:
+            # W (x * l) + b = y + W (x * (l - 1)): the hook hands over y already computed, and
+            # adding to it keeps what adapters before this one added. The price is a second matmul
+            # of this size, which merge() removes.
+            return y + F.linear((x * (self.ia3_l - 1)).to(linear.weight.dtype), linear.weight)
+        return in_own_dtype(self, lambda y: y * self.ia3_l.flatten(), y, y.dtype)  # (W x + b) * l
+
+    def merge(self, linear):
+        self.fold(linear, torch.Tensor.mul_)
+
+    def unmerge(self, linear):  # exact up to rounding, unless some l is 0
+        self.fold(linear, torch.Tensor.div_)
+
+    @torch.no_grad()
+    def fold(self, linear, op):  # W (d_out, d_in) op l, rows or columns; b too when on the output
+        op(linear.weight.data, self.ia3_l)
+        if not self.on_input and linear.bias is not None:
+            op(linear.bias.data, self.ia3_l.flatten())
 
 
 class Split(nn.Module):
@@ -323,12 +408,40 @@ def _make_prefix(model, owner, slot, o):
     return GatedPrefix(model.config, P) if o["gated"] else Prefix(model.config, P, o["reparam"])
 
 
+def _ia3_targets(c, o):
+    """(target_modules, feedforward_modules) of an ia3 adapter: by default k, v and the MLP's out
+    projection, whose input is scaled. BLOOM fuses q, k and v, so its query_key_value is scaled
+    whole, as PEFT's default for BLOOM: with ALiBi and no rotary, a scale on q's features only
+    multiplies the one on k's in q.k: it costs n_embd parameters a layer, and changes nothing."""
+    mlp_out = LINEAR_NAMES[c.arch][2]
+    kv = ["query_key_value"] if c.arch == "bloom" else ["k_proj", "v_proj"]
+    targets = o["target_modules"] or kv + [mlp_out]
+    ff = o["feedforward_modules"]
+    return list(targets), list(ff) if ff is not None else [t for t in targets if t == mlp_out]
+
+
+def _check_ia3(o, c):
+    targets, ff = _ia3_targets(c, o)
+    if not set(ff) <= set(targets):
+        raise ValueError(f"feedforward_modules={ff}: expected names among target_modules={targets}")
+
+
+def _ia3_places(model, o):
+    targets = _ia3_targets(model.config, o)[0]
+    return [(n, "adapter") for n in _linears(model, targets, "target_modules")]
+
+
+def _make_ia3(model, owner, slot, o):
+    feedforward = _linears(model, _ia3_targets(model.config, o)[1], "feedforward_modules").values()
+    return IA3(owner, on_input=any(owner is m for m in feedforward))
+
+
 _bottleneck = dict(bottleneck=256, reduction=0, placement="mlp", non_linearity="tanh", scaling=1.0, dropout=0.0,
                    sparse=0)
+_lora = dict(r=32, alpha=64, dropout=0.05, target_modules=None)  # None = q,k,v + the MLP's in/out
 KINDS = {
-    "lora": Kind(dict(r=32, alpha=64, dropout=0.05, target_modules=None),  # None = q,k,v + the MLP's in/out
-                 _lora_places, lambda m, lin, slot, o: LoRA(lin.in_features, lin.out_features, o["r"], o["alpha"],
-                                                            o["dropout"])),
+    "lora": Kind(_lora, _lora_places, lambda m, lin, slot, o: LoRA(
+        lin.in_features, lin.out_features, o["r"], o["alpha"], o["dropout"])),
     "series": Kind(dict(_bottleneck, residual=True), _bottleneck_places("series"), _make_bottleneck,
                    _check_bottleneck, lambda model: merge_sparse(model)),
     "parallel": Kind(dict(_bottleneck, per_linear=None), _bottleneck_places("parallel"), _make_bottleneck,
@@ -341,6 +454,11 @@ KINDS = {
                    _make_prefix, _check_prefix, lambda model: merge_prefix(model)),
     "prompt": Kind(dict(num_virtual_tokens=10), lambda model, o: [("", "prompt")],
                    lambda model, owner, slot, o: Prompt(model.embed, o["num_virtual_tokens"])),
+    "dora": Kind(_lora, _lora_places, lambda m, lin, slot, o: DoRA(
+        lin, o["r"], o["alpha"], o["dropout"])),
+    # None: k, v (BLOOM: query_key_value) and the MLP's out projection, at its input (_ia3_targets)
+    "ia3": Kind(dict(target_modules=None, feedforward_modules=None), _ia3_places, _make_ia3,
+                _check_ia3),
 }
 ADAPTER_DEFAULTS = {kind: k.defaults for kind, k in KINDS.items()}  # options of each kind, for the configurators
 
@@ -499,21 +617,22 @@ def _base_identity(c):
 
 
 def save_adapter(model, path, name="default", base_model=None, extra=None, format="native"):
-    """Write adapter `name`: adapter_model.safetensors + adapter_config.json. format="peft" writes a LoRA folder that
-    Hugging Face PEFT loads (keys base_model.model.<official module>.lora_A.weight)."""
+    """Write adapter `name`: adapter_model.safetensors + adapter_config.json. format="peft" writes a
+    LoRA, DoRA or IA3 folder that Hugging Face PEFT loads (keys base_model.model.<official module>.
+    lora_A.weight, .lora_magnitude_vector, .ia3_l)."""
     from safetensors.torch import save
     if name not in adapter_names(model):
         raise ValueError(f"no adapter named {name!r}; attached: {adapter_names(model)}")
     cfg = model.adapter_configs[name]
     state = {k: t.detach().contiguous() for k, t in adapter_state(model, name).items()}
     if format == "peft":
-        if cfg["kind"] != "lora":
-            raise ValueError(f"format='peft' writes LoRA adapters only, {name!r} is {cfg['kind']}")
-        o = cfg["options"]
+        if cfg["kind"] not in PEFT_CONFIGS:
+            raise ValueError(f"format='peft' writes {', '.join(PEFT_CONFIGS)} adapters only, "
+                             f"{name!r} is {cfg['kind']}")
         state = {_peft_key(model.config, k): t for k, t in state.items()}
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": o["r"], "lora_alpha": o["alpha"],
-                  "lora_dropout": o["dropout"], "target_modules": o["target_modules"] or default_targets(model.config),
-                  "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model}
+        config = {"task_type": "CAUSAL_LM", "inference_mode": True,
+                  "base_model_name_or_path": base_model,
+                  **PEFT_CONFIGS[cfg["kind"]](model.config, cfg["kind"], cfg["options"])}
     elif format == "native":
         config = {"kind": cfg["kind"], "name": name, "options": cfg["options"], "base_model": base_model,
                   "base": _base_identity(model.config), "extra": extra or {}}
@@ -522,6 +641,22 @@ def save_adapter(model, path, name="default", base_model=None, extra=None, forma
     path = Path(path)
     write_atomic(path / "adapter_model.safetensors", save(state))
     write_atomic(path / "adapter_config.json", json.dumps(config, indent=2))
+
+
+def _peft_lora(c, kind, o):  # DoRA is PEFT's LoRA with use_dora
+    return {"peft_type": "LORA", "r": o["r"], "lora_alpha": o["alpha"],
+            "lora_dropout": o["dropout"], "bias": "none",
+            "target_modules": o["target_modules"] or default_targets(c),
+            "fan_in_fan_out": False, "use_dora": kind == "dora"}
+
+
+def _peft_ia3(c, kind, o):
+    targets, feedforward = _ia3_targets(c, o)
+    return {"peft_type": "IA3", "target_modules": targets, "feedforward_modules": feedforward,
+            "fan_in_fan_out": False}
+
+
+PEFT_CONFIGS = {"lora": _peft_lora, "dora": _peft_lora, "ia3": _peft_ia3}  # kind -> PEFT's config
 
 
 def _peft_key(config, key):  # layers.0.attn.q_proj.adapter.lora_A.weight -> base_model.model.<hf module>.lora_A.weight
@@ -538,7 +673,8 @@ def read_adapter_config(path):
 
 
 def load_adapter(model, path, name=None):
-    """Attach and fill the adapter saved in `path` (ours, or a Hugging Face PEFT LoRA folder); strict."""
+    """Attach and fill the adapter saved in `path` (ours, or a Hugging Face PEFT LoRA, DoRA, IA3 or
+    adaption-prompt folder); strict."""
     path = Path(path)
     config = read_adapter_config(path)
     if "peft_type" in config:
@@ -582,29 +718,56 @@ def _read_tensors(path):
 
 
 def _from_peft(model, path, config):
-    """A PEFT LoRA or adaption-prompt folder -> (kind, options, our state dict)."""
+    """A PEFT LoRA (DoRA: use_dora), IA3 or adaption-prompt folder -> (kind, options, our state)."""
     if config["peft_type"] == "ADAPTION_PROMPT":
         return _from_peft_adaption_prompt(path, config)
-    unsupported = {k: config[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
+    if config["peft_type"] == "IA3":
+        return _from_peft_ia3(model, path, config)
+    unsupported = {k: config[k] for k in ("rank_pattern", "alpha_pattern", "modules_to_save",
                                           "layers_to_transform", "fan_in_fan_out") if config.get(k)}
     if config["peft_type"] != "LORA" or config.get("bias", "none") != "none" or unsupported:
-        raise ValueError(f"{path}: only plain PEFT LoRA (bias='none') and ADAPTION_PROMPT are supported; got "
-                         f"peft_type={config['peft_type']}, bias={config.get('bias')}, {unsupported}")
+        raise ValueError(f"{path}: only plain PEFT LoRA (bias='none') or DoRA, IA3 and "
+                         f"ADAPTION_PROMPT are supported; got peft_type={config['peft_type']}, "
+                         f"bias={config.get('bias')}, {unsupported}")
+    state, targets = _peft_state(model, path, "lora_")
+    r = config["r"]
+    alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1)  # rsLoRA scales alpha/sqrt(r)
+    options = dict(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
+                   target_modules=sorted(targets))
+    return ("dora" if config.get("use_dora") else "lora"), options, state
+
+
+def _peft_state(model, path, marker):
+    """A PEFT folder's tensors -> (our state dict, the targeted linear names). Keys are
+    base_model.model.<official module>.<marker>...; marker: "lora_" (A, B, DoRA's m) or "ia3_l"."""
     ours = {}  # official module name -> ours, for every projection
     for n, m in model.named_modules():
         if isinstance(m, Linear):
             ours[hf_name(model.config, n + ".weight")[:-len(".weight")]] = n
     state, targets = {}, set()
     for k, t in _read_tensors(path).items():
-        module, _, rest = k.removeprefix("base_model.model.").rpartition(".lora_")
-        rest = "lora_" + rest.replace(".default.", ".")  # keys may carry the adapter name
+        module, _, rest = k.removeprefix("base_model.model.").rpartition("." + marker)
+        rest = marker + rest.replace(".default.", ".")  # keys may carry the adapter name
         if module not in ours:
-            raise KeyError(f"{path}: LoRA tensor {k} names no projection of this {model.config.arch} model")
+            raise KeyError(f"{path}: tensor {k} names no projection of this {model.config.arch} "
+                           "model")
         state[f"{ours[module]}.adapter.{rest}"] = t
         targets.add(module.rsplit(".", 1)[-1])
-    r = config["r"]
-    alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1)  # rsLoRA scales alpha/sqrt(r)
-    return "lora", dict(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0), target_modules=sorted(targets)), state
+    return state, targets
+
+
+def _from_peft_ia3(model, path, config):
+    """PEFT's (IA)^3: per target an ia3_l, (d_out, 1), or (1, d_in) on feedforward_modules (a list
+    of names, maybe with a parent: "mlp.dense_4h_to_h")."""
+    ff = config.get("feedforward_modules") or []
+    if isinstance(ff, str) or config.get("fan_in_fan_out") or config.get("modules_to_save"):
+        raise ValueError(f"{path}: only PEFT IA3 with a list of feedforward_modules is supported; "
+                         f"got feedforward_modules={ff!r}, "
+                         f"fan_in_fan_out={config.get('fan_in_fan_out')}, "
+                         f"modules_to_save={config.get('modules_to_save')}")
+    state, targets = _peft_state(model, path, "ia3_l")
+    ff = sorted({f.rsplit(".", 1)[-1] for f in ff})
+    return "ia3", dict(target_modules=sorted(targets), feedforward_modules=ff), state
 
 
 def _from_peft_adaption_prompt(path, config):

@@ -753,7 +753,6 @@ def test_peft_adaption_prompt_loads_as_gated_prefix(family, tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    (dict(use_dora=True), r"only plain PEFT LoRA.*use_dora"),
     (dict(bias="all"), r"only plain PEFT LoRA \(bias='none'\).*bias=all"),
 ])
 def test_peft_unsupported_configs_raise(config, message, hf_base, tmp_path):
@@ -832,7 +831,7 @@ def test_errors_on_add():
 def test_errors_on_save_and_load(tmp_path):
     model = tiny_model("llama")
     A.add_adapter(model, "series", bottleneck=8)
-    with pytest.raises(ValueError, match="format='peft' writes LoRA adapters only, 'default' is series"):
+    with pytest.raises(ValueError, match="format='peft' writes lora, dora, ia3 adapters only, 'default' is series"):
         A.save_adapter(model, tmp_path / "peft", format="peft")
     with pytest.raises(ValueError, match="format='onnx'"):
         A.save_adapter(model, tmp_path / "x", format="onnx")
