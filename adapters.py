@@ -412,12 +412,12 @@ def _ia3_targets(c, o):
     """(target_modules, feedforward_modules) of an ia3 adapter: by default k, v and the MLP's out
     projection, whose input is scaled. BLOOM fuses q, k and v, so its query_key_value is scaled
     whole, as PEFT's default for BLOOM: with ALiBi and no rotary, a scale on q's features only
-    multiplies the one on k's in q.k: it costs n_embd parameters a layer, and changes nothing."""
+    multiplies the one on k's in q.k: n_embd parameters a layer that add nothing k's cannot do."""
     mlp_out = LINEAR_NAMES[c.arch][2]
     kv = ["query_key_value"] if c.arch == "bloom" else ["k_proj", "v_proj"]
     targets = o["target_modules"] or kv + [mlp_out]
     ff = o["feedforward_modules"]
-    return list(targets), list(ff) if ff is not None else [t for t in targets if t == mlp_out]
+    return list(targets), (list(ff) if ff is not None else [t for t in targets if t == mlp_out])
 
 
 def _check_ia3(o, c):

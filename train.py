@@ -1,5 +1,6 @@
 """
-Fine-tune a LLaMA-family model with an adapter (LoRA, series, parallel, prefix, prompt), LLM-Adapters' recipe.
+Fine-tune a LLaMA-family model with an adapter (LoRA, DoRA, IA3, series, parallel, prefix, prompt),
+LLM-Adapters' recipe.
 
     python train.py --adapter=parallel                     # the embedded demo: CPU, no downloads, a few minutes
     python train.py --model=<checkpoint dir> --adapter=lora --data=math_10k.json --out=out/llama-7b-lora
@@ -46,7 +47,7 @@ TORCH_THREADS = torch.get_num_threads()  # torch's default, before setup() appli
 model = ""                # checkpoint folder (Hugging Face or Meta layout, with its tokenizer); "" = the demo
 data = ""                 # LLM-Adapters JSON rows: instruction, input (optional), output
 out = ""                  # "" = <demo_dir>/<adapter> for the demo, out/<model folder name>-<adapter> otherwise
-adapter = "lora"          # lora | series | parallel | prefix | prompt
+adapter = "lora"          # a kind of adapters.KINDS: lora dora ia3 series parallel prefix prompt
 resume = False            # continue from <out>/resume.pt, to the same losses as an uninterrupted run
 # LLM-Adapters' recipe
 cutoff_len = 256          # examples are cut to this many tokens (then without EOS), as LLM-Adapters does

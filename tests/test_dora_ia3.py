@@ -6,6 +6,7 @@ Models: conftest.tiny_model (our tiny presets, randomised) and conftest.make_hf_
 written with save_pretrained) for PEFT. peft/transformers are imported inside the tests that need them.
 """
 import json
+import re
 
 import pytest
 import torch
@@ -405,3 +406,27 @@ def test_peft_ia3_regex_feedforward_is_refused(hf_base, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "feedforward_modules": ".*down_proj"}))
     with pytest.raises(ValueError, match=r"only PEFT IA3 with a list of feedforward_modules.*'\.\*down_proj'"):
         A.load_adapter(load_model(ckpt), tmp_path)
+
+
+# ------------------------------------------------------------------------- README's "Adding an adapter" section
+def readme_section():
+    from conftest import ROOT
+    text = (ROOT / "README.md").read_text()
+    return text[text.index("## Adding an adapter"):text.index("## Training")]
+
+
+def test_readme_worked_example_is_the_code():
+    """The IA3 class, its helpers and its KINDS entry are shown verbatim in README.md: they must not drift."""
+    import inspect
+    section = readme_section()
+    for obj in (A.IA3, A._ia3_targets, A._check_ia3, A._ia3_places, A._make_ia3):
+        assert inspect.getsource(obj).rstrip() in section, obj.__name__
+    entry = re.search(r'^    # None: k, v \(BLOOM.*?_check_ia3\),\n', inspect.getsource(A), re.S | re.M)[0]
+    assert entry in section
+
+
+def test_readme_example_test_runs(tmp_path):
+    block = re.search(r"```python\n(import torch, adapters as A.*?)```", readme_section(), re.S)[1]
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    scope["test_ia3"](tmp_path)

@@ -93,7 +93,7 @@ def test_demo_uses_cached_base(demo, capsys):
     assert os.path.getmtime(root / "base" / "model.safetensors") == stamp
 
 
-@pytest.mark.parametrize("kind", ["lora", "series", "parallel", "prefix", "prompt"])
+@pytest.mark.parametrize("kind", list(adapters.KINDS))
 def test_each_adapter_trains(demo, rows, tmp_path, kind):
     model, summary = run(demo, rows, tmp_path, f"--adapter={kind}", "--max_steps=8", "--learning_rate=1e-2",
                          "--eval_interval=8")
