@@ -4,7 +4,8 @@ Import them in any test file (pytest puts tests/ on sys.path):
 
     from conftest import FAMILIES, make_hf_checkpoint, tiny_model
 
-or use the fixtures `hf_checkpoint` / `meta_checkpoint` (factories bound to the test's tmp_path).
+or use the fixtures `hf_checkpoint` / `meta_checkpoint` (factories bound to the test's tmp_path) and `hf_base` (one
+checkpoint per family, shared by a test module).
 
 Families (the `family` argument everywhere):
     llama       LlamaForCausalLM, multi-head attention, intermediate_size 192 (Meta's rule for dim 64, multiple_of 32)
@@ -277,3 +278,16 @@ def meta_checkpoint(tmp_path):
         n[0] += 1
         return make_meta_checkpoint(tmp_path / f"meta-{n[0]}", hf_model, **kw)
     return make
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    """Factory, module-scoped: hf_base(family) -> (checkpoint folder, transformers model), seed 3, written once
+    per test module (PEFT tests wrap the model and unload it again)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = make_hf_checkpoint(tmp_path_factory.mktemp(f"hf-{family}"), family, seed=3)
+        return cache[family]
+    return get

@@ -633,18 +633,6 @@ PEFT_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
                 "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
 
 
-@pytest.fixture(scope="module")
-def hf_base(tmp_path_factory):
-    """family -> (checkpoint folder, transformers model); written once per module."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = make_hf_checkpoint(tmp_path_factory.mktemp(f"hf-{family}"), family, seed=3)
-        return cache[family]
-    return get
-
-
 def peft_lora(hf_model, seed=0, **config):
     """A PEFT LoRA on hf_model (wrapped in place) with random lora_B, in eval mode."""
     import peft

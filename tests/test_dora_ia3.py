@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import adapters as A
 from checkpoints import load_model
-from conftest import left_pad, make_hf_checkpoint, tiny_model
+from conftest import left_pad, tiny_model
 from model import Config, Linear, Transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers/peft
@@ -256,18 +256,6 @@ def test_save_load_identical_logits(family, kind, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ PEFT interop
-@pytest.fixture(scope="module")
-def hf_base(tmp_path_factory):
-    """family -> (checkpoint folder, transformers model); written once per module."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = make_hf_checkpoint(tmp_path_factory.mktemp(f"hf-{family}"), family, seed=3)
-        return cache[family]
-    return get
-
-
 def peft_model(hf, kind, **config):
     """hf wrapped in a PEFT DoRA (LoraConfig(use_dora=True)) or IA3, moved away from its identity start."""
     import peft
