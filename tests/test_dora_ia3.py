@@ -120,6 +120,15 @@ def test_default_places(family):
         assert m is None or m.ia3_l.shape == ((1, lin.in_features) if m.on_input else (lin.out_features, 1))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_added_to_a_model_on_another_device(kind):
+    """DoRA reads W when it is built: that must work with the model on another device than torch's default
+    (here meta standing in for cuda, with the adapter built on the cpu, then moved by add_adapter)."""
+    model = Transformer(Config.from_name("tiny-llama")).to("meta")
+    A.add_adapter(model, kind)
+    assert {p.device.type for p in model.parameters() if p.requires_grad} == {"meta"}
+
+
 def test_ia3_options():
     model = tiny_model("llama")
     A.add_adapter(model, "ia3", target_modules=["q_proj", "up_proj", "down_proj"], feedforward_modules=["up_proj"])
