@@ -90,8 +90,8 @@ class DoRA(LoRA):
 
     def __init__(self, linear, r, alpha, dropout):
         super().__init__(linear.in_features, linear.out_features, r, alpha, dropout)
-        m = torch.linalg.norm(linear.weight.detach().float(), dim=1)  # ||W||_row = norm() while B = 0
-        self.lora_magnitude_vector = nn.Parameter(m)  # (d_out,), PEFT's name; on W's device until added
+        m = torch.linalg.norm(linear.weight.detach().float(), dim=1)  # ||W||_row: norm() at B = 0
+        self.lora_magnitude_vector = nn.Parameter(m)  # (d_out,), PEFT's name; on W's device
         self.register_buffer("merged_norm", None, persistent=False)  # the norm, while merged
 
     @torch.no_grad()  # DoRA §4.3: no gradient through the norm

@@ -89,7 +89,7 @@ DEFAULTS = {k: v for k, v in globals().items()  # the settings above (lower-case
 # torch's default instead (--demo_base_threads).
 DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100, threads=1)
 DEMO_LR = {"prefix": 2e-1, "prompt": 1e-1,  # a few thousand parameters, far from the base's weights
-           "ia3": 1e-1}  # 2,432 scales: 96.0% at 1e-1, 84.0% at 3e-2 (PEFT's IA3 examples also use ~1e-2+)
+           "ia3": 1e-1}  # 2,432 scales: 96.0% at 1e-1, 84.0% at 3e-2
 # Pretraining the demo base, by the same train(): whole documents, mixed lengths in every batch.
 DEMO_BASE = dict(learning_rate=1.5e-3, warmup_steps=50, decay="cosine", batch_size=32, micro_batch_size=32,
                  train_on_inputs=True, group_by_length=False, eval_interval=500, resume=False)

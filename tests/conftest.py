@@ -4,8 +4,8 @@ Import them in any test file (pytest puts tests/ on sys.path):
 
     from conftest import FAMILIES, make_hf_checkpoint, tiny_model
 
-or use the fixtures `hf_checkpoint` / `meta_checkpoint` (factories bound to the test's tmp_path) and `hf_base` (one
-checkpoint per family, shared by a test module).
+or use the fixtures `hf_checkpoint` / `meta_checkpoint` (factories bound to the test's tmp_path) and
+`hf_base` (one checkpoint per family, shared by a test module).
 
 Families (the `family` argument everywhere):
     llama       LlamaForCausalLM, multi-head attention, intermediate_size 192 (Meta's rule for dim 64, multiple_of 32)
@@ -282,12 +282,13 @@ def meta_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory):
-    """Factory, module-scoped: hf_base(family) -> (checkpoint folder, transformers model), seed 3, written once
-    per test module (PEFT tests wrap the model and unload it again)."""
+    """Factory, module-scoped: hf_base(family) -> (checkpoint folder, transformers model), seed 3,
+    written once per test module (PEFT tests wrap the model and unload it again)."""
     cache = {}
 
     def get(family):
         if family not in cache:
-            cache[family] = make_hf_checkpoint(tmp_path_factory.mktemp(f"hf-{family}"), family, seed=3)
+            folder = tmp_path_factory.mktemp(f"hf-{family}")
+            cache[family] = make_hf_checkpoint(folder, family, seed=3)
         return cache[family]
     return get

@@ -819,7 +819,8 @@ def test_errors_on_add():
 def test_errors_on_save_and_load(tmp_path):
     model = tiny_model("llama")
     A.add_adapter(model, "series", bottleneck=8)
-    with pytest.raises(ValueError, match="format='peft' writes lora, dora, ia3 adapters only, 'default' is series"):
+    with pytest.raises(ValueError, match="format='peft' writes lora, dora, ia3 adapters only, "
+                                         "'default' is series"):
         A.save_adapter(model, tmp_path / "peft", format="peft")
     with pytest.raises(ValueError, match="format='onnx'"):
         A.save_adapter(model, tmp_path / "x", format="onnx")

@@ -11,7 +11,8 @@ def bench():
     return importlib.reload(b)  # module-level defaults are overridden per run
 
 
-@pytest.mark.parametrize("adapter", ["lora", "dora", "ia3", "series", "parallel", "prefix", "prompt"])
+@pytest.mark.parametrize("adapter", ["lora", "dora", "ia3", "series", "parallel", "prefix",
+                                     "prompt"])
 def test_train_smoke(bench, adapter):
     res = bench.main([f"--adapter={adapter}", "--steps=1", "--warmup=1", "--micro_batch=2", "--seq_len=16"])
     assert res["ours"]["tok_s"] > 0 and res["ours"]["trainable"] > 0
