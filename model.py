@@ -21,11 +21,14 @@ Shapes: B batch, T new tokens, S keys (cached + new), C n_embd, H heads, D head_
 """
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from fast import DecodeStep, prefill
 
 
 @dataclass
@@ -160,35 +163,71 @@ def apply_rope(x, cos, sin, interleaved):
     return torch.cat((y, rest), dim=-1)
 
 
-def alibi_slopes(n_head):
-    """ALiBi head slopes (Press et al.), with BLOOM's rule for head counts that are not a power of two."""
+def alibi_slopes(n_head, device=None):
+    """ALiBi head slopes (Press et al.), with BLOOM's rule for head counts that are not a power of two. Computed
+    on the device (no host-to-device copy, which a CUDA graph could not capture)."""
     p = 2 ** math.floor(math.log2(n_head))
-    slopes = [2 ** (-8 * (i + 1) / p) for i in range(p)]
-    return slopes + [2 ** (-4 * (2 * i + 1) / p) for i in range(n_head - p)]
+    i = torch.arange(n_head, device=device, dtype=torch.float64)
+    return torch.where(i < p, 2 ** (-8 * (i + 1) / p), 2 ** (-4 * (2 * (i - p) + 1) / p)).float()
+
+
+class LayerCache(NamedTuple):
+    """One layer's keys and values (B, Hkv, max_len, D) and the cache slots this call writes. Each block gets its
+    own, so no block needs a layer index (an int on a compiled module becomes a guard: one graph per layer)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    slots: torch.Tensor
+
+    def update(self, k, v):  # write the new (B, Hkv, T, D) at their slots; return the whole static cache
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # under autocast k, v may be narrower than the cache
+        return self.k.index_copy_(2, self.slots, k), self.v.index_copy_(2, self.slots, v)
 
 
 class KVCache:
-    """Static keys/values of every layer, (B, n_kv_head, max_len, D) each, allocated once; `pos` tokens are filled."""
+    """Static keys and values of every layer, allocated once, with `valid` (B, max_len): the slots that hold a
+    real token (not padding, not yet written). A call writes its T tokens at the next T slots and attends over
+    all max_len slots with a mask, so every one-token step has the same shapes: a CUDA graph can replay it.
+    The next slot is kept twice: `pos` in Python (checks, the first call) and `next` on the device (read inside
+    the step, so a replayed graph advances it; fast.DecodeStep keeps `pos` in step)."""
 
     def __init__(self, c, batch_size, max_len, device, dtype):
         shape = (batch_size, c.n_kv_head, max_len, c.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        self.kv = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                   for _ in range(c.n_layer)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next = torch.zeros((), dtype=torch.long, device=device)
         self.pos, self.max_len = 0, max_len
 
-    def update(self, layer, k, v):  # store the new (B, Hkv, T, D), return all keys/values so far
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def extend(self, valid):
+        """valid (B, T): which of T new tokens are real -> their slots (T,), marked in self.valid."""
+        T = valid.size(1)
+        self.check(T)
+        slots = self.next + torch.arange(T, device=valid.device)
+        self.valid.index_copy_(1, slots, valid)
+        self.next += T
+        self.pos += T
+        return slots
+
+    def check(self, T):
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos + T} tokens > max_len {self.max_len}")
+
+    def layer(self, i, slots):
+        return LayerCache(*self.kv[i], slots)
+
+    def repeat(self, n):  # each row n times in a row (beam search: n beams per example); new tensors
+        self.kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.kv]
+        self.valid = self.valid.repeat_interleave(n, 0)
+
+    def reorder(self, rows):  # row i takes row rows[i]'s contents, in place (a captured graph still sees them)
+        for t in [self.valid, *(t for kv in self.kv for t in kv)]:
+            t.copy_(t[rows])
 
 
 class Attention(nn.Module):
-    def __init__(self, c, layer):
+    def __init__(self, c):
         super().__init__()
-        self.c, self.layer = c, layer
+        self.c = c
         q_dim, kv_dim = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
         if c.arch == "bloom":  # one fused projection, laid out per head as (H, 3, D)
             self.query_key_value = Linear(c.n_embd, 3 * q_dim, bias=c.attn_bias)
@@ -216,9 +255,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x)
         if rope is not None:
             q, k = apply_rope(q, *rope, self.c.rope_interleaved), apply_rope(k, *rope, self.c.rope_interleaved)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        causal = mask is None and T > 1  # the model passes mask=None only when plain causal attention is right
+        if cache is not None:  # a LayerCache: attend over all its slots (the mask hides the empty ones)
+            k, v = cache.update(k, v)
+        causal = mask is None and T > 1  # mask=None only when plain causal attention is right
         prefix = self.prefix(x, self.qkv) if self.prefix is not None else None  # a slot may offer nothing: None
         gqa = self.c.n_kv_head != self.c.n_head
         if prefix is not None and prefix[2] is None:  # learned keys/values in front, visible to every query
@@ -256,10 +295,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c, layer):
+    def __init__(self, c):
         super().__init__()
         self.c = c
-        self.norm_1, self.attn, self.mlp = make_norm(c), Attention(c, layer), MLP(c)
+        self.norm_1, self.attn, self.mlp = make_norm(c), Attention(c), MLP(c)
         self.norm_2 = None if c.parallel_residual else make_norm(c)
         # adapter hook slots (see the module docstring)
         self.post_attn = self.post_mlp = self.beside_attn = self.beside_mlp = None
@@ -293,7 +332,7 @@ class Transformer(nn.Module):
         self.embed_norm = make_norm(c) if c.embed_norm else None
         self.project_in = nn.Linear(c.embed_dim, c.n_embd, bias=False) if c.embed_dim != c.n_embd else None
         self.pos_embed = nn.Embedding(c.block_size + 2, c.n_embd) if c.pos == "learned" else None  # OPT: offset 2
-        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.norm = make_norm(c) if c.final_norm else None
         self.project_out = nn.Linear(c.n_embd, c.embed_dim, bias=False) if c.embed_dim != c.n_embd else None
         self.lm_head = nn.Linear(c.embed_dim, c.vocab_size, bias=c.lm_head_bias)
@@ -319,27 +358,33 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
 
     def forward(self, idx, targets=None, attention_mask=None, cache=None, last_only=False):
-        """idx (B, T) token ids. targets (B, T): the token that should follow each position (already shifted, as in
-        nanoGPT), -100 = ignore. attention_mask (B, S): 1 for real tokens, 0 for (left) padding, covering the cached
-        tokens and idx. cache: a KVCache to read and extend. Returns logits (B, T, V) and the loss (or None)."""
+        """idx (B, T) token ids. targets (B, T): the token that should follow each position (already shifted, as
+        in nanoGPT), -100 = ignore. attention_mask (B, S): 1 for real tokens, 0 for (left) padding, covering the
+        cached tokens and idx (with a cache only its last T columns are read: the cache keeps the rest; None =
+        all real). cache: a KVCache to extend and attend over. Returns logits (B, T, V) and the loss (or None)."""
         B, T = idx.shape
         c = self.config
         past = cache.pos if cache is not None else 0
-        x = self.embed(idx)
         n_soft = self.prompt.n_tokens if self.prompt is not None else 0
+        seen = past - n_soft if past else 0  # tokens in the cache; its first n_soft slots hold the soft tokens
+        if attention_mask is not None and attention_mask.shape != (B, seen + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, seen + T)}")
+        x = self.embed(idx)
+        new = attention_mask[:, seen:].bool() if attention_mask is not None else None  # (B, T): real tokens
+        n_soft = n_soft if past == 0 else 0
         if n_soft:  # soft tokens lead the sequence and are always visible
-            if past == 0:
-                x = self.prompt(x)
-                T += n_soft
-            if attention_mask is not None:
-                attention_mask = F.pad(attention_mask, (n_soft, 0), value=1)
-        S = past + T
-        if attention_mask is not None and attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S - n_soft)}")
+            x = self.prompt(x)
+            T += n_soft
+            new = F.pad(new, (n_soft, 0), value=True) if new is not None else None
+        if cache is None:  # the keys are these T tokens
+            valid, slots, S = new, None, T
+        else:  # the keys are all of the cache's slots
+            slots = cache.extend(new if new is not None else idx.new_ones(B, T, dtype=torch.bool))
+            valid, S = cache.valid, cache.max_len
         # positions count real tokens only, so a left-padded row is numbered exactly as it would be alone
-        all_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None else \
+        key_pos = (valid.long().cumsum(-1) - 1).clamp(min=0) if valid is not None else \
             torch.arange(S, device=idx.device).expand(B, S)
-        pos = all_pos[:, past:]
+        pos = key_pos if slots is None else key_pos[:, slots]
         if self.project_in is not None:
             x = self.project_in(x)
         if self.pos_embed is not None:
@@ -347,17 +392,16 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         rope = rope_angles(c, pos) if c.pos == "rope" else None
-        mask = self.attention_mask(attention_mask, all_pos, T, S)
-        for block in self.layers:
+        mask = self.attention_mask(valid, key_pos, T, S, slots)
+        for i, block in enumerate(self.layers):
+            kv = cache.layer(i, slots) if cache is not None else None
             if self.grad_checkpoint and self.training:
-                x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, kv, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache)
-        if cache is not None:
-            cache.pos = S
+                x = block(x, rope, mask, kv)
         if last_only:
             x = x[:, -1:]
-        elif n_soft and past == 0:
+        elif n_soft:
             x = x[:, n_soft:]  # no logits for the soft tokens
         x = self.norm(x) if self.norm is not None else x
         x = self.project_out(x) if self.project_out is not None else x
@@ -367,34 +411,36 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
 
-    def attention_mask(self, attention_mask, key_pos, T, S):
-        """None when plain causal attention is right (SDPA's fast path); else a (B|1, 1|H, T, S) bool mask, or for
-        ALiBi a float bias with -inf where masked."""
-        past = S - T
-        if attention_mask is None and self.config.pos != "alibi" and (past == 0 or T == 1):
+    def attention_mask(self, valid, key_pos, T, S, slots=None):
+        """None when plain causal attention is right (SDPA's fast path); else a (B|1, 1|H, T, S) bool mask, or
+        for ALiBi a float bias with -inf where masked. valid (B, S): real keys (None = all); slots (T,): the
+        queries' key slots (None = the last T)."""
+        if valid is None and slots is None and self.config.pos != "alibi" and (T == S or T == 1):
             return None
         device = key_pos.device
-        q_idx, k_idx = torch.arange(past, S, device=device)[:, None], torch.arange(S, device=device)
+        k_idx = torch.arange(S, device=device)
+        q_idx = (slots if slots is not None else torch.arange(S - T, S, device=device))[:, None]
         mask = (k_idx <= q_idx)[None, None]  # (1, 1, T, S) causal, in cache coordinates
-        if attention_mask is not None:
+        if valid is not None:
             # a query always sees itself, so rows of padding never softmax over nothing (NaN)
-            mask = mask & attention_mask.bool()[:, None, None, :] | (k_idx == q_idx)
+            mask = mask & valid[:, None, None, :] | (k_idx == q_idx)
         if self.config.pos != "alibi":
             return mask
         # ALiBi: softmax is shift-invariant per row, so slope * key position equals slope * (key - query)
-        slopes = torch.tensor(alibi_slopes(self.config.n_head), device=device)
-        bias = slopes[None, :, None, None] * key_pos[:, None, None, :].float()  # (B, H, 1, S)
-        return bias.masked_fill(~mask, float("-inf"))
+        bias = alibi_slopes(self.config.n_head, device)[None, :, None, None] * key_pos[:, None, None, :].float()
+        return bias.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, attention_mask=None):
-        """Continue idx (B, T) by max_new_tokens with a KV cache: greedy when temperature == 0, else sampled (top_k
-        optional). Left-padded batches need attention_mask. Rows that produced eos_id are filled with eos_id; the
-        loop stops when all have. Returns (B, T + new)."""
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, attention_mask=None,
+                 cuda_graph=True):
+        """Continue idx (B, T) by max_new_tokens with a KV cache: greedy when temperature == 0, else sampled
+        (top_k optional). Left-padded batches need attention_mask. Rows that produced eos_id are filled with
+        eos_id; the loop stops when all have. Returns (B, T + new). A prefill, then one-token steps of fixed
+        shapes (fast.DecodeStep: replayed as a CUDA graph on CUDA unless cuda_graph=False)."""
         B, T = idx.shape
         n_soft = self.prompt.n_tokens if self.prompt is not None else 0
         cache = self.new_cache(B, T + max_new_tokens + n_soft)
-        logits, _ = self(idx, attention_mask=attention_mask, cache=cache, last_only=True)
+        logits, step = prefill(self, cache, idx, attention_mask), DecodeStep(self, cache, cuda_graph)
         out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
             nxt = sample(logits[:, -1], temperature, top_k)  # (B,)
@@ -404,9 +450,7 @@ class Transformer(nn.Module):
             out.append(nxt[:, None])
             if i == max_new_tokens - 1 or (eos_id is not None and done.all()):
                 break
-            if attention_mask is not None:
-                attention_mask = F.pad(attention_mask, (0, 1), value=1)
-            logits, _ = self(nxt[:, None], attention_mask=attention_mask, cache=cache, last_only=True)
+            logits = step(nxt[:, None])
         return torch.cat(out, dim=1)
 
 
