@@ -31,7 +31,7 @@ from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, leakage, load_rows
 from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, extract_answer, get_kind, is_correct
 from data.template import format_prompt
 from checkpoints import load_model, write_atomic
-from fast import DecodeStep, prefill
+from fast import DecodeStep, compile_blocks, compile_setting, prefill
 from configurator import DEMO_DIR, DTYPES, ConfigError, configure, device_and_dtype
 from tokenizer import Tokenizer
 
@@ -51,6 +51,7 @@ DEFAULTS = dict(
     strict=False,         # strict answer reading (data/scoring.py) instead of the paper's
     dtype="",             # bfloat16 | float16 | float32; "" = bfloat16 on cuda, float32 on cpu
     device="",            # "" = cuda if available, else cpu
+    compile="",           # torch.compile each block: "" = on for CUDA, off elsewhere; true | false force it
     out="",               # "" = out/eval/<adapter name, or base model name>
     demo_dir=DEMO_DIR,    # where train.py's embedded demo lives (without --model)
 )
@@ -76,6 +77,7 @@ def parse_config(argv):
             raise ConfigError(f"--{key}={cfg[key]}: must be 0 or more")
     if cfg["dtype"] not in DTYPES:
         raise ConfigError(f"--dtype={cfg['dtype']}: expected bfloat16, float16 or float32")
+    compile_setting(cfg["compile"], "cpu")  # a word it does not know is a ConfigError here
     return cfg
 
 
@@ -297,6 +299,8 @@ def run(cfg, adapter_dir, rows, kind, device, dtype, out):
     """Evaluate the base model + adapter_dir ("" = none) on every set of rows; write <out>/<set>.jsonl and
     <out>/summary.json. Returns ({set: accuracy}, the summary)."""
     model, tok, extra = load(cfg["model"], adapter_dir, device, dtype)
+    if compile_setting(cfg["compile"], device):
+        compile_blocks(model)  # generation is then a CUDA graph of compiled blocks (fast.DecodeStep)
     template = extra.get("template", "alpaca")
     if template not in TEMPLATES:
         raise ValueError(f"{adapter_dir}: unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")

@@ -168,3 +168,9 @@ def test_cuda_graph_step_replays():
     for _ in range(6):
         tok = step(tok)[:, -1].argmax(-1, keepdim=True)
     assert step.graph is not None and cache.pos == 10 and int(cache.next) == 10
+
+
+def test_compile_words_are_checked():
+    with pytest.raises(ConfigError, match="--compile=maybe"):
+        ev.parse_config(["--compile=maybe"])
+    assert ev.parse_config(["--compile=false"])["compile"] == "false"
