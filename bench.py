@@ -1,17 +1,20 @@
 """
 Speed and memory of adapter training and generation, ours vs Hugging Face + PEFT in the same run.
 
-  python bench.py --model=llama-7b --adapter=lora --micro_batch=4 --seq_len=256 [--grad_ckpt] [--baseline]
-  python bench.py --task=generate --adapter=none --batch=32 --prompt_len=200 --new_tokens=256 [--baseline]
-  python bench.py --suite                 # every row of the README's table, one process each: a markdown table
-                                          # on stdout and JSON in --out
+  python bench.py --model=llama-7b --adapter=lora --micro_batch=4 --seq_len=256 [--grad_ckpt]
+                  [--baseline]
+  python bench.py --task=generate --adapter=none --batch=32 --prompt_len=200 --new_tokens=256
+                  [--baseline]
+  python bench.py --suite      # every row of the README's table, one process each: a markdown
+                               # table on stdout, JSON in --out
 
-The preset is built with random weights (bf16 on CUDA, no download). Without CUDA the default model is tiny-llama
-in fp32: a smoke test, numbers meaningless. --compile: "" = compile each block on CUDA (fast.compile_blocks),
-true/false force it; every run reports its first step's seconds (compiling included) apart from the timed steps.
-Generation uses fast.DecodeStep (a CUDA graph per generate call on CUDA); --adapter=lora attaches an unmerged
-LoRA to it, --adapter=none runs the bare base. MFU divides model FLOPs by --peak_tflops (default 989: H100 SXM
-dense bf16). Training FLOPs of a frozen base: forward 2N + backward through activations 2N per token (no weight
+The preset is built with random weights (bf16 on CUDA, no download). Without CUDA the default
+model is tiny-llama in fp32: a smoke test, numbers meaningless. --compile: "" = compile each block
+on CUDA (fast.compile_blocks), true/false force it; every run reports its first step's seconds
+(compiling included) apart from the timed steps. Generation uses fast.DecodeStep (a CUDA graph per
+generate call on CUDA); --adapter=lora attaches an unmerged LoRA to it, --adapter=none runs the
+bare base. MFU divides model FLOPs by --peak_tflops (default 989: H100 SXM dense bf16). Training
+FLOPs of a frozen base: forward 2N + backward through activations 2N per token (no weight
 gradients), plus attention.
 """
 import json
@@ -35,7 +38,7 @@ DEFAULTS = dict(
     micro_batch=4,
     seq_len=256,
     steps=10,
-    warmup=3,             # untimed steps after the first one (which is timed on its own: compile time)
+    warmup=3,             # untimed steps after the first (timed on its own: compile time)
     compile="",           # "" = compile each block on CUDA, off elsewhere; true | false force it
     grad_ckpt=False,
     baseline=False,       # also run transformers + PEFT on the same work (test-only dependencies)
@@ -44,12 +47,14 @@ DEFAULTS = dict(
     new_tokens=256,
     peak_tflops=989.0,
     n_layer=0,            # 0 = the preset's; fewer layers to fit a quick look
-    suite="",             # all = every row of SUITE, or some of its keys (comma-separated); "" = one run
+    suite="",             # all = every row of SUITE, or some of its keys (a,b,...); "" = one run
     out="out/bench/suite.json",  # where --suite writes its rows as JSON
 )
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # issue 13's setting, on LLaMA
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # issue 13's setting
 
-# the README's table: key -> (work, target, the row's own settings); the rest comes from the command line
+# the README's table: key -> (work, target, the row's own settings); the rest comes from the
+# command line (the work's {names} are filled from the settings)
+SAME_AS_LORA = "≤ 1.3× LoRA's time per token"
 SUITE = {
     "lora4": ("LoRA, micro-batch 4", "≥ 2.5× HF+PEFT, memory ≤ HF's; first step ≤ 60 s",
               dict(adapter="lora", micro_batch=4, baseline=True)),
@@ -58,15 +63,14 @@ SUITE = {
     "lora16": ("LoRA, micro-batch 16", "≥ 18,000 tok/s", dict(adapter="lora", micro_batch=16)),
     "lora16-ckpt": ("LoRA, micro-batch 16, --grad_ckpt", "≥ 1.5× HF+PEFT",
                     dict(adapter="lora", micro_batch=16, grad_ckpt=True, baseline=True)),
-    "series4": ("series, micro-batch 4", "≤ 1.3× LoRA's time per token", dict(adapter="series", micro_batch=4)),
-    "parallel4": ("parallel, micro-batch 4", "≤ 1.3× LoRA's time per token",
-                  dict(adapter="parallel", micro_batch=4)),
-    "prefix4": ("prefix, micro-batch 4", "≤ 1.3× LoRA's time per token", dict(adapter="prefix", micro_batch=4)),
-    "generate32": ("generate, batch 32, prompt 200, +256", "≥ 10× HF",
+    "series4": ("series, micro-batch 4", SAME_AS_LORA, dict(adapter="series", micro_batch=4)),
+    "parallel4": ("parallel, micro-batch 4", SAME_AS_LORA, dict(adapter="parallel", micro_batch=4)),
+    "prefix4": ("prefix, micro-batch 4", SAME_AS_LORA, dict(adapter="prefix", micro_batch=4)),
+    "generate32": ("generate, batch 32, prompt {prompt_len}, +{new_tokens}", "≥ 10× HF",
                    dict(task="generate", adapter="none", batch=32, baseline=True)),
     "generate32-lora": ("generate + unmerged LoRA, batch 32", "≥ 10× HF+PEFT",
                         dict(task="generate", adapter="lora", batch=32, baseline=True)),
-    "decode1": ("decode, batch 1", "≥ 150 tok/s (bound ≈ 355 on an H200)",
+    "decode1": ("decode, batch 1, +{new_tokens}", "≥ 150 tok/s (bound ≈ 355 on an H200)",
                 dict(task="generate", adapter="none", batch=1)),
 }
 
@@ -77,7 +81,7 @@ def sync():
 
 
 def timed(fn, n, n_warmup):
-    """-> (seconds of the first call, which includes compiling; seconds of n calls after n_warmup more)."""
+    """-> (seconds of the first call, compiling included; of n calls after n_warmup more)."""
     t0 = time.perf_counter()
     fn()
     sync()
@@ -95,7 +99,9 @@ def timed(fn, n, n_warmup):
 
 
 def peak_gib():
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def build(cfg, device):
@@ -114,8 +120,9 @@ def attach(m, adapter):
 
 
 def time_training(cfg, loss_fn, params, device):
-    """First step, warm-up, then `steps` timed optimizer steps of loss_fn() -> loss (bf16 autocast on CUDA). The
-    same for ours and HF+PEFT: AdamW on the trainable parameters. -> (tokens/s, peak GiB, first step s)."""
+    """First step, warm-up, then `steps` timed optimizer steps of loss_fn() -> loss (bf16 autocast
+    on CUDA). The same for ours and HF+PEFT: AdamW on the trainable parameters.
+    -> (tokens/s, peak GiB, first step s)."""
     opt = torch.optim.AdamW(params, lr=3e-4, fused=device == "cuda")
 
     def step():
@@ -145,15 +152,15 @@ def bench_train(cfg, conf, m, device):
     tok_s, peak, first = time_training(cfg, lambda: m(x, x)[1], params, device)
     trainable, total = count_parameters(m)
     mfu = tok_s * train_flops_per_token(cfg, conf, total - trainable) / (cfg.peak_tflops * 1e12)
-    return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 2), "trainable": trainable,
-            "mfu": round(mfu, 3)}
+    return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 2),
+            "trainable": trainable, "mfu": round(mfu, 3)}
 
 
 def time_generation(cfg, generate):
     """One generate call of the full size first (compiling, CUDA-graph capture), then one timed."""
     first, dt = timed(generate, 1, 0)
-    return {"new_tok_s": round(cfg.batch * cfg.new_tokens / dt), "seconds": round(dt, 2), "peak_gib": peak_gib(),
-            "first_call_s": round(first, 2)}
+    return {"new_tok_s": round(cfg.batch * cfg.new_tokens / dt), "seconds": round(dt, 2),
+            "peak_gib": peak_gib(), "first_call_s": round(first, 2)}
 
 
 def bench_generate(cfg, conf, m, device):
@@ -180,8 +187,9 @@ def hf_model(conf, dtype, device):
 def peft_lora(model):
     from peft import LoraConfig, get_peft_model
     o = KINDS["lora"].defaults
-    return get_peft_model(model, LoraConfig(r=o["r"], lora_alpha=o["alpha"], lora_dropout=o["dropout"],
-                                            bias="none", task_type="CAUSAL_LM", target_modules=LORA_TARGETS))
+    lora = LoraConfig(r=o["r"], lora_alpha=o["alpha"], lora_dropout=o["dropout"], bias="none",
+                      task_type="CAUSAL_LM", target_modules=LORA_TARGETS)
+    return get_peft_model(model, lora)
 
 
 def baseline_train(cfg, conf, dtype, device):
@@ -231,7 +239,7 @@ def run(cfg):
     """One row: ours (and with --baseline, HF+PEFT) on one piece of work -> a dict of results."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     conf, m, dtype = build(cfg, device)
-    fast_fp32_matmuls(device, dtype)  # as train.py: TF32 for the fp32 adapter maths beside the bf16 base
+    fast_fp32_matmuls(device, dtype)  # as train.py: TF32 for fp32 adapter maths beside bf16
     res = {"model": conf.name, "n_layer": conf.n_layer, "task": cfg.task, "adapter": cfg.adapter,
            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke test)",
            "torch": torch.__version__, "compiled": compile_setting(cfg.compile, device)}
@@ -244,10 +252,12 @@ def run(cfg):
             import peft
             import transformers
         except ImportError as e:
-            res["hf_peft"] = {"skipped": f"{e.name} is not installed (pip install -r requirements-dev.txt)"}
+            res["hf_peft"] = {"skipped": f"{e.name} is not installed "
+                                         "(pip install -r requirements-dev.txt)"}
             return res
         res["versions"] = {"transformers": transformers.__version__, "peft": peft.__version__}
-        res["hf_peft"] = (baseline_train if cfg.task == "train" else baseline_generate)(cfg, conf, dtype, device)
+        baseline = baseline_train if cfg.task == "train" else baseline_generate
+        res["hf_peft"] = baseline(cfg, conf, dtype, device)
         key = "tok_s" if cfg.task == "train" else "new_tok_s"
         if key in res["hf_peft"]:
             res["speedup"] = round(res["ours"][key] / res["hf_peft"][key], 2)
@@ -255,8 +265,8 @@ def run(cfg):
 
 
 def run_suite(cfg, argv):
-    """Every row (or those named in --suite) in its own process, with the command line's other settings; prints
-    one markdown table and writes the rows as JSON to --out. -> the JSON object."""
+    """Every row (or those named in --suite) in its own process, with the command line's other
+    settings; prints one markdown table and writes the rows as JSON to --out. -> the JSON object."""
     common = [a for a in argv if not a.startswith(("--suite", "--out"))]
     keys = list(SUITE) if cfg.suite == "all" else cfg.suite.split(",")
     rows = []
@@ -264,11 +274,13 @@ def run_suite(cfg, argv):
         work, target, settings = SUITE[key]
         args = common + [f"--{k}={v}" for k, v in settings.items()]
         print(f"bench.py --suite: {key}: {' '.join(args)}", file=sys.stderr, flush=True)
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True,
+                           text=True)
         lines = p.stdout.strip().splitlines()
         result = json.loads(lines[-1]) if p.returncode == 0 and lines else \
             {"error": (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]}
-        rows.append({"key": key, "work": work, "target": target, "args": args, "result": result})
+        rows.append({"key": key, "work": work.format(**vars(cfg)), "target": target, "args": args,
+                     "result": result})
     table = markdown_table(rows)
     print(table)
     report = {"rows": rows, "table": table}
@@ -278,14 +290,17 @@ def run_suite(cfg, argv):
 
 
 def markdown_table(rows):
-    """The suite's rows as README's table: ours and HF+PEFT side by side, the ratio, first step, target."""
+    """The suite's rows as the README's table: ours and HF+PEFT side by side, ratio, first step."""
     def speed(r):
         if not r or "skipped" in r:
             return "—"
         gib = f", {r['peak_gib']} GiB" if r.get("peak_gib") is not None else ""
-        return f"{r.get('tok_s', r.get('new_tok_s')):,} {'tok/s' if 'tok_s' in r else 'new tok/s'}{gib}"
+        if "tok_s" in r:
+            return f"{r['tok_s']:,} tok/s{gib}"
+        return f"{r['new_tok_s']:,} new tok/s{gib}"
 
-    lines = ["| work | ours | HF + PEFT | ratio | first step / call (s) | target |", "|---|---|---|---|---|---|"]
+    lines = ["| work | ours | HF + PEFT | ratio | first step / call (s) | target |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         res = row["result"]
         if "error" in res:
@@ -294,8 +309,8 @@ def markdown_table(rows):
         ours = res["ours"]
         first = ours.get("first_step_s", ours.get("first_call_s"))
         ratio = f"{res['speedup']}×" if "speedup" in res else "—"
-        lines.append(f"| {row['work']} | {speed(ours)} | {speed(res.get('hf_peft'))} | {ratio} | {first} "
-                     f"| {row['target']} |")
+        lines.append(f"| {row['work']} | {speed(ours)} | {speed(res.get('hf_peft'))} | {ratio} "
+                     f"| {first} | {row['target']} |")
     device = next((r["result"]["device"] for r in rows if "device" in r["result"]), "?")
     return "\n".join(lines) + f"\n\n({device}, torch {torch.__version__})"
 

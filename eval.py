@@ -51,7 +51,7 @@ DEFAULTS = dict(
     strict=False,         # strict answer reading (data/scoring.py) instead of the paper's
     dtype="",             # bfloat16 | float16 | float32; "" = bfloat16 on cuda, float32 on cpu
     device="",            # "" = cuda if available, else cpu
-    compile="",           # torch.compile each block: "" = on for CUDA, off elsewhere; true | false force it
+    compile="",           # compile each block: "" = on for CUDA, off elsewhere; true | false
     out="",               # "" = out/eval/<adapter name, or base model name>
     demo_dir=DEMO_DIR,    # where train.py's embedded demo lives (without --model)
 )
@@ -127,15 +127,16 @@ def find_datasets(spec, data_dir=""):
 # generation
 
 @torch.no_grad()
-def beam_search(model, idx, attention_mask, max_new_tokens, num_beams, eos_id=None, length_penalty=1.0,
-                return_scores=False):
-    """Batched beam search with a KV cache, as Hugging Face's (early_stopping=False): every step keeps the
-    num_beams best unfinished continuations; a continuation ending in EOS among the num_beams best candidates
-    becomes a hypothesis, scored sum(log p) / len ** length_penalty with len = generated tokens incl. EOS (HF
-    counts the prompt and its padding there, which makes results depend on the batch). An example is done once
-    it has num_beams hypotheses and none of its live beams scores better now; at max_new_tokens the live beams
-    become hypotheses too. idx (B, T) left-padded with attention_mask (B, T). Returns the best continuation of
-    each row, a list of ids without EOS (with return_scores: (score, ids) pairs)."""
+def beam_search(model, idx, attention_mask, max_new_tokens, num_beams, eos_id=None,
+                length_penalty=1.0, return_scores=False):
+    """Batched beam search with a KV cache, as Hugging Face's (early_stopping=False): every step
+    keeps the num_beams best unfinished continuations; a continuation ending in EOS among the
+    num_beams best candidates becomes a hypothesis, scored sum(log p) / len ** length_penalty with
+    len = generated tokens incl. EOS (HF counts the prompt and its padding there, which makes
+    results depend on the batch). An example is done once it has num_beams hypotheses and none of
+    its live beams scores better now; at max_new_tokens the live beams become hypotheses too.
+    idx (B, T) left-padded with attention_mask (B, T). Returns the best continuation of each row, a
+    list of ids without EOS (with return_scores: (score, ids) pairs)."""
     B, T = idx.shape
     K = num_beams
     n_soft = model.prompt.n_tokens if model.prompt is not None else 0
@@ -167,10 +168,11 @@ def beam_search(model, idx, attention_mask, max_new_tokens, num_beams, eos_id=No
 
 
 def next_beams(scores, logp, seqs, hyps, done, eos_id, norm):
-    """One step of beam search: from the K beams of each example (scores (B, K), logp (B*K, V)) the 2K best
-    candidates; those ending in EOS among the K best become hypotheses (score / norm) in hyps, the others
-    become the K new beams. Marks examples done (updating `done`). -> [(score, source row, token)] for the
-    B*K new beams; dead beams (done examples, too few candidates) have score -inf."""
+    """One step of beam search: from the K beams of each example (scores (B, K), logp (B*K, V))
+    the 2K best candidates; those ending in EOS among the K best become hypotheses (score / norm)
+    in hyps, the others the K new beams. Marks examples done (in `done`).
+    -> [(score, source row, token)] for the B*K new beams; dead beams (done examples, too few
+    candidates) score -inf."""
     B, K = scores.shape
     V = logp.size(-1)
     top, flat = (scores.view(-1, 1) + logp).view(B, K * V).topk(min(2 * K, K * V), dim=1)
@@ -188,7 +190,7 @@ def next_beams(scores, logp, seqs, hyps, done, eos_id, norm):
             else:
                 keep.append((s, row, t))
         keep += [(-math.inf, b * K, 0)] * (K - len(keep))
-        if not done[b]:  # nothing left to explore, or no live beam can beat the K best hypotheses now
+        if not done[b]:  # nothing left to explore, or no live beam beats the K best hypotheses
             worst = sorted(h[0] for h in hyps[b])[-K] if len(hyps[b]) >= K else -math.inf
             done[b] = keep[0][0] == -math.inf or worst >= keep[0][0] / norm
         live += keep
@@ -300,7 +302,7 @@ def run(cfg, adapter_dir, rows, kind, device, dtype, out):
     <out>/summary.json. Returns ({set: accuracy}, the summary)."""
     model, tok, extra = load(cfg["model"], adapter_dir, device, dtype)
     if compile_setting(cfg["compile"], device):
-        compile_blocks(model)  # generation is then a CUDA graph of compiled blocks (fast.DecodeStep)
+        compile_blocks(model)  # decoding: a CUDA graph of compiled blocks (fast.DecodeStep)
     template = extra.get("template", "alpaca")
     if template not in TEMPLATES:
         raise ValueError(f"{adapter_dir}: unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")

@@ -70,7 +70,7 @@ device = ""               # cuda | cpu | mps; "" = cuda if available, else cpu
 dtype = ""                # of the frozen base and autocast: bfloat16 | float16 (+ GradScaler) | float32;
                           # "" = bfloat16 on cuda (float16 where bf16 is unsupported), float32 elsewhere
 grad_ckpt = False         # recompute activations in backward: less memory, ~30% slower
-compile = ""              # torch.compile each block: "" = on for CUDA, off elsewhere; true | false force it
+compile = ""              # compile each block: "" = on for CUDA, off elsewhere; true | false
 threads = 0               # CPU threads for torch; 0 = torch's default
 log_interval = 10
 # the embedded demo (no --model)
@@ -315,7 +315,7 @@ def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=Non
         opt.zero_grad(set_to_none=True)
         step += 1
         if compiled and step == start + 1:
-            log(rt, None, None, f"first step {time.time() - t0:.1f}s (compiling the blocks included)")
+            log(rt, None, None, f"first step {time.time() - t0:.1f}s (compiling included)")
         if step % cfg.log_interval == 0 or step in (start + 1, total):
             dt = time.time() - t0
             eta, mem = round(dt / (step - start) * (total - step)), 0

@@ -1,5 +1,6 @@
-"""bench.py smoke tests on the CPU (tiny-llama): every adapter, both tasks, the HF+PEFT baseline, the suite, and
-bad settings. No timing assertions: speed lives in the printed numbers, not in tests."""
+"""bench.py smoke tests on the CPU (tiny-llama): every adapter, both tasks, the HF+PEFT baseline,
+the suite, and bad settings. No timing assertions: speed lives in the printed numbers, not in
+tests."""
 import json
 
 import pytest
@@ -12,7 +13,8 @@ SMALL = ["--steps=1", "--warmup=0", "--seq_len=16", "--prompt_len=8", "--new_tok
 @pytest.mark.parametrize("adapter", ["lora", "series", "parallel", "prefix", "prompt"])
 def test_train_smoke(adapter):
     res = bench.main([f"--adapter={adapter}", "--micro_batch=2", *SMALL])
-    assert res["ours"]["tok_s"] > 0 and res["ours"]["trainable"] > 0 and res["ours"]["first_step_s"] > 0
+    assert res["ours"]["tok_s"] > 0 and res["ours"]["trainable"] > 0
+    assert res["ours"]["first_step_s"] > 0
     assert res["model"] == "tiny-llama" and res["compiled"] is False  # auto: off on the CPU
 
 
@@ -30,7 +32,7 @@ def test_suite_runs_rows_in_their_own_processes(tmp_path, capsys):
     assert rows["lora4"]["ours"]["tok_s"] > 0 and rows["decode1"]["ours"]["new_tok_s"] > 0
     assert "--micro_batch=4" in report["rows"][0]["args"] and rows["decode1"]["adapter"] == "none"
     table = capsys.readouterr().out
-    assert "| LoRA, micro-batch 4 |" in table and "| decode, batch 1 |" in table
+    assert "| LoRA, micro-batch 4 |" in table and "| decode, batch 1, +4 |" in table
     if "skipped" not in rows["lora4"]["hf_peft"]:  # transformers + peft installed: side by side
         assert rows["lora4"]["speedup"] > 0 and table.count("×") >= 1
 

@@ -1,6 +1,7 @@
-"""fast.py: the static-shape decoding path (prefill + fixed-shape one-token steps over the whole KV cache, a CUDA
-graph on CUDA), regional compilation (one graph for every block) and the --compile setting. References are full
-forward passes without any cache (what the KV-cache generation was always tested against)."""
+"""fast.py: the static-shape decoding path (prefill + fixed-shape one-token steps over the whole KV
+cache, a CUDA graph on CUDA), regional compilation (one graph for every block) and the --compile
+setting. References are full forward passes without any cache (what the KV-cache generation was
+always tested against)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +15,9 @@ from configurator import ConfigError
 from fast import DecodeStep, compile_blocks, compile_setting, prefill
 
 FAMILIES = ("llama", "llama-gqa", "gptj", "bloom", "opt")
-ADAPTERS = {"base": None, "lora": dict(r=4, alpha=8, dropout=0.0), "prefix": dict(num_virtual_tokens=3),
-            "gated": dict(num_virtual_tokens=3, gated=True), "prompt": dict(num_virtual_tokens=3)}
+ADAPTERS = {"base": None, "lora": dict(r=4, alpha=8, dropout=0.0),
+            "prefix": dict(num_virtual_tokens=3), "gated": dict(num_virtual_tokens=3, gated=True),
+            "prompt": dict(num_virtual_tokens=3)}
 def rand_ids(*shape, seed=0):  # token ids of a fixed seed, within the tiny vocabulary (512)
     return torch.randint(512, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -24,7 +26,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 
 
 def adapted(family, kind, device="cpu"):
-    """A tiny random model of the family with a random adapter (no zero-initialised, inert parts)."""
+    """A tiny random model of the family with a random adapter (no zero-initialised parts)."""
     m = tiny_model(family).to(device)
     if ADAPTERS[kind] is not None:
         add_adapter(m, "prefix" if kind == "gated" else kind, **ADAPTERS[kind])
@@ -58,21 +60,26 @@ def test_static_decoding_equals_full_forwards(family, kind):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_beam_search_on_the_static_cache(family):
-    # scores of the returned beams equal a full forward over prompt + continuation (reordered, repeated cache)
+    # scores of the returned beams equal a full forward over prompt + continuation (the cache was
+    # repeated and reordered)
     m = adapted(family, "prefix")
     prompts = [rand_ids(n, seed=n).tolist() for n in (4, 2, 6)]
-    got = ev.beam_search(m, *left_pad([torch.tensor(p) for p in prompts]), 5, num_beams=3, return_scores=True)
+    idx, mask = left_pad([torch.tensor(p) for p in prompts])
+    got = ev.beam_search(m, idx, mask, 5, num_beams=3, return_scores=True)
     for p, (score, ids) in zip(prompts, got):
         with torch.no_grad():
             logp = F.log_softmax(m(torch.tensor([p + ids]))[0][0, len(p) - 1:-1], -1)
         assert len(ids) == 5
-        assert score == pytest.approx(logp.gather(1, torch.tensor(ids)[:, None]).sum().item() / 5, abs=1e-5)
-    alone = ev.beam_search(m, torch.tensor([prompts[2]]), torch.ones(1, 6, dtype=torch.long), 5, num_beams=3)
+        total = logp.gather(1, torch.tensor(ids)[:, None]).sum().item()
+        assert score == pytest.approx(total / 5, abs=1e-5)
+    alone = ev.beam_search(m, torch.tensor([prompts[2]]), torch.ones(1, 6, dtype=torch.long), 5,
+                           num_beams=3)
     assert alone[0] == got[2][1]
 
 
 def test_decode_steps_have_fixed_shapes(monkeypatch):
-    # every one-token step attends over the whole cache: the same shapes each step (what a CUDA graph needs)
+    # every one-token step attends over the whole cache: the same shapes each step (as a CUDA graph
+    # needs)
     m = adapted("bloom", "prefix")
     seen = []
     sdpa = F.scaled_dot_product_attention
@@ -101,14 +108,15 @@ def test_cache_repeat_and_reorder():
     rows = torch.tensor([5, 0, 0, 1, 2, 3])
     before = [t.clone() for t in (cache.valid, cache.kv[1][1])]
     cache.reorder(rows)
-    assert torch.equal(cache.valid, before[0][rows]) and torch.equal(cache.kv[1][1], before[1][rows])
-    assert cache.kv[1][1].data_ptr() == ptr  # in place: a captured graph keeps reading the same memory
+    assert torch.equal(cache.valid, before[0][rows])
+    assert torch.equal(cache.kv[1][1], before[1][rows])
+    assert cache.kv[1][1].data_ptr() == ptr  # in place: a captured graph reads the same memory
 
 
 def test_block_compilation_one_graph_for_all_layers():
-    # dynamo's own test backend counts the graphs: two for 4 blocks, the first block's (its input, the frozen
-    # embedding's output, needs no grad) and one for all the others (a layer index on a module would be a guard:
-    # one graph per layer); forward and backward equal eager
+    # dynamo's own test backend counts the graphs: two for 4 blocks, the first block's (its input,
+    # the frozen embedding's output, needs no grad) and one for all the others (a layer index on a
+    # module would be a guard: one graph per layer); forward and backward equal eager
     torch.manual_seed(0)
     m = add_adapter(tiny_model("llama", n_layer=4), "lora", r=4, alpha=8, dropout=0.0)
     x = rand_ids(2, 12)
@@ -122,12 +130,13 @@ def test_block_compilation_one_graph_for_all_layers():
     loss_c.backward()
     assert count.frame_count == 2
     assert torch.allclose(loss_c, loss, atol=1e-6)
-    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip([p for p in m.parameters() if p.requires_grad],
-                                                                     grads))
+    trained = [p for p in m.parameters() if p.requires_grad]
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(trained, grads))
 
 
 def test_inductor_blocks_equal_eager():
-    # one real (inductor) compile on a tiny model: same logits and loss as eager, and the decode path still works
+    # one real (inductor) compile on a tiny model: same logits and loss as eager, and the same
+    # generated tokens
     m = tiny_model("llama", n_layer=2)
     idx, mask = left_pad([rand_ids(n, seed=n) for n in (6, 3)])
     with torch.no_grad():
@@ -135,7 +144,8 @@ def test_inductor_blocks_equal_eager():
         ref_gen = m.generate(idx, 3, attention_mask=mask)
         compile_blocks(m)
         logits, loss = m(idx, idx)
-        assert torch.allclose(logits, ref_logits, atol=1e-5) and torch.allclose(loss, ref_loss, atol=1e-5)
+        assert torch.allclose(logits, ref_logits, atol=1e-5)
+        assert torch.allclose(loss, ref_loss, atol=1e-5)
         assert torch.equal(m.generate(idx, 3, attention_mask=mask), ref_gen)
 
 
