@@ -7,6 +7,7 @@ Speed and memory of adapter training and generation, ours vs Hugging Face + PEFT
                   [--baseline]
   python bench.py --suite      # every row of the README's table, one process each: a markdown
                                # table on stdout, JSON in --out
+  python bench.py --task=ops --adapter=lora   # kernels an adapter adds to a training step (CPU)
 
 The preset is built with random weights (bf16 on CUDA, no download). Without CUDA the default
 model is tiny-llama in fp32: a smoke test, numbers meaningless. --compile: "" = compile each block
@@ -24,6 +25,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapters import KINDS, add_adapter, count_parameters, fast_fp32_matmuls
 from checkpoints import write_atomic
@@ -34,7 +36,7 @@ from model import PRESETS, Config, Transformer
 DEFAULTS = dict(
     model="",             # a preset; "" = llama-7b on CUDA, tiny-llama elsewhere
     adapter="lora",       # an adapter kind; none = the bare base (generation only)
-    task="train",         # train | generate
+    task="train",         # train | generate | ops (kernels the adapter adds, counted on the CPU)
     micro_batch=4,
     seq_len=256,
     steps=10,
@@ -218,7 +220,7 @@ def baseline_generate(cfg, conf, dtype, device):
 
 def parse(argv):
     cfg = configure(argv, DEFAULTS, __doc__)[0]
-    check_choice(cfg, "task", ("train", "generate"))
+    check_choice(cfg, "task", ("train", "generate", "ops"))
     if cfg.adapter not in (*KINDS, "none") or cfg.adapter == "none" and cfg.task == "train":
         raise ConfigError(f"--adapter={cfg.adapter}: expected one of {', '.join(KINDS)}"
                           + (", or none with --task=generate" if cfg.task == "train" else ", none"))
@@ -235,8 +237,47 @@ def parse(argv):
     return cfg
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that compute (views and allocations left out): one kernel launch each on
+    a GPU, so a figure about launch overhead that a CPU can measure."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        self.n += not (func.is_view or name.startswith("empty") or name == "_unsafe_view")
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(cfg):
+    """Kernels one training step's forward and backward run on a one-layer bf16 tiny-llama, with
+    the adapter minus without: what the adapter adds per layer (LoRA: per call as well)."""
+    def step_ops(adapter):
+        torch.manual_seed(0)
+        m = Transformer(Config.from_name("tiny-llama", n_layer=1)).to(torch.bfloat16)
+        attach(m.requires_grad_(False), adapter)
+        m.embed.weight.requires_grad_(True)  # both runs backpropagate through the whole layer
+        m.train()
+        x = torch.randint(0, m.config.vocab_size, (2, 16))
+        with OpCounter() as forward:
+            loss = m(x, x)[1]
+        with OpCounter() as backward:
+            loss.backward()
+        return forward.n, backward.n
+
+    (f0, b0), (f1, b1) = step_ops("none"), step_ops(cfg.adapter)
+    res = {"forward_ops_per_layer": f1 - f0, "backward_ops_per_layer": b1 - b0}
+    if cfg.adapter == "lora":
+        res["forward_ops_per_call"] = (f1 - f0) / len(LORA_TARGETS)
+    return res
+
+
 def run(cfg):
     """One row: ours (and with --baseline, HF+PEFT) on one piece of work -> a dict of results."""
+    if cfg.task == "ops":
+        return {"task": "ops", "adapter": cfg.adapter, "ours": count_ops(cfg)}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     conf, m, dtype = build(cfg, device)
     fast_fp32_matmuls(device, dtype)  # as train.py: TF32 for fp32 adapter maths beside bf16

@@ -50,3 +50,12 @@ def test_suite_runs_rows_in_their_own_processes(tmp_path, capsys):
 def test_bad_settings_are_one_line(argv, message):
     with pytest.raises(SystemExit, match=message):
         bench.main(argv)
+
+
+def test_ops_counts_the_lean_adapter_path():
+    # the lean path: per LoRA call one cast of x, dropout (3 ops on the CPU), two matmuls and one add
+    # that scales, casts and adds (it was 9: a second cast and a multiply more)
+    res = bench.main(["--task=ops", "--adapter=lora"])["ours"]
+    assert 4 <= res["forward_ops_per_call"] <= 7 and res["backward_ops_per_layer"] > 0
+    series = bench.main(["--task=ops", "--adapter=series"])["ours"]
+    assert 3 <= series["forward_ops_per_layer"] <= 6  # scaling 1.0 multiplies nothing
