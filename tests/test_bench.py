@@ -53,7 +53,7 @@ def test_bad_settings_are_one_line(argv, message):
 
 
 def test_ops_counts_the_lean_adapter_path():
-    # the lean path: per LoRA call one cast of x, dropout (3 ops on the CPU), two matmuls and one add
+    # the lean path: per LoRA call one cast of x, dropout (3 ops on the CPU), two matmuls, one add
     # that scales, casts and adds (it was 9: a second cast and a multiply more)
     res = bench.main(["--task=ops", "--adapter=lora"])["ours"]
     assert 4 <= res["forward_ops_per_call"] <= 7 and res["backward_ops_per_layer"] > 0
