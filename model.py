@@ -392,14 +392,14 @@ class Transformer(nn.Module):
         B, T = idx.shape
         c = self.config
         past = cache.pos if cache is not None else 0
-        n_soft = self.prompt.n_tokens if self.prompt is not None else 0
-        seen = past - n_soft if past else 0  # cached tokens; the first n_soft slots are soft tokens
+        n_prompt = self.prompt.n_tokens if self.prompt is not None else 0  # soft tokens
+        seen = past - n_prompt if past else 0  # tokens in the cache (after its soft tokens)
         if attention_mask is not None and attention_mask.shape != (B, seen + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
                              f"expected {(B, seen + T)}")
         x = self.embed(idx)
         new = attention_mask[:, seen:].bool() if attention_mask is not None else None  # real tokens
-        n_soft = n_soft if past == 0 else 0
+        n_soft = n_prompt if past == 0 else 0  # soft tokens to prepend now: on the first call
         if n_soft:  # soft tokens lead the sequence and are always visible
             x = self.prompt(x)
             T += n_soft

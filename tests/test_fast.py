@@ -12,7 +12,7 @@ import eval as ev
 import model as model_py
 from adapters import add_adapter
 from configurator import ConfigError
-from fast import DecodeStep, compile_blocks, compile_setting, prefill
+from fast import DecodeStep, attention_backends, compile_blocks, compile_setting, prefill
 
 FAMILIES = ("llama", "llama-gqa", "gptj", "bloom", "opt")
 ADAPTERS = {"base": None, "lora": dict(r=4, alpha=8, dropout=0.0),
@@ -149,6 +149,16 @@ def test_inductor_blocks_equal_eager():
         assert torch.equal(m.generate(idx, 3, attention_mask=mask), ref_gen)
 
 
+def test_attention_backends_leave_out_cudnn_on_cuda():
+    flags = torch.backends.cuda
+    cudnn, efficient = flags.cudnn_sdp_enabled, flags.mem_efficient_sdp_enabled
+    with attention_backends("cuda"):  # the flags are global: settable without a GPU
+        assert not cudnn() and efficient() and flags.math_sdp_enabled()
+    before = cudnn()
+    with attention_backends("cpu"):
+        assert cudnn() == before
+
+
 def test_compile_setting():
     assert compile_setting("", "cuda") is True and compile_setting("", "cpu") is False
     assert compile_setting("true", "cpu") is True and compile_setting("no", "cuda") is False
@@ -184,3 +194,14 @@ def test_compile_words_are_checked():
     with pytest.raises(ConfigError, match="--compile=maybe"):
         ev.parse_config(["--compile=maybe"])
     assert ev.parse_config(["--compile=false"])["compile"] == "false"
+
+
+@cuda
+def test_cuda_graph_of_compiled_blocks_and_beams():
+    m = adapted("llama-gqa", "prefix")  # CPU references first
+    idx, mask = left_pad([rand_ids(n, seed=n) for n in (7, 3)])
+    greedy, beams = m.generate(idx, 6, attention_mask=mask), ev.beam_search(m, idx, mask, 6, 3)
+    compile_blocks(m.cuda())
+    idx, mask = idx.cuda(), mask.cuda()
+    assert torch.equal(m.generate(idx, 6, attention_mask=mask).cpu(), greedy)
+    assert ev.beam_search(m, idx, mask, 6, num_beams=3) == beams
