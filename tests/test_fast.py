@@ -97,6 +97,25 @@ def test_decode_steps_have_fixed_shapes(monkeypatch):
     assert next(iter(steps))[1][2] == 3 + 5 + 6  # prefix + prompt + new tokens: the whole cache
 
 
+@pytest.mark.parametrize("family, kind", [("bloom", "prefix"), ("llama-gqa", "gated"),
+                                          ("opt", "prompt"), ("gptj", "base")])
+def test_decode_step_reads_no_tensor_values_in_python(family, kind):
+    # what a CUDA graph capture forbids (.item(), bool(tensor), shapes that depend on values)
+    # fails on the meta device, which holds no values: prefill and the step must run there
+    preset = {"llama-gqa": "tiny-llama-gqa"}.get(family, f"tiny-{family}")
+    with torch.device("meta"):
+        m = model_py.Transformer(model_py.Config.from_name(preset)).eval()
+    if ADAPTERS[kind] is not None:
+        add_adapter(m, "prefix" if kind == "gated" else kind, **ADAPTERS[kind]).to("meta")
+    cache, idx = m.new_cache(2, 12), torch.zeros(2, 5, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        prefill(m, cache, idx, torch.ones(2, 5, dtype=torch.long, device="meta"))
+        step = DecodeStep(m, cache)
+        for _ in range(3):
+            logits = step(idx[:, :1])
+    assert logits.shape == (2, 1, m.config.vocab_size) and cache.pos == 8 + (kind == "prompt") * 3
+
+
 def test_cache_repeat_and_reorder():
     m = tiny_model("llama")
     cache = m.new_cache(2, 8)
