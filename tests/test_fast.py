@@ -17,7 +17,8 @@ from fast import DecodeStep, attention_backends, compile_blocks, compile_setting
 FAMILIES = ("llama", "llama-gqa", "gptj", "bloom", "opt")
 ADAPTERS = {"base": None, "lora": dict(r=4, alpha=8, dropout=0.0),
             "prefix": dict(num_virtual_tokens=3), "gated": dict(num_virtual_tokens=3, gated=True),
-            "prompt": dict(num_virtual_tokens=3), "dora": dict(r=4, alpha=8, dropout=0.0), "ia3": {}}
+            "prompt": dict(num_virtual_tokens=3), "dora": dict(r=4, alpha=8, dropout=0.0),
+            "ia3": {}}
 def rand_ids(*shape, seed=0):  # token ids of a fixed seed, within the tiny vocabulary (512)
     return torch.randint(512, shape, generator=torch.Generator().manual_seed(seed))
 
