@@ -1,5 +1,5 @@
-"""Helpers shared by the graders: which implementation to grade (EXERCISE_IMPL, see exercises/conftest.py) and
-tiny random models to grade it on."""
+"""Helpers shared by the graders: which implementation to grade (EXERCISE_IMPL, see
+exercises/conftest.py) and tiny random models to grade it on."""
 import importlib.util
 import os
 import sys
@@ -34,7 +34,8 @@ def load_impl(exercise):
 
 @torch.no_grad()
 def randomize(model, seed=0, std=0.1):
-    """Every weight random (norm scales around 1), so that no weight is a no-op and a bug shows in the logits."""
+    """Every weight random (norm scales around 1), so that no weight is a no-op and a bug shows in
+    the logits."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=g)
@@ -50,4 +51,5 @@ def tiny(name="tiny-llama", seed=0, **overrides):
 
 
 def token_ids(model, B=2, T=9, seed=0):
-    return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (B, T), generator=g)

@@ -1,7 +1,9 @@
-"""Grader of exercise 1 (LoRA): by properties, and by comparison with adapters.LoRA given the same weights.
+"""Grader of exercise 1 (LoRA): by properties, and by comparison with adapters.LoRA given the same
+weights.
 
-The student's class is plugged into the project as a kind of its own (a copy of KINDS["lora"] whose `make` builds
-the student's module), so add_adapter, merge and unmerge of adapters.py drive it exactly as they drive theirs.
+The student's class is plugged into the project as a kind of its own (a copy of KINDS["lora"] whose
+`make` builds the student's module), so add_adapter, merge and unmerge of adapters.py drive it
+exactly as they drive theirs.
 """
 import pytest
 import torch
@@ -19,8 +21,10 @@ def impl():
 
 @pytest.fixture
 def with_lora(impl, monkeypatch):
-    """add_adapter(model, "student_lora", ...) attaches the student's LoRA where adapters.py would attach its own."""
-    make = lambda model, lin, slot, o: impl.LoRA(lin.in_features, lin.out_features, o["r"], o["alpha"], o["dropout"])
+    """add_adapter(model, "student_lora", ...) attaches the student's LoRA where adapters.py would
+    attach its own."""
+    def make(model, lin, slot, o):
+        return impl.LoRA(lin.in_features, lin.out_features, o["r"], o["alpha"], o["dropout"])
     monkeypatch.setitem(adapters.KINDS, "student_lora", adapters.KINDS["lora"]._replace(make=make))
 
     def attach(model, **options):
@@ -47,14 +51,15 @@ def test_shapes_and_trainable_parameters(impl):
 
 
 def test_init_B_zero_A_random(impl):
-    """B = 0 makes step 0 equal the base; A must not be zero too, or no gradient would ever reach either."""
+    """B = 0 makes step 0 equal the base; A must not be zero too, or no gradient would ever reach
+    either."""
     torch.manual_seed(0)
     m = impl.LoRA(64, 48, r=4, alpha=8)
     assert torch.count_nonzero(m.lora_B.weight) == 0, "lora_B must start at zero"
     A = m.lora_A.weight
     assert torch.count_nonzero(A) == A.numel(), "lora_A must start random (no zero entries)"
     bound = 1 / 64 ** 0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in 64
-    assert A.abs().max() <= bound and A.abs().max() > 0.8 * bound, "lora_A: kaiming uniform, a=sqrt(5)"
+    assert 0.8 * bound < A.abs().max() <= bound, "lora_A: kaiming uniform, a=sqrt(5)"
 
 
 def test_identity_at_init(with_lora):
@@ -66,9 +71,11 @@ def test_identity_at_init(with_lora):
 
 
 def test_forward_matches_adapters_lora(impl):
-    """The same A, B and scale as the project's adapters.LoRA -> the same output, also with dropout off in eval."""
+    """The same A, B and scale as the project's adapters.LoRA -> the same output, also with dropout
+    off in eval."""
     torch.manual_seed(0)
-    ours, ref = impl.LoRA(32, 24, r=4, alpha=12, dropout=0.3), adapters.LoRA(32, 24, r=4, alpha=12, dropout=0.3)
+    ours = impl.LoRA(32, 24, r=4, alpha=12, dropout=0.3)
+    ref = adapters.LoRA(32, 24, r=4, alpha=12, dropout=0.3)
     with torch.no_grad():
         ours.lora_A.weight.copy_(torch.randn(4, 32))
         ours.lora_B.weight.copy_(torch.randn(24, 4))
@@ -83,7 +90,8 @@ def test_forward_matches_adapters_lora(impl):
 
 
 def test_dropout_only_on_the_adapter_input(impl):
-    """In training, dropout hides parts of x from the update only: with B = 0 the output is still exactly y."""
+    """In training, dropout hides parts of x from the update only: with B = 0 the output is still
+    exactly y."""
     m = impl.LoRA(32, 24, r=4, alpha=8, dropout=0.9).train()
     lin = torch.nn.Linear(32, 24)
     x = torch.randn(4, 32)
@@ -92,14 +100,16 @@ def test_dropout_only_on_the_adapter_input(impl):
 
 
 def test_gradients_at_step_0(with_lora):
-    """At step 0 the loss gradient must reach B (through A's random projection); A's is zero until B moves."""
+    """At step 0 the loss gradient must reach B (through A's random projection); A's is zero until B
+    moves."""
     model = with_lora(tiny())
     model.train()
     ids = token_ids(model)
     _, loss = model(ids[:, :-1], ids[:, 1:])
     loss.backward()
     for m in student_modules(model):
-        assert m.lora_B.weight.grad is not None and m.lora_B.weight.grad.abs().sum() > 0, "B gets no gradient"
+        grad = m.lora_B.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, "B gets no gradient"
     base = [p for n, p in model.named_parameters() if ".adapter." not in n]
     assert all(p.grad is None and not p.requires_grad for p in base), "the base must stay frozen"
 
@@ -113,8 +123,9 @@ def test_merge_equals_unmerged_and_unmerge_restores(with_lora):
     adapters.merge(model)
     merged, _ = model(ids)
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
-    changed = [n for n, p in model.named_parameters() if n in weights and not torch.equal(p, weights[n])]
-    assert sorted({n.split(".")[-2] for n in changed}) == sorted(TARGETS), "merge must change the targets' W only"
+    changed = {n.split(".")[-2] for n, p in model.named_parameters()
+               if n in weights and not torch.equal(p, weights[n])}
+    assert sorted(changed) == sorted(TARGETS), "merge must change the targets' W, nothing else"
     adapters.unmerge(model)
     again, _ = model(ids)
     torch.testing.assert_close(again, unmerged, rtol=1e-5, atol=1e-5)
@@ -124,17 +135,20 @@ def test_merge_equals_unmerged_and_unmerge_restores(with_lora):
 
 
 def test_model_logits_match_adapters_lora(with_lora):
-    """The whole model with the student's LoRA equals the whole model with the project's, given the same weights."""
+    """The whole model with the student's LoRA equals the whole model with the project's, given the
+    same weights."""
     ours, ref = with_lora(tiny()), tiny()
     adapters.add_adapter(ref, "lora", r=4, alpha=8, dropout=0.0, target_modules=TARGETS)
     randomize_B(ours)
-    adapters.fill_adapter(ref, "default", adapters.adapter_state(ours, "default"), "the student's LoRA")
+    state = adapters.adapter_state(ours, "default")
+    adapters.fill_adapter(ref, "default", state, "the student's LoRA")
     ids = token_ids(ours)
     torch.testing.assert_close(ours(ids)[0], ref(ids)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_trains(with_lora):
-    """A few AdamW steps on one batch: the loss falls well below the base's, and only A and B moved."""
+    """A few AdamW steps on one batch: the loss falls well below the base's, and only A and B
+    moved."""
     model = with_lora(tiny(), r=8, alpha=16)
     model.train()
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -149,7 +163,7 @@ def test_trains(with_lora):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], f"the loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert losses[-1] < 0.7 * losses[0], f"the loss did not fall: {losses[0]:.3f}, {losses[-1]:.3f}"
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), f"{n} is base weight and moved"

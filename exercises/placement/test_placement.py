@@ -1,6 +1,7 @@
-"""Grader of exercise 3 (placement): the places, compared with adapters.py's own series placements, and the
-measurement, compared with a direct computation: the parameter count of the attached modules, the base model's
-loss (a fresh series adapter is the identity) and the grader's own run of the protocol through add_adapter."""
+"""Grader of exercise 3 (placement): the places, compared with adapters.py's own series placements,
+and the measurement, compared with a direct computation: the parameter count of the attached
+modules, the base model's loss (a fresh series adapter is the identity) and the grader's own run of
+the protocol through add_adapter."""
 import pytest
 import torch
 
@@ -21,13 +22,15 @@ def measured(impl):
 
 
 def direct(impl, placement, steps, seed):
-    """The protocol of exercises/README.md, run here on the project's series kind (or, for mlp_top, a copy of it
-    placed on the top half): (loss before, loss after, trainable, the places the project chose)."""
+    """The protocol of exercises/README.md, run here on the project's series kind (or, for mlp_top,
+    a copy of it placed on the top half): (loss before, loss after, trainable, the places the
+    project chose)."""
     model, x, y = impl.task(seed)
     n = model.config.n_layer
     kind = adapters.KINDS["series"]
     if placement == "mlp_top":
-        kind = kind._replace(places=lambda m, o: [(f"layers.{i}", "post_mlp") for i in range(n - n // 2, n)])
+        top = [(f"layers.{i}", "post_mlp") for i in range(n - n // 2, n)]
+        kind = kind._replace(places=lambda m, o: top)
     adapters.KINDS["grader_series"] = kind
     try:
         torch.manual_seed(seed)
@@ -47,7 +50,8 @@ def direct(impl, placement, steps, seed):
         opt.step()
     with torch.no_grad():
         after = model(x, y)[1].item()
-    return before, after, sum(p.numel() for p in params), [(n, s) for n, s, _ in adapters.slots(model)]
+    where = [(name, slot) for name, slot, _ in adapters.slots(model)]
+    return before, after, sum(p.numel() for p in params), where
 
 
 @pytest.mark.parametrize("placement", ["attn", "mlp", "both"])
@@ -60,26 +64,30 @@ def test_places_match_the_project(impl, placement):
 def test_places_mlp_top(impl):
     from model import Config, Transformer
     model = Transformer(Config.from_name("tiny-llama", n_layer=5))
-    assert list(impl.places(model, "mlp_top")) == [("layers.3", "post_mlp"), ("layers.4", "post_mlp")]
+    want = [("layers.3", "post_mlp"), ("layers.4", "post_mlp")]
+    assert list(impl.places(model, "mlp_top")) == want
     model, _, _ = impl.task(0)
     assert list(impl.places(model, "mlp_top")) == [("layers.1", "post_mlp")]
 
 
 def test_report_fields(impl, measured):
     for p, r in measured.items():
-        assert r["placement"] == p and set(r) >= {"places", "trainable", "loss_before", "loss_after"}
+        assert r["placement"] == p
+        assert set(r) >= {"places", "trainable", "loss_before", "loss_after"}
         assert list(r["places"]) == list(impl.places(impl.task(0)[0], p))
 
 
 def test_trainable_counts(impl, measured):
-    """Each place holds down (bottleneck x n_embd) and up (n_embd x bottleneck): 2 * 64 * 8 = 1024."""
-    assert {p: r["trainable"] for p, r in measured.items()} == \
-        {p: 1024 * len(r["places"]) for p, r in measured.items()} == {"attn": 2048, "mlp": 2048, "both": 4096,
-                                                                      "mlp_top": 1024}
+    """Each place holds down (bottleneck x n_embd) and up (n_embd x bottleneck): 2 * 64 * 8 =
+    1024."""
+    got = {p: r["trainable"] for p, r in measured.items()}
+    assert got == {p: 1024 * len(r["places"]) for p, r in measured.items()}
+    assert got == {"attn": 2048, "mlp": 2048, "both": 4096, "mlp_top": 1024}
 
 
 def test_loss_before_is_the_base_loss(impl, measured):
-    """A fresh series adapter is the identity, so every placement starts at the base model's loss."""
+    """A fresh series adapter is the identity, so every placement starts at the base model's
+    loss."""
     base, x, y = impl.task(1)
     with torch.no_grad():
         want = base(x, y)[1].item()

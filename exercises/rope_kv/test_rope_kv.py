@@ -1,6 +1,6 @@
-"""Grader of exercise 4: rotary embeddings and the KV cache, by comparison with model.py's own and by the
-properties that make them right (rotations keep norms; q.k depends on the distance only; cached decoding equals
-the full forward pass)."""
+"""Grader of exercise 4: rotary embeddings and the KV cache, by comparison with model.py's own and
+by the properties that make them right (rotations keep norms; q.k depends on the distance only;
+cached decoding equals the full forward pass)."""
 import pytest
 import torch
 
@@ -23,30 +23,34 @@ def test_angles_match_model(impl, overrides):
     pos = positions()
     cos, sin = impl.rope_angles(c, pos)
     want_cos, want_sin = M.rope_angles(c, pos)
-    assert cos.shape == want_cos.shape == (2, 1, 7, c.rotary_dim // 2) and cos.dtype == torch.float32
+    assert cos.shape == want_cos.shape == (2, 1, 7, c.rotary_dim // 2)
+    assert cos.dtype == torch.float32
     torch.testing.assert_close(cos, want_cos)
     torch.testing.assert_close(sin, want_sin)
 
 
 @pytest.mark.parametrize("rotary_dim", [16, 8])
 def test_rotate_half_matches_model(impl, rotary_dim):
-    c = M.Config.from_name("tiny-llama", rotary_dim=rotary_dim)  # head_dim 16: all of it, or the first 8 dims
+    c = M.Config.from_name("tiny-llama", rotary_dim=rotary_dim)  # head_dim 16: all, or the first 8
     cos, sin = M.rope_angles(c, positions())
     x = torch.randn(2, 4, 7, 16)
-    torch.testing.assert_close(impl.apply_rope(x, cos, sin, False), M.apply_rope(x, cos, sin, False))
+    want = M.apply_rope(x, cos, sin, False)
+    torch.testing.assert_close(impl.apply_rope(x, cos, sin, False), want)
 
 
 def test_interleaved_matches_model(impl):
     c = M.Config.from_name("tiny-gptj")  # rotary_dim 8 of head_dim 16, pairs (2i, 2i+1)
     cos, sin = M.rope_angles(c, positions())
     x = torch.randn(2, 4, 7, 16)
-    torch.testing.assert_close(impl.apply_rope(x, cos, sin, True), M.apply_rope(x, cos, sin, True))
+    want = M.apply_rope(x, cos, sin, True)
+    torch.testing.assert_close(impl.apply_rope(x, cos, sin, True), want)
 
 
 def test_rotation_properties(impl):
-    """Position 0 changes nothing; norms are kept; q_m . k_n is the same when both positions shift by s."""
+    """Position 0 changes nothing; norms are kept; q_m . k_n is the same when both positions shift
+    by s."""
     c = M.Config.from_name("tiny-llama")
-    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    q, k = torch.randn(2, 1, 1, 1, 16, dtype=torch.float64)
 
     def rot(x, p):
         cos, sin = impl.rope_angles(c, torch.tensor([[p]]))
@@ -80,7 +84,8 @@ def test_cache_stores_and_returns(impl):
     k, v = cache.update(1, k2, v2)
     assert torch.equal(k, torch.cat((k1, k2), 2)) and torch.equal(v, torch.cat((v1, v2), 2))
     k, _ = cache.update(0, k2, v2)
-    assert k.shape == (2, 2, 6, 16) and torch.count_nonzero(k[:, :, :4]) == 0, "layers must not share storage"
+    assert k.shape == (2, 2, 6, 16)
+    assert torch.count_nonzero(k[:, :, :4]) == 0, "layers must not share storage"
     cache.pos = 6
     with pytest.raises(ValueError):
         cache.update(0, k2[:, :, :1], v2[:, :, :1])
@@ -88,14 +93,16 @@ def test_cache_stores_and_returns(impl):
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-llama-gqa", "tiny-bloom"])
 def test_decoding_equals_full_forward(impl, preset, monkeypatch):
-    """A prompt of 5, then 4 tokens one at a time through your cache: the logits of one full forward pass."""
+    """A prompt of 5, then 4 tokens one at a time through your cache: the logits of one full forward
+    pass."""
     monkeypatch.setattr(M, "KVCache", impl.KVCache)
     m = tiny(preset)
     ids = token_ids(m, B=2, T=9)
     full, _ = m(ids)
     cache = m.new_cache(2, 9)
     assert isinstance(cache, impl.KVCache)
-    steps = [m(ids[:, :5], cache=cache)[0]] + [m(ids[:, t:t + 1], cache=cache)[0] for t in range(5, 9)]
+    steps = [m(ids[:, :5], cache=cache)[0]]
+    steps += [m(ids[:, t:t + 1], cache=cache)[0] for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 

@@ -1,5 +1,6 @@
-"""Grader of exercise 5 (fraction answers): tricky cases, and agreement with data/scoring.py's reading on
-responses that hold only whole and decimal numbers (there the new rule must not change a single answer)."""
+"""Grader of exercise 5 (fraction answers): tricky cases, and agreement with data/scoring.py's
+reading on responses that hold only whole and decimal numbers (there the new rule must not change a
+single answer)."""
 import random
 from fractions import Fraction as F
 
@@ -19,7 +20,7 @@ CASES = [
     ("So x = -2/6", F(-1, 3)),                          # reduced, sign kept
     ("She ate 1 1/2 pizzas.", F(3, 2)),                 # a mixed number
     ("The change is -2 1/4 degrees", F(-9, 4)),         # a negative mixed number
-    ("It is 2 4/3", F(4, 3)),                           # improper after a whole number: two things, the last wins
+    ("It is 2 4/3", F(4, 3)),                           # improper after a whole: 2, then 4/3
     ("$\\frac{5}{8}$", F(5, 8)),                        # LaTeX
     ("so the answer is $-\\frac{1}{3}$.", F(-1, 3)),
     ("\\dfrac{10}{4}", F(5, 2)),
@@ -38,11 +39,13 @@ CASES = [
 @pytest.mark.parametrize("response, want", CASES, ids=[c[0][:30] or "empty" for c in CASES])
 def test_cases(impl, response, want):
     got = impl.extract_fraction(response)
-    assert got == want and (got is None or isinstance(got, F)), f"{response!r}: got {got!r}, want {want!r}"
+    assert got == want, f"{response!r}: got {got!r}, want {want!r}"
+    assert got is None or isinstance(got, F), "a fractions.Fraction"
 
 
 def test_agrees_with_data_scoring_on_plain_numbers(impl):
-    """Words, whole numbers, negatives and decimals only: the same answer as extract_number, as an exact value."""
+    """Words, whole numbers, negatives and decimals only: the same answer as extract_number, as an
+    exact value."""
     rng = random.Random(0)
     words = ["so", "the", "answer", "is", "apples", "total", "=", "step", "x", "then"]
     for _ in range(300):
@@ -53,7 +56,8 @@ def test_agrees_with_data_scoring_on_plain_numbers(impl):
                          else f"{rng.randint(0, 99)}.{rng.randint(0, 99):02d}")
         text = rng.choice([" ", ". ", "? "]).join(parts) + rng.choice(["", ".", "!"])
         want, got = extract_number(text), impl.extract_fraction(text)
-        assert (got is None) == (want is None) and (got is None or float(got) == want), f"{text!r}: {got} vs {want}"
+        assert (got is None) == (want is None), f"{text!r}: {got} vs {want}"
+        assert got is None or float(got) == want, f"{text!r}: {got} vs {want}"
 
 
 @pytest.mark.parametrize("extracted, label, ok", [

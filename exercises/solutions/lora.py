@@ -1,4 +1,5 @@
-"""Reference solution of exercise 1 (LoRA). Instructors: delete exercises/solutions/ before handing out."""
+"""Reference solution of exercise 1 (LoRA). Instructors: delete exercises/solutions/ before handing
+out."""
 import math
 
 import torch
@@ -11,7 +12,8 @@ class LoRA(nn.Module):
         self.lora_A = nn.Linear(d_in, r, bias=False)
         self.lora_B = nn.Linear(r, d_out, bias=False)
         self.scale, self.dropout, self.merged = alpha / r, nn.Dropout(dropout), False
-        # B = 0: a fresh adapter adds nothing. A random: B's gradient is (dL/dy) (A x)^T, nonzero only if A is.
+        # B = 0: a fresh adapter adds nothing. A random: B's gradient is (dL/dy) (A x)^T, nonzero
+        # only if A is.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
@@ -21,7 +23,8 @@ class LoRA(nn.Module):
     def forward(self, x, y, linear):
         if self.merged:
             return y
-        return y + self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))).to(y.dtype) * self.scale
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        return y + (self.lora_B(self.lora_A(x)) * self.scale).to(y.dtype)
 
     @torch.no_grad()
     def merge(self, linear):

@@ -1,10 +1,11 @@
-"""Reference solution of exercise 3 (placement). Instructors: delete exercises/solutions/ before handing out."""
+"""Reference solution of exercise 3 (placement). Instructors: delete exercises/solutions/ before
+handing out."""
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root, to run this file directly
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root, to run this
 import adapters  # noqa: E402
 from model import Config, Transformer  # noqa: E402
 
@@ -49,8 +50,9 @@ def measure(placement, steps=40, seed=0):
         opt.step()
     with torch.no_grad():
         loss_after = model(x, y)[1].item()
-    return dict(placement=placement, places=places(model, placement), trainable=sum(p.numel() for p in trainable),
-                loss_before=loss_before, loss_after=loss_after)
+    return dict(placement=placement, places=places(model, placement),
+                trainable=sum(p.numel() for p in trainable), loss_before=loss_before,
+                loss_after=loss_after)
 
 
 def compare(steps=40, seed=0):
@@ -61,4 +63,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # a tiny model: one thread is fastest
     print(f"{'placement':10} {'trainable':>9} {'loss before':>11} {'loss after':>10}")
     for r in compare():
-        print(f"{r['placement']:10} {r['trainable']:9,} {r['loss_before']:11.4f} {r['loss_after']:10.4f}")
+        print(f"{r['placement']:10} {r['trainable']:9,} {r['loss_before']:11.4f}",
+              f"{r['loss_after']:10.4f}")

@@ -1,4 +1,5 @@
-"""Reference solution of exercise 4 (rotary, KV cache). Instructors: delete exercises/solutions/ before handing out."""
+"""Reference solution of exercise 4 (rotary, KV cache). Instructors: delete exercises/solutions/
+before handing out."""
 import torch
 
 

@@ -1,8 +1,10 @@
-"""Reference solution of exercise 5 (fraction answers). Instructors: delete exercises/solutions/ before handing out."""
+"""Reference solution of exercise 5 (fraction answers). Instructors: delete exercises/solutions/
+before handing out."""
 import re
 from fractions import Fraction
 
-# one answer-like thing, tried in this order at each place: \frac{a}{b}, a mixed number, a/b, a decimal
+# one answer-like thing, tried in this order at each place: \frac{a}{b}, a mixed number, a/b, a
+# decimal
 _ANSWER = re.compile(r"""
       (?P<fsign>-?)\\[dt]?frac\{(?P<fnum>-?\d+)\}\{(?P<fden>-?\d+)\}
     | (?P<whole>-?\d+)\ (?P<mnum>\d+)/(?P<mden>\d+)
@@ -16,13 +18,14 @@ def _fraction(num, den):
 
 
 def _answers(text):
-    for m in _ANSWER.finditer(re.sub(r"(?<=\d),(?=\d)", "", text)):  # 1,250 -> 1250; "1/2, 3/4" stays apart
+    text = re.sub(r"(?<=\d),(?=\d)", "", text)  # 1,250 -> 1250, while "1/2, 3/4" stays apart
+    for m in _ANSWER.finditer(text):
         if m["fnum"] is not None:
             f = _fraction(m["fnum"], m["fden"])
             yield None if f is None else -f if m["fsign"] else f
         elif m["whole"] is not None:
             whole, part = int(m["whole"]), _fraction(m["mnum"], m["mden"])
-            if part is not None and part < 1:  # a proper fraction after a whole number: one mixed number
+            if part is not None and part < 1:  # a whole number and a proper fraction: mixed
                 yield whole - part if m["whole"].startswith("-") else whole + part
             else:  # "2 4/3" or "2 1/0": two separate things
                 yield Fraction(whole)

@@ -1,5 +1,6 @@
-"""Grader of exercise 2 (VeRA): by properties, by the paper's formula, and (when peft is installed) by parity with
-PEFT's VeraConfig: the same seed must give the same shared matrices and, with the same vectors, the same logits."""
+"""Grader of exercise 2 (VeRA): by properties, by the paper's formula, and (when peft is installed)
+by parity with PEFT's VeraConfig: the same seed must give the same shared matrices and, with the
+same vectors, the same logits."""
 import math
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 import adapters
 from grading import load_impl, tiny, token_ids
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft
-TARGETS = ["q_proj", "v_proj", "down_proj"]  # different shapes: down_proj is (64, 176) on tiny-llama
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+TARGETS = ["q_proj", "v_proj", "down_proj"]  # two shapes: down_proj is (64, 176) on tiny-llama
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def randomize_vectors(model, seed=1):
 
 
 def test_projections_are_peft_s_draw(impl):
-    """One generator seeded with the key; A (r, d_in) first, then B (d_out, r); uniform with bound sqrt(6/fan_in)."""
+    """One generator seeded with the key; A (r, d_in) first, then B (d_out, r); uniform with bound
+    sqrt(6/fan_in)."""
     A, B = impl.projections(7, 4, 48, 40)
     g = torch.Generator().manual_seed(7)
     want_A = torch.rand(4, 48, generator=g) * 2 * math.sqrt(6 / 48) - math.sqrt(6 / 48)
@@ -48,7 +50,7 @@ def test_projections_are_peft_s_draw(impl):
     torch.testing.assert_close(A, want_A, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(B, want_B, rtol=1e-5, atol=1e-6)
     again = impl.projections(7, 4, 48, 40)
-    assert again[0] is A and again[1] is B, "the same arguments must return the same (cached) tensors"
+    assert again[0] is A and again[1] is B, "the same arguments: the same (cached) tensors"
 
 
 def test_registered_kind_attaches_and_counts(vera):
@@ -59,7 +61,8 @@ def test_registered_kind_attaches_and_counts(vera):
                             (("attn", "q_proj"), ("attn", "v_proj"), ("mlp", "down_proj")))
     trainable, _ = adapters.count_parameters(model)
     assert trainable == 2 * 3 * (8 + 64), "per linear: d (r) + b (d_out) trainable, nothing else"
-    assert [n for n, p in model.named_parameters() if p.requires_grad and "vera_lambda" not in n] == []
+    others = [n for n, p in model.named_parameters() if p.requires_grad and "vera_lambda" not in n]
+    assert others == []
 
 
 def test_A_B_shared_frozen_and_not_saved(vera):
@@ -68,10 +71,11 @@ def test_A_B_shared_frozen_and_not_saved(vera):
     As = {m.A.data_ptr() for m in ms}
     Bs = {m.B.data_ptr() for m in ms}
     assert len(As) == 1 and len(Bs) == 1, "every layer must share the one A and the one B"
-    assert ms[0].A.shape == (8, 176) and ms[0].B.shape == (64, 8), "sized for the largest target (down_proj)"
+    assert ms[0].A.shape == (8, 176) and ms[0].B.shape == (64, 8), "sized for the largest target"
     assert not ms[0].A.requires_grad and not ms[0].B.requires_grad
     keys = adapters.adapter_state(model, "default")
-    assert keys and all(k.rsplit(".", 1)[-1] in ("vera_lambda_b", "vera_lambda_d") for k in keys), sorted(keys)[:4]
+    saved = {k.rsplit(".", 1)[-1] for k in keys}
+    assert saved == {"vera_lambda_b", "vera_lambda_d"}, sorted(keys)[:4]
 
 
 def test_init_identity(vera):
@@ -82,7 +86,8 @@ def test_init_identity(vera):
     got, _ = model(ids)
     assert torch.equal(got, want), "b = 0: a fresh VeRA must leave the logits bit for bit unchanged"
     for m in vera_modules(model):
-        assert torch.equal(m.vera_lambda_d, torch.full((8,), 0.25)) and torch.count_nonzero(m.vera_lambda_b) == 0
+        assert torch.equal(m.vera_lambda_d, torch.full((8,), 0.25))
+        assert torch.count_nonzero(m.vera_lambda_b) == 0
 
 
 def test_forward_is_the_formula(vera):
@@ -129,7 +134,8 @@ def test_save_and_load(vera, tmp_path):
 def test_trains(vera):
     model = adapters.add_adapter(tiny(), "vera", r=16, target_modules=TARGETS).train()
     A = vera_modules(model)[0].A.clone()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-2, weight_decay=0.0)
     ids = token_ids(model, B=4, T=16)
     losses = []
     for _ in range(30):
@@ -138,12 +144,13 @@ def test_trains(vera):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0], f"the loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    assert losses[-1] < 0.9 * losses[0], f"the loss did not fall: {losses[0]:.3f}, {losses[-1]:.3f}"
     assert torch.equal(vera_modules(model)[0].A, A), "A is frozen"
 
 
 def test_parity_with_peft(vera, tmp_path):
-    """PEFT's VeRA on the transformers twin of a tiny LLaMA: same seed -> same A and B; same vectors -> same logits."""
+    """PEFT's VeRA on the transformers twin of a tiny LLaMA: same seed -> same A and B; same vectors
+    -> same logits."""
     peft = pytest.importorskip("peft")
     tf = pytest.importorskip("transformers")
     from checkpoints import hf_name, load_model
@@ -155,10 +162,12 @@ def test_parity_with_peft(vera, tmp_path):
         for p in hf.parameters():
             p.copy_(1 + 0.2 * torch.randn(p.shape) if p.dim() == 1 else 0.1 * torch.randn(p.shape))
     hf.save_pretrained(tmp_path)
-    pm = peft.get_peft_model(hf, peft.VeraConfig(r=8, target_modules=TARGETS, projection_prng_key=3)).eval()
-    ours = adapters.add_adapter(load_model(tmp_path), "vera", r=8, projection_prng_key=3, target_modules=TARGETS)
-    by_hf = {hf_name(ours.config, n + ".weight")[:-len(".weight")]: m for n, m in ours.named_modules()
-             if getattr(m, "adapter", None) is not None}
+    config = peft.VeraConfig(r=8, target_modules=TARGETS, projection_prng_key=3)
+    pm = peft.get_peft_model(hf, config).eval()
+    ours = adapters.add_adapter(load_model(tmp_path), "vera", r=8, projection_prng_key=3,
+                                target_modules=TARGETS)
+    by_hf = {hf_name(ours.config, n + ".weight").removesuffix(".weight"): m
+             for n, m in ours.named_modules() if getattr(m, "adapter", None) is not None}
     g = torch.Generator().manual_seed(5)
     n = 0
     with torch.no_grad():
@@ -166,8 +175,9 @@ def test_parity_with_peft(vera, tmp_path):
             if hasattr(m, "vera_lambda_b") and "default" in m.vera_lambda_b:
                 mine = by_hf[name.removeprefix("base_model.model.")].adapter["default"]
                 for attr in ("vera_lambda_b", "vera_lambda_d"):
-                    getattr(m, attr)["default"].copy_(torch.randn(getattr(m, attr)["default"].shape, generator=g))
-                    getattr(mine, attr).copy_(getattr(m, attr)["default"])
+                    theirs = getattr(m, attr)["default"]
+                    theirs.copy_(torch.randn(theirs.shape, generator=g))
+                    getattr(mine, attr).copy_(theirs)
                 torch.testing.assert_close(mine.A, m.vera_A["default"], rtol=0, atol=0)
                 torch.testing.assert_close(mine.B, m.vera_B["default"], rtol=0, atol=0)
                 n += 1
