@@ -26,7 +26,8 @@ CASES = [
     ("\\dfrac{10}{4}", F(5, 2)),
     ("0.125 of the cake", F(1, 8)),                     # decimals exactly
     ("1,250 apples", F(1250)),                          # thousands separator
-    ("First 1/2, then 3/4", F(3, 4)),                   # a comma between answers is no separator
+    ("First 1/2, then 3/4", F(3, 4)),                   # a comma after a fraction ends it
+    ("Take 3, 1/4 of them", F(1, 4)),                   # a comma ends a number: not 3 1/4
     ("3/4 of 12 is 9", F(9)),                           # the last answer wins, whatever its form
     ("answer 2, as 4/0 is undefined", F(2)),            # zero denominator: no answer
     ("x = 7/1", F(7)),
