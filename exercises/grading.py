@@ -53,3 +53,21 @@ def tiny(name="tiny-llama", seed=0, **overrides):
 def token_ids(model, B=2, T=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (B, T), generator=g)
+
+
+def fit(model, steps, lr, seed=0):
+    """`steps` AdamW steps (no weight decay) on one batch of random tokens, in train mode, on the
+    trainable parameters only. Returns the loss before each step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params, "no trainable parameter"
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ids = token_ids(model, B=4, T=16, seed=seed)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -56,9 +56,10 @@ def test_every_grading_test_fails_on_the_stubs(on_stub):
     assert not passed, f"grading tests that pass on the stubs as shipped (hollow): {passed}"
 
 
-def test_every_grading_test_passes_on_the_reference(on_stub, tmp_path):
+def test_every_grading_test_passes_on_the_reference(request, tmp_path):
     if not (ROOT / "exercises" / "solutions").is_dir():
         pytest.skip("exercises/solutions/ withheld")
+    on_stub = request.getfixturevalue("on_stub")
     on_ref = run_graders("solution", tmp_path)
     assert set(on_ref) == set(on_stub)
     failed = [t for t, r in on_ref.items() if r == "failed"]

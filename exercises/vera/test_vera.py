@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adapters
-from grading import load_impl, tiny, token_ids
+from grading import fit, load_impl, tiny, token_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # two shapes: down_proj is (64, 176) on tiny-llama
@@ -132,18 +132,9 @@ def test_save_and_load(vera, tmp_path):
 
 
 def test_trains(vera):
-    model = adapters.add_adapter(tiny(), "vera", r=16, target_modules=TARGETS).train()
+    model = adapters.add_adapter(tiny(), "vera", r=16, target_modules=TARGETS)
     A = vera_modules(model)[0].A.clone()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-2, weight_decay=0.0)
-    ids = token_ids(model, B=4, T=16)
-    losses = []
-    for _ in range(30):
-        _, loss = model(ids[:, :-1], ids[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, steps=30, lr=5e-2)
     assert losses[-1] < 0.9 * losses[0], f"the loss did not fall: {losses[0]:.3f}, {losses[-1]:.3f}"
     assert torch.equal(vera_modules(model)[0].A, A), "A is frozen"
 
