@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from adapters import KINDS, add_adapter, count_parameters, fast_fp32_matmuls
 from checkpoints import write_atomic
 from configurator import ConfigError, check_choice, configure
+import fast
 from fast import compile_blocks, compile_setting
 from model import PRESETS, Config, Transformer
 
@@ -171,7 +172,7 @@ def bench_generate(cfg, conf, m, device):
     if compile_setting(cfg.compile, device):
         compile_blocks(m)
     idx = torch.randint(3, conf.vocab_size, (cfg.batch, cfg.prompt_len), device=device)
-    return time_generation(cfg, lambda: m.generate(idx, cfg.new_tokens))
+    return time_generation(cfg, lambda: fast.generate(m, idx, cfg.new_tokens))
 
 
 def hf_model(conf, dtype, device):

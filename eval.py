@@ -31,6 +31,7 @@ from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, leakage, load_rows
 from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, extract_answer, get_kind, is_correct
 from data.template import format_prompt
 from checkpoints import load_model, write_atomic
+import fast
 from fast import DecodeStep, compile_blocks, compile_setting, prefill
 from configurator import DEMO_DIR, DTYPES, ConfigError, configure, device_and_dtype
 from tokenizer import Tokenizer
@@ -210,7 +211,8 @@ def generate_ids(model, prompt_ids, max_new_tokens, batch_size=32, eos_id=None, 
         idx = torch.tensor([[pad_id] * (T - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch], device=device)
         if num_beams == 1:
-            new = model.generate(idx, max_new_tokens, eos_id=eos_id, attention_mask=mask)[:, T:].tolist()
+            new = fast.generate(model, idx, max_new_tokens, eos_id=eos_id, attention_mask=mask)
+            new = new[:, T:].tolist()
         else:
             new = beam_search(model, idx, mask, max_new_tokens, num_beams, eos_id, length_penalty)
         for i, ids in zip(order[start:start + batch_size], new):

@@ -2,8 +2,8 @@
 Speed tricks that are not the model (model.py stays the model, as in gpt-fast), each with the
 reason it exists:
 
-  prefill, DecodeStep  generation over the static KV cache: one prefill, then one-token steps whose
-                       shapes never change (each attends over every cache slot with a mask), so on
+  generate, prefill,   generation over the static KV cache: one prefill, then one-token steps whose
+  DecodeStep           shapes never change (each attends over every cache slot with a mask), so on
                        CUDA the step is captured once as a CUDA graph and replayed. Decoding is
                        launch-bound otherwise: issue 13 counted ~1,800 kernel launches per step.
   attention_backends   the SDPA backends for generation, chosen on purpose, not by the dispatcher
@@ -26,6 +26,14 @@ def attention_backends(device):
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.MATH])
+
+
+def generate(model, idx, max_new_tokens, cuda_graph=True, **options):
+    """model.generate (same options) with the attention backends chosen on purpose and, on CUDA, the
+    one-token step replayed as a CUDA graph (cuda_graph=False: eager steps)."""
+    with attention_backends(idx.device):
+        return model.generate(idx, max_new_tokens, **options,
+                              decode_step=lambda m, cache: DecodeStep(m, cache, cuda_graph))
 
 
 def prefill(model, cache, idx, attention_mask=None):

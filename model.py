@@ -33,8 +33,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fast import DecodeStep, prefill
-
 
 @dataclass
 class Config:
@@ -462,17 +460,21 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None,
-                 attention_mask=None, cuda_graph=True):
+                 attention_mask=None, decode_step=None):
         """Continue idx (B, T) by max_new_tokens with a KV cache: greedy when temperature == 0, else
         sampled (top_k optional). Left-padded batches need attention_mask. Rows that produced eos_id
         are filled with eos_id; the loop stops when all have. Returns (B, T + new). A prefill, then
-        one-token steps of fixed shapes (fast.DecodeStep: a CUDA graph on CUDA unless cuda_graph is
-        False)."""
+        one-token steps of fixed shapes over the static cache. decode_step(model, cache) -> step may
+        replace the plain step (fast.generate passes fast.DecodeStep: a CUDA graph on CUDA)."""
         B, T = idx.shape
         n_soft = self.prompt.n_tokens if self.prompt is not None else 0
         cache = self.new_cache(B, T + max_new_tokens + n_soft)
-        logits = prefill(self, cache, idx, attention_mask)
-        step = DecodeStep(self, cache, cuda_graph)
+        logits = self(idx, attention_mask=attention_mask, cache=cache, last_only=True)[0]
+        if decode_step is not None:
+            step = decode_step(self, cache)
+        else:
+            def step(t):
+                return self(t, cache=cache, last_only=True)[0]
         out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
             nxt = sample(logits[:, -1], temperature, top_k)  # (B,)

@@ -12,6 +12,7 @@ import eval as ev
 import model as model_py
 from adapters import add_adapter
 from configurator import ConfigError
+import fast
 from fast import DecodeStep, attention_backends, compile_blocks, compile_setting, prefill
 
 FAMILIES = ("llama", "llama-gqa", "gptj", "bloom", "opt")
@@ -192,8 +193,8 @@ def test_cuda_graph_decoding_equals_eager(family):
     m = adapted(family, "lora", "cuda")
     idx, mask = left_pad([rand_ids(n, seed=n) for n in (9, 4, 6)])
     idx, mask = idx.cuda(), mask.cuda()
-    eager = m.generate(idx, 8, attention_mask=mask, cuda_graph=False)
-    assert torch.equal(m.generate(idx, 8, attention_mask=mask), eager)
+    eager = fast.generate(m, idx, 8, attention_mask=mask, cuda_graph=False)
+    assert torch.equal(fast.generate(m, idx, 8, attention_mask=mask), eager)
     assert torch.equal(eager.cpu(), greedy_no_cache(m.cpu(), idx.cpu(), 8, mask.cpu()))
 
 
@@ -223,5 +224,5 @@ def test_cuda_graph_of_compiled_blocks_and_beams():
     greedy, beams = m.generate(idx, 6, attention_mask=mask), ev.beam_search(m, idx, mask, 6, 3)
     compile_blocks(m.cuda())
     idx, mask = idx.cuda(), mask.cuda()
-    assert torch.equal(m.generate(idx, 6, attention_mask=mask).cpu(), greedy)
+    assert torch.equal(fast.generate(m, idx, 6, attention_mask=mask).cpu(), greedy)
     assert ev.beam_search(m, idx, mask, 6, num_beams=3) == beams
