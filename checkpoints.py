@@ -218,23 +218,24 @@ class _Filler:
         return self.model
 
 
-def torch_load(f, map_location="cpu"):
+def torch_load(f, map_location="cpu", mmap=True):
     """Safe pickle load: weights_only never runs code; mmap where the file format allows it (not the pre-1.6 one).
     A refused, truncated or foreign file is a ValueError that names it."""
     try:
         try:
-            return torch.load(f, map_location=map_location, weights_only=True, mmap=True)
+            return torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
         except RuntimeError as e:
-            if "mmap" not in str(e):
+            if not mmap or "mmap" not in str(e):
                 raise
             return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise ValueError(f"{f}: not a PyTorch checkpoint ({e})") from None
+        if "Unsupported global" not in str(e):  # not a class weights_only refuses: the bytes are not a pickle
+            raise ValueError(f"{f}: cannot read it (not a pickle): truncated or not a PyTorch checkpoint; "
+                             "re-download or re-save it") from None
         raise ValueError(f"{f}: refused as unsafe: it pickles objects other than tensors and plain containers, and "
                          "loading them could run code (weights_only=True); re-save its tensors, e.g. as "
                          "safetensors") from None
-    except (RuntimeError, EOFError, KeyError, ValueError) as e:
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
         raise ValueError(f"{f}: cannot read it ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
                          "truncated or not a PyTorch checkpoint; re-download or re-save it") from None
 

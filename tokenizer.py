@@ -71,6 +71,15 @@ class Tokenizer:
         raise NotImplementedError
 
 
+def check_vocab(tok, n_embed, path):
+    """A tokenizer and a model go together only if every id the tokenizer can give has an embedding row (a model's
+    table may be larger, padded for speed, never smaller); otherwise one error now, not an IndexError mid-run."""
+    top = max(i for i in (tok.vocab_size - 1, tok.bos_id, tok.eos_id, tok.pad_id) if isinstance(i, int))
+    if top >= n_embed:
+        raise ValueError(f"{path}: the tokenizer's ids go up to {top}, but the model's embedding has {n_embed} rows: "
+                         "tokenizer and weights are of different models")
+
+
 class SentencePieceTokenizer(Tokenizer):
     """LLaMA's tokenizer.model: sentencepiece does all the work, so ids are sentencepiece's own."""
 
