@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import hf_name, read_state_dict, write_atomic
+from checkpoints import hf_name, read_state_dict, unreadable, write_atomic
 from model import LINEAR_NAMES, Linear
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -530,7 +530,7 @@ def _peft_key(config, key):  # layers.0.attn.q_proj.adapter.lora_A.weight -> bas
 
 
 def read_adapter_config(path):
-    """adapter_config.json: ours (kind, options) or PEFT's (peft_type); one clear line for anything else."""
+    """adapter_config.json: ours (kind, options) or PEFT's (peft_type); one clear line otherwise."""
     f = Path(path) / "adapter_config.json"
     try:
         config = json.loads(f.read_text())
@@ -542,15 +542,17 @@ def read_adapter_config(path):
         ("adapter_len", "adapter_layers") if "peft_type" in config else ("kind", "options")
     missing = [k for k in need if k not in config]
     if missing:
-        raise ValueError(f"{f}: missing field(s) {', '.join(missing)} (saved by adapters.save_adapter or PEFT?)")
+        raise ValueError(f"{f}: missing field(s) {', '.join(missing)} (written by "
+                         "adapters.save_adapter or PEFT?)")
     if "options" in config and not isinstance(config["options"], dict):
-        raise ValueError(f"{f}: 'options' is a {type(config['options']).__name__}, expected a JSON object")
+        what = type(config["options"]).__name__
+        raise ValueError(f"{f}: 'options' is a {what}, expected a JSON object")
     return config
 
 
 def load_adapter(model, path, name=None):
-    """Attach and fill the adapter saved in `path` (ours, or a Hugging Face PEFT LoRA folder); strict. On any error
-    the model is left exactly as it was (no adapter attached, the base's requires_grad unchanged)."""
+    """Attach and fill the adapter saved in `path` (ours, or a Hugging Face PEFT LoRA folder);
+    strict. On any error the model is left as it was (no adapter, requires_grad unchanged)."""
     path = Path(path)
     config = read_adapter_config(path)
     if "peft_type" in config:
@@ -581,9 +583,12 @@ def fill_adapter(model, name, state, source):
     if missing or unexpected:
         raise KeyError(f"{source}: adapter tensors do not match: missing {missing[:6]}, unexpected {unexpected[:6]}")
     for k, t in state.items():
-        want = expected[k].dtype  # floats may be cast (bf16 -> fp32); an int where a float belongs is an error
-        if not isinstance(t, torch.Tensor) or t.dtype != want and not (t.is_floating_point() and want.is_floating_point):
-            raise ValueError(f"{source}: {k} is {getattr(t, 'dtype', type(t).__name__)}, this model expects {want}")
+        # floats may be cast (bf16 -> fp32); an int where a float belongs is an error
+        want, floats = expected[k].dtype, isinstance(t, torch.Tensor) and t.is_floating_point()
+        cast_ok = floats and want.is_floating_point
+        if not isinstance(t, torch.Tensor) or t.dtype != want and not cast_ok:
+            what = getattr(t, "dtype", type(t).__name__)
+            raise ValueError(f"{source}: {k} is {what}, this model expects {want}")
         if t.shape != expected[k].shape:
             raise ValueError(f"{source}: {k} has shape {tuple(t.shape)}, this model expects {tuple(expected[k].shape)}")
         expected[k].copy_(t)  # state_dict tensors share storage with the parameters
@@ -598,8 +603,7 @@ def _read_tensors(path):
         try:
             return load_file(f)
         except SafetensorError as e:
-            raise ValueError(f"{f}: cannot read it ({e}): truncated or not a safetensors file; save the adapter "
-                             "again") from None
+            raise unreadable(f, e, "safetensors file") from None
     if (path / "adapter_model.bin").exists():
         return read_state_dict(path / "adapter_model.bin")
     raise FileNotFoundError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
@@ -628,9 +632,9 @@ def _from_peft(model, path, config):
         targets.add(module.rsplit(".", 1)[-1])
     named = config.get("target_modules")
     named = [named] if isinstance(named, str) else named
-    if named and sorted(set(named)) != sorted(targets):  # PEFT's config and its tensors must tell the same story
-        raise ValueError(f"{path}: adapter_config.json's target_modules {sorted(set(named))} disagree with the "
-                         f"modules its tensors adapt {sorted(targets)}")
+    if named and sorted(set(named)) != sorted(targets):  # the config and the tensors must agree
+        raise ValueError(f"{path}: adapter_config.json's target_modules {sorted(set(named))} "
+                         f"disagree with the modules its tensors adapt {sorted(targets)}")
     r = config["r"]
     alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1)  # rsLoRA scales alpha/sqrt(r)
     return "lora", dict(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0), target_modules=sorted(targets)), state

@@ -361,10 +361,11 @@ def main(argv=None):
     table, summaries, outs = {}, {}, {}
     for adapter_dir in adapter_dirs:
         names = [os.path.basename(os.path.normpath(p)) for p in (cfg["model"], adapter_dir) if p]
+        row = " + ".join(names)
         if cfg["out"] and len(adapter_dirs) == 1:
-            outs[" + ".join(names)] = cfg["out"]
+            outs[row] = cfg["out"]
         else:  # out/eval/<adapter or model name>; several rows get one such folder each inside --out
-            outs[" + ".join(names)] = os.path.join(cfg["out"] or os.path.join("out", "eval"), names[-1])
+            outs[row] = os.path.join(cfg["out"] or os.path.join("out", "eval"), names[-1])
     for out in outs.values():  # before the evaluation, not after it
         check_writable(out, "--out")
     for (row, out), adapter_dir in zip(outs.items(), adapter_dirs):

@@ -72,12 +72,14 @@ class Tokenizer:
 
 
 def check_vocab(tok, n_embed, path):
-    """A tokenizer and a model go together only if every id the tokenizer can give has an embedding row (a model's
-    table may be larger, padded for speed, never smaller); otherwise one error now, not an IndexError mid-run."""
-    top = max(i for i in (tok.vocab_size - 1, tok.bos_id, tok.eos_id, tok.pad_id) if isinstance(i, int))
+    """A tokenizer and a model go together only if every id the tokenizer gives has an embedding row
+    (the model's table may be larger, padded for speed, never smaller): one error now, not an
+    IndexError in the middle of a run."""
+    ids = (tok.vocab_size - 1, tok.bos_id, tok.eos_id, tok.pad_id)
+    top = max(i for i in ids if isinstance(i, int))
     if top >= n_embed:
-        raise ValueError(f"{path}: the tokenizer's ids go up to {top}, but the model's embedding has {n_embed} rows: "
-                         "tokenizer and weights are of different models")
+        raise ValueError(f"{path}: the tokenizer's ids go up to {top}, but the model's embedding "
+                         f"has {n_embed} rows: tokenizer and weights are of different models")
 
 
 class SentencePieceTokenizer(Tokenizer):

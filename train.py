@@ -48,7 +48,7 @@ data = ""                 # LLM-Adapters JSON rows: instruction, input (optional
 out = ""                  # "" = <demo_dir>/<adapter> for the demo, out/<model folder name>-<adapter> otherwise
 adapter = "lora"          # lora | series | parallel | prefix | prompt
 resume = False            # continue from <out>/resume.pt, to the same losses as an uninterrupted run
-overwrite = False         # true: replace the run already in --out (without it, or --resume, a used --out is refused)
+overwrite = False         # replace the run already in --out (else a used --out is refused)
 # LLM-Adapters' recipe
 cutoff_len = 256          # examples are cut to this many tokens (then without EOS), as LLM-Adapters does
 train_on_inputs = True    # false: no loss on the prompt (targets -100)
@@ -83,18 +83,19 @@ demo_base_docs = 30000    # documents in its pretraining corpus
 # -----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()  # the settings above (lower-case, unlike imported names)
             if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-# The smallest allowed value of every numeric setting, checked in one place (check_ranges); learning_rate must
-# exceed its 0. The demo base holds out 200 of its documents for validation.
-MINIMUM = dict(cutoff_len=2, batch_size=1, micro_batch_size=1, learning_rate=0.0, weight_decay=0.0, warmup_steps=0,
-               num_epochs=1, max_steps=0, val_set_size=0, eval_interval=1, grad_clip=0.0, seed=0, threads=0,
-               log_interval=1, demo_n_train=1, demo_n_test=1, demo_base_steps=1, demo_base_threads=0,
-               demo_base_docs=201)
+# The smallest allowed value of every numeric setting, checked in one place (check_ranges);
+# learning_rate must exceed its 0. The demo base holds out 200 of its documents for validation.
+MINIMUM = dict(cutoff_len=2, batch_size=1, micro_batch_size=1, learning_rate=0.0, weight_decay=0.0,
+               warmup_steps=0, num_epochs=1, max_steps=0, val_set_size=0, eval_interval=1,
+               grad_clip=0.0, seed=0, threads=0, log_interval=1, demo_n_train=1, demo_n_test=1,
+               demo_base_steps=1, demo_base_threads=0, demo_base_docs=201)
 # The demo fine-tunes a tiny model in ~2 minutes; these replace the recipe's values unless set explicitly. One CPU
 # thread: a second one is faster on an idle machine (--threads=2), but several times slower when the other core is
 # busy, as every small matrix product then waits for both. The base's pretraining (micro-batches of 32, not 4) uses
 # torch's default instead (--demo_base_threads).
 # A demo run is remade in a minute, so rerunning it replaces the previous one (overwrite).
-DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100, threads=1, overwrite=True)
+DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100,
+            threads=1, overwrite=True)
 DEMO_LR = {"prefix": 2e-1, "prompt": 1e-1}  # a few thousand parameters, far from the base's weights
 # Pretraining the demo base, by the same train(): whole documents, mixed lengths in every batch.
 DEMO_BASE = dict(learning_rate=1.5e-3, warmup_steps=50, decay="cosine", batch_size=32, micro_batch_size=32,
@@ -132,8 +133,8 @@ def check_ranges(cfg):
     for key, low in MINIMUM.items():
         value = getattr(cfg, key)
         if value < low or key == "learning_rate" and value == low:
-            raise ConfigError(f"--{key}={value}: expected {'more than' if key == 'learning_rate' else 'at least'} "
-                              f"{low}")
+            bound = "more than" if key == "learning_rate" else "at least"
+            raise ConfigError(f"--{key}={value}: expected {bound} {low}")
 
 
 def explain_option(key, given):
@@ -305,8 +306,9 @@ def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=Non
 
 
 def forward_backward(fwd, scaler, examples, micro, rt):
-    """One optimizer step's micro-batches, forward and backward; DDP all-reduces the gradients once, after the
-    last one. Returns (the step's loss averaged over the processes, tokens seen by all of them)."""
+    """One optimizer step's micro-batches, forward and backward; DDP all-reduces the gradients
+    once, after the last one. Returns (the step's loss averaged over the processes, tokens seen
+    by all of them)."""
     stats = torch.zeros(2, device=rt.device)  # this step's loss, tokens
     for k, idx in enumerate(micro):
         x, y = collate(examples, idx, rt.device)
@@ -336,14 +338,15 @@ def log_progress(rt, out, step, start, total, loss, lr, tokens, dt):
     eta, mem = round(dt / (step - start) * (total - step)), 0
     if rt.device.type == "cuda":
         mem = torch.cuda.max_memory_allocated(rt.device) / 2**20
-    log(rt, out, dict(step=step, loss=loss, lr=lr, tok_s=round(tokens / dt), eta_s=eta, mem_mb=round(mem),
-                      time_s=round(dt, 1)),
+    log(rt, out, dict(step=step, loss=loss, lr=lr, tok_s=round(tokens / dt), eta_s=eta,
+                      mem_mb=round(mem), time_s=round(dt, 1)),
         f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tokens / dt:.0f} tok/s | eta "
         f"{eta // 60}m{eta % 60:02d}s" + (f" | peak mem {mem:.0f} MiB" if mem else ""))
 
 
 def validate(fwd, val_ex, cfg, rt, out, step, best, saved_at, save):
-    """Validation loss; save() on rank 0 when it improved (always, without validation rows). Returns the best."""
+    """Validation loss; save() on rank 0 when it improved (always, without validation rows).
+    Returns the best loss so far."""
     val = val_loss(fwd, val_ex, cfg, rt) if val_ex else None
     if val is not None and not math.isfinite(val):
         stop(f"validation loss is {val} at step {step}", out, saved_at)
@@ -363,8 +366,9 @@ def stop(what, out, saved_at):
 
 
 # what a resumed run must share with the one it continues (the adapter's options are compared too)
-RESUME_KEYS = ("model", "data", "adapter", "batch_size", "micro_batch_size", "learning_rate", "warmup_steps",
-               "decay", "num_epochs", "max_steps", "seed", "cutoff_len", "train_on_inputs", "val_set_size")
+RESUME_KEYS = ("model", "data", "adapter", "batch_size", "micro_batch_size", "learning_rate",
+               "warmup_steps", "decay", "num_epochs", "max_steps", "seed", "cutoff_len",
+               "train_on_inputs", "val_set_size")
 
 
 def save_state(path, model, named, opt, scaler, step, best, cfg, rt):
@@ -383,15 +387,16 @@ def save_state(path, model, named, opt, scaler, step, best, cfg, rt):
 
 
 def load_state(path, model, named, opt, scaler, cfg, rt):
-    """save_state's mirror: restore everything it wrote, after checking that this run continues that one.
-    Returns (step, best validation loss)."""
+    """save_state's mirror: restore everything it wrote, after checking that this run continues
+    that one. Returns (step, best validation loss)."""
     if not os.path.exists(path):
         fail(f"--resume: no checkpoint {path}")
     try:
         state = torch_load(path, map_location=rt.device, mmap=False)
     except ValueError as e:
         fail(f"--resume: {e}")
-    if not isinstance(state, dict) or not {"step", "trainable", "config", "rng", "optimizer"} <= state.keys():
+    keys = {"step", "trainable", "config", "rng", "optimizer"}
+    if not isinstance(state, dict) or not keys <= state.keys():
         fail(f"--resume: {path} is not a resume checkpoint written by train.py")
     now = {**{k: getattr(cfg, k) for k in state["config"]}, **(adapter_options(model) or {})}
     for key, was in {**state["config"], **(state.get("options") or {})}.items():
@@ -402,8 +407,8 @@ def load_state(path, model, named, opt, scaler, cfg, rt):
     with torch.no_grad():
         for n, p in named:
             if state["trainable"][n].shape != p.shape:
-                fail(f"--resume: {path} holds {n} of shape {tuple(state['trainable'][n].shape)}, this adapter's "
-                     f"is {tuple(p.shape)}: its options differ from the run that wrote it")
+                fail(f"--resume: {path} holds {n} of shape {tuple(state['trainable'][n].shape)}, "
+                     f"this adapter's is {tuple(p.shape)}: its options differ from that run's")
             p.copy_(state["trainable"][n])
     opt.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -485,48 +490,30 @@ def main(argv=None):
         finish_run(model, summary, cfg, rt, save)
         if demo and rt.master:
             compare_on_demo(tok, test_rows, base_acc, cfg, rt)
-    finally:
-        teardown(rt)
+    except BaseException:
+        teardown(rt, finished=False)
+        raise
+    teardown(rt, finished=True)
     return model, summary
 
 
 def prepare_demo(cfg, rt):
-    """The demo's base (built once) and data; points --model and --data at them. Returns the test rows."""
+    """The demo's base (built once) and data; points --model and --data at them. Returns the test
+    rows."""
     if cfg.data:
         fail("--data needs --model (the demo writes its own data)")
-    cfg.model, cfg.data = os.path.join(cfg.demo_dir, "base"), os.path.join(cfg.demo_dir, "data", "train.json")
+    data = os.path.join(cfg.demo_dir, "data")
+    cfg.model, cfg.data = os.path.join(cfg.demo_dir, "base"), os.path.join(data, "train.json")
     if not os.path.exists(os.path.join(cfg.model, "config.json")):
         build_demo_base(cfg.model, cfg, rt)
-    train_rows, test_rows = synthetic.finetune_split(cfg.demo_n_train, cfg.demo_n_test, seed=cfg.seed)
+    train_rows, test_rows = synthetic.finetune_split(cfg.demo_n_train, cfg.demo_n_test,
+                                                     seed=cfg.seed)
     if rt.master:
-        write_json(os.path.join(cfg.demo_dir, "data", "train.json"), train_rows)
-        write_json(os.path.join(cfg.demo_dir, "data", "test.json"), test_rows)
+        write_json(os.path.join(data, "train.json"), train_rows)
+        write_json(os.path.join(data, "test.json"), test_rows)
     if rt.world > 1:
         dist.barrier()
     return test_rows
-
-
-RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "resume.pt", "log.jsonl")  # what a run leaves
-
-
-def check_out(cfg, demo, rt):
-    """--out (default: <demo_dir>/<adapter>, or out/<model>-<adapter>) must take files, and a folder holding an
-    earlier run is only continued (--resume) or replaced when asked to (--overwrite): no run is lost by mistake."""
-    cfg.out = cfg.out or (os.path.join(cfg.demo_dir, cfg.adapter) if demo else
-                          os.path.join("out", f"{os.path.basename(os.path.normpath(cfg.model))}-{cfg.adapter}"))
-    try:
-        check_writable(cfg.out, "--out")
-    except ValueError as e:
-        fail(e)
-    earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
-    if earlier and not cfg.resume and not cfg.overwrite:
-        fail(f"--out={cfg.out} holds an earlier run ({', '.join(earlier)}): continue it with --resume=true, "
-             "replace it with --overwrite=true, or give another --out")
-    if rt.world > 1:  # every process has looked before rank 0 clears the folder
-        dist.barrier()
-    if earlier and not cfg.resume and rt.master:  # replaced: nothing of the earlier run is mixed into this one
-        for f in earlier:
-            os.remove(os.path.join(cfg.out, f))
 
 
 def check_paths(cfg):
@@ -538,45 +525,77 @@ def check_paths(cfg):
         fail(f"--data={cfg.data}: no such file")
 
 
+# what a run leaves in --out
+RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "resume.pt", "log.jsonl")
+
+
+def check_out(cfg, demo, rt):
+    """--out (default: <demo_dir>/<adapter>, or out/<model>-<adapter>) must take files, and a folder
+    holding an earlier run is only continued (--resume) or replaced when asked to (--overwrite):
+    no run is lost by mistake."""
+    name = os.path.basename(os.path.normpath(cfg.model))
+    cfg.out = cfg.out or (os.path.join(cfg.demo_dir, cfg.adapter) if demo else
+                          os.path.join("out", f"{name}-{cfg.adapter}"))
+    try:
+        check_writable(cfg.out, "--out")
+    except ValueError as e:
+        fail(e)
+    earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
+    if earlier and not cfg.resume and not cfg.overwrite:
+        fail(f"--out={cfg.out} holds an earlier run ({', '.join(earlier)}): continue it with "
+             "--resume=true, replace it with --overwrite=true, or give another --out")
+    if rt.world > 1:  # every process has looked before rank 0 clears the folder
+        dist.barrier()
+    if earlier and not cfg.resume and rt.master:  # replaced: none of the earlier run is kept
+        for f in earlier:
+            os.remove(os.path.join(cfg.out, f))
+
+
 def load_base(cfg, rt):
     try:
         base, tok = load_model(cfg.model, rt.device, rt.dtype), Tokenizer.from_pretrained(cfg.model)
         check_vocab(tok, base.config.vocab_size, cfg.model)
     except (OSError, ValueError, KeyError) as e:
-        fail(f"--model={cfg.model}: cannot load the checkpoint: {e.args[0] if isinstance(e, KeyError) else e}")
+        why = e.args[0] if isinstance(e, KeyError) else e
+        fail(f"--model={cfg.model}: cannot load the checkpoint: {why}")
     if cfg.cutoff_len > base.config.block_size:
-        fail(f"--cutoff_len={cfg.cutoff_len} exceeds the model's context of {base.config.block_size} tokens")
+        fail(f"--cutoff_len={cfg.cutoff_len} exceeds the model's context of "
+             f"{base.config.block_size} tokens")
     if cfg.batch_size % (cfg.micro_batch_size * rt.world):
-        fail(f"--batch_size={cfg.batch_size} is not a multiple of --micro_batch_size={cfg.micro_batch_size} x "
-             f"{rt.world} processes")
+        fail(f"--batch_size={cfg.batch_size} is not a multiple of --micro_batch_size="
+             f"{cfg.micro_batch_size} x {rt.world} processes")
     return base, tok
 
 
 def prepare_data(cfg, tok, rt):
-    """--data -> (training, validation) examples: rows validated, exact duplicates dropped (so that no validation
-    row is also trained on), a seeded split, tokenized."""
+    """--data -> (training, validation) examples: rows validated, exact duplicates dropped (so that
+    no validation row is also trained on), a seeded split, tokenized."""
     try:
         rows = load_rows(cfg.data, TRAIN_REQUIRE)
     except (DataError, OSError) as e:
         fail(e)
     rows, n_dup = dedupe(rows)
     if n_dup:
-        log(rt, None, None, f"{cfg.data}: dropped {n_dup} duplicate rows (same instruction, input and output)")
+        log(rt, None, None, f"{cfg.data}: dropped {n_dup} duplicate rows (same instruction, input "
+                            "and output)")
     if len(rows) <= cfg.val_set_size:
-        fail(f"{cfg.data}: {len(rows)} rows, not more than --val_set_size={cfg.val_set_size}")
+        fail(f"{cfg.data}: {len(rows)} rows" + (" without duplicates" if n_dup else "") +
+             f", not more than --val_set_size={cfg.val_set_size}")
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    (train_ex, n_cut, n_dropped), (val_ex, _, _) = (tokenize(tok, [rows[i] for i in perm[cfg.val_set_size:]], cfg),
-                                                   tokenize(tok, [rows[i] for i in perm[:cfg.val_set_size]], cfg))
+    n_val = cfg.val_set_size
+    train_ex, n_cut, n_dropped = tokenize(tok, [rows[i] for i in perm[n_val:]], cfg)
+    val_ex = tokenize(tok, [rows[i] for i in perm[:n_val]], cfg)[0]
     if n_cut or n_dropped:
-        log(rt, None, None, f"{n_cut} training rows cut at --cutoff_len={cfg.cutoff_len} tokens, {n_dropped} "
-                            "dropped (nothing left to learn)")
+        log(rt, None, None, f"{n_cut} training rows cut at --cutoff_len={cfg.cutoff_len} tokens, "
+                            f"{n_dropped} dropped (nothing left to learn)")
     if not train_ex:
         fail(f"{cfg.data}: no training example left")
     return train_ex, val_ex
 
 
 def attach_adapter(base, cfg, options, demo, rt, n_train, n_val):
-    """The adapter on the frozen base, and the save() that writes it with what eval.py needs to score it."""
+    """The adapter on the frozen base, and the save() that writes it with what eval.py needs to
+    score it."""
     torch.manual_seed(cfg.seed)
     try:
         model = adapters.add_adapter(base, cfg.adapter, **options)
@@ -584,8 +603,9 @@ def attach_adapter(base, cfg, options, demo, rt, n_train, n_val):
         fail(e)
     model.grad_checkpoint = cfg.grad_ckpt
     trainable, total = adapters.count_parameters(model)
-    log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of {total:,} parameters "
-                        f"({100 * trainable / total:.2f}%); {n_train} training, {n_val} validation rows")
+    log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of "
+                        f"{total:,} parameters ({100 * trainable / total:.2f}%); {n_train} "
+                        f"training, {n_val} validation rows")
     extra = dict(template=TEMPLATE_NAME, data=cfg.data)
     if demo:
         extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
@@ -598,20 +618,24 @@ def attach_adapter(base, cfg, options, demo, rt, n_train, n_val):
 def run_training(model, train_ex, val_ex, cfg, rt, save):
     """train() into --out, with one clear line for running out of memory or of disk."""
     sparse = model.adapter_configs["default"]["options"].get("sparse")
+    before_step = (lambda step: adapters.sparse_step(model, step)) if sparse else None
     try:
         return train(model, train_ex, val_ex, cfg, rt, out=cfg.out, save=save,
-                     before_step=(lambda step: adapters.sparse_step(model, step)) if sparse else None)
+                     before_step=before_step)
     except torch.cuda.OutOfMemoryError:
-        fail(f"out of memory on {rt.device} with --micro_batch_size={cfg.micro_batch_size} and --cutoff_len="
-             f"{cfg.cutoff_len}: lower --micro_batch_size (--batch_size stays, by more accumulation steps), or try "
-             f"--grad_ckpt=true, --dtype=bfloat16 or a shorter --cutoff_len. Checkpoints in {cfg.out} are intact")
+        fail(f"out of memory on {rt.device} with --micro_batch_size={cfg.micro_batch_size} and "
+             f"--cutoff_len={cfg.cutoff_len}: lower --micro_batch_size (--batch_size stays, by "
+             "more accumulation steps), or try --grad_ckpt=true, --dtype=bfloat16 or a shorter "
+             f"--cutoff_len. Checkpoints in {cfg.out} are intact")
     except OSError as e:
-        fail(f"--out={cfg.out}: writing failed ({e}); every file there is whole, from the last checkpoint")
+        fail(f"--out={cfg.out}: writing failed ({e}); every file there is whole, from the last "
+             "checkpoint")
 
 
 def finish_run(model, summary, cfg, rt, save):
-    """Sparse (MoSA) and reparameterised prefix adapters train in a form folded into a plain adapter at the end:
-    the best one, saved in training form (also by a run this one resumed). Then the summary line."""
+    """Sparse (MoSA) and reparameterised prefix adapters train in a form folded into a plain adapter
+    at the end: the best one, saved in training form (also by a run this one resumed). Then the
+    summary line."""
     trainable, total = adapters.count_parameters(model)  # as trained
     if adapters.in_training_form(model) and rt.master:
         best = os.path.join(cfg.out, "adapter_model.safetensors")
@@ -620,23 +644,29 @@ def finish_run(model, summary, cfg, rt, save):
         save()
     best = summary["best_val"]
     log(rt, cfg.out, dict(summary=summary, trainable=trainable, total=total),
-        f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable parameters "
-        f"({100 * trainable / total:.2f}%), best val loss {best and round(best, 4)}; adapter in {cfg.out}")
+        f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable "
+        f"parameters ({100 * trainable / total:.2f}%), best val loss {best and round(best, 4)}; "
+        f"adapter in {cfg.out}")
 
 
 def compare_on_demo(tok, test_rows, base_acc, cfg, rt):
-    """The demo's last line: exact match of the frozen base vs base + the adapter just saved, reloaded."""
+    """The demo's last line: exact match of the frozen base vs base + the adapter just saved."""
     tuned = adapters.load_adapter(load_model(cfg.model, rt.device, rt.dtype), cfg.out)
     acc = accuracy(tuned, tok, test_rows, rt)
     log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
-        f"exact match on {len(test_rows)} held-out two-step problems: base {100 * base_acc:.1f}% -> "
-        f"{cfg.adapter} {100 * acc:.1f}% ({100 * (acc - base_acc):+.1f} points)")
+        f"exact match on {len(test_rows)} held-out two-step problems: base "
+        f"{100 * base_acc:.1f}% -> {cfg.adapter} {100 * acc:.1f}% "
+        f"({100 * (acc - base_acc):+.1f} points)")
 
 
-def teardown(rt):
-    """End DDP on every path, error or not: wait for all processes, then destroy the process group, so that no
-    gloo/NCCL thread is still running when the interpreter exits (that aborts the process: SIGABRT)."""
+def teardown(rt, finished):
+    """End DDP on every path. After a finished run, first wait for every process (rank 0 may still
+    be writing files): a process that exits while another still holds the process group can die
+    with SIGABRT ("terminate called without an active exception") in gloo's teardown. After an
+    error, no waiting: the other processes may never get there."""
     if rt.world > 1 and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -129,27 +129,32 @@ def leakage(train_rows, test_sets) -> dict:
 
 
 def duplicates(rows, answer="answer"):
-    """Rows that repeat an earlier row exactly, and rows that ask an earlier row's question (instruction and input)
-    with another ``answer`` field: two lists of row indices."""
+    """Rows that repeat an earlier row exactly, and rows that ask an earlier row's question
+    (instruction and input) with another ``answer`` field: two lists of row indices."""
     first_row, first_question, repeated, conflicting = {}, {}, [], []
     for i, row in enumerate(rows):
-        key, question = json.dumps(row, sort_keys=True), (row["instruction"], row.get("input") or "")
+        key = json.dumps(row, sort_keys=True)
+        question = (row["instruction"], row.get("input") or "")
         if key in first_row:
             repeated.append(i)
-        elif question in first_question and rows[first_question[question]].get(answer) != row.get(answer):
-            conflicting.append(i)
+        elif question in first_question:
+            if rows[first_question[question]].get(answer) != row.get(answer):
+                conflicting.append(i)
         first_row.setdefault(key, i)
         first_question.setdefault(question, i)
     return repeated, conflicting
 
 
 def describe_duplicates(path, rows, answer="answer"):
-    """One line on the duplicates of a file (row indices as in the file), or None when there are none."""
+    """One line on the duplicates of a file (row indices as in the file), or None."""
     repeated, conflicting = duplicates(rows, answer)
 
     def listed(idx):
         return ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
-    parts = [f"{len(repeated)} rows repeat an earlier row exactly (rows {listed(repeated)})"] if repeated else []
+    parts = []
+    if repeated:
+        parts.append(f"{len(repeated)} rows repeat an earlier row exactly "
+                     f"(rows {listed(repeated)})")
     if conflicting:
         parts.append(f"{len(conflicting)} rows ask an earlier question with another {answer} "
                      f"(rows {listed(conflicting)})")
@@ -157,7 +162,7 @@ def describe_duplicates(path, rows, answer="answer"):
 
 
 def dedupe(rows):
-    """The rows without exact repeats (the first of each kept, in order), and how many were dropped."""
+    """The rows without exact repeats (the first of each kept, in order), and how many went."""
     repeated = set(duplicates(rows, "output")[0])
     return [r for i, r in enumerate(rows) if i not in repeated], len(repeated)
 
@@ -170,7 +175,8 @@ def write_json(path, rows):
 def prepare(root, out=None, verbose=True) -> dict:
     """Validate (and, when ``out`` is given, copy) every set; return a report:
     {"test": {name: rows}, "train": {name: rows}, "missing", "ignored",
-     "errors": [messages], "duplicates": [messages], "leakage": {train name: {test name: counts}}} (nonzero only)."""
+     "errors": [messages], "duplicates": [messages],
+     "leakage": {train name: {test name: counts}}} (nonzero only)."""
     say = print if verbose else (lambda *a, **k: None)
     found = find_datasets(root)
     report = {"test": {}, "train": {}, "missing": found["missing"], "ignored": found["ignored"],
@@ -226,8 +232,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if not os.path.isdir(args.root):
-            raise FileNotFoundError(f"--from={args.root}: no such folder (the LLM-Adapters release, with dataset/ "
-                                    "and ft-training_set/)")
+            raise FileNotFoundError(f"--from={args.root}: no such folder (the LLM-Adapters "
+                                    "release, with dataset/ and ft-training_set/)")
         if not args.check:
             check_writable(args.out, "--out")
         report = prepare(args.root, None if args.check else args.out)

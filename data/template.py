@@ -46,7 +46,7 @@ def format_example(row: dict) -> tuple[str, str]:
 
 
 def response_of(text: str) -> str:
-    """The response in a generated continuation: the text before any further "### Response:" (a model that goes
-    on to write another example), stripped. LLM-Adapters scores ``output.split("### Response:")[1]`` of prompt +
-    continuation, which is the same text."""
+    """The response in a generated continuation: the text before any further "### Response:" (a
+    model that goes on to write another example), stripped. LLM-Adapters scores
+    ``output.split("### Response:")[1]`` of prompt + continuation: the same text."""
     return text.split(RESPONSE)[0].strip()
