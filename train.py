@@ -13,6 +13,7 @@ cached in <demo_dir>/base/ like any checkpoint, is fine-tuned on a related task 
 with the exact-match accuracy of the frozen base vs base + adapter on the held-out test split.
 --out gets the adapter with the best validation loss (adapter_model.safetensors + adapter_config.json), resume.pt
 (for --resume=true) and log.jsonl, each written to a temporary name and renamed, so never left half-written.
+A --out that holds a run is refused unless --resume=true (continue it) or --overwrite=true (replace it).
 """
 import json
 import math
@@ -540,6 +541,8 @@ def check_out(cfg, demo, rt):
         check_writable(cfg.out, "--out")
     except ValueError as e:
         fail(e)
+    if cfg.resume and cfg.overwrite and not demo:  # the demo's default is overwrite=True
+        fail("--resume=true continues the run in --out, --overwrite=true replaces it: give one")
     earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
     if earlier and not cfg.resume and not cfg.overwrite:
         fail(f"--out={cfg.out} holds an earlier run ({', '.join(earlier)}): continue it with "

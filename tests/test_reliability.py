@@ -1,6 +1,7 @@
-"""Reliability (issue 14): no run lost, no traceback for bad input, nothing accepted silently. Each test is one case
-of the fault-injection trial: a bad file, setting or folder gets one line naming it; loaders refuse what does not
-fit instead of guessing. A tiny random LLaMA with a sentencepiece tokenizer stands in for a real base model."""
+"""Reliability (issue 14): no run lost, no traceback for bad input, nothing accepted silently.
+Each test is one case of the fault-injection trial: a bad file, setting or folder gets one line
+naming it; loaders refuse what does not fit instead of guessing. A tiny random LLaMA with a
+sentencepiece tokenizer stands in for a real base model."""
 import errno
 import json
 import os
@@ -25,34 +26,40 @@ from tokenizer import Tokenizer
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A checkpoint folder train.py and eval.py take as --model (random weights: nothing here needs a good model),
-    and a training file of 40 rows."""
+    """A checkpoint folder train.py and eval.py take as --model (random weights: nothing here needs
+    a good model), and a training file of 40 rows."""
     root = tmp_path_factory.mktemp("base")
     synthetic.train_tokenizer(synthetic.pretrain_corpus(300, seed=0), str(root / "tokenizer"))
     torch.manual_seed(0)
     vocab = Tokenizer.from_pretrained(root).vocab_size
-    save_model(Transformer(Config("t", vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, intermediate_size=64,
-                                  block_size=256)), root)
+    config = Config("t", vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, intermediate_size=64,
+                    block_size=256)
+    save_model(Transformer(config), root)
     write_json(root / "rows.json", synthetic.finetune_split(40, 4, seed=1)[0])
     return root
 
 
 def run(base, out, *args, data=None):
-    return train.main([f"--model={base}", f"--data={data or base / 'rows.json'}", f"--out={out}", "--adapter=lora",
-                       "--r=4", "--batch_size=4", "--micro_batch_size=2", "--val_set_size=4", "--max_steps=2",
-                       "--eval_interval=2", "--warmup_steps=0", "--log_interval=1", "--threads=0", *args])
+    return train.main([f"--model={base}", f"--data={data or base / 'rows.json'}", f"--out={out}",
+                       "--adapter=lora", "--r=4", "--batch_size=4", "--micro_batch_size=2",
+                       "--val_set_size=4", "--max_steps=2", "--eval_interval=2", "--warmup_steps=0",
+                       "--log_interval=1", "--threads=0", *args])
 
 
-# ------------------------------------------------------------------------------------------------ no run lost
+# ------------------------------------------------------------------------------------ no run lost
 def test_a_used_out_is_refused_unless_resumed_or_overwritten(base, tmp_path):
     run(base, tmp_path)
     before = {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES}
-    with pytest.raises(SystemExit, match=f"--out={tmp_path} holds an earlier run .*--resume=true.*--overwrite=true"):
+    refused = f"--out={tmp_path} holds an earlier run .*--resume=true.*--overwrite=true"
+    with pytest.raises(SystemExit, match=refused):
         run(base, tmp_path, "--learning_rate=1e-2")
     assert before == {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES}  # untouched
     run(base, tmp_path, "--resume=true")  # continuing is allowed (here: nothing left to do)
+    with pytest.raises(SystemExit, match="--resume=true continues .* --overwrite=true replaces"):
+        run(base, tmp_path, "--resume=true", "--overwrite=true")
     run(base, tmp_path, "--learning_rate=1e-2", "--overwrite=true")
-    assert (tmp_path / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
+    adapter = "adapter_model.safetensors"
+    assert (tmp_path / adapter).read_bytes() != before[adapter]
     assert torch.load(tmp_path / "resume.pt", weights_only=True)["config"]["learning_rate"] == 1e-2
 
 
@@ -63,10 +70,12 @@ def test_resume_with_other_adapter_options_is_refused(base, tmp_path):
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("micro_batch_size", "0", "at least 1"), ("batch_size", "0", "at least 1"), ("eval_interval", "0", "at least 1"),
-    ("log_interval", "0", "at least 1"), ("learning_rate", "-1", "more than 0"), ("learning_rate", "0", "more than 0"),
-    ("val_set_size", "-5", "at least 0"), ("num_epochs", "0", "at least 1"), ("max_steps", "-3", "at least 0"),
-    ("grad_clip", "-1", "at least 0"), ("cutoff_len", "1", "at least 2"), ("demo_base_docs", "100", "at least 201"),
+    ("micro_batch_size", "0", "at least 1"), ("batch_size", "0", "at least 1"),
+    ("eval_interval", "0", "at least 1"), ("log_interval", "0", "at least 1"),
+    ("learning_rate", "-1", "more than 0"), ("learning_rate", "0", "more than 0"),
+    ("val_set_size", "-5", "at least 0"), ("num_epochs", "0", "at least 1"),
+    ("max_steps", "-3", "at least 0"), ("grad_clip", "-1", "at least 0"),
+    ("cutoff_len", "1", "at least 2"), ("demo_base_docs", "100", "at least 201"),
 ])
 def test_numeric_settings_out_of_range(key, value, expected):
     with pytest.raises(SystemExit, match=f"--{key}={value}(\\.0)?: expected {expected}"):
@@ -74,7 +83,8 @@ def test_numeric_settings_out_of_range(key, value, expected):
 
 
 def test_every_numeric_setting_has_a_range():
-    numeric = {k for k, v in train.DEFAULTS.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {k for k, v in train.DEFAULTS.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert numeric == set(train.MINIMUM)
 
 
@@ -97,15 +107,17 @@ def test_full_disk_mid_run_is_one_line_and_leaves_no_temporary_file(base, tmp_pa
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         checkpoints.write_atomic(path, write)
     monkeypatch.setattr(train, "write_atomic", full)
-    with pytest.raises(SystemExit, match=f"--out={tmp_path}: writing failed .*No space left on device"):
+    with pytest.raises(SystemExit, match=f"--out={tmp_path}: writing failed .*No space left"):
         run(base, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == sorted(set(train.RUN_FILES) - {"resume.pt"})
 
 
 def test_full_disk_inside_torch_save_is_an_os_error(tmp_path):
-    """torch.save reports a failed write as a RuntimeError; write_atomic makes it an OSError naming the file."""
+    """torch.save reports a failed write as a RuntimeError; write_atomic makes it an OSError naming
+    the file."""
     def write(f):
-        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
+                           "writing file")
     with pytest.raises(OSError, match="resume.pt: cannot write it .*PytorchStreamWriter failed"):
         checkpoints.write_atomic(tmp_path / "resume.pt", write)
     assert os.listdir(tmp_path) == []
@@ -130,7 +142,7 @@ def test_training_rows_are_deduplicated_before_the_validation_split(base, tmp_pa
     assert prepare.dedupe(rows + rows[:3]) == (rows, 3)
 
 
-# ------------------------------------------------------------------------------------------------ weight files
+# ----------------------------------------------------------------------------------- weight files
 def garbage(f):
     f.write_bytes(b"not a checkpoint at all" * 4)
 
@@ -156,17 +168,18 @@ def a_list(f):
     torch.save([torch.ones(2)], f)
 
 
-@pytest.mark.parametrize("layout, file", [("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")])
-@pytest.mark.parametrize("damage, message", [(truncate, "cannot read it"), (empty, "cannot read it"),
-                                             (garbage, "cannot read it")])
-def test_damaged_weight_files(tmp_path, layout, file, damage, message):
+@pytest.mark.parametrize("layout, file", [("safetensors", "model.safetensors"),
+                                          ("bin", "pytorch_model.bin")])
+@pytest.mark.parametrize("damage", [truncate, empty, garbage])
+def test_damaged_weight_files(tmp_path, layout, file, damage):
     path, _ = make_hf_checkpoint(tmp_path, "llama", layout=layout)
     damage(path / file)
-    with pytest.raises(ValueError, match=f"{path / file}: {message}"):
+    with pytest.raises(ValueError, match=f"{path / file}: cannot read it"):
         load_model(path)
 
 
-@pytest.mark.parametrize("damage, message", [(unsafe, "refused as unsafe"), (a_list, "expected a dict .* got a list")])
+@pytest.mark.parametrize("damage, message", [(unsafe, "refused as unsafe"),
+                                             (a_list, "expected a dict .* got a list")])
 def test_foreign_pickles(tmp_path, damage, message, capsys):
     path, _ = make_hf_checkpoint(tmp_path, "llama", layout="bin")
     damage(path / "pytorch_model.bin")
@@ -178,10 +191,12 @@ def test_foreign_pickles(tmp_path, damage, message, capsys):
 def test_damaged_model_is_one_line_on_the_command_line(tmp_path):
     path, _ = make_hf_checkpoint(tmp_path / "m", "llama")
     truncate(path / "model.safetensors")
-    p = subprocess.run([sys.executable, "eval.py", f"--model={path}", "--dataset=gsm8k"], cwd=ROOT,
-                       capture_output=True, text=True)
+    write_json(tmp_path / "set" / "test.json", [{"instruction": "1 + 1?", "answer": "2"}])
+    argv = [f"--model={path}", f"--dataset={tmp_path / 'set'}", f"--out={tmp_path / 'out'}"]
+    p = subprocess.run([sys.executable, "eval.py", *argv], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines()[-1].startswith(f"eval.py: error: {path / 'model.safetensors'}: cannot read")
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"eval.py: error: {path / 'model.safetensors'}: cannot read it")
 
 
 def test_non_float_weight_is_refused_not_cast(tmp_path):
@@ -189,7 +204,8 @@ def test_non_float_weight_is_refused_not_cast(tmp_path):
     sd = load_file(path / "model.safetensors")
     sd["model.norm.weight"] = sd["model.norm.weight"].long()
     save_file(sd, path / "model.safetensors")
-    with pytest.raises(ValueError, match="model.safetensors: norm.weight is torch.int64, expected a floating-point tensor"):
+    refused = "model.safetensors: norm.weight is torch.int64, expected a floating-point tensor"
+    with pytest.raises(ValueError, match=refused):
         load_model(path)
 
 
@@ -197,7 +213,7 @@ def test_config_field_of_the_wrong_type_or_missing(tmp_path):
     path, _ = make_hf_checkpoint(tmp_path, "llama")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "hidden_size": "128"}))
-    with pytest.raises(ValueError, match="config.json: field 'hidden_size' is '128', expected an integer"):
+    with pytest.raises(ValueError, match="config.json: field 'hidden_size' is '128', expected an "):
         load_model(path)
     del config["num_hidden_layers"]
     (path / "config.json").write_text(json.dumps(config))
@@ -218,14 +234,15 @@ def test_index_shard_outside_the_folder_is_refused(tmp_path):
     path, _ = make_hf_checkpoint(tmp_path / "m", "llama", layout="safetensors-sharded")
     index = json.loads((path / "model.safetensors.index.json").read_text())
     first = next(iter(index["weight_map"]))
-    (tmp_path / "elsewhere.safetensors").write_bytes((path / index["weight_map"][first]).read_bytes())
+    shard = path / index["weight_map"][first]
+    (tmp_path / "elsewhere.safetensors").write_bytes(shard.read_bytes())
     index["weight_map"][first] = "../elsewhere.safetensors"
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"shard '\.\./elsewhere\.safetensors' is not a file name in"):
+    with pytest.raises(ValueError, match=r"shard '\.\./elsewhere\.safetensors' is not a file name"):
         load_model(path)
 
 
-# ------------------------------------------------------------------------------------------------ Meta checkpoints
+# ------------------------------------------------------------------------------- Meta checkpoints
 def meta_shards(path):
     return [(f, torch.load(f, weights_only=True)) for f in sorted(path.glob("consolidated.*.pth"))]
 
@@ -233,9 +250,10 @@ def meta_shards(path):
 def test_meta_llama1_per_layer_rope_freqs_are_skipped(tmp_path):
     hf = make_hf_model("llama")
     path = make_meta_checkpoint(tmp_path, hf, n_shards=2)
-    plain = {k: v.clone() for k, v in load_model(path).state_dict().items()}  # not mapped to the files
+    plain = {k: v.clone() for k, v in load_model(path).state_dict().items()}  # not file-mapped
     for f, sd in meta_shards(path):  # as LLaMA-1's consolidated.*.pth files carry them
-        sd.update({f"layers.{i}.attention.inner_attention.rope.freqs": torch.ones(4) for i in range(2)})
+        sd.update({f"layers.{i}.attention.inner_attention.rope.freqs": torch.ones(4)
+                   for i in range(2)})
         torch.save(sd, f)
     loaded = load_model(path).state_dict()
     assert loaded.keys() == plain.keys() and all(torch.equal(plain[k], loaded[k]) for k in plain)
@@ -245,14 +263,15 @@ def test_meta_every_shard_is_checked(tmp_path):
     path = make_meta_checkpoint(tmp_path, make_hf_model("llama"), n_shards=2)
     (f, sd), = meta_shards(path)[1:]
     torch.save({**sd, "layers.0.attention.wz.weight": torch.ones(2)}, f)
-    with pytest.raises(KeyError, match=r"consolidated\.01\.pth: 1 tensors match no LLaMA parameter"):
+    with pytest.raises(KeyError, match=r"consolidated\.01\.pth: 1 tensors match no LLaMA"):
         load_model(path)
     torch.save({**sd, "norm.weight": torch.ones(3)}, f)
-    with pytest.raises(ValueError, match=r"consolidated\.01\.pth: norm\.weight has shape \(3,\), consolidated\.00"):
+    shape = r"consolidated\.01\.pth: norm\.weight has shape \(3,\), consolidated\.00"
+    with pytest.raises(ValueError, match=shape):
         load_model(path)
 
 
-# ------------------------------------------------------------------------------------------------ tokenizer
+# -------------------------------------------------------------------------------------- tokenizer
 def test_tokenizer_larger_than_the_embedding(base, tmp_path):
     small = tmp_path / "small"
     small.mkdir()
@@ -261,17 +280,18 @@ def test_tokenizer_larger_than_the_embedding(base, tmp_path):
     config = json.loads((small / "config.json").read_text())
     sd = load_file(small / "model.safetensors")
     rows = 100  # fewer embedding rows than the tokenizer has ids
-    sd.update({k: v[:rows] for k, v in sd.items() if k in ("model.embed_tokens.weight", "lm_head.weight")})
+    sd.update({k: v[:rows] for k, v in sd.items()
+               if k in ("model.embed_tokens.weight", "lm_head.weight")})
     save_file(sd, small / "model.safetensors")
     (small / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
-    with pytest.raises(SystemExit, match=f"--model={small}: .*the tokenizer's ids go up to 3\\d\\d, but the "
-                                         f"model's embedding has {rows} rows"):
+    too_small = f"the tokenizer's ids go up to 3\\d\\d, but the model's embedding has {rows} rows"
+    with pytest.raises(SystemExit, match=f"--model={small}: .*{too_small}"):
         run(small, tmp_path / "out", data=base / "rows.json")
     with pytest.raises(ValueError, match="tokenizer's ids go up to"):
         evaluation.load(small, "", "cpu", torch.float32)
 
 
-# ------------------------------------------------------------------------------------------------ adapters
+# --------------------------------------------------------------------------------------- adapters
 def saved_lora(base, tmp_path, **kw):
     model = adapters.add_adapter(load_model(base), "lora", r=4)
     adapters.save_adapter(model, tmp_path, **kw)
@@ -301,12 +321,13 @@ def test_peft_target_modules_must_match_the_tensors(base, tmp_path):
     path = saved_lora(base, tmp_path, format="peft")
     config = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
-    with pytest.raises(ValueError, match=r"target_modules \['q_proj'\] disagree .*\['down_proj', 'k_proj', 'q_"):
+    disagree = r"target_modules \['q_proj'\] disagree .*\['down_proj', 'k_proj', 'q_proj'"
+    with pytest.raises(ValueError, match=disagree):
         adapters.load_adapter(load_model(base), path)
 
 
 def altered_lora(base, tmp_path, change):
-    """A saved LoRA whose first tensor is replaced by change(tensor); returns (folder, that tensor's key)."""
+    """A saved LoRA whose first tensor is replaced by change(tensor); returns (folder, its key)."""
     path = saved_lora(base, tmp_path)
     sd = load_file(path / "adapter_model.safetensors")
     key = next(iter(sd))
@@ -332,14 +353,15 @@ def test_failed_load_adapter_leaves_the_model_as_it_was(base, tmp_path):
     assert model.state_dict().keys() == state.keys()
 
 
-# ------------------------------------------------------------------------------------------------ data and eval
+# ---------------------------------------------------------------------------------- data and eval
 def test_prepare_reports_duplicates_and_conflicts(tmp_path):
     rows = [{"instruction": f"q{i}", "answer": str(i)} for i in range(4)]
     dataset = tmp_path / "release" / "dataset" / "AddSub"
     write_json(dataset / "test.json", rows + [rows[1], {"instruction": "q2", "answer": "7"}])
     report = prepare.prepare(tmp_path / "release", verbose=False)
-    assert report["duplicates"] == [f"{dataset / 'test.json'}: 1 rows repeat an earlier row exactly (rows 4); "
-                                    "1 rows ask an earlier question with another answer (rows 5)"]
+    assert report["duplicates"] == [f"{dataset / 'test.json'}: 1 rows repeat an earlier row "
+                                    "exactly (rows 4); 1 rows ask an earlier question with another "
+                                    "answer (rows 5)"]
     assert report["test"]["AddSub"] == 6  # reported, kept
 
 
@@ -352,11 +374,14 @@ def test_prepare_command_line_errors(tmp_path, capsys):
     assert "--out=" in capsys.readouterr().err
 
 
-def test_eval_checks_out_before_evaluating_and_reports_duplicates(base, tmp_path, monkeypatch, capsys):
+def test_eval_checks_out_before_evaluating_and_reports_duplicates(base, tmp_path, monkeypatch,
+                                                                  capsys):
     rows = [{"instruction": "1 + 1?", "answer": "2"}] * 2
     write_json(tmp_path / "set" / "test.json", rows)
     (tmp_path / "file").write_text("x")
-    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    monkeypatch.setattr(evaluation, "evaluate",
+                        lambda *a, **k: pytest.fail("evaluated before checking --out"))
     with pytest.raises(ValueError, match="--out=.*file is a file"):
-        evaluation.main([f"--model={base}", f"--dataset={tmp_path / 'set'}", f"--out={tmp_path / 'file'}"])
+        evaluation.main([f"--model={base}", f"--dataset={tmp_path / 'set'}",
+                         f"--out={tmp_path / 'file'}"])
     assert "1 rows repeat an earlier row exactly (rows 1)" in capsys.readouterr().err
