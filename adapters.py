@@ -40,7 +40,8 @@ def in_own_dtype(module, fn, x, out_dtype):
     """Run fn on x in the adapter's own dtype (fp32 as add_adapter makes it), outside autocast, and hand back
     out_dtype: adapter maths stays fp32 on a bf16/fp16 base, as LLM-Adapters does."""
     with torch.autocast(x.device.type, enabled=False):
-        return fn(x.to(next(module.parameters()).dtype)).to(out_dtype)
+        out = fn(x.to(next(module.parameters()).dtype))  # one cast of x (none when x is fp32)
+        return out if out_dtype is None else out.to(out_dtype)  # None: fp32, the caller casts
 
 
 def fast_fp32_matmuls(device, base_dtype):
@@ -66,7 +67,10 @@ class LoRA(nn.Module):
     def forward(self, x, y, linear):  # the Linear hook: input, output, the layer (LoRA needs only x)
         if self.merged:
             return y
-        return y + in_own_dtype(self, lambda x: self.lora_B(self.lora_A(self.dropout(x))) * self.scale, x, y.dtype)
+        delta = in_own_dtype(self, lambda x: self.lora_B(self.lora_A(self.dropout(x))), x, None)
+        # one kernel scales, casts to y's dtype and adds (was three); in place is safe: y is the
+        # linear's fresh output, which no backward reads
+        return y.add_(delta, alpha=self.scale)
 
     def merge(self, linear):  # fold into the base weight: W += scale * B A
         linear.weight.data += self.delta().to(linear.weight.dtype)
@@ -118,11 +122,14 @@ class Bottleneck(nn.Module):
         self.scaling = nn.Parameter(torch.ones(())) if scaling == "learned" else float(scaling)
 
     def branch(self, x):
-        return F.linear(self.act(F.linear(self.dropout(x), self.down.weight)), self.up.weight) * self.scaling
+        z = F.linear(self.act(F.linear(self.dropout(x), self.down.weight)), self.up.weight)
+        if isinstance(self.scaling, float) and self.scaling == 1.0:  # the default: no multiply
+            return z
+        return z * self.scaling
 
     def forward(self, x, y=None, linear=None):
         if self.on_linear:  # beside one projection: reads its input x, adds to its output y
-            return y + in_own_dtype(self, self.branch, x, y.dtype)
+            return y.add_(in_own_dtype(self, self.branch, x, None))  # cast + add in one, as LoRA
         z = in_own_dtype(self, self.branch, x, x.dtype)
         return x + z if self.residual else z
 
