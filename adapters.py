@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import hf_name, write_atomic
+from checkpoints import hf_name, read_state_dict, unreadable, write_atomic
 from model import LINEAR_NAMES, Linear
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -721,17 +721,34 @@ def _peft_key(config, key):  # layers.0.attn.q_proj.adapter.lora_A.weight -> bas
     return f"base_model.model.{hf_name(config, module + '.weight')[:-len('.weight')]}.{rest}"
 
 
+PEFT_FIELDS = {"LORA": ("r", "lora_alpha"), "IA3": ("target_modules",),  # what _from_peft reads
+               "ADAPTION_PROMPT": ("adapter_len", "adapter_layers")}  # (other types: refused there)
+
+
 def read_adapter_config(path):
+    """adapter_config.json: ours (kind, options) or PEFT's (peft_type); one clear line otherwise."""
     f = Path(path) / "adapter_config.json"
     try:
-        return json.loads(f.read_text())
+        config = json.loads(f.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{f}: cannot read the adapter config ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(config).__name__}")
+    need = PEFT_FIELDS.get(config["peft_type"], ()) if "peft_type" in config else ("kind", "options")
+    missing = [k for k in need if k not in config]
+    if missing:
+        raise ValueError(f"{f}: missing field(s) {', '.join(missing)} (written by "
+                         "adapters.save_adapter or PEFT?)")
+    if "options" in config and not isinstance(config["options"], dict):
+        what = type(config["options"]).__name__
+        raise ValueError(f"{f}: 'options' is a {what}, expected a JSON object")
+    return config
 
 
 def load_adapter(model, path, name=None):
     """Attach and fill the adapter saved in `path` (ours, or a Hugging Face PEFT LoRA, DoRA, IA3 or
-    adaption-prompt folder); strict."""
+    adaption-prompt folder); strict. On any error the model is left as it was (no adapter,
+    requires_grad unchanged)."""
     path = Path(path)
     config = read_adapter_config(path)
     if "peft_type" in config:
@@ -743,11 +760,14 @@ def load_adapter(model, path, name=None):
             raise ValueError(f"{path}: adapter was trained on another base model (saved, this model): {diff}")
         kind, options, state = config["kind"], config["options"], _read_tensors(path)
     name = name or config.get("name", "default")
+    trainable = {p: p.requires_grad for p in model.parameters()}  # add_adapter freezes the base
     add_adapter(model, kind, name=name, **options)
     try:
         fill_adapter(model, name, state, path)
     except (KeyError, ValueError):
         remove_adapter(model, name)  # leave the model as it was
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
         raise
     return model
 
@@ -759,6 +779,12 @@ def fill_adapter(model, name, state, source):
     if missing or unexpected:
         raise KeyError(f"{source}: adapter tensors do not match: missing {missing[:6]}, unexpected {unexpected[:6]}")
     for k, t in state.items():
+        # floats may be cast (bf16 -> fp32); an int where a float belongs is an error
+        want, floats = expected[k].dtype, isinstance(t, torch.Tensor) and t.is_floating_point()
+        cast_ok = floats and want.is_floating_point
+        if not isinstance(t, torch.Tensor) or t.dtype != want and not cast_ok:
+            what = getattr(t, "dtype", type(t).__name__)
+            raise ValueError(f"{source}: {k} is {what}, this model expects {want}")
         if t.shape != expected[k].shape:
             raise ValueError(f"{source}: {k} has shape {tuple(t.shape)}, this model expects {tuple(expected[k].shape)}")
         expected[k].copy_(t)  # state_dict tensors share storage with the parameters
@@ -766,11 +792,16 @@ def fill_adapter(model, name, state, source):
 
 def _read_tensors(path):
     """adapter_model.safetensors, else adapter_model.bin (loaded without running pickled code)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    if (path / "adapter_model.safetensors").exists():
-        return load_file(path / "adapter_model.safetensors")
+    f = path / "adapter_model.safetensors"
+    if f.exists():
+        try:
+            return load_file(f)
+        except SafetensorError as e:
+            raise unreadable(f, e, "safetensors file") from None
     if (path / "adapter_model.bin").exists():
-        return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        return read_state_dict(path / "adapter_model.bin")
     raise FileNotFoundError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
 
 
@@ -786,7 +817,7 @@ def _from_peft(model, path, config):
         raise ValueError(f"{path}: only plain PEFT LoRA (bias='none') or DoRA, IA3 and "
                          f"ADAPTION_PROMPT are supported; got peft_type={config['peft_type']}, "
                          f"bias={config.get('bias')}, {unsupported}")
-    state, targets = _peft_state(model, path, "lora_")
+    state, targets = _peft_state(model, path, config, "lora_")
     r = config["r"]
     alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1)  # rsLoRA scales alpha/sqrt(r)
     options = dict(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
@@ -794,9 +825,10 @@ def _from_peft(model, path, config):
     return ("dora" if config.get("use_dora") else "lora"), options, state
 
 
-def _peft_state(model, path, marker):
-    """A PEFT folder's tensors -> (our state dict, the targeted linear names). Keys are
-    base_model.model.<official module>.<marker>...; marker: "lora_" (A, B, DoRA's m) or "ia3_l"."""
+def _peft_state(model, path, config, marker):
+    """A PEFT folder's tensors -> (our state dict, the targeted linear names), which must be the
+    config's target_modules. Keys are base_model.model.<official module>.<marker>...; marker: "lora_"
+    (A, B, DoRA's m) or "ia3_l"."""
     ours = {}  # official module name -> ours, for every projection
     for n, m in model.named_modules():
         if isinstance(m, Linear):
@@ -810,6 +842,12 @@ def _peft_state(model, path, marker):
                            "model")
         state[f"{ours[module]}.adapter.{rest}"] = t
         targets.add(module.rsplit(".", 1)[-1])
+    named = config.get("target_modules")
+    named = [named] if isinstance(named, str) else named
+    named = sorted({n.rsplit(".", 1)[-1] for n in named or []})  # PEFT may write "mlp.dense_4h_to_h"
+    if named and named != sorted(targets):  # the config and the tensors must agree
+        raise ValueError(f"{path}: adapter_config.json's target_modules {named} "
+                         f"disagree with the modules its tensors adapt {sorted(targets)}")
     return state, targets
 
 
@@ -822,7 +860,7 @@ def _from_peft_ia3(model, path, config):
                          f"got feedforward_modules={ff!r}, "
                          f"fan_in_fan_out={config.get('fan_in_fan_out')}, "
                          f"modules_to_save={config.get('modules_to_save')}")
-    state, targets = _peft_state(model, path, "ia3_l")
+    state, targets = _peft_state(model, path, config, "ia3_l")
     ff = sorted({f.rsplit(".", 1)[-1] for f in ff})
     return "ia3", dict(target_modules=sorted(targets), feedforward_modules=ff), state
 

@@ -14,7 +14,9 @@ The model is built on the meta device and filled tensor by tensor (memory-mapped
 """
 import json
 import os
+import pickle
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,8 +38,23 @@ def write_atomic(path, data):
         else:
             tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        raise OSError(f"{path}: cannot write it ({str(e).splitlines()[0]})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_writable(folder, flag):
+    """Before any long work: `folder` (the value of `flag`, e.g. --out) exists or can be made, and
+    takes files. Otherwise one ValueError naming the flag: no run ends with nowhere to write."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag}={folder} is a file, expected a folder (give another {flag})")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag}={folder}: cannot write there ({e.strerror or e}); "
+                         f"give another {flag}") from None
 
 
 def _adapter_names(model):
@@ -186,6 +203,7 @@ class _Filler:
         p = self.params.get(name)
         if p is None or name in self.filled:
             raise KeyError(f"{source}: {'duplicate' if p is not None else 'unexpected'} tensor for parameter {name}")
+        check_float(name, t, source)
         if t.shape != p.shape:
             raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, the config expects {tuple(p.shape)}")
         t = t.to(device=self.device or "cpu", dtype=self.dtype or t.dtype)
@@ -201,12 +219,45 @@ class _Filler:
         return self.model
 
 
-def _torch_load(f):
-    """Safe pickle load: weights_only never runs code; mmap where the file format allows it (not the pre-1.6 one)."""
+def unreadable(f, why, kind="PyTorch checkpoint"):
+    """The one error for a weight file that cannot be read."""
+    return ValueError(f"{f}: cannot read it ({why}): truncated or not a {kind}; re-download or "
+                      "re-save it")
+
+
+def torch_load(f, map_location="cpu", mmap=True):
+    """Safe pickle load: weights_only never runs code; mmap where the file format allows it (not the
+    pre-1.6 one). A refused, truncated or foreign file is a ValueError that names it."""
     try:
-        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            return torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # no class was refused: the bytes are not a pickle
+            raise unreadable(f, "not a pickle") from None
+        raise ValueError(f"{f}: refused as unsafe: it pickles objects other than tensors and plain "
+                         "containers, and loading them could run code (weights_only=True); "
+                         "re-save its tensors, e.g. as safetensors") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        raise unreadable(f, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def read_state_dict(f):
+    """{name: tensor} of one .bin/.pth/.pt file, loaded by torch_load, checked to be a dict."""
+    d = torch_load(f)
+    if not isinstance(d, dict):
+        raise ValueError(f"{f}: expected a dict of tensor name -> tensor, got a {type(d).__name__}")
+    return d
+
+
+def check_float(name, t, source):
+    """Weights are floating-point tensors: an int, bool or other object is an error, never cast."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{source}: {name} is {what}, expected a floating-point tensor")
 
 
 def _read_json(f):
@@ -219,6 +270,31 @@ def _read_json(f):
     return d
 
 
+# numeric fields of config.json and params.json: a string or a fraction there is an error naming it
+INT_FIELDS = {"vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "hidden_size", "head_dim", "intermediate_size", "max_position_embeddings", "n_layer",
+              "n_head", "n_embd", "n_embed", "n_inner", "n_positions", "rotary_dim", "ffn_dim",
+              "word_embed_proj_dim", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"}
+FLOAT_FIELDS = {"rms_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta",
+                "ffn_dim_multiplier"}
+
+
+def read_config(f, make):
+    """A config file (config.json, params.json) -> make(its dict), with one clear line for a missing
+    field or a numeric field of the wrong type."""
+    d = _read_json(f)
+    for k, v in d.items():
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        wrong = k in INT_FIELDS and not (number and v == int(v)) or k in FLOAT_FIELDS and not number
+        if v is not None and wrong:
+            expected = "an integer" if k in INT_FIELDS else "a number"
+            raise ValueError(f"{f}: field {k!r} is {v!r}, expected {expected}")
+    try:
+        return make({k: int(v) if k in INT_FIELDS and v is not None else v for k, v in d.items()})
+    except KeyError as e:
+        raise ValueError(f"{f}: missing field {e.args[0]!r}, which this model type needs") from None
+
+
 def _hf_files(path):
     """The weight files of a HF folder, safetensors preferred over .bin, each checked to exist."""
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
@@ -229,6 +305,9 @@ def _hf_files(path):
             weight_map = _read_json(path / index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{path / index}: no 'weight_map' of tensor name -> shard file")
+            for name in set(weight_map.values()):  # no "../x", "/abs/x", "sub/x": this folder
+                if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+                    raise ValueError(f"{path / index}: shard {name!r} is not a file name in {path}")
             files = [path / f for f in sorted(set(weight_map.values()))]
             for f in files:
                 if not f.exists():
@@ -240,17 +319,21 @@ def _hf_files(path):
 
 def _iter_tensors(f):
     """(name, tensor) of one checkpoint file, reading lazily (safetensors is memory-mapped)."""
-    if f.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(f, framework="pt") as sf:
-            for k in sf.keys():
-                yield k, sf.get_tensor(k)
-    else:
-        yield from _torch_load(f).items()
+    if f.suffix != ".safetensors":
+        yield from read_state_dict(f).items()
+        return
+    from safetensors import SafetensorError, safe_open
+    try:
+        sf = safe_open(f, framework="pt")
+    except SafetensorError as e:
+        raise unreadable(f, e, "safetensors file") from None
+    with sf:
+        for k in sf.keys():
+            yield k, sf.get_tensor(k)
 
 
 def _load_hf(path, device, dtype):
-    config = config_from_hf(_read_json(path / "config.json"), path.name)
+    config = read_config(path / "config.json", lambda d: config_from_hf(d, path.name))
     with torch.device("meta"):
         model = Transformer(config)
     filler = _Filler(model, device, dtype)
@@ -277,6 +360,8 @@ META_LAYER = {"attention.wq.weight": ("attn.q_proj.weight", 0), "attention.wk.we
               "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0), "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
               "feed_forward.w3.weight": ("mlp.up_proj.weight", 0), "attention_norm.weight": ("norm_1.weight", None),
               "ffn_norm.weight": ("norm_2.weight", None)}
+# precomputed rotary tables, not parameters: top-level (Llama-2), per layer (LLaMA-1)
+META_SKIP = re.compile(r"(^|\.)rope\.freqs$")
 
 
 def meta_to_rotate_half(w, n_heads):
@@ -285,38 +370,56 @@ def meta_to_rotate_half(w, n_heads):
     return w.view(n_heads, out // n_heads // 2, 2, d_in).transpose(1, 2).reshape(out, d_in)
 
 
+def meta_config(p, name, vocab_from_weights):
+    """params.json dict -> Config; vocab_size -1 ("take it from the weights") asks
+    vocab_from_weights().
+    LLaMA's SwiGLU width: 2/3 of 4*dim, times the Llama-2 multiplier, rounded up to multiple_of."""
+    dim, multiple = p["dim"], p["multiple_of"]
+    hidden = int(2 * 4 * dim / 3)
+    if p.get("ffn_dim_multiplier"):
+        hidden = int(p["ffn_dim_multiplier"] * hidden)
+    hidden = multiple * ((hidden + multiple - 1) // multiple)
+    vocab = p.get("vocab_size", -1)
+    return Config(name, arch="llama", vocab_size=vocab_from_weights() if vocab == -1 else vocab,
+                  n_layer=p["n_layers"], n_head=p["n_heads"], n_kv_head=p.get("n_kv_heads") or 0,
+                  n_embd=dim,
+                  intermediate_size=hidden, block_size=4096, norm_eps=p.get("norm_eps", 1e-6),
+                  rope_theta=p.get("rope_theta", 10000.0))
+
+
 def _load_meta(path, device, dtype):
-    p = _read_json(path / "params.json")
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{path}: params.json but no consolidated.*.pth shard")
     for i, f in enumerate(files):
         if f.name != f"consolidated.{i:02d}.pth":
             raise FileNotFoundError(f"{path}: shard consolidated.{i:02d}.pth is missing (found {f.name})")
-    shards = [_torch_load(f) for f in files]  # memory-mapped
-    dim, n_heads = p["dim"], p["n_heads"]
-    hidden = int(2 * 4 * dim / 3)  # LLaMA's SwiGLU width: 2/3 of 4*dim, times the Llama-2 multiplier, rounded up
-    if p.get("ffn_dim_multiplier"):
-        hidden = int(p["ffn_dim_multiplier"] * hidden)
-    hidden = p["multiple_of"] * ((hidden + p["multiple_of"] - 1) // p["multiple_of"])
-    vocab = p.get("vocab_size", -1)
-    if vocab == -1:  # "take it from the weights"
-        vocab = shards[0]["tok_embeddings.weight"].shape[0]
-    config = Config(path.name, arch="llama", vocab_size=vocab, n_layer=p["n_layers"], n_head=n_heads,
-                    n_kv_head=p.get("n_kv_heads") or 0, n_embd=dim, intermediate_size=hidden, block_size=4096, norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0))
+    shards = [read_state_dict(f) for f in files]  # memory-mapped
+    embed = shards[0].get("tok_embeddings.weight")
+    if embed is None:
+        raise KeyError(f"{files[0]}: tensor tok_embeddings.weight is missing")
+    config = read_config(path / "params.json",
+                         lambda p: meta_config(p, path.name, lambda: embed.shape[0]))
     with torch.device("meta"):
         model = Transformer(config)
     filler = _Filler(model, device, dtype)
     names = dict(META_NAMES)
     for i in range(config.n_layer):
         names.update({f"layers.{i}.{k}": (f"layers.{i}.{v}", d) for k, (v, d) in META_LAYER.items()})
-    unused = [k for k in shards[0] if k not in names and k != "rope.freqs"]
-    if unused:
-        raise KeyError(f"{files[0]}: {len(unused)} tensors match no LLaMA parameter: {unused[:8]}")
+    for f, shard in zip(files, shards):  # every shard, as a later one may differ from the first
+        unused = [k for k in shard if k not in names and not META_SKIP.search(k)]
+        if unused:
+            raise KeyError(f"{f}: {len(unused)} tensors match no LLaMA parameter: {unused[:8]}")
     for k, (name, dim_split) in names.items():
         parts = [s.get(k) for s in shards]
         if any(t is None for t in parts):
             raise KeyError(f"{files[[t is None for t in parts].index(True)]}: tensor {k} is missing")
+        if dim_split is None:  # replicated: every shard holds the whole tensor
+            for f, t in zip(files[1:], parts[1:]):
+                if t.shape != parts[0].shape:
+                    raise ValueError(f"{f}: {k} has shape {tuple(t.shape)}, {files[0].name} has "
+                                     f"{tuple(parts[0].shape)} (a replicated tensor is the same in "
+                                     "every shard)")
         t = parts[0] if dim_split is None or len(parts) == 1 else torch.cat(parts, dim=dim_split)
         if k.endswith("wq.weight"):
             t = meta_to_rotate_half(t, config.n_head)

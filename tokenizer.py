@@ -71,6 +71,17 @@ class Tokenizer:
         raise NotImplementedError
 
 
+def check_vocab(tok, n_embed, path):
+    """A tokenizer and a model go together only if every id the tokenizer gives has an embedding row
+    (the model's table may be larger, padded for speed, never smaller): one error now, not an
+    IndexError in the middle of a run."""
+    ids = (tok.vocab_size - 1, tok.bos_id, tok.eos_id, tok.pad_id)
+    top = max(i for i in ids if isinstance(i, int))
+    if top >= n_embed:
+        raise ValueError(f"{path}: the tokenizer's ids go up to {top}, but the model's embedding "
+                         f"has {n_embed} rows: tokenizer and weights are of different models")
+
+
 class SentencePieceTokenizer(Tokenizer):
     """LLaMA's tokenizer.model: sentencepiece does all the work, so ids are sentencepiece's own."""
 
