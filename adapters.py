@@ -734,7 +734,8 @@ def read_adapter_config(path):
         raise ValueError(f"{f}: cannot read the adapter config ({e})") from e
     if not isinstance(config, dict):
         raise ValueError(f"{f}: expected a JSON object, got {type(config).__name__}")
-    need = PEFT_FIELDS.get(config["peft_type"], ()) if "peft_type" in config else ("kind", "options")
+    peft_type = config.get("peft_type")
+    need = PEFT_FIELDS.get(peft_type, ()) if peft_type else ("kind", "options")
     missing = [k for k in need if k not in config]
     if missing:
         raise ValueError(f"{f}: missing field(s) {', '.join(missing)} (written by "
@@ -827,8 +828,8 @@ def _from_peft(model, path, config):
 
 def _peft_state(model, path, config, marker):
     """A PEFT folder's tensors -> (our state dict, the targeted linear names), which must be the
-    config's target_modules. Keys are base_model.model.<official module>.<marker>...; marker: "lora_"
-    (A, B, DoRA's m) or "ia3_l"."""
+    config's target_modules. Keys are base_model.model.<official module>.<marker>...; marker:
+    "lora_" (A, B, DoRA's m) or "ia3_l"."""
     ours = {}  # official module name -> ours, for every projection
     for n, m in model.named_modules():
         if isinstance(m, Linear):
@@ -844,7 +845,7 @@ def _peft_state(model, path, config, marker):
         targets.add(module.rsplit(".", 1)[-1])
     named = config.get("target_modules")
     named = [named] if isinstance(named, str) else named
-    named = sorted({n.rsplit(".", 1)[-1] for n in named or []})  # PEFT may write "mlp.dense_4h_to_h"
+    named = sorted({n.rsplit(".", 1)[-1] for n in named or []})  # PEFT may write "mlp.fc2"
     if named and named != sorted(targets):  # the config and the tensors must agree
         raise ValueError(f"{path}: adapter_config.json's target_modules {named} "
                          f"disagree with the modules its tensors adapt {sorted(targets)}")
