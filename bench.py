@@ -155,7 +155,7 @@ def bench_train(cfg, conf, m, device):
     tok_s, peak, first = time_training(cfg, lambda: m(x, x)[1], params, device)
     trainable, total = count_parameters(m)
     mfu = tok_s * train_flops_per_token(cfg, conf, total - trainable) / (cfg.peak_tflops * 1e12)
-    return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 2),
+    return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 4),
             "trainable": trainable, "mfu": round(mfu, 3)}
 
 
@@ -206,7 +206,7 @@ def baseline_train(cfg, conf, dtype, device):
     x = torch.randint(0, conf.vocab_size, (cfg.micro_batch, cfg.seq_len), device=device)
     tok_s, peak, first = time_training(cfg, lambda: pm(input_ids=x, labels=x).loss,
                                        [p for p in pm.parameters() if p.requires_grad], device)
-    return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 2)}
+    return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 4)}
 
 
 def baseline_generate(cfg, conf, dtype, device):
