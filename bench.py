@@ -17,6 +17,7 @@ import torch
 
 from adapters import ADAPTER_DEFAULTS, add_adapter, count_parameters, fast_fp32_matmuls
 from model import Config, Transformer
+from quantize import MODES as QUANT_MODES, quantize_model
 
 # defaults, overridden by --key=value
 model = "llama-7b"
@@ -28,6 +29,7 @@ steps = 10
 warmup = 3
 compile = False
 grad_ckpt = False
+quantize = ""           # int8 | nf4 | nf4-dq: the frozen base quantized (quantize.py)
 baseline = False        # also run transformers + PEFT on the same work
 batch = 32              # generation
 prompt_len = 200
@@ -74,7 +76,7 @@ def build(cuda):
     with torch.device("cuda" if cuda else "cpu"):
         torch.manual_seed(0)
         m = Transformer(cfg).to(dtype)
-    return cfg, m, dtype
+    return cfg, quantize_model(m, quantize) if quantize else m, dtype
 
 
 def time_training(loss_fn, params, device):
@@ -170,14 +172,17 @@ def main(argv):
     parse(argv)
     if adapter not in ADAPTER_DEFAULTS:
         sys.exit(f"bench.py: unknown adapter {adapter!r}; adapters: {', '.join(ADAPTER_DEFAULTS)}")
+    if quantize not in ("", *QUANT_MODES):
+        sys.exit(f"bench.py: --quantize must be one of {', '.join(QUANT_MODES)}, not {quantize!r}")
     if task not in ("train", "generate"):
         sys.exit(f"bench.py: --task must be train or generate, not {task!r}")
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     cfg, m, dtype = build(cuda)
     fast_fp32_matmuls(device, dtype)  # as train.py: TF32 for the fp32 adapter maths beside the bf16 base
-    res = {"model": cfg.name, "n_layer": cfg.n_layer, "task": task, "adapter": adapter, "device":
-           torch.cuda.get_device_name(0) if cuda else "cpu (smoke test, tiny-llama)", "torch": torch.__version__}
+    res = {"model": cfg.name, "n_layer": cfg.n_layer, "task": task, "adapter": adapter, "quantize": quantize,
+           "device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke test, tiny-llama)",
+           "torch": torch.__version__}
     res["ours"] = bench_train(cfg, m, dtype, device) if task == "train" else bench_generate(cfg, m, device)
     if baseline:
         del m

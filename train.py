@@ -37,6 +37,7 @@ from checkpoints import load_model, save_model, write_atomic
 from configurator import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, read_args,
                           settle)
 from model import Config, Transformer
+from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer
 
 TORCH_THREADS = torch.get_num_threads()  # torch's default, before setup() applies --threads
@@ -68,6 +69,7 @@ seed = 42
 device = ""               # cuda | cpu | mps; "" = cuda if available, else cpu
 dtype = ""                # of the frozen base and autocast: bfloat16 | float16 (+ GradScaler) | float32;
                           # "" = bfloat16 on cuda (float16 where bf16 is unsupported), float32 elsewhere
+quantize = ""             # frozen base in int8 | nf4 | nf4-dq (QLoRA's 4-bit, + double quantization); "" = dtype
 grad_ckpt = False         # recompute activations in backward: less memory, ~30% slower
 compile = False           # torch.compile the model
 threads = 0               # CPU threads for torch; 0 = torch's default
@@ -114,6 +116,7 @@ def get_config(argv):
         cfg, options = settle(given, defaults, lambda _: adapters.KINDS[kind].defaults, explain_option)
         check_choice(cfg, "decay", ("linear", "cosine"))
         check_choice(cfg, "dtype", DTYPES)
+        check_choice(cfg, "quantize", ("", *QUANT_MODES))
     except ConfigError as e:
         fail(e)
     return cfg, options
@@ -249,8 +252,9 @@ def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=Non
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     fwd = torch.compile(model) if cfg.compile else model
     if rt.world > 1:  # sparse adapters (before_step) leave the parts not picked at a step unused
+        # buffers never change while training (a quantized base keeps its weights in them): no broadcast each step
         fwd = DDP(fwd, device_ids=[rt.device] if rt.device.type == "cuda" else None,
-                  find_unused_parameters=before_step is not None)
+                  find_unused_parameters=before_step is not None, broadcast_buffers=False)
     steps_per_epoch = len(epoch_plan(train_ex, cfg, 0, rt))
     total = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     step, best, saved_at, loss, path = 0, math.inf, None, None, out and os.path.join(out, "resume.pt")
@@ -429,7 +433,8 @@ def main(argv=None):
     if not cfg.data:
         fail("--data is required with --model (a JSON file of instruction/input/output rows)")
     try:
-        base, tok = load_model(cfg.model, rt.device, rt.dtype), Tokenizer.from_pretrained(cfg.model)
+        base = load_model(cfg.model, rt.device, rt.dtype, cfg.quantize)
+        tok = Tokenizer.from_pretrained(cfg.model)
     except (OSError, ValueError, KeyError) as e:
         fail(f"--model={cfg.model}: cannot load the checkpoint: {e}")
     if cfg.cutoff_len > base.config.block_size:
@@ -492,7 +497,7 @@ def main(argv=None):
         f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable parameters "
         f"({100 * trainable / total:.2f}%), best val loss {best and round(best, 4)}; adapter in {cfg.out}")
     if demo and rt.master:
-        tuned = adapters.load_adapter(load_model(cfg.model, rt.device, rt.dtype), cfg.out)
+        tuned = adapters.load_adapter(load_model(cfg.model, rt.device, rt.dtype, cfg.quantize), cfg.out)
         acc = accuracy(tuned, tok, test_rows, rt)
         log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
             f"exact match on {len(test_rows)} held-out two-step problems: base {100 * base_acc:.1f}% -> "
