@@ -421,7 +421,8 @@ def count_parameters(model):
     """(trainable, total) parameter counts; the paper's "% params" is trainable / total."""
     ps = list(model.parameters())
     # a quantized projection keeps W in buffers (quantize.py); its weights count all the same
-    packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    packed = sum(m.in_features * m.out_features for m in model.modules()
+                 if isinstance(m, QuantLinear))
     return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps) + packed
 
 
@@ -439,7 +440,7 @@ def merge(model):
     """Fold every active, unmerged adapter that lives on a projection and can be folded (LoRA: W += scale * B A)
     into its base weight; logits stay the same, and the adapter then does nothing until unmerge."""
     if is_quantized(model):  # W += B A would be rounded to the quantization grid, most of it lost
-        raise ValueError("merge: the base is quantized; load it without quantize to merge an adapter into it")
+        raise ValueError("merge: the base is quantized; load it without quantize to merge into it")
     for lin, m in _mergeable(model, merged=False):
         m.merge(lin)
         m.merged = True

@@ -180,9 +180,9 @@ def main(argv):
     device = "cuda" if cuda else "cpu"
     cfg, m, dtype = build(cuda)
     fast_fp32_matmuls(device, dtype)  # as train.py: TF32 for the fp32 adapter maths beside the bf16 base
-    res = {"model": cfg.name, "n_layer": cfg.n_layer, "task": task, "adapter": adapter, "quantize": quantize,
-           "device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke test, tiny-llama)",
-           "torch": torch.__version__}
+    res = {"model": cfg.name, "n_layer": cfg.n_layer, "task": task, "adapter": adapter, "device":
+           torch.cuda.get_device_name(0) if cuda else "cpu (smoke test, tiny-llama)", "torch": torch.__version__}
+    res["quantize"] = quantize
     res["ours"] = bench_train(cfg, m, dtype, device) if task == "train" else bench_generate(cfg, m, device)
     if baseline:
         del m

@@ -53,8 +53,8 @@ def save_model(model, path):
     adapters.save_adapter, or merge_lora first). Files are written to temporary names, then renamed."""
     from safetensors.torch import save
     if is_quantized(model):
-        raise ValueError("save_model: this base is quantized; saving it would lose precision for good. Save "
-                         "the model loaded without quantize")
+        raise ValueError("save_model: this base is quantized; saving it would lose precision for "
+                         "good. Save the model loaded without quantize")
     names = {n for n, _ in model.named_parameters(remove_duplicate=True)} - _adapter_names(model)
     sd = model.state_dict()
     tensors = {hf_name(model.config, n): sd[n].contiguous() for n in names}
@@ -65,8 +65,9 @@ def save_model(model, path):
 def load_model(path, device=None, dtype=None, quantize=None):
     """Load a Meta LLaMA folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json +
     safetensors or .bin, sharded or not). Built on the meta device and filled tensor by tensor, so the weights
-    are held once; dtype=None keeps the stored dtype. Strict: every parameter filled, every tensor used.
-    quantize="int8" | "nf4" | "nf4-dq" packs each projection weight as it is read (quantize.py)."""
+    are held once; dtype=None keeps the stored dtype. Strict: every parameter filled, every tensor
+    used. quantize="int8" | "nf4" | "nf4-dq" packs each projection weight as it is read
+    (quantize.py)."""
     path = Path(path)
     if quantize:
         check_mode(quantize)
@@ -197,8 +198,9 @@ class _Filler:
             raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, the config expects {tuple(p.shape)}")
         module, _, leaf = name.rpartition(".")
         owner = self.model.get_submodule(module)
-        if self.quantize and leaf == "weight" and is_projection(owner):  # packed as it is read: quantize.py
-            quantize_linear(self.model, module, t.to(self.device or "cpu"), self.quantize, self.dtype)
+        if self.quantize and leaf == "weight" and is_projection(owner):  # packed as it is read
+            t = t.to(self.device or "cpu")
+            quantize_linear(self.model, module, t, self.quantize, self.dtype)
         else:
             t = t.to(device=self.device or "cpu", dtype=self.dtype or t.dtype)
             owner._parameters[leaf] = nn.Parameter(t, requires_grad=p.requires_grad)

@@ -151,7 +151,7 @@ class _FrozenLinear(torch.autograd.Function):
         return F.linear(x, weight(x.dtype), bias)
 
     @staticmethod
-    def backward(ctx, grad_y):  # (.., out) -> grads of x (.., in), W (none), the bias (if it trains)
+    def backward(ctx, grad_y):  # (.., out) -> grads of x (.., in), W (none), bias (if it trains)
         grad_bias = grad_y.flatten(0, -2).sum(0) if ctx.needs_input_grad[2] else None
         return grad_y @ ctx.weight(grad_y.dtype), None, grad_bias
 

@@ -69,7 +69,7 @@ seed = 42
 device = ""               # cuda | cpu | mps; "" = cuda if available, else cpu
 dtype = ""                # of the frozen base and autocast: bfloat16 | float16 (+ GradScaler) | float32;
                           # "" = bfloat16 on cuda (float16 where bf16 is unsupported), float32 elsewhere
-quantize = ""             # frozen base in int8 | nf4 | nf4-dq (QLoRA's 4-bit, + double quantization); "" = dtype
+quantize = ""             # frozen base in int8 | nf4 | nf4-dq (QLoRA 4-bit, + double quant.)
 grad_ckpt = False         # recompute activations in backward: less memory, ~30% slower
 compile = False           # torch.compile the model
 threads = 0               # CPU threads for torch; 0 = torch's default
@@ -252,7 +252,7 @@ def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=Non
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     fwd = torch.compile(model) if cfg.compile else model
     if rt.world > 1:  # sparse adapters (before_step) leave the parts not picked at a step unused
-        # buffers never change while training (a quantized base keeps its weights in them): no broadcast each step
+        # buffers never change in training (a quantized base lives in them): no broadcast per step
         fwd = DDP(fwd, device_ids=[rt.device] if rt.device.type == "cuda" else None,
                   find_unused_parameters=before_step is not None, broadcast_buffers=False)
     steps_per_epoch = len(epoch_plan(train_ex, cfg, 0, rt))
@@ -497,7 +497,8 @@ def main(argv=None):
         f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable parameters "
         f"({100 * trainable / total:.2f}%), best val loss {best and round(best, 4)}; adapter in {cfg.out}")
     if demo and rt.master:
-        tuned = adapters.load_adapter(load_model(cfg.model, rt.device, rt.dtype, cfg.quantize), cfg.out)
+        fresh = load_model(cfg.model, rt.device, rt.dtype, cfg.quantize)
+        tuned = adapters.load_adapter(fresh, cfg.out)
         acc = accuracy(tuned, tok, test_rows, rt)
         log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
             f"exact match on {len(test_rows)} held-out two-step problems: base {100 * base_acc:.1f}% -> "
