@@ -151,7 +151,12 @@ def test_backward_gives_the_same_gradients_and_saves_no_full_weight():
     assert [t for t in saved if is_w(t)]
 
 
-@pytest.mark.parametrize("kind", ["lora", "series"])
+# kind -> (options, learning rate); all of them start out equal to the base
+ON_A_QUANTIZED_BASE = {"lora": (dict(r=8, dropout=0.0), 1e-2), "series": (dict(bottleneck=16), 1e-2),
+                       "parallel": (dict(bottleneck=16), 1e-2), "prefix": (dict(gated=True), 2e-1)}
+
+
+@pytest.mark.parametrize("kind", ON_A_QUANTIZED_BASE)
 def test_adapter_trains_on_a_quantized_base(kind):
     model = Q.quantize_model(tiny_model("llama"), "nf4")
     packed = {k: t.clone() for k, t in model.named_buffers()}
@@ -159,13 +164,13 @@ def test_adapter_trains_on_a_quantized_base(kind):
     with torch.no_grad():
         base = model(x)[0]
     torch.manual_seed(0)
-    size = {"r": 8} if kind == "lora" else {"bottleneck": 16}
-    adapters.add_adapter(model, kind, dropout=0.0, **size)
+    options, lr = ON_A_QUANTIZED_BASE[kind]
+    adapters.add_adapter(model, kind, **options)
     model.train()
     with torch.no_grad():
         assert torch.equal(model(x)[0], base)  # zero-initialised: the quantized base at step 0
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    opt = torch.optim.AdamW(trainable, lr=lr)
     losses = []
     for _ in range(8):
         loss = model(x[:, :-1], x[:, 1:])[1]
