@@ -218,6 +218,16 @@ def test_load_model_quantizes_as_quantize_model_does(tmp_path, family):
         load_model(tmp_path, quantize="fp8")
 
 
+def test_meta_layout_quantizes_the_same(meta_checkpoint):
+    from conftest import make_hf_model
+    path = meta_checkpoint(make_hf_model("llama-gqa"), n_shards=2, ffn_dim_multiplier=1.3)
+    plain = load_model(path)  # q/k rows permuted, shards concatenated, then quantized
+    expected = dict(Q.quantize_model(plain, "nf4-dq").named_buffers())
+    loaded = dict(load_model(path, quantize="nf4-dq").named_buffers())
+    assert loaded.keys() == expected.keys() and len(loaded) == 2 * 7 * 4
+    assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
 # In a fresh process: load argv[1] in bf16 with each quantize mode of argv[3:] ("none" = none) and
 # print, per mode, the model's bytes and the anonymous memory in use (freed heap pages handed back
 # first) at its largest after any checkpoint tensor went in, over what was in use before the load.
