@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from checkpoints import hf_name, read_state_dict, unreadable, write_atomic
 from model import LINEAR_NAMES, Linear
+from quantize import QuantLinear, is_quantized
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PLACEMENTS = {"mlp": ("mlp",), "attn": ("attn",), "both": ("attn", "mlp")}
@@ -594,7 +595,10 @@ def set_active(model, names):
 def count_parameters(model):
     """(trainable, total) parameter counts; the paper's "% params" is trainable / total."""
     ps = list(model.parameters())
-    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
+    # a quantized projection keeps W in buffers (quantize.py); its weights count all the same
+    packed = sum(m.in_features * m.out_features for m in model.modules()
+                 if isinstance(m, QuantLinear))
+    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps) + packed
 
 
 def adapter_state(model, name):
@@ -610,6 +614,8 @@ def adapter_state(model, name):
 def merge(model):
     """Fold every active, unmerged adapter that lives on a projection and can be folded (LoRA: W += scale * B A)
     into its base weight; logits stay the same, and the adapter then does nothing until unmerge."""
+    if is_quantized(model):  # W += B A would be rounded to the quantization grid, most of it lost
+        raise ValueError("merge: the base is quantized; load it without quantize to merge into it")
     for lin, m in _mergeable(model, merged=False):
         m.merge(lin)
         m.merged = True

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from model import Config, Transformer, _bloom, _gptj, _opt
+from quantize import check_mode, is_projection, is_quantized, quantize_linear
 
 
 def write_atomic(path, data):
@@ -68,6 +69,9 @@ def save_model(model, path):
     load_model and transformers both read. Adapter tensors are not base weights and are left out (see
     adapters.save_adapter, or merge_lora first). Files are written to temporary names, then renamed."""
     from safetensors.torch import save
+    if is_quantized(model):
+        raise ValueError("save_model: this base is quantized; saving it would lose precision for "
+                         "good. Save the model loaded without quantize")
     names = {n for n, _ in model.named_parameters(remove_duplicate=True)} - _adapter_names(model)
     sd = model.state_dict()
     tensors = {hf_name(model.config, n): sd[n].contiguous() for n in names}
@@ -75,15 +79,19 @@ def save_model(model, path):
     write_atomic(Path(path) / "config.json", json.dumps(config_to_hf(model.config), indent=2))
 
 
-def load_model(path, device=None, dtype=None):
+def load_model(path, device=None, dtype=None, quantize=None):
     """Load a Meta LLaMA folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json +
     safetensors or .bin, sharded or not). Built on the meta device and filled tensor by tensor, so the weights
-    are held once; dtype=None keeps the stored dtype. Strict: every parameter filled, every tensor used."""
+    are held once; dtype=None keeps the stored dtype. Strict: every parameter filled, every tensor
+    used. quantize="int8" | "nf4" | "nf4-dq" packs each projection weight as it is read
+    (quantize.py)."""
     path = Path(path)
+    if quantize:
+        check_mode(quantize)
     if (path / "params.json").exists():
-        return _load_meta(path, device, dtype)
+        return _load_meta(path, device, dtype, quantize)
     if (path / "config.json").exists():
-        return _load_hf(path, device, dtype)
+        return _load_hf(path, device, dtype, quantize)
     raise FileNotFoundError(f"{path}: no params.json (Meta LLaMA) or config.json (Hugging Face) found")
 
 
@@ -194,8 +202,8 @@ def config_from_hf(d, name):
 class _Filler:
     """Puts checkpoint tensors into a model built on the meta device, strictly, one tensor at a time."""
 
-    def __init__(self, model, device, dtype):
-        self.model, self.device, self.dtype = model, device, dtype
+    def __init__(self, model, device, dtype, quantize=None):
+        self.model, self.device, self.dtype, self.quantize = model, device, dtype, quantize
         self.params = dict(model.named_parameters())  # tied weights appear once
         self.filled = set()
 
@@ -206,9 +214,14 @@ class _Filler:
         check_float(name, t, source)
         if t.shape != p.shape:
             raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, the config expects {tuple(p.shape)}")
-        t = t.to(device=self.device or "cpu", dtype=self.dtype or t.dtype)
         module, _, leaf = name.rpartition(".")
-        self.model.get_submodule(module)._parameters[leaf] = nn.Parameter(t, requires_grad=p.requires_grad)
+        owner = self.model.get_submodule(module)
+        if self.quantize and leaf == "weight" and is_projection(owner):  # packed as it is read
+            t = t.to(self.device or "cpu")
+            quantize_linear(self.model, module, t, self.quantize, self.dtype)
+        else:
+            t = t.to(device=self.device or "cpu", dtype=self.dtype or t.dtype)
+            owner._parameters[leaf] = nn.Parameter(t, requires_grad=p.requires_grad)
         self.filled.add(name)
 
     def finish(self, source):
@@ -332,11 +345,11 @@ def _iter_tensors(f):
             yield k, sf.get_tensor(k)
 
 
-def _load_hf(path, device, dtype):
+def _load_hf(path, device, dtype, quantize):
     config = read_config(path / "config.json", lambda d: config_from_hf(d, path.name))
     with torch.device("meta"):
         model = Transformer(config)
-    filler = _Filler(model, device, dtype)
+    filler = _Filler(model, device, dtype, quantize)
     ours = {hf_name(config, n): n for n in filler.params}
     outer = HF_OUTER.get(config.arch, "")
     for f in _hf_files(path):
@@ -387,7 +400,7 @@ def meta_config(p, name, vocab_from_weights):
                   rope_theta=p.get("rope_theta", 10000.0))
 
 
-def _load_meta(path, device, dtype):
+def _load_meta(path, device, dtype, quantize):
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{path}: params.json but no consolidated.*.pth shard")
@@ -402,7 +415,7 @@ def _load_meta(path, device, dtype):
                          lambda p: meta_config(p, path.name, lambda: embed.shape[0]))
     with torch.device("meta"):
         model = Transformer(config)
-    filler = _Filler(model, device, dtype)
+    filler = _Filler(model, device, dtype, quantize)
     names = dict(META_NAMES)
     for i in range(config.n_layer):
         names.update({f"layers.{i}.{k}": (f"layers.{i}.{v}", d) for k, (v, d) in META_LAYER.items()})

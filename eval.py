@@ -34,6 +34,7 @@ from checkpoints import check_writable, load_model, write_atomic
 import fast
 from fast import DecodeStep, compile_blocks, compile_setting, prefill
 from configurator import DEMO_DIR, DTYPES, ConfigError, configure, device_and_dtype
+from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,6 +52,7 @@ DEFAULTS = dict(
     max_new_tokens=0,     # 0 = 256 for math (number/option answers), 32 for commonsense; at most block_size/2
     strict=False,         # strict answer reading (data/scoring.py) instead of the paper's
     dtype="",             # bfloat16 | float16 | float32; "" = bfloat16 on cuda, float32 on cpu
+    quantize="",          # frozen base in int8 | nf4 | nf4-dq (quantize.py); "" = in dtype
     device="",            # "" = cuda if available, else cpu
     compile="",           # compile each block: "" = on for CUDA, off elsewhere; true | false
     out="",               # "" = out/eval/<adapter name, or base model name>
@@ -78,6 +80,8 @@ def parse_config(argv):
             raise ConfigError(f"--{key}={cfg[key]}: must be 0 or more")
     if cfg["dtype"] not in DTYPES:
         raise ConfigError(f"--dtype={cfg['dtype']}: expected bfloat16, float16 or float32")
+    if cfg["quantize"] not in ("", *QUANT_MODES):
+        raise ConfigError(f"--quantize={cfg['quantize']}: expected one of {', '.join(QUANT_MODES)}")
     compile_setting(cfg["compile"], "cpu")  # a word it does not know is a ConfigError here
     return cfg
 
@@ -287,9 +291,9 @@ def markdown_table(table):
     return "\n".join(lines)
 
 
-def load(model_dir, adapter_dir, device, dtype):
+def load(model_dir, adapter_dir, device, dtype, quantize=""):
     """(model in eval mode, tokenizer, the adapter config's "extra" dict) for a base folder and optional adapter."""
-    model = load_model(model_dir, device=device, dtype=dtype)
+    model = load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
     tok = Tokenizer.from_pretrained(model_dir)
     check_vocab(tok, model.config.vocab_size, model_dir)
     extra = {}
@@ -302,7 +306,7 @@ def load(model_dir, adapter_dir, device, dtype):
 def run(cfg, adapter_dir, rows, kind, device, dtype, out):
     """Evaluate the base model + adapter_dir ("" = none) on every set of rows; write <out>/<set>.jsonl and
     <out>/summary.json. Returns ({set: accuracy}, the summary)."""
-    model, tok, extra = load(cfg["model"], adapter_dir, device, dtype)
+    model, tok, extra = load(cfg["model"], adapter_dir, device, dtype, cfg["quantize"])
     if compile_setting(cfg["compile"], device):
         compile_blocks(model)  # decoding: a CUDA graph of compiled blocks (fast.DecodeStep)
     template = extra.get("template", "alpaca")

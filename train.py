@@ -40,6 +40,7 @@ from checkpoints import check_writable, load_model, save_model, torch_load, writ
 from configurator import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, read_args,
                           settle)
 from model import Config, Transformer
+from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
 
 TORCH_THREADS = torch.get_num_threads()  # torch's default, before setup() applies --threads
@@ -72,6 +73,7 @@ seed = 42
 device = ""               # cuda | cpu | mps; "" = cuda if available, else cpu
 dtype = ""                # of the frozen base and autocast: bfloat16 | float16 (+ GradScaler) | float32;
                           # "" = bfloat16 on cuda (float16 where bf16 is unsupported), float32 elsewhere
+quantize = ""             # frozen base in int8 | nf4 | nf4-dq (QLoRA 4-bit, + double quant.)
 grad_ckpt = False         # recompute activations in backward: less memory, ~30% slower
 compile = ""              # compile each block: "" = on for CUDA, off elsewhere; true | false
 threads = 0               # CPU threads for torch; 0 = torch's default
@@ -127,6 +129,7 @@ def get_config(argv):
         cfg, options = settle(given, defaults, lambda _: adapters.KINDS[kind].defaults, explain_option)
         check_choice(cfg, "decay", ("linear", "cosine"))
         check_choice(cfg, "dtype", DTYPES)
+        check_choice(cfg, "quantize", ("", *QUANT_MODES))
         compile_setting(cfg.compile, "cpu")  # a word it does not know is a ConfigError here
         check_ranges(cfg)
     except ConfigError as e:
@@ -273,8 +276,9 @@ def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=Non
     compiled = compile_setting(cfg.compile, rt.device)
     fwd = compile_blocks(model) if compiled else model
     if rt.world > 1:  # sparse adapters (before_step) leave the parts not picked at a step unused
+        # buffers never change in training (a quantized base lives in them): no broadcast per step
         fwd = DDP(fwd, device_ids=[rt.device] if rt.device.type == "cuda" else None,
-                  find_unused_parameters=before_step is not None)
+                  find_unused_parameters=before_step is not None, broadcast_buffers=False)
     steps_per_epoch = len(epoch_plan(train_ex, cfg, 0, rt))
     total = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     path = out and os.path.join(out, "resume.pt")
@@ -563,7 +567,8 @@ def check_out(cfg, demo, rt):
 
 def load_base(cfg, rt):
     try:
-        base, tok = load_model(cfg.model, rt.device, rt.dtype), Tokenizer.from_pretrained(cfg.model)
+        base = load_model(cfg.model, rt.device, rt.dtype, cfg.quantize)
+        tok = Tokenizer.from_pretrained(cfg.model)
         check_vocab(tok, base.config.vocab_size, cfg.model)
     except (OSError, ValueError, KeyError) as e:
         why = e.args[0] if isinstance(e, KeyError) else e
@@ -661,7 +666,7 @@ def finish_run(model, summary, cfg, rt, save):
 
 def compare_on_demo(tok, test_rows, base_acc, cfg, rt):
     """The demo's last line: exact match of the frozen base vs base + the adapter just saved."""
-    tuned = adapters.load_adapter(load_model(cfg.model, rt.device, rt.dtype), cfg.out)
+    tuned = adapters.load_adapter(load_model(cfg.model, rt.device, rt.dtype, cfg.quantize), cfg.out)
     acc = accuracy(tuned, tok, test_rows, rt)
     log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
         f"exact match on {len(test_rows)} held-out two-step problems: base "

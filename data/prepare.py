@@ -50,16 +50,19 @@ def validate_row(row, path, i, require=("instruction",)):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for field in require:
         if field not in row:
-            raise DataError(f"{where}: missing field '{field}' (has: {', '.join(row) or 'nothing'})")
+            raise DataError(f"{where}: missing field '{field}' "
+                            f"(has: {', '.join(row) or 'nothing'})")
     for field in ("instruction", "input", "output"):
         if field in row and not isinstance(row[field], str):
-            raise DataError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+            raise DataError(f"{where}: field '{field}' must be a string, "
+                            f"got {type(row[field]).__name__}")
     if "instruction" in row and not row["instruction"].strip():
         raise DataError(f"{where}: field 'instruction' is empty")
     if "answer" in row:
         answer = row["answer"]
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise DataError(f"{where}: field 'answer' must be a string or number, got {type(answer).__name__}")
+            raise DataError(f"{where}: field 'answer' must be a string or number, "
+                            f"got {type(answer).__name__}")
         if "answer" in require and isinstance(answer, str) and not answer.strip():
             raise DataError(f"{where}: field 'answer' is empty")
     return row
@@ -71,7 +74,8 @@ def load_rows(path, require=("instruction",)) -> list:
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise DataError(f"{path}: not valid JSON "
+                        f"({e.msg} at line {e.lineno} column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(rows, list):
@@ -106,7 +110,8 @@ def find_datasets(root) -> dict:
                 ignored.append(path)
     for path in sorted(glob.glob(os.path.join(ft_dir, "*.json"))):
         train[os.path.splitext(os.path.basename(path))[0]] = path
-    missing = [n for n in PAPER_TEST_SETS if n not in test] + [n for n in PAPER_TRAIN_SETS if n not in train]
+    missing = ([n for n in PAPER_TEST_SETS if n not in test]
+               + [n for n in PAPER_TRAIN_SETS if n not in train])
     return {"test": test, "train": train, "missing": missing, "ignored": ignored}
 
 
@@ -210,7 +215,8 @@ def prepare(root, out=None, verbose=True) -> dict:
     for name in report["missing"]:
         say(f"{name:<20} {'-':<6} {'missing':>7}  (in the paper, not in {root})")
     if report["ignored"]:
-        say(f"ignored (original-format files): {', '.join(os.path.relpath(p, root) for p in report['ignored'])}")
+        say(f"ignored (original-format files): "
+            f"{', '.join(os.path.relpath(p, root) for p in report['ignored'])}")
     for msg in report["errors"]:
         say(f"ERROR {msg}")
     for msg in report["duplicates"]:
@@ -220,15 +226,18 @@ def prepare(root, out=None, verbose=True) -> dict:
             say(f"WARNING leakage: {train_name} contains {c['exact']} exact / {c['normalized']} "
                 f"whitespace-normalised of {c['total']} {test_name} test questions")
     if out is not None:
-        say(f"wrote {len(report['test'])} test sets and {len(report['train'])} training files to {out}")
+        say(f"wrote {len(report['test'])} test sets and {len(report['train'])} training files "
+            f"to {out}")
     return report
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--from", dest="root", required=True, help="release folder (has dataset/, ft-training_set/)")
+    parser.add_argument("--from", dest="root", required=True,
+                        help="release folder (has dataset/, ft-training_set/)")
     parser.add_argument("--out", default="data/out", help="output folder (default: data/out)")
-    parser.add_argument("--check", action="store_true", help="validate and report only; write nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="validate and report only; write nothing")
     args = parser.parse_args(argv)
     try:
         if not os.path.isdir(args.root):
