@@ -233,6 +233,22 @@ def test_trains_only_the_adapter(family, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_on_a_quantized_base(mode, kind):
+    """QLoRA-style (QDoRA): a quantized W is read dequantized by DoRA's norms and IA3's input scale;
+    a fresh adapter is still the base exactly, and it trains."""
+    from quantize import quantize_model
+    model = tiny_model("llama")
+    quantize_model(model, mode)
+    idx = ids(model)
+    base = logits(model, idx)
+    A.add_adapter(model, kind, **OPTIONS[kind])
+    assert torch.equal(logits(model, idx), base)
+    losses = train_steps(model)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merge_equals_unmerged_and_unmerge_restores(family, kind):
     model = randomize_(A.add_adapter(tiny_model(family), kind, **OPTIONS[kind]))
