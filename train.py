@@ -519,8 +519,8 @@ def main(argv=None):
     log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of {total:,} parameters "
                         f"({100 * trainable / total:.2f}%); {len(train_ex)} training, {len(val_ex)} validation rows")
     if demo:
-        log(rt, None, None, explain_trainable(cfg.adapter, options, trainable, total) + "\n2/3 fine-tuning: loss per step, validation loss every "
-                            f"{cfg.eval_interval} steps (the best adapter is kept)")
+        log(rt, None, None, explain_trainable(cfg.adapter, options, trainable, total) + "\n2/3 fine-tuning: "
+                            f"loss per step, validation loss every {cfg.eval_interval} steps (the best is kept)")
     extra = dict(template=TEMPLATE_NAME, data=cfg.data)
     if demo:  # what eval.py needs to score it
         extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
