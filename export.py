@@ -1,0 +1,91 @@
+"""
+Export a trained adapter for use outside this repository.
+
+    python export.py --model=<base dir> --adapter=<adapter dir> --out=<dir>                # a merged model
+    python export.py --model=<base dir> --adapter=<adapter dir> --out=<dir> --format=peft  # the adapter alone
+    python export.py                          # the demo: out/demo/base + out/demo/lora -> out/export/lora-merged
+
+merged: the adapter is folded into the base weights (W += scale * B A for LoRA; any adapter on a projection that
+has a `merge`), and the result is written as a Hugging Face folder (config.json + model.safetensors + the base's
+tokenizer files) that transformers loads with AutoModelForCausalLM: no adapter code needed, no extra latency.
+Adapters that are not a change of W (series, parallel, prefix, prompt) cannot be folded and are refused.
+peft: the adapter alone, in the folder layout Hugging Face PEFT loads (LoRA only).
+"""
+import os
+import sys
+from pathlib import Path
+
+import adapters
+from checkpoints import save_model, write_atomic
+from configurator import DEMO_DIR, ConfigError, check_choice, configure
+from eval import load
+
+DEFAULTS = dict(
+    model="",             # base model folder; "" = the demo's base (<demo_dir>/base)
+    adapter="",           # adapter folder (ours or PEFT); "" = the demo's lora (<demo_dir>/lora)
+    out="",               # "" = out/export/<adapter folder name>-<format>
+    format="merged",      # merged | peft
+    demo_dir=DEMO_DIR,
+)
+# files of a checkpoint folder that belong to its tokenizer (copied beside the merged weights)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe",
+                   "generation_config.json")
+
+
+def fail(msg):
+    raise SystemExit(f"export.py: error: {msg}")
+
+
+def unmergeable(model):
+    """Kinds of the attached adapters that have no fold into W (they live off the projections, or lack merge)."""
+    names = {n for _, _, slot in adapters.slots(model) for n, m in slot.items() if not hasattr(m, "merge")}
+    return sorted({model.adapter_configs[n]["kind"] for n in names})
+
+
+def export_merged(model, model_dir, out):
+    """Fold every adapter into W and write model + tokenizer files as a Hugging Face folder."""
+    kinds = unmergeable(model)
+    if kinds:
+        fail(f"a {', '.join(kinds)} adapter cannot be merged into the base weights (only adapters that change a "
+             "projection's W, like lora, fold into it); export it with --format=peft if it is a LoRA, or ship "
+             "the adapter folder itself")
+    adapters.merge(model)
+    save_model(model, out)  # base weights only: the merged adapters now live inside them
+    for name in TOKENIZER_FILES:
+        src = Path(model_dir) / name
+        if src.is_file():
+            write_atomic(Path(out) / name, src.read_bytes())
+
+
+def main(argv=None):
+    try:
+        cfg, _ = configure(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__)
+        check_choice(cfg, "format", ("merged", "peft"))
+    except ConfigError as e:
+        fail(e)
+    model_dir = cfg.model or os.path.join(cfg.demo_dir, "base")
+    adapter_dir = cfg.adapter or (os.path.join(cfg.demo_dir, "lora") if not cfg.model else "")
+    if not adapter_dir:
+        fail("--adapter is required with --model: the adapter folder to export")
+    for flag, path in (("model", model_dir), ("adapter", adapter_dir)):
+        if not os.path.isdir(path):
+            fail(f"--{flag}={path}: no such folder" + ("" if cfg.model else " (run `python train.py` first)"))
+    out = cfg.out or os.path.join("out", "export", f"{os.path.basename(os.path.normpath(adapter_dir))}-{cfg.format}")
+    try:
+        model, _, _ = load(model_dir, adapter_dir, device="cpu", dtype=None)
+        if cfg.format == "peft":
+            adapters.save_adapter(model, out, name=adapters.adapter_names(model)[0], base_model=model_dir,
+                                  format="peft")
+        else:
+            export_merged(model, model_dir, out)
+    except (OSError, ValueError, KeyError) as e:
+        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    print(f"wrote {out}: " + ("base + merged adapter, a Hugging Face folder (transformers: "
+                              "AutoModelForCausalLM.from_pretrained)" if cfg.format == "merged" else
+                              "the LoRA adapter in PEFT's layout (PeftModel.from_pretrained)"))
+    return out
+
+
+if __name__ == "__main__":
+    main()
