@@ -1,0 +1,220 @@
+"""
+Look inside a model: the attention weights of one example, and what an adapter learned.
+
+    python inspect_adapter.py --model=<base dir> --adapter=<adapter dir> [--prompt="..."] [--layer=-1] [--out=<dir>]
+    python inspect_adapter.py                       # the demo: out/demo/base + out/demo/lora, a held-out problem
+
+Prints a table of the adapter, one row per place: LoRA's update dW = scale * B A as its Frobenius norm and as a
+fraction of ||W|| (how far each projection moved); a gated prefix's gate; a bottleneck's down/up norms; for
+kinds it does not know, the norm of each parameter. Writes <out>/adapter.svg (that table as a layer x place
+heatmap) and <out>/attention.svg (one layer's attention weights, a heatmap per head, for the prompt).
+
+Attention weights: the model's attention runs fused (scaled_dot_product_attention never forms the weights), so
+they are recomputed here from each layer's own inputs, captured by a forward pre-hook: q, k, v from the layer's
+`qkv` (adapters on q/k/v included), rotary positions, then softmax(q k^T / sqrt(d) + mask). Prefix keys are left
+out: with a prefix adapter these are the weights over the real tokens only.
+"""
+import math
+import os
+import sys
+from xml.sax.saxutils import escape
+
+import torch
+import torch.nn.functional as F
+
+import adapters
+from checkpoints import write_atomic
+from configurator import DEMO_DIR, ConfigError, configure
+from data.prepare import TEST_REQUIRE, load_rows
+from eval import TEMPLATES, load
+from model import Attention, apply_rope
+
+DEFAULTS = dict(
+    model="",             # base model folder; "" = the demo's base
+    adapter="",           # adapter folder; "" = none with --model, the demo's lora without
+    prompt="",            # the instruction whose attention is drawn; "" = the demo's first held-out problem
+    layer=-1,             # which layer's attention to draw (negative: from the top)
+    out="",               # "" = the adapter folder (or out/inspect for a base alone)
+    demo_dir=DEMO_DIR,
+)
+
+
+def fail(msg):
+    raise SystemExit(f"inspect_adapter.py: error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------- attention weights
+def unfused_attention(attn, x, rope, mask):
+    """One Attention's weights (B, H, T, S) and values (B, H, S, D), as its fused SDPA call computes them
+    (without a KV cache): weights @ values is that call's output."""
+    q, k, v = attn.qkv(x)
+    if rope is not None:
+        q, k = (apply_rope(t, *rope, attn.c.rope_interleaved) for t in (q, k))
+    groups = attn.c.n_head // attn.c.n_kv_head  # grouped-query attention: each key/value head serves `groups`
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    T, S = scores.shape[-2:]
+    if mask is None:  # the model passes None for plain causal attention
+        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask  # ALiBi bias
+    return F.softmax(scores.float(), dim=-1).to(v.dtype), v
+
+
+@torch.no_grad()
+def attention_weights(model, idx, attention_mask=None):
+    """Run the model on idx (B, T) and return, per layer, (weights (B, H, T, T), values (B, H, T, D))."""
+    captured = []
+
+    def grab(attn, args):  # Attention.forward(x, rope, mask, cache): keep its inputs
+        captured.append((attn, args[0], args[1], args[2]))
+    hooks = [m.register_forward_pre_hook(grab) for m in model.modules() if isinstance(m, Attention)]
+    try:
+        model(idx, attention_mask=attention_mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [unfused_attention(attn, x, rope, mask) for attn, x, rope, mask in captured]
+
+
+# ----------------------------------------------------------------------------------------- what an adapter learned
+def adapter_summary(model):
+    """Rows (layer, place, quantity, value) for every adapter module on the model's hook slots."""
+    rows = []
+    for owner_name, attr, slot in adapters.slots(model):
+        owner = model.get_submodule(owner_name)
+        parts = owner_name.split(".")
+        layer = int(parts[1]) if parts[0] == "layers" else -1
+        place = ".".join(parts[2:] if layer >= 0 else parts) or attr
+        place = place if attr == "adapter" else f"{place}.{attr}".lstrip(".")
+        for name, m in slot.items():
+            tag = f"{name}:" if len(model.adapter_configs) > 1 else ""
+            for quantity, value in describe(m, owner):
+                rows.append((layer, place, tag + quantity, value))
+    return rows
+
+
+@torch.no_grad()
+def describe(m, owner):
+    """(quantity, value) pairs saying what one adapter module holds."""
+    if isinstance(m, adapters.LoRA):
+        d = m.delta().float().norm().item()
+        return [("norm(dW)", d), ("norm(dW)/norm(W)", d / owner.weight.float().norm().item())]
+    if isinstance(m, adapters.GatedPrefix):
+        return [("gate", m.gate.item())]
+    if isinstance(m, adapters.Bottleneck):
+        return [("norm(down)", m.down.weight.norm().item()), ("norm(up)", m.up.weight.norm().item())]
+    return [(f"norm({n})", p.float().norm().item()) for n, p in m.named_parameters()]  # kinds not known here
+
+
+def table(rows):
+    lines = ["| layer | place | quantity | value |", "|---:|---|---|---:|"]
+    return "\n".join(lines + [f"| {layer if layer >= 0 else '-'} | {place} | {q} | {v:.4g} |"
+                              for layer, place, q, v in rows])
+
+
+# ----------------------------------------------------------------------------------------- heatmaps
+def heat(v, lo, hi):
+    """A white-to-blue colour for v in [lo, hi]."""
+    t = 0.0 if hi <= lo else (v - lo) / (hi - lo)
+    return f"rgb({round(255 - 225 * t)},{round(255 - 170 * t)},{round(255 - 75 * t)})"
+
+
+def grid_svg(title, cells, rows, cols, size=26, label_w=150, top=100):
+    """SVG heatmap: cells {(row, col): value}, rows/cols the labels in order; white = the least value, blue the
+    largest (both in the title)."""
+    vals = list(cells.values()) or [0.0]
+    lo, hi = min(vals), max(vals)
+    title = f"{title} (white {lo:.3g} .. blue {hi:.3g})"
+    w, h = max(label_w + size * len(cols) + 100, 8 * len(title)), top + size * len(rows) + 20
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           'font-size="10">', f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="4" y="14" font-size="13" font-weight="bold">{escape(title)}</text>']
+    for j, c in enumerate(cols):
+        x = label_w + size * j + size / 2
+        out.append(f'<text transform="translate({x} {top - 4}) rotate(-45)">{escape(str(c))}</text>')
+    for i, r in enumerate(rows):
+        y = top + size * i
+        out.append(f'<text x="{label_w - 4}" y="{y + size / 2 + 3}" text-anchor="end">{escape(str(r))}</text>')
+        for j, c in enumerate(cols):
+            if (r, c) in cells:
+                v = cells[r, c]
+                out.append(f'<rect x="{label_w + size * j}" y="{y}" width="{size}" height="{size}" '
+                           f'fill="{heat(v, lo, hi)}"><title>{escape(f"{r} {c}: {v:.4g}")}</title></rect>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def adapter_svg(rows, title):
+    """The summary as a layer x (place, quantity) heatmap; per column scale would hide differences, so one scale
+    per quantity: each column is coloured against the largest value of its quantity."""
+    cols = list(dict.fromkeys(f"{place} {q}" for _, place, q, _ in rows))
+    layers = sorted({layer for layer, *_ in rows})
+    out = []
+    for q in dict.fromkeys(q for *_, q, _ in rows):  # one heatmap per quantity, stacked
+        cells = {(f"layer {l}" if l >= 0 else "model", f"{p}"): v for l, p, qq, v in rows if qq == q}
+        qcols = [c.rsplit(" ", 1)[0] for c in cols if c.endswith(" " + q)]
+        out.append(grid_svg(f"{title}: {q}", cells, [f"layer {l}" if l >= 0 else "model" for l in layers], qcols))
+    return out
+
+
+def attention_svg(weights, tokens, layer):
+    """One layer's weights (H, T, T) of a single example: a heatmap per head, query rows, key columns."""
+    parts = [grid_svg(f"layer {layer}, head {h}: attention weights (row = query, column = key)",
+                      {(f"{i}:{tokens[i]}", f"{j}:{tokens[j]}"): w for i, row in enumerate(weights[h].tolist())
+                       for j, w in enumerate(row) if j <= i},
+                      [f"{i}:{t}" for i, t in enumerate(tokens)], [f"{j}:{t}" for j, t in enumerate(tokens)],
+                      size=12, label_w=90, top=80) for h in range(weights.size(0))]
+    return parts
+
+
+def stack(svgs):
+    """Several SVG documents one below the other in one SVG."""
+    out, y, width = [], 0, 0
+    for s in svgs:
+        head, body = s.split(">", 1)
+        w = int(head.split('width="')[1].split('"')[0])
+        h = int(head.split('height="')[1].split('"')[0])
+        out.append(f'<g transform="translate(0 {y})">{body.rsplit("</svg>", 1)[0]}</g>')
+        y, width = y + h, max(width, w)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" font-family="sans-serif">\n'
+            + "\n".join(out) + "\n</svg>\n")
+
+
+def main(argv=None):
+    try:
+        cfg, _ = configure(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__)
+    except ConfigError as e:
+        fail(e)
+    model_dir = cfg.model or os.path.join(cfg.demo_dir, "base")
+    adapter_dir = cfg.adapter or ("" if cfg.model else os.path.join(cfg.demo_dir, "lora"))
+    for flag, path in (("model", model_dir), ("adapter", adapter_dir)):
+        if path and not os.path.isdir(path):
+            fail(f"--{flag}={path}: no such folder" + ("" if cfg.model else " (run `python train.py` first)"))
+    try:
+        model, tok, extra = load(model_dir, adapter_dir, "cpu", None)
+    except (OSError, ValueError, KeyError) as e:
+        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    if not -model.config.n_layer <= cfg.layer < model.config.n_layer:
+        fail(f"--layer={cfg.layer}: the model has {model.config.n_layer} layers")
+    out = cfg.out or adapter_dir or os.path.join("out", "inspect")
+    written = []
+    if adapter_dir:
+        rows = adapter_summary(model)
+        print(table(rows))
+        written.append(os.path.join(out, "adapter.svg"))
+        write_atomic(written[-1], stack(adapter_svg(rows, os.path.basename(os.path.normpath(adapter_dir)))))
+    prompt = cfg.prompt
+    if not prompt:
+        test = os.path.join(cfg.demo_dir, "data", "test.json")
+        prompt = load_rows(test, TEST_REQUIRE)[0]["instruction"] if os.path.isfile(test) else "What is 2 + 3?"
+    ids = tok.encode(TEMPLATES[extra.get("template", "alpaca")](prompt, ""), bos=getattr(tok, "add_bos", True))
+    layer = cfg.layer % model.config.n_layer
+    weights, _ = attention_weights(model, torch.tensor([ids]))[layer]
+    tokens = [tok.decode([i]).replace("\n", "\\n")[:12] or "." for i in ids]  # "": BOS, a lone space
+    written.append(os.path.join(out, "attention.svg"))
+    write_atomic(written[-1], stack(attention_svg(weights[0], tokens, layer)))
+    print(f"wrote {' and '.join(written)}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
