@@ -84,8 +84,8 @@ def adapter_summary(model):
         owner = model.get_submodule(owner_name)
         parts = owner_name.split(".")
         layer = int(parts[1]) if parts[0] == "layers" else -1
-        place = ".".join(parts[2:] if layer >= 0 else parts) or attr
-        place = place if attr == "adapter" else f"{place}.{attr}".lstrip(".")
+        where = parts[2:] if layer >= 0 else [p for p in parts if p]  # the Linear's own name, or the slot's
+        place = ".".join(where + ([attr] if attr != "adapter" else []))
         for name, m in slot.items():
             tag = f"{name}:" if len(model.adapter_configs) > 1 else ""
             for quantity, value in describe(m, owner):
