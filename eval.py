@@ -364,6 +364,9 @@ def main(argv=None):
         row = " + ".join(names)
         table[row], summaries[row] = run(cfg, adapter_dir, rows, kind, device, dtype, out)
     print(markdown_table(table))
+    if cfg["model"] == os.path.join(cfg["demo_dir"], "base"):  # the demo: where its pictures are (plot.py)
+        print(f"pictures: python plot.py (training curves and accuracy vs trainable parameters of every run, "
+              f"in {cfg['demo_dir']}/loss.svg and results.svg)", file=sys.stderr)
     return summaries
 
 

@@ -557,6 +557,8 @@ def main(argv=None):
         log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
             f"exact match on {len(test_rows)} held-out two-step problems: base {100 * base_acc:.1f}% -> "
             f"{cfg.adapter} {100 * acc:.1f}% ({100 * (acc - base_acc):+.1f} points)")
+        print("next: python chat.py --prompt=\"...\" (ask it), python plot.py (pictures of every run), python eval.py "
+              "(all adapters in one table), python inspect_adapter.py (what it learned)")
     if rt.world > 1:
         dist.destroy_process_group()
     return model, summary

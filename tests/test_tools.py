@@ -215,3 +215,14 @@ def test_thread_picker_keeps_the_faster(monkeypatch):
 def test_demo_explains_trainable_against_llama_7b():
     line = train.explain_trainable("lora", {}, 221184, 1107072)
     assert "19.98% of this 1.1M toy" in line and "56,098,816" in line and "(0.83%)" in line
+
+
+def test_eval_demo_table_points_to_the_pictures(tiny_dir, tmp_path, capsys):
+    import shutil
+    shutil.copytree(tiny_dir, tmp_path / "base")
+    trained(tmp_path / "base", "lora", tmp_path / "lora", r=2)
+    rows = [dict(instruction="how many pens", input="", output="3", answer="3")] * 2
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.json").write_text(json.dumps(rows))
+    ev.main([f"--demo_dir={tmp_path}", "--max_new_tokens=4", f"--out={tmp_path / 'eval'}"])
+    assert "pictures: python plot.py" in capsys.readouterr().err
