@@ -74,6 +74,23 @@ def answer(model, tok, prompt, cfg, out=None):
     return text
 
 
+def load_for_tool(cfg, fail, device="cpu", dtype=None, need_adapter=False):
+    """A tool's --model and --adapter (chat, export, inspect_adapter) -> (model, tok, extra, model_dir,
+    adapter_dir), through eval.load. Without --model: the demo's base and its lora. A missing folder or a
+    checkpoint that does not load ends the run with one line, through the tool's fail()."""
+    model_dir = cfg.model or os.path.join(cfg.demo_dir, "base")
+    adapter_dir = cfg.adapter or ("" if cfg.model else os.path.join(cfg.demo_dir, "lora"))
+    if need_adapter and not adapter_dir:
+        fail("--adapter is required with --model: the adapter folder")
+    for flag, path in (("model", model_dir), ("adapter", adapter_dir)):
+        if path and not os.path.isdir(path):
+            fail(f"--{flag}={path}: no such folder" + ("" if cfg.model else " (run `python train.py` first)"))
+    try:
+        return (*load(model_dir, adapter_dir, device, dtype), model_dir, adapter_dir)
+    except (OSError, ValueError, KeyError) as e:
+        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+
+
 def main(argv=None):
     try:
         cfg, _ = configure(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__)
@@ -82,15 +99,7 @@ def main(argv=None):
         fail(e)
     if cfg.max_new_tokens < 1 or cfg.temperature < 0 or cfg.top_k < 0:
         fail("--max_new_tokens must be at least 1, --temperature and --top_k 0 or more")
-    model_dir = cfg.model or os.path.join(cfg.demo_dir, "base")
-    adapter_dir = cfg.adapter or ("" if cfg.model else os.path.join(cfg.demo_dir, "lora"))
-    for flag, path in (("model", model_dir), ("adapter", adapter_dir)):
-        if path and not os.path.isdir(path):
-            fail(f"--{flag}={path}: no such folder" + ("" if cfg.model else " (run `python train.py` first)"))
-    try:
-        model, tok, extra = load(model_dir, adapter_dir, device, dtype)
-    except (OSError, ValueError, KeyError) as e:
-        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    model, tok, extra, model_dir, adapter_dir = load_for_tool(cfg, fail, device, dtype)
     template = TEMPLATES.get(extra.get("template", "alpaca"))
     if template is None:
         fail(f"{adapter_dir}: unknown prompt template {extra['template']!r}; known: {', '.join(TEMPLATES)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import adapters
 from checkpoints import save_model, write_atomic
 from configurator import DEMO_DIR, ConfigError, check_choice, configure
-from eval import load
+from chat import load_for_tool
 
 DEFAULTS = dict(
     model="",             # base model folder; "" = the demo's base (<demo_dir>/base)
@@ -64,16 +64,9 @@ def main(argv=None):
         check_choice(cfg, "format", ("merged", "peft"))
     except ConfigError as e:
         fail(e)
-    model_dir = cfg.model or os.path.join(cfg.demo_dir, "base")
-    adapter_dir = cfg.adapter or (os.path.join(cfg.demo_dir, "lora") if not cfg.model else "")
-    if not adapter_dir:
-        fail("--adapter is required with --model: the adapter folder to export")
-    for flag, path in (("model", model_dir), ("adapter", adapter_dir)):
-        if not os.path.isdir(path):
-            fail(f"--{flag}={path}: no such folder" + ("" if cfg.model else " (run `python train.py` first)"))
+    model, _, _, model_dir, adapter_dir = load_for_tool(cfg, fail, need_adapter=True)
     out = cfg.out or os.path.join("out", "export", f"{os.path.basename(os.path.normpath(adapter_dir))}-{cfg.format}")
     try:
-        model, _, _ = load(model_dir, adapter_dir, device="cpu", dtype=None)
         if cfg.format == "peft":
             adapters.save_adapter(model, out, name=adapters.adapter_names(model)[0], base_model=model_dir,
                                   format="peft")

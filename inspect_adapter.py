@@ -26,7 +26,8 @@ import adapters
 from checkpoints import write_atomic
 from configurator import DEMO_DIR, ConfigError, configure
 from data.prepare import TEST_REQUIRE, load_rows
-from eval import TEMPLATES, load
+from chat import load_for_tool
+from eval import TEMPLATES
 from model import Attention, apply_rope
 
 DEFAULTS = dict(
@@ -184,15 +185,7 @@ def main(argv=None):
         cfg, _ = configure(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__)
     except ConfigError as e:
         fail(e)
-    model_dir = cfg.model or os.path.join(cfg.demo_dir, "base")
-    adapter_dir = cfg.adapter or ("" if cfg.model else os.path.join(cfg.demo_dir, "lora"))
-    for flag, path in (("model", model_dir), ("adapter", adapter_dir)):
-        if path and not os.path.isdir(path):
-            fail(f"--{flag}={path}: no such folder" + ("" if cfg.model else " (run `python train.py` first)"))
-    try:
-        model, tok, extra = load(model_dir, adapter_dir, "cpu", None)
-    except (OSError, ValueError, KeyError) as e:
-        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    model, tok, extra, _, adapter_dir = load_for_tool(cfg, fail)
     if not -model.config.n_layer <= cfg.layer < model.config.n_layer:
         fail(f"--layer={cfg.layer}: the model has {model.config.n_layer} layers")
     out = cfg.out or adapter_dir or os.path.join("out", "inspect")

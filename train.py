@@ -415,7 +415,10 @@ class ThreadPicker:
         if phase < 2 * self.probe:
             torch.set_num_threads(1 if phase < self.probe else self.n)
         elif phase == 2 * self.probe:
-            torch.set_num_threads(min(self.times, key=lambda n: sorted(self.times[n])[self.probe // 2]))
+            median = {n: sorted(t)[self.probe // 2] for n, t in self.times.items()}
+            torch.set_num_threads(min(median, key=median.get))
+            print(f"step {step}: {torch.get_num_threads()} thread(s) from here (a step took {1e3 * median[1]:.0f} ms "
+                  f"on 1 thread, {1e3 * median[self.n]:.0f} ms on {self.n})", flush=True)
             self.times = {1: [], self.n: []}
         self.last = time.perf_counter()
 
