@@ -1,18 +1,20 @@
 """
 Look inside a model: the attention weights of one example, and what an adapter learned.
 
-    python inspect_adapter.py --model=<base dir> --adapter=<adapter dir> [--prompt="..."] [--layer=-1] [--out=<dir>]
-    python inspect_adapter.py                       # the demo: out/demo/base + out/demo/lora, a held-out problem
+    python inspect_adapter.py --model=<base> --adapter=<adapter> [--prompt=...] [--layer=-1]
+    python inspect_adapter.py              # the demo: out/demo/base + lora, a held-out problem
 
-Prints a table of the adapter, one row per place: LoRA's update dW = scale * B A as its Frobenius norm and as a
-fraction of ||W|| (how far each projection moved); a gated prefix's gate; a bottleneck's down/up norms; for
-kinds it does not know, the norm of each parameter. Writes <out>/adapter.svg (that table as a layer x place
-heatmap) and <out>/attention.svg (one layer's attention weights, a heatmap per head, for the prompt).
+Prints a table of the adapter, a row per place: LoRA's update dW = scale * B A as its Frobenius
+norm and as a fraction of norm(W) (how far each projection moved); a gated prefix's gate; a
+bottleneck's down/up norms; for kinds it does not know, each parameter's norm. Writes (to --out,
+default the adapter folder) adapter.svg, that table as layer x place heatmaps, and attention.svg,
+one layer's attention weights for the prompt, a heatmap per head.
 
-Attention weights: the model's attention runs fused (scaled_dot_product_attention never forms the weights), so
-they are recomputed here from each layer's own inputs, captured by a forward pre-hook: q, k, v from the layer's
-`qkv` (adapters on q/k/v included), rotary positions, then softmax(q k^T / sqrt(d) + mask). Prefix keys are left
-out: with a prefix adapter these are the weights over the real tokens only.
+Attention weights: the model's attention is fused (scaled_dot_product_attention never forms the
+weights), so they are recomputed from each layer's own inputs, caught by a forward pre-hook: q, k, v
+from the layer's `qkv` (adapters on q/k/v included), rotary positions, then
+softmax(q k^T / sqrt(d) + mask). Prefix keys are left out: with a prefix adapter these are the
+weights over the real tokens only.
 """
 import math
 import os
@@ -29,11 +31,12 @@ from data.prepare import TEST_REQUIRE, load_rows
 from chat import load_for_tool
 from eval import TEMPLATES
 from model import Attention, apply_rope
+from plot import svg, tag
 
 DEFAULTS = dict(
     model="",             # base model folder; "" = the demo's base
     adapter="",           # adapter folder; "" = none with --model, the demo's lora without
-    prompt="",            # the instruction whose attention is drawn; "" = the demo's first held-out problem
+    prompt="",            # the instruction whose attention is drawn; "" = a demo test problem
     layer=-1,             # which layer's attention to draw (negative: from the top)
     out="",               # "" = the adapter folder (or out/inspect for a base alone)
     demo_dir=DEMO_DIR,
@@ -44,26 +47,29 @@ def fail(msg):
     raise SystemExit(f"inspect_adapter.py: error: {msg}")
 
 
-# ----------------------------------------------------------------------------------------- attention weights
+# ------------------------------------------------------------------------------ attention weights
 def unfused_attention(attn, x, rope, mask):
-    """One Attention's weights (B, H, T, S) and values (B, H, S, D), as its fused SDPA call computes them
+    """One Attention's weights (B, H, T, S) and values (B, H, S, D), as its fused SDPA call uses
     (without a KV cache): weights @ values is that call's output."""
     q, k, v = attn.qkv(x)
     if rope is not None:
         q, k = (apply_rope(t, *rope, attn.c.rope_interleaved) for t in (q, k))
-    groups = attn.c.n_head // attn.c.n_kv_head  # grouped-query attention: each key/value head serves `groups`
+    groups = attn.c.n_head // attn.c.n_kv_head  # grouped-query attention: a k/v head per group
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
     T, S = scores.shape[-2:]
     if mask is None:  # the model passes None for plain causal attention
         mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask  # ALiBi bias
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:  # ALiBi: a float bias, -inf where masked
+        scores = scores + mask
     return F.softmax(scores.float(), dim=-1).to(v.dtype), v
 
 
 @torch.no_grad()
 def attention_weights(model, idx, attention_mask=None):
-    """Run the model on idx (B, T) and return, per layer, (weights (B, H, T, T), values (B, H, T, D))."""
+    """Run the model on idx (B, T); per layer (weights (B, H, T, T), values (B, H, T, D))."""
     captured = []
 
     def grab(attn, args):  # Attention.forward(x, rope, mask, cache): keep its inputs
@@ -77,7 +83,7 @@ def attention_weights(model, idx, attention_mask=None):
     return [unfused_attention(attn, x, rope, mask) for attn, x, rope, mask in captured]
 
 
-# ----------------------------------------------------------------------------------------- what an adapter learned
+# ---------------------------------------------------------------------- what an adapter learned
 def adapter_summary(model):
     """Rows (layer, place, quantity, value) for every adapter module on the model's hook slots."""
     rows = []
@@ -85,7 +91,7 @@ def adapter_summary(model):
         owner = model.get_submodule(owner_name)
         parts = owner_name.split(".")
         layer = int(parts[1]) if parts[0] == "layers" else -1
-        where = parts[2:] if layer >= 0 else [p for p in parts if p]  # the Linear's own name, or the slot's
+        where = parts[2:] if layer >= 0 else [p for p in parts if p]  # e.g. attn.q_proj
         place = ".".join(where + ([attr] if attr != "adapter" else []))
         for name, m in slot.items():
             tag = f"{name}:" if len(model.adapter_configs) > 1 else ""
@@ -103,8 +109,10 @@ def describe(m, owner):
     if isinstance(m, adapters.GatedPrefix):
         return [("gate", m.gate.item())]
     if isinstance(m, adapters.Bottleneck):
-        return [("norm(down)", m.down.weight.norm().item()), ("norm(up)", m.up.weight.norm().item())]
-    return [(f"norm({n})", p.float().norm().item()) for n, p in m.named_parameters()]  # kinds not known here
+        return [("norm(down)", m.down.weight.norm().item()),
+                ("norm(up)", m.up.weight.norm().item())]
+    # a kind not known here: the norm of each parameter
+    return [(f"norm({n})", p.float().norm().item()) for n, p in m.named_parameters()]
 
 
 def table(rows):
@@ -113,71 +121,62 @@ def table(rows):
                               for layer, place, q, v in rows])
 
 
-# ----------------------------------------------------------------------------------------- heatmaps
+# ------------------------------------------------------------------------------ heatmaps
 def heat(v, lo, hi):
     """A white-to-blue colour for v in [lo, hi]."""
     t = 0.0 if hi <= lo else (v - lo) / (hi - lo)
     return f"rgb({round(255 - 225 * t)},{round(255 - 170 * t)},{round(255 - 75 * t)})"
 
 
-def grid_svg(title, cells, rows, cols, size=26, label_w=150, top=100):
-    """SVG heatmap: cells {(row, col): value}, rows/cols the labels in order; white = the least value, blue the
-    largest (both in the title)."""
-    vals = list(cells.values()) or [0.0]
-    lo, hi = min(vals), max(vals)
+def grid(title, cells, rows, cols, size=26, label_w=150, top=100):
+    """A heatmap of cells {(row, col): value}, rows and cols the labels in order, white the least
+    value and blue the largest (both in the title) -> (width, height, SVG elements)."""
+    lo, hi = min(cells.values(), default=0.0), max(cells.values(), default=0.0)
     title = f"{title} (white {lo:.3g} .. blue {hi:.3g})"
-    w, h = max(label_w + size * len(cols) + 100, 8 * len(title)), top + size * len(rows) + 20
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           'font-size="10">', f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="4" y="14" font-size="13" font-weight="bold">{escape(title)}</text>']
+    out = [tag("text", escape(title), x=4, y=14, font_size=13, font_weight="bold")]
     for j, c in enumerate(cols):
         x = label_w + size * j + size / 2
-        out.append(f'<text transform="translate({x} {top - 4}) rotate(-45)">{escape(str(c))}</text>')
+        out.append(tag("text", escape(c), transform=f"translate({x} {top - 4}) rotate(-45)"))
     for i, r in enumerate(rows):
         y = top + size * i
-        out.append(f'<text x="{label_w - 4}" y="{y + size / 2 + 3}" text-anchor="end">{escape(str(r))}</text>')
-        for j, c in enumerate(cols):
-            if (r, c) in cells:
-                v = cells[r, c]
-                out.append(f'<rect x="{label_w + size * j}" y="{y}" width="{size}" height="{size}" '
-                           f'fill="{heat(v, lo, hi)}"><title>{escape(f"{r} {c}: {v:.4g}")}</title></rect>')
-    return "\n".join(out + ["</svg>"]) + "\n"
+        out.append(tag("text", escape(r), x=label_w - 4, y=y + size / 2 + 3, text_anchor="end"))
+        out += [tag("rect", f"<title>{escape(f'{r} {c}: {cells[r, c]:.4g}')}</title>",
+                    x=label_w + size * j, y=y, width=size, height=size,
+                    fill=heat(cells[r, c], lo, hi)) for j, c in enumerate(cols) if (r, c) in cells]
+    return max(label_w + size * len(cols) + 100, 8 * len(title)), top + size * len(rows) + 20, out
 
 
-def adapter_svg(rows, title):
-    """The summary as a layer x (place, quantity) heatmap; per column scale would hide differences, so one scale
-    per quantity: each column is coloured against the largest value of its quantity."""
-    cols = list(dict.fromkeys(f"{place} {q}" for _, place, q, _ in rows))
-    layers = sorted({layer for layer, *_ in rows})
-    out = []
-    for q in dict.fromkeys(q for *_, q, _ in rows):  # one heatmap per quantity, stacked
-        cells = {(f"layer {l}" if l >= 0 else "model", f"{p}"): v for l, p, qq, v in rows if qq == q}
-        qcols = [c.rsplit(" ", 1)[0] for c in cols if c.endswith(" " + q)]
-        out.append(grid_svg(f"{title}: {q}", cells, [f"layer {l}" if l >= 0 else "model" for l in layers], qcols))
-    return out
+def stack(grids):
+    """Heatmaps one below the other, as one SVG document."""
+    parts, y = [], 0
+    for _, h, elements in grids:
+        parts.append(tag("g", "\n".join(elements), transform=f"translate(0 {y})"))
+        y += h
+    return svg(max(w for w, _, _ in grids), y, parts, font_size=10)
 
 
-def attention_svg(weights, tokens, layer):
-    """One layer's weights (H, T, T) of a single example: a heatmap per head, query rows, key columns."""
-    parts = [grid_svg(f"layer {layer}, head {h}: attention weights (row = query, column = key)",
-                      {(f"{i}:{tokens[i]}", f"{j}:{tokens[j]}"): w for i, row in enumerate(weights[h].tolist())
-                       for j, w in enumerate(row) if j <= i},
-                      [f"{i}:{t}" for i, t in enumerate(tokens)], [f"{j}:{t}" for j, t in enumerate(tokens)],
-                      size=12, label_w=90, top=80) for h in range(weights.size(0))]
-    return parts
+def adapter_grids(rows, title):
+    """The summary as heatmaps, one per quantity (LoRA's norm(dW) and norm(dW)/norm(W), ...): layers
+    down, places across."""
+    def name(layer):
+        return f"layer {layer}" if layer >= 0 else "model"
+    layers = [name(layer) for layer in sorted({layer for layer, *_ in rows})]
+    grids = []
+    for q in dict.fromkeys(q for *_, q, _ in rows):
+        cells = {(name(layer), place): v for layer, place, qq, v in rows if qq == q}
+        places = list(dict.fromkeys(place for _, place in cells))
+        grids.append(grid(f"{title}: {q}", cells, layers, places))
+    return grids
 
 
-def stack(svgs):
-    """Several SVG documents one below the other in one SVG."""
-    out, y, width = [], 0, 0
-    for s in svgs:
-        head, body = s.split(">", 1)
-        w = int(head.split('width="')[1].split('"')[0])
-        h = int(head.split('height="')[1].split('"')[0])
-        out.append(f'<g transform="translate(0 {y})">{body.rsplit("</svg>", 1)[0]}</g>')
-        y, width = y + h, max(width, w)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" font-family="sans-serif">\n'
-            + "\n".join(out) + "\n</svg>\n")
+def attention_grids(weights, tokens, layer):
+    """One layer's weights (H, T, T) of a single example: a heatmap per head, queries down, keys
+    across."""
+    labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
+    return [grid(f"layer {layer}, head {h}: attention weights (row = query, column = key)",
+                 {(labels[i], labels[j]): w for i, row in enumerate(weights[h].tolist())
+                  for j, w in enumerate(row) if j <= i},
+                 labels, labels, size=12, label_w=90, top=80) for h in range(weights.size(0))]
 
 
 def main(argv=None):
@@ -194,17 +193,21 @@ def main(argv=None):
         rows = adapter_summary(model)
         print(table(rows))
         written.append(os.path.join(out, "adapter.svg"))
-        write_atomic(written[-1], stack(adapter_svg(rows, os.path.basename(os.path.normpath(adapter_dir)))))
+        title = os.path.basename(os.path.normpath(adapter_dir))
+        write_atomic(written[-1], stack(adapter_grids(rows, title)))
     prompt = cfg.prompt
     if not prompt:
         test = os.path.join(cfg.demo_dir, "data", "test.json")
-        prompt = load_rows(test, TEST_REQUIRE)[0]["instruction"] if os.path.isfile(test) else "What is 2 + 3?"
-    ids = tok.encode(TEMPLATES[extra.get("template", "alpaca")](prompt, ""), bos=getattr(tok, "add_bos", True))
+        exists = os.path.isfile(test)
+        prompt = load_rows(test, TEST_REQUIRE)[0]["instruction"] if exists else "What is 2 + 3?"
+    prompt = TEMPLATES[extra.get("template", "alpaca")](prompt, "")
+    ids = tok.encode(prompt, bos=getattr(tok, "add_bos", True))
     layer = cfg.layer % model.config.n_layer
     weights, _ = attention_weights(model, torch.tensor([ids]))[layer]
-    tokens = [tok.decode([i]).replace("\n", "\\n")[:12] or "." for i in ids]  # "": BOS, a lone space
+    # labels: a token's text, cut short; "" (BOS, a lone space) shows as "."
+    tokens = [tok.decode([i]).replace("\n", "\\n")[:12] or "." for i in ids]
     written.append(os.path.join(out, "attention.svg"))
-    write_atomic(written[-1], stack(attention_svg(weights[0], tokens, layer)))
+    write_atomic(written[-1], stack(attention_grids(weights[0], tokens, layer)))
     print(f"wrote {' and '.join(written)}")
     return written
 

@@ -1,5 +1,6 @@
-"""The tools around training: export.py (merged HF folder, PEFT), chat.py (streaming), plot.py (SVG pictures),
-inspect_adapter.py (attention weights, what an adapter learned), and the demo's thread choice in train.py."""
+"""The tools around training: export.py (merged HF folder, PEFT), chat.py (streaming), plot.py (SVG
+pictures), inspect_adapter.py (attention weights, what an adapter learned), and the demo's thread
+choice and messages in train.py."""
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from conftest import randomize_, tiny_model
-from test_eval import tiny_dir  # noqa: F401  (the fixture: a tiny LLaMA folder with a sentencepiece tokenizer)
+# the fixture tiny_dir: a tiny LLaMA folder with a sentencepiece tokenizer
+from test_eval import tiny_dir  # noqa: F401
 
 import adapters
 import chat
@@ -34,20 +36,24 @@ def trained(base_dir, kind, out, **options):
 def test_export_merged_loads_in_transformers_with_our_logits(tiny_dir, tmp_path):
     tf = pytest.importorskip("transformers")
     ours = trained(tiny_dir, "lora", tmp_path / "lora", r=4)
-    export.main([f"--model={tiny_dir}", f"--adapter={tmp_path / 'lora'}", f"--out={tmp_path / 'merged'}"])
-    assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == (tiny_dir / "tokenizer.model").read_bytes()
+    export.main([f"--model={tiny_dir}", f"--adapter={tmp_path / 'lora'}",
+                 f"--out={tmp_path / 'merged'}"])
+    tokenizer = (tmp_path / "merged" / "tokenizer.model").read_bytes()
+    assert tokenizer == (tiny_dir / "tokenizer.model").read_bytes()
     hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     x = torch.randint(0, 360, (2, 9))
     with torch.no_grad():
         diff = (hf(x).logits - ours(x)[0]).abs().max().item()
-        assert diff < 1e-5 and (ours(x)[0] - load_model(tiny_dir)(x)[0]).abs().max() > 1e-3  # the adapter matters
+        moved = (ours(x)[0] - load_model(tiny_dir)(x)[0]).abs().max()
+        assert diff < 1e-5 and moved > 1e-3  # and the adapter matters
 
 
 def test_export_peft_loads_in_peft(tiny_dir, tmp_path):
     tf, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
-    ours = trained(tiny_dir, "lora", tmp_path / "lora", r=4, target_modules=["q_proj", "v_proj", "down_proj"])
-    export.main([f"--model={tiny_dir}", f"--adapter={tmp_path / 'lora'}", f"--out={tmp_path / 'peft'}",
-                 "--format=peft"])
+    ours = trained(tiny_dir, "lora", tmp_path / "lora", r=4,
+                   target_modules=["q_proj", "v_proj", "down_proj"])
+    export.main([f"--model={tiny_dir}", f"--adapter={tmp_path / 'lora'}",
+                 f"--out={tmp_path / 'peft'}", "--format=peft"])
     hf = tf.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
     x = torch.randint(0, 360, (1, 7))
@@ -58,7 +64,8 @@ def test_export_peft_loads_in_peft(tiny_dir, tmp_path):
 def test_export_refuses_what_cannot_merge(tiny_dir, tmp_path, capsys):
     trained(tiny_dir, "series", tmp_path / "series", bottleneck=8)
     with pytest.raises(SystemExit, match="series adapter cannot be merged"):
-        export.main([f"--model={tiny_dir}", f"--adapter={tmp_path / 'series'}", f"--out={tmp_path / 'x'}"])
+        export.main([f"--model={tiny_dir}", f"--adapter={tmp_path / 'series'}",
+                     f"--out={tmp_path / 'x'}"])
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit, match=r"--adapter=.*nowhere: no such folder"):
         export.main([f"--model={tiny_dir}", f"--adapter={tmp_path / 'nowhere'}"])
@@ -68,7 +75,8 @@ def test_export_refuses_what_cannot_merge(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["lora", "prompt"])
 def test_chat_streams_the_greedy_generation(tiny_dir, tmp_path, capsys, kind):
-    trained(tiny_dir, kind, tmp_path / kind, **({"r": 4} if kind == "lora" else {"num_virtual_tokens": 3}))
+    options = {"r": 4} if kind == "lora" else {"num_virtual_tokens": 3}
+    trained(tiny_dir, kind, tmp_path / kind, **options)
     question = "how many apples does Tom have now"
     text = chat.main([f"--model={tiny_dir}", f"--adapter={tmp_path / kind}", f"--prompt={question}",
                       "--max_new_tokens=24"])
@@ -86,7 +94,7 @@ def test_chat_stream_yields_tokens_one_at_a_time(tiny_dir):
 
 
 def write_run(folder, kind, n_steps, trainable, acc):
-    """A run folder as train.py leaves it: log.jsonl with step, val_loss, summary and accuracy records."""
+    """A run folder as train.py leaves it: log.jsonl with loss, val_loss, summary, accuracy."""
     folder.mkdir(parents=True)
     recs = [dict(step=s, loss=3.0 / s, lr=1e-3, tok_s=100) for s in range(1, n_steps + 1)]
     recs += [dict(step=s, val_loss=2.0 / s) for s in range(5, n_steps + 1, 5)]
@@ -98,8 +106,8 @@ def write_run(folder, kind, n_steps, trainable, acc):
 
 def polylines(svg_path, cls):
     root = ET.parse(svg_path).getroot()
-    return {p.get("data-run"): p.get("points").split() for p in root.iter("{http://www.w3.org/2000/svg}polyline")
-            if p.get("class") == cls}
+    lines = root.iter("{http://www.w3.org/2000/svg}polyline")
+    return {p.get("data-run"): p.get("points").split() for p in lines if p.get("class") == cls}
 
 
 def test_plot_draws_every_demo_run(tmp_path, capsys):
@@ -107,13 +115,13 @@ def test_plot_draws_every_demo_run(tmp_path, capsys):
             "prefix": write_run(tmp_path / "prefix", "prefix", 12, 10240, 0.835)}
     (tmp_path / "base").mkdir()  # folders without a log are not runs
     loss, results = plot.main([f"--demo_dir={tmp_path}"])
-    for name, recs in runs.items():  # one polyline per run, one point per logged step (and validation)
+    for name, recs in runs.items():  # a polyline per run, a point per logged step (and validation)
         assert len(polylines(loss, "loss")[name]) == sum("loss" in r for r in recs)
         assert len(polylines(loss, "val")[f"{name} val"]) == sum("val_loss" in r for r in recs)
     assert set(polylines(loss, "loss")) == {"lora", "prefix"}
     root = ET.parse(results).getroot()
     dots = [c for c in root.iter("{http://www.w3.org/2000/svg}circle")]
-    assert len(dots) == 2 and float(dots[0].get("cx")) > float(dots[1].get("cx"))  # log x: more params, right
+    assert len(dots) == 2 and float(dots[0].get("cx")) > float(dots[1].get("cx"))  # more params
     assert float(dots[0].get("cy")) < float(dots[1].get("cy"))  # higher accuracy, higher up
     assert "prefix (83.5%)" in open(results).read() and "wrote" in capsys.readouterr().out
 
@@ -138,14 +146,14 @@ def test_ticks_are_round_and_inside():
 
 @pytest.mark.parametrize("family", ["llama-gqa", "gptj", "bloom"])
 def test_attention_weights_times_values_is_the_fused_output(family):
-    model = adapters.add_adapter(tiny_model(family), "lora", r=4, target_modules=["q_proj", "k_proj", "v_proj"]
-                                 if family != "bloom" else ["query_key_value"])
+    qkv = ["query_key_value"] if family == "bloom" else ["q_proj", "k_proj", "v_proj"]
+    model = adapters.add_adapter(tiny_model(family), "lora", r=4, target_modules=qkv)
     for _, _, slot in adapters.slots(model):
         randomize_(slot, std=0.05)  # the adapter on q/k/v must be part of the recomputed weights
     model.eval()
-    outs = []  # what each layer's output projection receives: the fused SDPA output, heads side by side
-    hooks = [m.attn.get_submodule(m.attn.out_name).register_forward_pre_hook(lambda _, a: outs.append(a[0]))
-             for m in model.layers]
+    outs = []  # what each output projection receives: the fused SDPA output, heads side by side
+    hooks = [m.attn.get_submodule(m.attn.out_name).register_forward_pre_hook(
+        lambda _, a: outs.append(a[0])) for m in model.layers]
     x = torch.randint(0, 256, (2, 11))
     mask = torch.ones(2, 11, dtype=torch.long)
     mask[1, :4] = 0  # a left-padded row: the mask path
@@ -175,8 +183,9 @@ def test_adapter_summary_knows_lora_gates_bottlenecks_and_the_rest():
     assert rows[0, "attn.v_proj", "l:norm(dW)"] == 0  # B starts at zero
     assert rows[0, "attn.prefix", "g:gate"] == 0.25
     assert rows[1, "post_mlp", "s:norm(up)"] == 0 and rows[1, "post_mlp", "s:norm(down)"] > 0
-    assert rows[-1, "prompt", "p:norm(embedding)"] > 0  # a kind without its own summary: parameter norms
-    svg = inspect_adapter.stack(inspect_adapter.adapter_svg(list(inspect_adapter.adapter_summary(model)), "x"))
+    assert rows[-1, "prompt", "p:norm(embedding)"] > 0  # a kind without its own summary: norms
+    grids = inspect_adapter.adapter_grids(inspect_adapter.adapter_summary(model), "x")
+    svg = inspect_adapter.stack(grids)
     assert ET.fromstring(svg).tag.endswith("svg")
 
 
@@ -207,7 +216,8 @@ def test_thread_picker_keeps_the_faster(monkeypatch):
             for step in range(45):
                 picker(step)
                 chosen.append(torch.get_num_threads())
-            assert chosen[:6] == [1, 1, 1, 2, 2, 2] and set(chosen[6:20]) == {fast} and set(chosen[26:40]) == {fast}
+            assert chosen[:6] == [1, 1, 1, 2, 2, 2]  # probes
+            assert set(chosen[6:20]) == {fast} and set(chosen[26:40]) == {fast}
         finally:
             torch.set_num_threads(before)
 
