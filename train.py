@@ -77,16 +77,16 @@ demo_dir = DEMO_DIR
 demo_n_train = 4000       # two-step training rows (val_set_size of them for validation)
 demo_n_test = 200         # held-out two-step problems for the accuracy comparison
 demo_base_steps = 900     # pretraining steps of the base (built once: delete <demo_dir>/base to rebuild)
-demo_base_threads = 0     # CPU threads while pretraining it; 0 = measured: 1 or all cores, whichever is
-                          # faster now, re-checked every 300 steps (ThreadPicker)
+demo_base_threads = 0     # CPU threads while pretraining it; 0 = measured: 1 or all cores,
+                          # whichever is faster now, re-checked every 300 steps (ThreadPicker)
 demo_base_docs = 30000    # documents in its pretraining corpus
 # -----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()  # the settings above (lower-case, unlike imported names)
             if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 # The demo fine-tunes a tiny model in ~2 minutes; these replace the recipe's values unless set explicitly. One CPU
 # thread: a second one is faster on an idle machine (--threads=2), but several times slower when the other core is
-# busy, as every small matrix product then waits for both. The base's pretraining (micro-batches of 32, not 4) gains
-# more from a second core, so it measures which is faster (ThreadPicker; --demo_base_threads fixes it).
+# busy, as every small matrix product then waits for both. The base's pretraining (micro-batches
+# of 32, not 4) gains more from a second core, so it measures which is faster (ThreadPicker).
 DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100, threads=1)
 DEMO_LR = {"prefix": 2e-1, "prompt": 1e-1}  # a few thousand parameters, far from the base's weights
 # Pretraining the demo base, by the same train(): whole documents, mixed lengths in every batch.
@@ -367,8 +367,8 @@ def build_demo_base(path, cfg, rt):
     synthetic corpus, and a tiny LLaMA pretrained on it by train(); config.json, model.safetensors, tokenizer.model."""
     t0, tmp = time.time(), path + ".tmp"
     docs = synthetic.pretrain_corpus(cfg.demo_base_docs, seed=cfg.seed)
-    log(rt, None, None, f"1/3 building the demo base model in {path} (once): a tokenizer, then pretraining on "
-                        f"{len(docs)} synthetic arithmetic documents")
+    log(rt, None, None, f"1/3 building the demo base model in {path} (once): a tokenizer, then "
+                        f"pretraining on {len(docs)} synthetic arithmetic documents")
     if rt.master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -382,9 +382,10 @@ def build_demo_base(path, cfg, rt):
     pcfg = SimpleNamespace(**{**vars(cfg), **DEMO_BASE, "max_steps": cfg.demo_base_steps})
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.demo_base_threads or TORCH_THREADS)
-    picker = ThreadPicker(TORCH_THREADS) if not cfg.demo_base_threads and TORCH_THREADS > 1 else None
+    measure = not cfg.demo_base_threads and TORCH_THREADS > 1
     try:
-        summary = train(base.to(rt.device), examples[200:], examples[:200], pcfg, rt, before_step=picker)
+        summary = train(base.to(rt.device), examples[200:], examples[:200], pcfg, rt,
+                        before_step=ThreadPicker(TORCH_THREADS) if measure else None)
     finally:
         torch.set_num_threads(threads)
     if rt.master:
@@ -399,10 +400,10 @@ def build_demo_base(path, cfg, rt):
 
 
 class ThreadPicker:
-    """before_step for the base's pretraining: every `every` steps, time `probe` steps on one thread and `probe` on
-    n, then keep the faster (median step) until the next check. On an idle 2-core machine two threads are faster,
-    but when another job holds a core every small matmul waits for the slower thread: with one core busy, 100 steps
-    took 47 s on one thread and over 11 min on two (a whole build: 22 min instead of ~2)."""
+    """before_step for the base's pretraining: every `every` steps, time `probe` steps on one thread
+    and `probe` on n, then keep the faster (median step) until the next check. On an idle 2-core
+    machine two threads are faster, but when another job holds a core every small matmul waits for
+    the slower thread: with one core busy, 100 steps took 47 s on one thread, over 11 min on two."""
 
     def __init__(self, n, every=300, probe=3):
         self.n, self.every, self.probe = n, every, probe
@@ -410,15 +411,16 @@ class ThreadPicker:
 
     def __call__(self, step):
         now, phase = time.perf_counter(), step % self.every
-        if self.last is not None and 0 < phase <= 2 * self.probe:  # the step that just ended was a probe
+        if self.last is not None and 0 < phase <= 2 * self.probe:  # the step that ended: a probe
             self.times[torch.get_num_threads()].append(now - self.last)
         if phase < 2 * self.probe:
             torch.set_num_threads(1 if phase < self.probe else self.n)
         elif phase == 2 * self.probe:
             median = {n: sorted(t)[self.probe // 2] for n, t in self.times.items()}
             torch.set_num_threads(min(median, key=median.get))
-            print(f"step {step}: {torch.get_num_threads()} thread(s) from here (a step took {1e3 * median[1]:.0f} ms "
-                  f"on 1 thread, {1e3 * median[self.n]:.0f} ms on {self.n})", flush=True)
+            ms = {n: f"{1e3 * t:.0f} ms" for n, t in median.items()}
+            print(f"step {step}: {torch.get_num_threads()} thread(s) from here (a step took "
+                  f"{ms[1]} on 1 thread, {ms[self.n]} on {self.n})", flush=True)
             self.times = {1: [], self.n: []}
         self.last = time.perf_counter()
 
@@ -429,28 +431,31 @@ DEMO_ETA_S = dict(base=75, finetune=80, score=15)
 
 def demo_plan(cfg, base_cached):
     """The demo's three steps and the time they take, printed before anything runs."""
-    eta = DEMO_ETA_S["finetune"] + DEMO_ETA_S["score"] + (0 if base_cached else DEMO_ETA_S["base"])
-    return (f"the embedded demo, in 3 steps (about {eta / 60:.1f} min on an idle 2-core CPU; up to twice that on "
-            f"a busy one):\n  1/3 build the tiny base model once (tokenizer + {cfg.demo_base_steps} pretraining steps)"
-            + (f": cached in {cfg.model}, skipped" if base_cached else f", ~{DEMO_ETA_S['base']} s") +
-            f"\n  2/3 fine-tune a {cfg.adapter} adapter on two-step problems, base frozen, ~{DEMO_ETA_S['finetune']} s"
-            f"\n  3/3 score the base and base + {cfg.adapter} on {cfg.demo_n_test} held-out problems, "
-            f"~{DEMO_ETA_S['score']} s")
+    eta = sum(DEMO_ETA_S.values()) - (DEMO_ETA_S["base"] if base_cached else 0)
+    base = f": cached in {cfg.model}, skipped" if base_cached else f", ~{DEMO_ETA_S['base']} s"
+    return (f"the embedded demo, in 3 steps (about {eta / 60:.1f} min on an idle 2-core CPU, up to "
+            f"twice that on a busy one):\n"
+            f"  1/3 build the tiny base model once (tokenizer + {cfg.demo_base_steps} pretraining "
+            f"steps){base}\n"
+            f"  2/3 fine-tune a {cfg.adapter} adapter on two-step problems, the base frozen, "
+            f"~{DEMO_ETA_S['finetune']} s\n"
+            f"  3/3 score the base and base + {cfg.adapter} on {cfg.demo_n_test} held-out "
+            f"problems, ~{DEMO_ETA_S['score']} s")
 
 
 def on_llama_7b(kind, options):
-    """(trainable, total) for the same adapter on LLaMA-7B, counted on the meta device (no memory, no weights)."""
+    """(trainable, total) of the same adapter on LLaMA-7B, counted on the meta device."""
     with torch.device("meta"):
-        return adapters.count_parameters(adapters.add_adapter(Transformer(Config.from_name("llama-7b")), kind,
-                                                              **options))
+        big = Transformer(Config.from_name("llama-7b"))
+        return adapters.count_parameters(adapters.add_adapter(big, kind, **options))
 
 
 def explain_trainable(kind, options, trainable, total):
-    """Why "% trainable" looks large here: an adapter grows with n_embd, the base with n_embd^2 x layers."""
+    """Why "% trainable" looks large here: an adapter grows with n_embd, the base with n_embd^2."""
     big, big_total = on_llama_7b(kind, options)
-    return (f"  % trainable = adapter parameters / all parameters: {100 * trainable / total:.2f}% of this "
-            f"{total / 1e6:.1f}M toy, but the same {kind} on LLaMA-7B trains {big:,} of {big_total:,} "
-            f"({100 * big / big_total:.2f}%): the base grows faster than the adapter")
+    return (f"  % trainable = adapter parameters / all parameters: {100 * trainable / total:.2f}%"
+            f" of this {total / 1e6:.1f}M toy, but the same {kind} on LLaMA-7B trains {big:,} of "
+            f"{big_total:,} ({100 * big / big_total:.2f}%): the base grows faster than the adapter")
 
 
 def accuracy(model, tok, rows, rt):
@@ -522,8 +527,9 @@ def main(argv=None):
     log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of {total:,} parameters "
                         f"({100 * trainable / total:.2f}%); {len(train_ex)} training, {len(val_ex)} validation rows")
     if demo:
-        log(rt, None, None, explain_trainable(cfg.adapter, options, trainable, total) + "\n2/3 fine-tuning: "
-                            f"loss per step, validation loss every {cfg.eval_interval} steps (the best is kept)")
+        log(rt, None, None, explain_trainable(cfg.adapter, options, trainable, total))
+        log(rt, None, None, f"2/3 fine-tuning: loss per step, validation loss every "
+                            f"{cfg.eval_interval} steps (the best is kept)")
     extra = dict(template=TEMPLATE_NAME, data=cfg.data)
     if demo:  # what eval.py needs to score it
         extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
@@ -553,15 +559,17 @@ def main(argv=None):
         f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable parameters "
         f"({100 * trainable / total:.2f}%), best val loss {best and round(best, 4)}; adapter in {cfg.out}")
     if demo and rt.master:
-        print(f"3/3 scoring the base, then base + {cfg.adapter}, on {len(test_rows)} held-out problems", flush=True)
+        print(f"3/3 scoring the base, then base + {cfg.adapter}, on {len(test_rows)} held-out "
+              "problems", flush=True)
         base_acc = accuracy(load_model(cfg.model, rt.device, rt.dtype), tok, test_rows, rt)
         tuned = adapters.load_adapter(load_model(cfg.model, rt.device, rt.dtype), cfg.out)
         acc = accuracy(tuned, tok, test_rows, rt)
         log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
             f"exact match on {len(test_rows)} held-out two-step problems: base {100 * base_acc:.1f}% -> "
             f"{cfg.adapter} {100 * acc:.1f}% ({100 * (acc - base_acc):+.1f} points)")
-        print("next: python chat.py --prompt=\"...\" (ask it), python plot.py (pictures of every run), python eval.py "
-              "(all adapters in one table), python inspect_adapter.py (what it learned)")
+        print("next: python chat.py --prompt=\"...\" (ask it), python plot.py (pictures of "
+              "every run), python eval.py (all adapters in one table), python inspect_adapter.py "
+              "(what it learned)")
     if rt.world > 1:
         dist.destroy_process_group()
     return model, summary
