@@ -40,7 +40,8 @@ def in_own_dtype(module, fn, x, out_dtype):
     """Run fn on x in the adapter's own dtype (fp32 as add_adapter makes it), outside autocast, and hand back
     out_dtype: adapter maths stays fp32 on a bf16/fp16 base, as LLM-Adapters does."""
     with torch.autocast(x.device.type, enabled=False):
-        return fn(x.to(next(module.parameters()).dtype)).to(out_dtype)
+        out = fn(x.to(next(module.parameters()).dtype))  # one cast of x (none when x is fp32)
+        return out if out_dtype is None else out.to(out_dtype)  # None: fp32, the caller casts
 
 
 def fast_fp32_matmuls(device, base_dtype):
@@ -53,6 +54,19 @@ def fast_fp32_matmuls(device, base_dtype):
 
 # --------------------------------------------------------------------------------------------------- the modules
 class LoRA(nn.Module):
+    """y + (alpha/r) B A x on one projection (Hu et al. 2021): A (r, d_in) and B (d_out, r)
+    train, W stays frozen.
+
+    Why B starts at zero and A does not: the update is B A x, so with B = 0 a fresh model equals
+    the base exactly (training starts from the pretrained function, not a perturbed one). The
+    gradients are dL/dB = g (A x)^T and dL/dA = B^T g x^T (g = dL/dy): with A random, B's
+    gradient is nonzero at step 0, B moves, and from step 1 on A gets a gradient too. Were both
+    zero, both gradients would stay zero forever: nothing would ever learn.
+    Why alpha/r: when r changes, alpha need not be retuned (Hu et al. 4.1: it acts like a
+    learning rate).
+    Why it merges: B A is a (d_out, d_in) matrix like W, so W + (alpha/r) B A serves at no extra
+    cost."""
+
     def __init__(self, d_in, d_out, r, alpha, dropout):
         super().__init__()
         self.lora_A, self.lora_B = nn.Linear(d_in, r, bias=False), nn.Linear(r, d_out, bias=False)  # PEFT's names
@@ -66,7 +80,10 @@ class LoRA(nn.Module):
     def forward(self, x, y, linear):  # the Linear hook: input, output, the layer (LoRA needs only x)
         if self.merged:
             return y
-        return y + in_own_dtype(self, lambda x: self.lora_B(self.lora_A(self.dropout(x))) * self.scale, x, y.dtype)
+        delta = in_own_dtype(self, lambda x: self.lora_B(self.lora_A(self.dropout(x))), x, None)
+        # one kernel scales, casts to y's dtype and adds (was three); in place is safe: y is the
+        # linear's fresh output, which no backward reads
+        return y.add_(delta, alpha=self.scale)
 
     def merge(self, linear):  # fold into the base weight: W += scale * B A
         linear.weight.data += self.delta().to(linear.weight.dtype)
@@ -101,7 +118,16 @@ class Bottleneck(nn.Module):
     what it computes (`on_linear`, `residual`, fixed when built):
       post slot (series)          y -> y + branch(y)  (residual=True) or branch(y)
       beside slot (parallel)      h -> branch(h), which the block adds to the sublayer's output
-      Linear hook (per-linear)    (x, y, linear) -> y + branch(x)"""
+      Linear hook (per-linear)    (x, y, linear) -> y + branch(x)
+
+    Why a series adapter keeps a residual: it sits IN the path, between the sublayer and the
+    block's residual add, so whatever it returns replaces the sublayer's output. y + branch(y)
+    with up = 0 is the identity: the sublayer's output passes through untouched, a fresh model
+    equals the base, and training learns only a correction. Without it, up(act(down(y))) would
+    start at zero (the sublayer switched off) and would have to relearn, through a bottleneck,
+    what the pretrained sublayer already computed. A parallel adapter needs no residual of its
+    own: the block adds its branch beside the sublayer's output.
+    Why down is random and up zero: as LoRA's A and B (up's gradient needs act(down(h)) != 0)."""
 
     def __init__(self, d_in, d_out, bottleneck, non_linearity, scaling, dropout, sparse, residual=False,
                  on_linear=False):
@@ -118,19 +144,31 @@ class Bottleneck(nn.Module):
         self.scaling = nn.Parameter(torch.ones(())) if scaling == "learned" else float(scaling)
 
     def branch(self, x):
-        return F.linear(self.act(F.linear(self.dropout(x), self.down.weight)), self.up.weight) * self.scaling
+        z = F.linear(self.act(F.linear(self.dropout(x), self.down.weight)), self.up.weight)
+        if isinstance(self.scaling, float) and self.scaling == 1.0:  # the default: no multiply
+            return z
+        return z * self.scaling
 
     def forward(self, x, y=None, linear=None):
         if self.on_linear:  # beside one projection: reads its input x, adds to its output y
-            return y + in_own_dtype(self, self.branch, x, y.dtype)
+            return y.add_(in_own_dtype(self, self.branch, x, None))  # cast + add in one, as LoRA
         z = in_own_dtype(self, self.branch, x, x.dtype)
         return x + z if self.residual else z
 
 
 class Prefix(nn.Module):
-    """num_virtual_tokens learned keys and values per layer (B, n_kv_head, P, head_dim), without rotary as in
-    LLM-Adapters. reparam > 0 produces them from an embedding through an MLP while training (Li & Liang);
-    merge_prefix turns that into plain tensors."""
+    """num_virtual_tokens learned keys and values per layer (B, n_kv_head, P, head_dim), without
+    rotary as in LLM-Adapters. reparam > 0 produces them from an embedding through an MLP while
+    training (Li & Liang); merge_prefix turns that into plain tensors.
+
+    What a prefix changes in the softmax: its P keys join the sequence's keys in ONE softmax
+    (model.py, Attention.forward), so they compete for attention mass. With s_j =
+    exp(q.k_j / sqrt(D)), a query's weight on a real token j becomes
+    s_j / (sum_real s + sum_prefix s): every original weight is multiplied by the same factor,
+    1 minus the share the prefix takes, and that share goes to the prefix's values. No key makes
+    the share zero (exp > 0), so unlike LoRA a prefix model cannot equal the base at step 0;
+    small random keys (std 0.02) score near zero, each slot starting with the weight of a token
+    the query is indifferent to. GatedPrefix (LLaMA-Adapter) keeps the real tokens' softmax."""
 
     def __init__(self, c, num_virtual_tokens, reparam):
         super().__init__()
@@ -157,9 +195,18 @@ class Prefix(nn.Module):
 
 
 class GatedPrefix(nn.Module):
-    """LLaMA-Adapter's adaption prompt (Zhang et al. 2023; PEFT's adaption_prompt): num_virtual_tokens vectors in
-    embedding space that the layer's own projections turn into keys/values. Queries attend to them with their own
-    softmax, scaled by a gate that starts at zero, and the result is added: step 0 equals the base."""
+    """LLaMA-Adapter's adaption prompt (Zhang et al. 2023; PEFT's adaption_prompt):
+    num_virtual_tokens vectors in embedding space that the layer's own projections turn into
+    keys/values. Queries attend to them with their own softmax, scaled by a gate that starts at
+    zero, and the result is added: step 0 equals the base.
+
+    Why a second softmax: in Prefix's shared softmax the prefix always takes a share of the
+    attention mass from the real tokens. Here the real tokens keep their softmax untouched,
+    y = attn(q, K, V) + gate * attn(q, P_k, P_v), so the gate alone decides how much the prompt
+    adds, and gate = 0 is exactly the base.
+    Why the gate still learns from zero: dL/dgate = g . attn(q, P_k, P_v), nonzero because the
+    prompt is random (the prompt's own gradient is zero until the gate moves, as LoRA's A waits
+    for B)."""
 
     def __init__(self, c, num_virtual_tokens):
         super().__init__()
@@ -172,7 +219,16 @@ class GatedPrefix(nn.Module):
 
 
 class Prompt(nn.Module):
-    """num_virtual_tokens soft tokens, initialised from random rows of the vocabulary so they start in-distribution."""
+    """num_virtual_tokens soft tokens, initialised from random rows of the vocabulary so they
+    start in-distribution.
+
+    Why prompt tuning cannot equal the base at step 0: the soft tokens are extra positions in
+    front of the sequence (model.py, Transformer.forward), not a correction added to something.
+    Every layer's queries attend to them, so they take attention mass from the real tokens as a
+    prefix does (Prefix), and from the second layer on they also change the real tokens' states.
+    No value of a vector makes "one more token in the context" a no-op: there is no zero to
+    start from, unlike LoRA's B or a bottleneck's up projection. (Positions count from the soft
+    tokens on, so with rotary every real token's position shifts too.)"""
 
     def __init__(self, embed, num_virtual_tokens):
         super().__init__()

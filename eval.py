@@ -31,6 +31,8 @@ from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, leakage, load_rows
 from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, extract_answer, get_kind, is_correct
 from data.template import format_prompt
 from checkpoints import load_model, write_atomic
+import fast
+from fast import DecodeStep, compile_blocks, compile_setting, prefill
 from configurator import DEMO_DIR, DTYPES, ConfigError, configure, device_and_dtype
 from tokenizer import Tokenizer
 
@@ -50,6 +52,7 @@ DEFAULTS = dict(
     strict=False,         # strict answer reading (data/scoring.py) instead of the paper's
     dtype="",             # bfloat16 | float16 | float32; "" = bfloat16 on cuda, float32 on cpu
     device="",            # "" = cuda if available, else cpu
+    compile="",           # compile each block: "" = on for CUDA, off elsewhere; true | false
     out="",               # "" = out/eval/<adapter name, or base model name>
     demo_dir=DEMO_DIR,    # where train.py's embedded demo lives (without --model)
 )
@@ -75,6 +78,7 @@ def parse_config(argv):
             raise ConfigError(f"--{key}={cfg[key]}: must be 0 or more")
     if cfg["dtype"] not in DTYPES:
         raise ConfigError(f"--dtype={cfg['dtype']}: expected bfloat16, float16 or float32")
+    compile_setting(cfg["compile"], "cpu")  # a word it does not know is a ConfigError here
     return cfg
 
 
@@ -124,68 +128,74 @@ def find_datasets(spec, data_dir=""):
 # generation
 
 @torch.no_grad()
-def beam_search(model, idx, attention_mask, max_new_tokens, num_beams, eos_id=None, length_penalty=1.0,
-                return_scores=False):
-    """Batched beam search with a KV cache, as Hugging Face's (early_stopping=False): every step keeps the
-    num_beams best unfinished continuations; a continuation ending in EOS among the num_beams best candidates
-    becomes a hypothesis, scored sum(log p) / len ** length_penalty with len = generated tokens incl. EOS (HF
-    counts the prompt and its padding there, which makes results depend on the batch). An example is done once
-    it has num_beams hypotheses and none of its live beams scores better now; at max_new_tokens the live beams
-    become hypotheses too. idx (B, T) left-padded with attention_mask (B, T). Returns the best continuation of
-    each row, a list of ids without EOS (with return_scores: (score, ids) pairs)."""
+def beam_search(model, idx, attention_mask, max_new_tokens, num_beams, eos_id=None,
+                length_penalty=1.0, return_scores=False):
+    """Batched beam search with a KV cache, as Hugging Face's (early_stopping=False): every step
+    keeps the num_beams best unfinished continuations; a continuation ending in EOS among the
+    num_beams best candidates becomes a hypothesis, scored sum(log p) / len ** length_penalty with
+    len = generated tokens incl. EOS (HF counts the prompt and its padding there, which makes
+    results depend on the batch). An example is done once it has num_beams hypotheses and none of
+    its live beams scores better now; at max_new_tokens the live beams become hypotheses too.
+    idx (B, T) left-padded with attention_mask (B, T). Returns the best continuation of each row, a
+    list of ids without EOS (with return_scores: (score, ids) pairs)."""
     B, T = idx.shape
     K = num_beams
     n_soft = model.prompt.n_tokens if model.prompt is not None else 0
     cache = model.new_cache(B, T + max_new_tokens + n_soft)
-    logits, _ = model(idx, attention_mask=attention_mask, cache=cache, last_only=True)
-    cache.k, cache.v = [k.repeat_interleave(K, 0) for k in cache.k], [v.repeat_interleave(K, 0) for v in cache.v]
-    mask = attention_mask.repeat_interleave(K, 0)
+    logits = prefill(model, cache, idx, attention_mask)
+    cache.repeat(K)  # K beams per example, rows b*K .. b*K+K-1
+    step = DecodeStep(model, cache)
     logp = F.log_softmax(logits[:, -1].float(), dim=-1).repeat_interleave(K, 0)  # (B*K, V)
-    V = logp.size(-1)
     scores = torch.full((B, K), -math.inf, device=idx.device)
     scores[:, 0] = 0.0  # at first all K beams of an example are the same: keep one
     seqs = [[] for _ in range(B * K)]
     hyps = [[] for _ in range(B)]  # (score, ids)
     done = [max_new_tokens == 0] * B
-    for step in range(max_new_tokens):
-        L = step + 1
-        top, flat = (scores.view(-1, 1) + logp).view(B, K * V).topk(min(2 * K, K * V), dim=1)
-        top, beam, tok = top.tolist(), (flat // V).tolist(), (flat % V).tolist()
-        live = []  # (score, row, token) for each of the B*K new beams
-        for b in range(B):
-            keep = []
-            for rank in range(len(top[b]) if not done[b] else 0):
-                s, row, t = top[b][rank], b * K + beam[b][rank], tok[b][rank]
-                if s == -math.inf or len(keep) == K:
-                    break
-                if t == eos_id:
-                    if rank < K:
-                        hyps[b].append((s / L ** length_penalty, seqs[row]))
-                else:
-                    keep.append((s, row, t))
-            keep += [(-math.inf, b * K, 0)] * (K - len(keep))  # dead beams (example done, or too few candidates)
-            if not done[b]:  # nothing left to explore, or no live beam can beat the K best hypotheses now
-                worst = sorted(h[0] for h in hyps[b])[-K] if len(hyps[b]) >= K else -math.inf
-                done[b] = keep[0][0] == -math.inf or worst >= keep[0][0] / L ** length_penalty
-            live += keep
-        if step == max_new_tokens - 1 or all(done):
+    for n in range(1, max_new_tokens + 1):  # n: generated tokens after this step
+        live = next_beams(scores, logp, seqs, hyps, done, eos_id, n ** length_penalty)
+        if n == max_new_tokens or all(done):
             break
-        rows = torch.tensor([r for _, r, _ in live], device=idx.device)
-        seqs = [seqs[r] + [t] for _, r, t in live]
+        cache.reorder(torch.tensor([row for _, row, _ in live], device=idx.device))
+        seqs = [seqs[row] + [t] for _, row, t in live]
         scores = torch.tensor([s for s, _, _ in live], device=idx.device).view(B, K)
-        for kv in (cache.k, cache.v):
-            for layer in range(len(kv)):
-                kv[layer][:, :, :cache.pos] = kv[layer][rows, :, :cache.pos]
-        mask = F.pad(mask, (0, 1), value=1)
-        logits, _ = model(torch.tensor([[t] for _, _, t in live], device=idx.device), attention_mask=mask,
-                          cache=cache, last_only=True)
+        logits = step(torch.tensor([[t] for _, _, t in live], device=idx.device))
         logp = F.log_softmax(logits[:, -1].float(), dim=-1)
-    for b in range(B):
+    for b in range(B):  # at the end the live beams of unfinished examples are hypotheses too
         if not done[b]:
-            hyps[b] += [(s / L ** length_penalty, seqs[r] + [t])
-                        for s, r, t in live[b * K:(b + 1) * K] if s > -math.inf]
+            hyps[b] += [(s / n ** length_penalty, seqs[row] + [t])
+                        for s, row, t in live[b * K:(b + 1) * K] if s > -math.inf]
     best = [max(h, key=lambda x: x[0]) if h else (0.0, []) for h in hyps]
     return best if return_scores else [ids for _, ids in best]
+
+
+def next_beams(scores, logp, seqs, hyps, done, eos_id, norm):
+    """One step of beam search: from the K beams of each example (scores (B, K), logp (B*K, V))
+    the 2K best candidates; those ending in EOS among the K best become hypotheses (score / norm)
+    in hyps, the others the K new beams. Marks examples done (in `done`).
+    -> [(score, source row, token)] for the B*K new beams; dead beams (done examples, too few
+    candidates) score -inf."""
+    B, K = scores.shape
+    V = logp.size(-1)
+    top, flat = (scores.view(-1, 1) + logp).view(B, K * V).topk(min(2 * K, K * V), dim=1)
+    top, beam, tok = top.tolist(), (flat // V).tolist(), (flat % V).tolist()
+    live = []
+    for b in range(B):
+        keep = []
+        for rank in range(len(top[b]) if not done[b] else 0):
+            s, row, t = top[b][rank], b * K + beam[b][rank], tok[b][rank]
+            if s == -math.inf or len(keep) == K:
+                break
+            if t == eos_id:
+                if rank < K:
+                    hyps[b].append((s / norm, seqs[row]))
+            else:
+                keep.append((s, row, t))
+        keep += [(-math.inf, b * K, 0)] * (K - len(keep))
+        if not done[b]:  # nothing left to explore, or no live beam beats the K best hypotheses
+            worst = sorted(h[0] for h in hyps[b])[-K] if len(hyps[b]) >= K else -math.inf
+            done[b] = keep[0][0] == -math.inf or worst >= keep[0][0] / norm
+        live += keep
+    return live
 
 
 def generate_ids(model, prompt_ids, max_new_tokens, batch_size=32, eos_id=None, pad_id=0, num_beams=1,
@@ -201,7 +211,8 @@ def generate_ids(model, prompt_ids, max_new_tokens, batch_size=32, eos_id=None, 
         idx = torch.tensor([[pad_id] * (T - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch], device=device)
         if num_beams == 1:
-            new = model.generate(idx, max_new_tokens, eos_id=eos_id, attention_mask=mask)[:, T:].tolist()
+            new = fast.generate(model, idx, max_new_tokens, eos_id=eos_id, attention_mask=mask)
+            new = new[:, T:].tolist()
         else:
             new = beam_search(model, idx, mask, max_new_tokens, num_beams, eos_id, length_penalty)
         for i, ids in zip(order[start:start + batch_size], new):
@@ -292,6 +303,8 @@ def run(cfg, adapter_dir, rows, kind, device, dtype, out):
     """Evaluate the base model + adapter_dir ("" = none) on every set of rows; write <out>/<set>.jsonl and
     <out>/summary.json. Returns ({set: accuracy}, the summary)."""
     model, tok, extra = load(cfg["model"], adapter_dir, device, dtype)
+    if compile_setting(cfg["compile"], device):
+        compile_blocks(model)  # decoding: a CUDA graph of compiled blocks (fast.DecodeStep)
     template = extra.get("template", "alpaca")
     if template not in TEMPLATES:
         raise ValueError(f"{adapter_dir}: unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")

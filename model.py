@@ -1,26 +1,32 @@
 """
-One readable decoder-only Transformer for the model families of LLM-Adapters: LLaMA (1 and 2), GPT-J, BLOOM, OPT.
+One readable decoder-only Transformer for the model families of LLM-Adapters: LLaMA (1 and 2),
+GPT-J, BLOOM, OPT.
 
-The families differ only in fields of `Config` (norm, MLP, positions, residual layout, biases), so there is one
-`Block` and one `Transformer`. Modules carry the official projection names (`q_proj`, `up_proj`, `fc_in`, ...)
-so loading a checkpoint is one explicit key map, and adapters target linears by the names users know.
+The families differ only in fields of `Config` (norm, MLP, positions, residual layout, biases), so
+there is one `Block` and one `Transformer`. Modules carry the official projection names (`q_proj`,
+`up_proj`, `fc_in`, ...) so loading a checkpoint is one explicit key map, and adapters target
+linears by the names users know.
 
-Hook slots for adapters.py (plain attributes, None = nothing happens; this file never imports adapter code):
-  Linear.adapter       (x, y, linear) -> y   every projection: its input, output and the layer itself (W, bias)
-                                          (LoRA, DoRA, IA3, per-linear bottlenecks; adapters never store the layer)
-  Block.post_attn      y -> y             attention output, before the residual add               (series adapters)
-  Block.post_mlp       y -> y             MLP output, before the residual add                     (series adapters)
-  Block.beside_attn    h -> y             reads the attention input, added to its output          (parallel adapters)
-  Block.beside_mlp     h -> y             reads the MLP input, added to its output                (parallel adapters)
-  Attention.prefix     (x, qkv) -> (k, v, gate)|None   extra keys/values (B, n_kv_head, P, head_dim), no rotary;
-                       gate None: in front of the keys, one softmax (prefix tuning); a gate tensor: their own
-                       softmax, scaled by the gate and added (LLaMA-Adapter). qkv: this layer's projections
-  Transformer.prompt   emb -> emb         prepends `prompt.n_tokens` soft tokens to the embeddings (prompt tuning)
+Hook slots for adapters.py (plain attributes, None = nothing happens; no adapter code is imported):
+  Linear.adapter      (x, y, linear) -> y   every projection: its input, output and the layer itself
+                      (LoRA, DoRA, IA3, per-linear bottlenecks; adapters never store the layer)
+  Block.post_attn     y -> y    attention output, before the residual add       (series adapters)
+  Block.post_mlp      y -> y    MLP output, before the residual add             (series adapters)
+  Block.beside_attn   h -> y    reads the attention input, added to its output  (parallel adapters)
+  Block.beside_mlp    h -> y    reads the MLP input, added to its output        (parallel adapters)
+  Attention.prefix    (x, qkv) -> (k, v, gate)|None   extra keys/values (B, n_kv_head, P, head_dim),
+                      no rotary. gate None: in front of the keys, one softmax (prefix tuning);
+                      a gate tensor: their own softmax, scaled by the gate and added
+                      (LLaMA-Adapter). qkv: this layer's projections
+  Transformer.prompt  emb -> emb   prepends `prompt.n_tokens` soft tokens to the embeddings (prompt
+                      tuning)
 
-Shapes: B batch, T new tokens, S keys (cached + new), C n_embd, H heads, D head_dim, V vocab.
+Shapes: B batch, T new tokens, S keys (T, or with a KV cache all its slots), C n_embd, H heads,
+D head_dim, V vocab. Speed tricks that are not the model (CUDA graphs, compiling) live in fast.py.
 """
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -31,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 @dataclass
 class Config:
     name: str = "tiny-llama"
-    arch: str = "llama"            # family, picks projection names and the checkpoint key map: llama|gptj|bloom|opt
+    arch: str = "llama"            # llama|gptj|bloom|opt: picks projection names and the key map
     vocab_size: int = 512
     n_layer: int = 2
     n_head: int = 4
@@ -39,13 +45,13 @@ class Config:
     n_embd: int = 64
     head_dim: int = 0              # 0 = n_embd // n_head
     intermediate_size: int = 176
-    block_size: int = 2048         # longest sequence the model is meant for (size of OPT's position table)
+    block_size: int = 2048         # longest sequence the model is meant for (OPT's position table)
     norm: str = "rmsnorm"          # rmsnorm | layernorm
     norm_eps: float = 1e-6
     mlp: str = "swiglu"            # swiglu | gelu (tanh approximation) | relu
     pos: str = "rope"              # rope | alibi | learned
     rotary_dim: int = 0            # 0 = the whole head; GPT-J rotates only the first 64 dims
-    rope_interleaved: bool = False  # rotate pairs (0,1),(2,3).. (GPT-J) instead of (i, i+D/2) (HF LLaMA)
+    rope_interleaved: bool = False  # rotate pairs (0,1),(2,3).. (GPT-J), not (i, i+D/2) (HF LLaMA)
     rope_theta: float = 10000.0
     parallel_residual: bool = False  # GPT-J: x + attn(ln(x)) + mlp(ln(x)) with one norm
     post_norm: bool = False        # OPT-350m: normalise after the residual add
@@ -62,12 +68,13 @@ class Config:
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.embed_dim = self.embed_dim or self.n_embd
         self.rotary_dim = self.rotary_dim or self.head_dim
-        for f, ok in (("arch", LINEAR_NAMES), ("norm", ("rmsnorm", "layernorm")), ("mlp", ("swiglu", "gelu", "relu")),
-                      ("pos", ("rope", "alibi", "learned"))):
+        for f, ok in (("arch", LINEAR_NAMES), ("norm", ("rmsnorm", "layernorm")),
+                      ("mlp", ("swiglu", "gelu", "relu")), ("pos", ("rope", "alibi", "learned"))):
             if getattr(self, f) not in ok:
                 raise ValueError(f"Config.{f}={getattr(self, f)!r}: expected one of {sorted(ok)}")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"Config: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+            raise ValueError(f"Config: n_head={self.n_head} is not a multiple of "
+                             f"n_kv_head={self.n_kv_head}")
 
     @classmethod
     def from_name(cls, name, **overrides):
@@ -76,32 +83,38 @@ class Config:
         return replace(PRESETS[name], **overrides)
 
 
-# Official projection names of each family: (attention output, MLP in, MLP out). LLaMA adds gate_proj, BLOOM fuses
-# q, k and v into query_key_value.
-LINEAR_NAMES = {"llama": ("o_proj", "up_proj", "down_proj"), "gptj": ("out_proj", "fc_in", "fc_out"),
-                "opt": ("out_proj", "fc1", "fc2"), "bloom": ("dense", "dense_h_to_4h", "dense_4h_to_h")}
+# Official projection names of each family: (attention output, MLP in, MLP out). LLaMA adds
+# gate_proj, BLOOM fuses q, k and v into query_key_value.
+LINEAR_NAMES = {"llama": ("o_proj", "up_proj", "down_proj"),
+                "gptj": ("out_proj", "fc_in", "fc_out"),
+                "opt": ("out_proj", "fc1", "fc2"),
+                "bloom": ("dense", "dense_h_to_4h", "dense_4h_to_h")}
 
-_llama = dict(arch="llama", vocab_size=32000, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008)
-_gptj = dict(arch="gptj", norm="layernorm", norm_eps=1e-5, mlp="gelu", rope_interleaved=True, parallel_residual=True,
-             mlp_bias=True, lm_head_bias=True)
-_bloom = dict(arch="bloom", norm="layernorm", norm_eps=1e-5, mlp="gelu", pos="alibi", attn_bias=True, mlp_bias=True,
-              tie_embeddings=True, embed_norm=True)
-_opt = dict(arch="opt", norm="layernorm", norm_eps=1e-5, mlp="relu", pos="learned", attn_bias=True, mlp_bias=True,
-            tie_embeddings=True)
+_llama = dict(arch="llama", vocab_size=32000, n_layer=32, n_head=32, n_embd=4096,
+              intermediate_size=11008)
+_gptj = dict(arch="gptj", norm="layernorm", norm_eps=1e-5, mlp="gelu", rope_interleaved=True,
+             parallel_residual=True, mlp_bias=True, lm_head_bias=True)
+_bloom = dict(arch="bloom", norm="layernorm", norm_eps=1e-5, mlp="gelu", pos="alibi",
+              attn_bias=True, mlp_bias=True, tie_embeddings=True, embed_norm=True)
+_opt = dict(arch="opt", norm="layernorm", norm_eps=1e-5, mlp="relu", pos="learned",
+            attn_bias=True, mlp_bias=True, tie_embeddings=True)
+_13b = dict(n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824)
+_6b = dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=16384)
 PRESETS = {c.name: c for c in [
     Config("llama-7b", **_llama),
-    Config("llama-13b", **{**_llama, "n_layer": 40, "n_head": 40, "n_embd": 5120, "intermediate_size": 13824}),
-    Config("llama-30b", **{**_llama, "n_layer": 60, "n_head": 52, "n_embd": 6656, "intermediate_size": 17920}),
-    Config("llama-65b", **{**_llama, "n_layer": 80, "n_head": 64, "n_embd": 8192, "intermediate_size": 22016}),
+    Config("llama-13b", **{**_llama, **_13b}),
+    Config("llama-30b", **{**_llama, "n_layer": 60, "n_head": 52, "n_embd": 6656,
+                           "intermediate_size": 17920}),
+    Config("llama-65b", **{**_llama, "n_layer": 80, "n_head": 64, "n_embd": 8192,
+                           "intermediate_size": 22016}),
     Config("llama-2-7b", **{**_llama, "block_size": 4096, "norm_eps": 1e-5}),
-    Config("llama-2-13b", **{**_llama, "n_layer": 40, "n_head": 40, "n_embd": 5120, "intermediate_size": 13824,
-                             "block_size": 4096, "norm_eps": 1e-5}),
+    Config("llama-2-13b", **{**_llama, **_13b, "block_size": 4096, "norm_eps": 1e-5}),
     Config("llama-2-70b", **{**_llama, "n_layer": 80, "n_head": 64, "n_kv_head": 8, "n_embd": 8192,
                              "intermediate_size": 28672, "block_size": 4096, "norm_eps": 1e-5}),
-    Config("gptj-6b", **_gptj, vocab_size=50400, n_layer=28, n_head=16, n_embd=4096, intermediate_size=16384,
+    Config("gptj-6b", **{**_gptj, **_6b, "n_layer": 28, "n_head": 16}, vocab_size=50400,
            rotary_dim=64),
-    Config("bloom-7b1", **_bloom, vocab_size=250880, n_layer=30, n_head=32, n_embd=4096, intermediate_size=16384),
-    Config("opt-6.7b", **_opt, vocab_size=50272, n_layer=32, n_head=32, n_embd=4096, intermediate_size=16384),
+    Config("bloom-7b1", **{**_bloom, **_6b, "n_layer": 30}, vocab_size=250880),
+    Config("opt-6.7b", **_opt, **_6b, vocab_size=50272),
     # tiny presets for tests and CPU demos
     Config("tiny-llama"),
     Config("tiny-llama-gqa", n_kv_head=2),
@@ -112,9 +125,10 @@ PRESETS = {c.name: c for c in [
 
 
 class Linear(nn.Linear):
-    """nn.Linear with one hook slot. `adapter(x, y, self) -> y` sees the input, the output and the layer (LoRA adds
-    B(A(x)); DoRA needs W's norms). The layer is handed over at each call, never stored by the adapter, so the
-    adapter's state_dict and trainable parameters hold no base weight."""
+    """nn.Linear with one hook slot. `adapter(x, y, self) -> y` sees the input, the output and the
+    layer (LoRA adds B(A(x)); DoRA needs W's norms). The layer is handed over at each call, never
+    stored by the adapter, so the adapter's state_dict and trainable parameters hold no base
+    weight."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -133,24 +147,28 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalise in fp32 and scale after casting back, exactly as LLaMA does
         xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def make_norm(c):
-    return RMSNorm(c.n_embd, c.norm_eps) if c.norm == "rmsnorm" else nn.LayerNorm(c.n_embd, eps=c.norm_eps)
+    if c.norm == "rmsnorm":
+        return RMSNorm(c.n_embd, c.norm_eps)
+    return nn.LayerNorm(c.n_embd, eps=c.norm_eps)
 
 
 def rope_angles(c, pos):
-    """pos (B, T) -> cos, sin (B, 1, T, rotary_dim/2) in fp32, computed on the fly (no buffers to load)."""
-    inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.rotary_dim, 2, device=pos.device).float() / c.rotary_dim)
+    """pos (B, T) -> cos, sin (B, 1, T, rotary_dim/2) in fp32, computed on the fly (no buffers)."""
+    dims = torch.arange(0, c.rotary_dim, 2, device=pos.device).float()
+    inv_freq = 1.0 / c.rope_theta ** (dims / c.rotary_dim)
     angles = pos[..., None].float() * inv_freq
     return angles.cos()[:, None], angles.sin()[:, None]
 
 
 def apply_rope(x, cos, sin, interleaved):
-    """Rotate the first rotary_dim dims of x (B, H, T, D). One internal convention per family, chosen to match its
-    HF checkpoint so PEFT adapters on q_proj/k_proj load unchanged: rotate-half for LLaMA (Meta's interleaved
-    q/k rows are permuted at load), interleaved pairs for GPT-J."""
+    """Rotate the first rotary_dim dims of x (B, H, T, D). One internal convention per family,
+    chosen to match its HF checkpoint so PEFT adapters on q_proj/k_proj load unchanged: rotate-half
+    for LLaMA (Meta's interleaved q/k rows are permuted at load), interleaved pairs for GPT-J."""
     rd = 2 * cos.size(-1)
     xr, rest = x[..., :rd], x[..., rd:]
     x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else xr.chunk(2, dim=-1)
@@ -160,35 +178,73 @@ def apply_rope(x, cos, sin, interleaved):
     return torch.cat((y, rest), dim=-1)
 
 
-def alibi_slopes(n_head):
-    """ALiBi head slopes (Press et al.), with BLOOM's rule for head counts that are not a power of two."""
+def alibi_slopes(n_head, device=None):
+    """ALiBi head slopes (Press et al.), with BLOOM's rule for head counts that are not a power of
+    two. Computed on the device: a host-to-device copy could not be captured in a CUDA graph."""
     p = 2 ** math.floor(math.log2(n_head))
-    slopes = [2 ** (-8 * (i + 1) / p) for i in range(p)]
-    return slopes + [2 ** (-4 * (2 * i + 1) / p) for i in range(n_head - p)]
+    i = torch.arange(n_head, device=device, dtype=torch.float64)
+    return torch.where(i < p, 2 ** (-8 * (i + 1) / p), 2 ** (-4 * (2 * (i - p) + 1) / p)).float()
+
+
+class LayerCache(NamedTuple):
+    """One layer's keys and values (B, Hkv, max_len, D) and the cache slots this call writes. Each
+    block is handed its own, so no block needs a layer index (an int on a compiled module becomes a
+    guard: one graph per layer)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    slots: torch.Tensor
+
+    def update(self, k, v):  # write the new (B, Hkv, T, D) at their slots; return the whole cache
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # under autocast they may be narrower
+        return self.k.index_copy_(2, self.slots, k), self.v.index_copy_(2, self.slots, v)
 
 
 class KVCache:
-    """Static keys/values of every layer, (B, n_kv_head, max_len, D) each, allocated once; `pos` tokens are filled."""
+    """Static keys and values of every layer, allocated once, and `valid` (B, max_len): the slots
+    holding a real token (not padding, not yet written). A call writes its T tokens at the next T
+    slots and attends over all max_len slots with a mask, so every one-token step has the same
+    shapes and a CUDA graph can replay it. The next slot is kept twice: `pos` in Python (checks,
+    the first call) and `next` on the device (read inside the step, so a replayed graph advances
+    it; fast.DecodeStep keeps `pos` in step)."""
 
     def __init__(self, c, batch_size, max_len, device, dtype):
         shape = (batch_size, c.n_kv_head, max_len, c.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        self.kv = [tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in "kv")
+                   for _ in range(c.n_layer)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next = torch.zeros((), dtype=torch.long, device=device)
         self.pos, self.max_len = 0, max_len
 
-    def update(self, layer, k, v):  # store the new (B, Hkv, T, D), return all keys/values so far
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+    def extend(self, valid):
+        """valid (B, T): which of T new tokens are real -> their slots (T,), marked in valid."""
+        T = valid.size(1)
+        self.check(T)
+        slots = self.next + torch.arange(T, device=valid.device)
+        self.valid.index_copy_(1, slots, valid)
+        self.next += T
+        self.pos += T
+        return slots
+
+    def check(self, T):
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos + T} tokens > max_len {self.max_len}")
+
+    def layer(self, i, slots):
+        return LayerCache(*self.kv[i], slots)
+
+    def repeat(self, n):  # each row n times in a row (beam search: n beams per example)
+        self.kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.kv]
+        self.valid = self.valid.repeat_interleave(n, 0)
+
+    def reorder(self, rows):  # row i takes row rows[i], in place (a captured graph sees the change)
+        for t in [self.valid, *(t for kv in self.kv for t in kv)]:
+            t.copy_(t[rows])
 
 
 class Attention(nn.Module):
-    def __init__(self, c, layer):
+    def __init__(self, c):
         super().__init__()
-        self.c, self.layer = c, layer
+        self.c = c
         q_dim, kv_dim = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
         if c.arch == "bloom":  # one fused projection, laid out per head as (H, 3, D)
             self.query_key_value = Linear(c.n_embd, 3 * q_dim, bias=c.attn_bias)
@@ -209,19 +265,22 @@ class Attention(nn.Module):
             q = self.q_proj(x).view(B, T, c.n_head, c.head_dim)
             k = self.k_proj(x).view(B, T, c.n_kv_head, c.head_dim)
             v = self.v_proj(x).view(B, T, c.n_kv_head, c.head_dim)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D) x2
+        # (B, H, T, D), (B, Hkv, T, D), (B, Hkv, T, D)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, rope, mask, cache):
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         if rope is not None:
-            q, k = apply_rope(q, *rope, self.c.rope_interleaved), apply_rope(k, *rope, self.c.rope_interleaved)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        causal = mask is None and T > 1  # the model passes mask=None only when plain causal attention is right
-        prefix = self.prefix(x, self.qkv) if self.prefix is not None else None  # a slot may offer nothing: None
+            interleaved = self.c.rope_interleaved
+            q, k = apply_rope(q, *rope, interleaved), apply_rope(k, *rope, interleaved)
+        if cache is not None:  # a LayerCache: attend over all its slots (the mask hides empty ones)
+            k, v = cache.update(k, v)
+        causal = mask is None and T > 1  # mask=None only when plain causal attention is right
+        # a prefix slot may offer nothing (None)
+        prefix = self.prefix(x, self.qkv) if self.prefix is not None else None
         gqa = self.c.n_kv_head != self.c.n_head
-        if prefix is not None and prefix[2] is None:  # learned keys/values in front, visible to every query
+        if prefix is not None and prefix[2] is None:  # learned keys/values in front, seen by all
             pk, pv, _ = prefix
             k, v = torch.cat((pk.to(k.dtype), k), dim=2), torch.cat((pv.to(v.dtype), v), dim=2)
             if causal:
@@ -230,10 +289,12 @@ class Attention(nn.Module):
             if mask is not None:
                 mask = F.pad(mask, (pk.size(2), 0), value=True if mask.dtype == torch.bool else 0.0)
             causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-        if prefix is not None and prefix[2] is not None:  # gated: every query attends to the prefix on its own
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=gqa)
+        if prefix is not None and prefix[2] is not None:  # gated: queries attend to it on its own
             pk, pv, gate = prefix
-            extra = F.scaled_dot_product_attention(q, pk.to(q.dtype), pv.to(q.dtype), enable_gqa=gqa)
+            extra = F.scaled_dot_product_attention(q, pk.to(q.dtype), pv.to(q.dtype),
+                                                   enable_gqa=gqa)
             y = y + (gate * extra).to(y.dtype)
         return getattr(self, self.out_name)(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -256,10 +317,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c, layer):
+    def __init__(self, c):
         super().__init__()
         self.c = c
-        self.norm_1, self.attn, self.mlp = make_norm(c), Attention(c, layer), MLP(c)
+        self.norm_1, self.attn, self.mlp = make_norm(c), Attention(c), MLP(c)
         self.norm_2 = None if c.parallel_residual else make_norm(c)
         # adapter hook slots (see the module docstring)
         self.post_attn = self.post_mlp = self.beside_attn = self.beside_mlp = None
@@ -291,14 +352,16 @@ class Transformer(nn.Module):
         c = self.config = config
         self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
         self.embed_norm = make_norm(c) if c.embed_norm else None
-        self.project_in = nn.Linear(c.embed_dim, c.n_embd, bias=False) if c.embed_dim != c.n_embd else None
-        self.pos_embed = nn.Embedding(c.block_size + 2, c.n_embd) if c.pos == "learned" else None  # OPT: offset 2
-        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        narrow = c.embed_dim != c.n_embd  # OPT-350m
+        self.project_in = nn.Linear(c.embed_dim, c.n_embd, bias=False) if narrow else None
+        learned = c.pos == "learned"  # OPT: positions offset by 2
+        self.pos_embed = nn.Embedding(c.block_size + 2, c.n_embd) if learned else None
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.norm = make_norm(c) if c.final_norm else None
-        self.project_out = nn.Linear(c.n_embd, c.embed_dim, bias=False) if c.embed_dim != c.n_embd else None
+        self.project_out = nn.Linear(c.n_embd, c.embed_dim, bias=False) if narrow else None
         self.lm_head = nn.Linear(c.embed_dim, c.vocab_size, bias=c.lm_head_bias)
         self.prompt = None          # hook: prompt tuning
-        self.adapter_configs = {}   # adapter name -> {"kind", "options"}: what adapters.py attached to the slots
+        self.adapter_configs = {}   # adapter name -> {"kind", "options"}: what adapters.py attached
         self.grad_checkpoint = False  # recompute each block in backward (train.py --grad_ckpt)
         self.apply(self._init_weights)
         self.tie_weights()
@@ -319,27 +382,35 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
 
     def forward(self, idx, targets=None, attention_mask=None, cache=None, last_only=False):
-        """idx (B, T) token ids. targets (B, T): the token that should follow each position (already shifted, as in
-        nanoGPT), -100 = ignore. attention_mask (B, S): 1 for real tokens, 0 for (left) padding, covering the cached
-        tokens and idx. cache: a KVCache to read and extend. Returns logits (B, T, V) and the loss (or None)."""
+        """idx (B, T) token ids. targets (B, T): the token that should follow each position (already
+        shifted, as in nanoGPT), -100 = ignore. attention_mask: 1 for real tokens, 0 for (left)
+        padding, over the cached tokens and idx (with a cache only its last T columns are read: the
+        cache keeps the rest; None = all real). cache: a KVCache to extend and attend over.
+        Returns logits (B, T, V) and the loss (or None)."""
         B, T = idx.shape
         c = self.config
         past = cache.pos if cache is not None else 0
+        n_prompt = self.prompt.n_tokens if self.prompt is not None else 0  # soft tokens
+        seen = past - n_prompt if past else 0  # tokens in the cache (after its soft tokens)
+        if attention_mask is not None and attention_mask.shape != (B, seen + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"expected {(B, seen + T)}")
         x = self.embed(idx)
-        n_soft = self.prompt.n_tokens if self.prompt is not None else 0
+        new = attention_mask[:, seen:].bool() if attention_mask is not None else None  # real tokens
+        n_soft = n_prompt if past == 0 else 0  # soft tokens to prepend now: on the first call
         if n_soft:  # soft tokens lead the sequence and are always visible
-            if past == 0:
-                x = self.prompt(x)
-                T += n_soft
-            if attention_mask is not None:
-                attention_mask = F.pad(attention_mask, (n_soft, 0), value=1)
-        S = past + T
-        if attention_mask is not None and attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S - n_soft)}")
-        # positions count real tokens only, so a left-padded row is numbered exactly as it would be alone
-        all_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None else \
+            x = self.prompt(x)
+            T += n_soft
+            new = F.pad(new, (n_soft, 0), value=True) if new is not None else None
+        if cache is None:  # the keys are these T tokens
+            valid, slots, S = new, None, T
+        else:  # the keys are all of the cache's slots
+            slots = cache.extend(new if new is not None else idx.new_ones(B, T, dtype=torch.bool))
+            valid, S = cache.valid, cache.max_len
+        # positions count real tokens only: a left-padded row is numbered exactly as it is alone
+        key_pos = (valid.long().cumsum(-1) - 1).clamp(min=0) if valid is not None else \
             torch.arange(S, device=idx.device).expand(B, S)
-        pos = all_pos[:, past:]
+        pos = key_pos if slots is None else key_pos[:, slots]
         if self.project_in is not None:
             x = self.project_in(x)
         if self.pos_embed is not None:
@@ -347,54 +418,63 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         rope = rope_angles(c, pos) if c.pos == "rope" else None
-        mask = self.attention_mask(attention_mask, all_pos, T, S)
-        for block in self.layers:
+        mask = self.attention_mask(valid, key_pos, T, S, slots)
+        for i, block in enumerate(self.layers):
+            kv = cache.layer(i, slots) if cache is not None else None
             if self.grad_checkpoint and self.training:
-                x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, kv, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache)
-        if cache is not None:
-            cache.pos = S
+                x = block(x, rope, mask, kv)
         if last_only:
             x = x[:, -1:]
-        elif n_soft and past == 0:
+        elif n_soft:
             x = x[:, n_soft:]  # no logits for the soft tokens
         x = self.norm(x) if self.norm is not None else x
         x = self.project_out(x) if self.project_out is not None else x
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                   ignore_index=-100)
         return logits, loss
 
-    def attention_mask(self, attention_mask, key_pos, T, S):
-        """None when plain causal attention is right (SDPA's fast path); else a (B|1, 1|H, T, S) bool mask, or for
-        ALiBi a float bias with -inf where masked."""
-        past = S - T
-        if attention_mask is None and self.config.pos != "alibi" and (past == 0 or T == 1):
+    def attention_mask(self, valid, key_pos, T, S, slots=None):
+        """None when plain causal attention is right (SDPA's fast path); else a (B|1, 1|H, T, S)
+        bool mask, or for ALiBi a float bias with -inf where masked. valid (B, S): real keys (None =
+        all); slots (T,): the queries' key slots (None = the last T)."""
+        if valid is None and slots is None and self.config.pos != "alibi" and (T == S or T == 1):
             return None
         device = key_pos.device
-        q_idx, k_idx = torch.arange(past, S, device=device)[:, None], torch.arange(S, device=device)
+        k_idx = torch.arange(S, device=device)
+        q_idx = (slots if slots is not None else torch.arange(S - T, S, device=device))[:, None]
         mask = (k_idx <= q_idx)[None, None]  # (1, 1, T, S) causal, in cache coordinates
-        if attention_mask is not None:
+        if valid is not None:
             # a query always sees itself, so rows of padding never softmax over nothing (NaN)
-            mask = mask & attention_mask.bool()[:, None, None, :] | (k_idx == q_idx)
+            mask = mask & valid[:, None, None, :] | (k_idx == q_idx)
         if self.config.pos != "alibi":
             return mask
-        # ALiBi: softmax is shift-invariant per row, so slope * key position equals slope * (key - query)
-        slopes = torch.tensor(alibi_slopes(self.config.n_head), device=device)
-        bias = slopes[None, :, None, None] * key_pos[:, None, None, :].float()  # (B, H, 1, S)
-        return bias.masked_fill(~mask, float("-inf"))
+        # ALiBi: softmax is shift-invariant per row, so slope * key position = slope * (key - query)
+        slopes = alibi_slopes(self.config.n_head, device)[None, :, None, None]
+        bias = slopes * key_pos[:, None, None, :].float()
+        return bias.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, attention_mask=None):
-        """Continue idx (B, T) by max_new_tokens with a KV cache: greedy when temperature == 0, else sampled (top_k
-        optional). Left-padded batches need attention_mask. Rows that produced eos_id are filled with eos_id; the
-        loop stops when all have. Returns (B, T + new)."""
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None,
+                 attention_mask=None, decode_step=None):
+        """Continue idx (B, T) by max_new_tokens with a KV cache: greedy when temperature == 0, else
+        sampled (top_k optional). Left-padded batches need attention_mask. Rows that produced eos_id
+        are filled with eos_id; the loop stops when all have. Returns (B, T + new). A prefill, then
+        one-token steps of fixed shapes over the static cache. decode_step(model, cache) -> step may
+        replace the plain step (fast.generate passes fast.DecodeStep: a CUDA graph on CUDA)."""
         B, T = idx.shape
         n_soft = self.prompt.n_tokens if self.prompt is not None else 0
         cache = self.new_cache(B, T + max_new_tokens + n_soft)
-        logits, _ = self(idx, attention_mask=attention_mask, cache=cache, last_only=True)
+        logits = self(idx, attention_mask=attention_mask, cache=cache, last_only=True)[0]
+        if decode_step is not None:
+            step = decode_step(self, cache)
+        else:
+            def step(t):
+                return self(t, cache=cache, last_only=True)[0]
         out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
         for i in range(max_new_tokens):
             nxt = sample(logits[:, -1], temperature, top_k)  # (B,)
@@ -404,9 +484,7 @@ class Transformer(nn.Module):
             out.append(nxt[:, None])
             if i == max_new_tokens - 1 or (eos_id is not None and done.all()):
                 break
-            if attention_mask is not None:
-                attention_mask = F.pad(attention_mask, (0, 1), value=1)
-            logits, _ = self(nxt[:, None], attention_mask=attention_mask, cache=cache, last_only=True)
+            logits = step(nxt[:, None])
         return torch.cat(out, dim=1)
 
 

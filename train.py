@@ -33,6 +33,7 @@ from data import synthetic
 from data.prepare import TRAIN_REQUIRE, DataError, load_rows, write_json
 from data.template import TEMPLATE_NAME, format_example
 from eval import evaluate
+from fast import compile_blocks, compile_setting
 from checkpoints import load_model, save_model, write_atomic
 from configurator import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, read_args,
                           settle)
@@ -69,7 +70,7 @@ device = ""               # cuda | cpu | mps; "" = cuda if available, else cpu
 dtype = ""                # of the frozen base and autocast: bfloat16 | float16 (+ GradScaler) | float32;
                           # "" = bfloat16 on cuda (float16 where bf16 is unsupported), float32 elsewhere
 grad_ckpt = False         # recompute activations in backward: less memory, ~30% slower
-compile = False           # torch.compile the model
+compile = ""              # compile each block: "" = on for CUDA, off elsewhere; true | false
 threads = 0               # CPU threads for torch; 0 = torch's default
 log_interval = 10
 # the embedded demo (no --model)
@@ -115,6 +116,7 @@ def get_config(argv):
         cfg, options = settle(given, defaults, lambda _: adapters.KINDS[kind].defaults, explain_option)
         check_choice(cfg, "decay", ("linear", "cosine"))
         check_choice(cfg, "dtype", DTYPES)
+        compile_setting(cfg.compile, "cpu")  # a word it does not know is a ConfigError here
     except ConfigError as e:
         fail(e)
     return cfg, options
@@ -248,7 +250,8 @@ def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=Non
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                             fused=rt.device.type == "cuda" or None)  # one kernel for all parameters on a GPU
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-    fwd = torch.compile(model) if cfg.compile else model
+    compiled = compile_setting(cfg.compile, rt.device)
+    fwd = compile_blocks(model) if compiled else model
     if rt.world > 1:  # sparse adapters (before_step) leave the parts not picked at a step unused
         fwd = DDP(fwd, device_ids=[rt.device] if rt.device.type == "cuda" else None,
                   find_unused_parameters=before_step is not None)
@@ -312,6 +315,8 @@ def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=Non
         scaler.update()
         opt.zero_grad(set_to_none=True)
         step += 1
+        if compiled and step == start + 1:
+            log(rt, None, None, f"first step {time.time() - t0:.1f}s (compiling included)")
         if step % cfg.log_interval == 0 or step in (start + 1, total):
             dt = time.time() - t0
             eta, mem = round(dt / (step - start) * (total - step)), 0

@@ -1,0 +1,106 @@
+"""Grader of exercise 3 (placement): the places, compared with adapters.py's own series placements,
+and the measurement, compared with a direct computation: the parameter count of the attached
+modules, the base model's loss (a fresh series adapter is the identity) and the grader's own run of
+the protocol through add_adapter."""
+import pytest
+import torch
+
+import adapters
+from grading import load_impl
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def impl():
+    return load_impl("placement")
+
+
+@pytest.fixture(scope="module")
+def measured(impl):
+    return {p: impl.measure(p, steps=STEPS, seed=1) for p in impl.PLACEMENTS}
+
+
+def direct(impl, placement, steps, seed):
+    """The protocol of exercises/README.md, run here on the project's series kind (or, for mlp_top,
+    a copy of it placed on the top half): (loss before, loss after, trainable, the places the
+    project chose)."""
+    model, x, y = impl.task(seed)
+    n = model.config.n_layer
+    kind = adapters.KINDS["series"]
+    if placement == "mlp_top":
+        top = [(f"layers.{i}", "post_mlp") for i in range(n - n // 2, n)]
+        kind = kind._replace(places=lambda m, o: top)
+    adapters.KINDS["grader_series"] = kind
+    try:
+        torch.manual_seed(seed)
+        adapters.add_adapter(model, "grader_series", bottleneck=impl.BOTTLENECK,
+                             placement="mlp" if placement == "mlp_top" else placement)
+    finally:
+        del adapters.KINDS["grader_series"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=impl.LR, weight_decay=0.0)
+    model.train()
+    with torch.no_grad():
+        before = model(x, y)[1].item()
+    for _ in range(steps):
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = model(x, y)[1].item()
+    where = [(name, slot) for name, slot, _ in adapters.slots(model)]
+    return before, after, sum(p.numel() for p in params), where
+
+
+@pytest.mark.parametrize("placement", ["attn", "mlp", "both"])
+def test_places_match_the_project(impl, placement):
+    model, _, _ = impl.task(0)
+    want = adapters.KINDS["series"].places(model, dict(placement=placement))
+    assert list(impl.places(model, placement)) == want
+
+
+def test_places_mlp_top(impl):
+    from model import Config, Transformer
+    model = Transformer(Config.from_name("tiny-llama", n_layer=5))
+    want = [("layers.3", "post_mlp"), ("layers.4", "post_mlp")]
+    assert list(impl.places(model, "mlp_top")) == want
+    model, _, _ = impl.task(0)
+    assert list(impl.places(model, "mlp_top")) == [("layers.1", "post_mlp")]
+
+
+def test_report_fields(impl, measured):
+    for p, r in measured.items():
+        assert r["placement"] == p
+        assert set(r) >= {"places", "trainable", "loss_before", "loss_after"}
+        assert list(r["places"]) == list(impl.places(impl.task(0)[0], p))
+
+
+def test_trainable_counts(impl, measured):
+    """Each place holds down (bottleneck x n_embd) and up (n_embd x bottleneck): 2 * 64 * 8 =
+    1024."""
+    got = {p: r["trainable"] for p, r in measured.items()}
+    assert got == {p: 1024 * len(r["places"]) for p, r in measured.items()}
+    assert got == {"attn": 2048, "mlp": 2048, "both": 4096, "mlp_top": 1024}
+
+
+def test_loss_before_is_the_base_loss(impl, measured):
+    """A fresh series adapter is the identity, so every placement starts at the base model's
+    loss."""
+    base, x, y = impl.task(1)
+    with torch.no_grad():
+        want = base(x, y)[1].item()
+    for r in measured.values():
+        assert r["loss_before"] == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["attn", "mlp", "both", "mlp_top"])
+def test_loss_after_matches_a_direct_run(impl, measured, placement):
+    before, after, trainable, where = direct(impl, placement, STEPS, seed=1)
+    r = measured[placement]
+    assert r["trainable"] == trainable and sorted(r["places"]) == sorted(where)
+    assert r["loss_before"] == pytest.approx(before, rel=1e-6)
+    assert r["loss_after"] == pytest.approx(after, rel=1e-4), "not the loss of the protocol's run"
+    assert r["loss_after"] < r["loss_before"] - 0.05, "training must lower the loss"
+
