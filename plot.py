@@ -57,7 +57,7 @@ def ticks(lo, hi, log):
         mults = (1,) if hi_e - lo_e > 2 else (1, 2, 5)
         found = [v for v in (m * 10 ** e for e in range(lo_e, hi_e + 1) for m in mults)
                  if lo <= v <= hi]
-        return found if len(found) >= 3 else [v for v in ticks(lo, hi, False) if v > 0]  # narrow
+        return found if len(found) >= 2 else [v for v in ticks(lo, hi, False) if v > 0]  # narrow
     step = 10 ** math.floor(math.log10((hi - lo) / 5 or 1))
     step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= 6)
     return [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
