@@ -408,26 +408,32 @@ class ThreadPicker:
     """before_step for the base's pretraining: every `every` steps, time `probe` steps on one thread
     and `probe` on n, then keep the faster (median step) until the next check. On an idle 2-core
     machine two threads are faster, but when another job holds a core every small matmul waits for
-    the slower thread: with one core busy, 100 steps took 47 s on one thread, over 11 min on two."""
+    the slower thread: with one core busy, 100 steps took 47 s on one thread, over 11 min on two.
+    So a probe on n threads stops at its first step that takes over twice the slowest on one."""
 
     def __init__(self, n, every=300, probe=3):
         self.n, self.every, self.probe = n, every, probe
-        self.times, self.last = {1: [], n: []}, None
+        self.times, self.last, self.probing = {1: [], n: []}, None, False
 
     def __call__(self, step):
         now, phase = time.perf_counter(), step % self.every
-        if self.last is not None and 0 < phase <= 2 * self.probe:  # the step that ended: a probe
+        if self.probing and phase > 0:  # the step that just ended was a probe
             self.times[torch.get_num_threads()].append(now - self.last)
-        if phase < 2 * self.probe:
+        self.probing = self.probing or phase == 0
+        thrash = self.times[self.n] and self.times[self.n][-1] > 2 * max(self.times[1])
+        if self.probing and (phase == 2 * self.probe or thrash):
+            self.pick(step)
+        elif self.probing:
             torch.set_num_threads(1 if phase < self.probe else self.n)
-        elif phase == 2 * self.probe:
-            median = {n: sorted(t)[self.probe // 2] for n, t in self.times.items()}
-            torch.set_num_threads(min(median, key=median.get))
-            ms = {n: f"{1e3 * t:.0f} ms" for n, t in median.items()}
-            print(f"step {step}: {torch.get_num_threads()} thread(s) from here (a step took "
-                  f"{ms[1]} on 1 thread, {ms[self.n]} on {self.n})", flush=True)
-            self.times = {1: [], self.n: []}
         self.last = time.perf_counter()
+
+    def pick(self, step):
+        median = {n: sorted(t)[len(t) // 2] for n, t in self.times.items()}
+        torch.set_num_threads(min(median, key=median.get))
+        ms = {n: f"{1e3 * t:.0f} ms" for n, t in median.items()}
+        print(f"step {step}: {torch.get_num_threads()} thread(s) from here (a step took {ms[1]} on "
+              f"1 thread, {ms[self.n]} on {self.n})", flush=True)
+        self.times, self.probing = {1: [], self.n: []}, False
 
 
 # rough times of the demo's parts on an idle 2-core CPU (README), for the plan printed up front
