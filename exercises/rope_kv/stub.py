@@ -8,13 +8,18 @@ neighbours (2i, 2i+1) ("interleaved").
 
 KV cache: while generating, keys and values of past tokens never change, so each layer keeps them
 and a new token only computes its own. Decoding token by token with the cache must give the logits
-of one full forward pass.
+of one full forward pass. model.py's cache is STATIC: allocated once at max_len slots, and every
+call attends over all max_len slots with a mask (`valid`) that hides the slots not yet written and
+the left padding of a batch. So a one-token step has the same shapes at every position (no tensor
+grows by one each step), and on a GPU a CUDA graph recorded once can replay every step (fast.py).
 
 Fill in the TODOs; the grader plugs your functions into model.py in place of its own and compares.
 Read exercises/README.md (exercise 4), then:
 
     python -m pytest exercises/rope_kv
 """
+from typing import NamedTuple
+
 import torch
 
 
@@ -33,17 +38,65 @@ def apply_rope(x, cos, sin, interleaved=False):
     raise NotImplementedError("apply_rope")  # TODO
 
 
+class LayerCache(NamedTuple):
+    """One layer's view of the cache, made by `KVCache.layer(i, slots)` and handed to that layer's
+    attention (model.py, Attention.forward): its keys and values k, v (B, n_kv_head, max_len,
+    head_dim), the cache's own tensors, and `slots` (T,), the slots this call writes."""
+    k: torch.Tensor
+    v: torch.Tensor
+    slots: torch.Tensor
+
+    def update(self, k, v):
+        """Write the new k, v (B, n_kv_head, T, head_dim) at `slots` (slot slots[t] along dim 2
+        takes token t), into self.k / self.v themselves (in place: the next call must find them
+        there); return the WHOLE cache (self.k, self.v), max_len slots each, not a slice: attention
+        runs over every slot and the mask hides the ones that hold nothing. k, v may be narrower
+        than the cache (autocast): store them in the cache's dtype. Hint: Tensor.index_copy_."""
+        raise NotImplementedError("LayerCache.update")  # TODO
+
+
 class KVCache:
-    """Keys and values of every layer, each (batch_size, c.n_kv_head, max_len, c.head_dim),
-    allocated once. `pos` = how many tokens are stored; the model sets it after each forward
-    (model.py, Transformer.forward)."""
+    """Static keys and values of every layer, allocated once, and which slots hold a real token.
+    model.py's Transformer.forward uses it so (read it):
+
+        slots = cache.extend(valid)        # valid (B, T): which of the T new tokens are real
+        ... cache.valid, cache.max_len     # the attention mask over all max_len key slots
+        kv = cache.layer(i, slots)         # block i: k, v = kv.update(k, v) -> the whole cache
+
+    and reads `cache.pos` (how many slots are used) before it. Every call writes its T tokens at
+    the next T free slots, whatever the padding: a left-padded row simply has slots marked not
+    valid. The next free slot is kept twice: `pos`, a Python int (for checks, and the first call),
+    and `next`, a 0-dim long tensor on the cache's device. The slots must come from `next`: a
+    CUDA graph replays the recorded tensor operations, not Python, so only a tensor advanced inside
+    the step moves on at each replay (fast.DecodeStep then adds 1 to `pos` itself)."""
 
     def __init__(self, c, batch_size, max_len, device, dtype):
-        self.pos, self.max_len = 0, max_len
-        raise NotImplementedError("KVCache.__init__")  # TODO: self.k, self.v, a tensor per layer
+        """Allocate, zeroed, on `device`: `self.kv`, a list of c.n_layer pairs (k, v), each
+        (batch_size, c.n_kv_head, max_len, c.head_dim) in `dtype`; `self.valid`, bool
+        (batch_size, max_len), all False (nothing written yet); `self.next`, a 0-dim long tensor 0;
+        `self.pos` = 0 and `self.max_len` = max_len."""
+        raise NotImplementedError("KVCache.__init__")  # TODO
 
-    def update(self, layer, k, v):
-        """Store the new k, v (B, n_kv_head, T, D) of `layer` at positions pos .. pos+T-1; return
-        the keys and values of all tokens so far, (B, n_kv_head, pos + T, D) each. More than max_len
-        tokens: ValueError."""
-        raise NotImplementedError("KVCache.update")  # TODO
+    def extend(self, valid):
+        """valid (B, T) bool: which of T new tokens are real (False: left padding). Hand out the
+        next T slots, next .. next+T-1, as a (T,) long tensor on the cache's device computed from
+        `self.next`; mark them in self.valid (row b, slot slots[t] = valid[b, t]); advance `next`
+        (in place: `+=`) and `pos` by T. Would that pass max_len: ValueError, and change nothing
+        (self.check does the test)."""
+        raise NotImplementedError("KVCache.extend")  # TODO
+
+    # Given: the plumbing (as model.py's).
+    def check(self, T):
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos + T} tokens > max_len {self.max_len}")
+
+    def layer(self, i, slots):
+        return LayerCache(*self.kv[i], slots)
+
+    def repeat(self, n):  # each row n times in a row (beam search: n beams per example)
+        self.kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.kv]
+        self.valid = self.valid.repeat_interleave(n, 0)
+
+    def reorder(self, rows):  # row i takes row rows[i], in place (a captured graph sees the change)
+        for t in [self.valid, *(t for kv in self.kv for t in kv)]:
+            t.copy_(t[rows])

@@ -74,41 +74,93 @@ def test_model_logits_with_your_rope(impl, preset, monkeypatch):
 
 
 def test_cache_stores_and_returns(impl):
+    """extend hands out the next slots and counts them (pos, next); update writes at those slots
+    only, per layer, and returns the whole static cache (max_len slots: fixed shapes every step)."""
     c = M.Config.from_name("tiny-llama-gqa")  # 2 key/value heads
     cache = impl.KVCache(c, batch_size=2, max_len=6, device="cpu", dtype=torch.float32)
+    assert cache.pos == 0 and cache.max_len == 6
+    assert torch.is_tensor(cache.next) and cache.next.dim() == 0 and int(cache.next) == 0
+    assert cache.valid.dtype == torch.bool and cache.valid.shape == (2, 6)
+    assert not cache.valid.any(), "nothing is written yet"
+    slots = cache.extend(torch.ones(2, 4, dtype=torch.bool))
+    assert torch.equal(slots, torch.arange(4))
+    assert cache.pos == 4 and int(cache.next) == 4
     k1, v1 = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 4, 16)
-    k, v = cache.update(1, k1, v1)
-    assert torch.equal(k, k1) and torch.equal(v, v1)
-    cache.pos = 4
+    k, v = cache.layer(1, slots).update(k1, v1)
+    assert k.shape == v.shape == (2, 2, 6, 16), "update returns all max_len slots"
+    assert torch.equal(k[:, :, :4], k1) and torch.equal(v[:, :, :4], v1)
+    assert torch.count_nonzero(k[:, :, 4:]) == 0 and torch.count_nonzero(v[:, :, 4:]) == 0
+    slots = cache.extend(torch.ones(2, 2, dtype=torch.bool))
+    assert torch.equal(slots, torch.tensor([4, 5]))
+    assert cache.pos == 6 and int(cache.next) == 6
+    assert cache.valid.all()
     k2, v2 = torch.randn(2, 2, 2, 16), torch.randn(2, 2, 2, 16)
-    k, v = cache.update(1, k2, v2)
+    k, v = cache.layer(1, slots).update(k2, v2)
     assert torch.equal(k, torch.cat((k1, k2), 2)) and torch.equal(v, torch.cat((v1, v2), 2))
-    k, _ = cache.update(0, k2, v2)
+    k, v = cache.layer(0, slots).update(k2, v2)
     assert k.shape == (2, 2, 6, 16)
     assert torch.count_nonzero(k[:, :, :4]) == 0, "layers must not share storage"
-    cache.pos = 6
+    assert torch.equal(k[:, :, 4:], k2) and torch.equal(v[:, :, 4:], v2)
     with pytest.raises(ValueError):
-        cache.update(0, k2[:, :, :1], v2[:, :, :1])
+        cache.extend(torch.ones(2, 1, dtype=torch.bool))
+    assert cache.pos == 6 and int(cache.next) == 6, "a refused extend changes nothing"
 
 
+def test_cache_marks_valid_slots(impl):
+    """A left-padded row: its padding slots are not valid (attention must not see them), its real
+    tokens are; the slots are the same for every row."""
+    c = M.Config.from_name("tiny-llama")
+    cache = impl.KVCache(c, batch_size=2, max_len=7, device="cpu", dtype=torch.float32)
+    prompt = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    assert torch.equal(cache.extend(prompt), torch.arange(4))
+    want = torch.zeros(2, 7, dtype=torch.bool)
+    want[:, :4] = prompt
+    assert torch.equal(cache.valid, want)
+    assert torch.equal(cache.extend(torch.tensor([[True], [False]])), torch.tensor([4]))
+    want[0, 4] = True
+    assert torch.equal(cache.valid, want), "slot 4: row 0 real, row 1 not; the rest still empty"
+
+
+def left_padded(ids, pad=3):
+    """Row 0 shortened by `pad` tokens on the left (those become padding), row 1 as it is."""
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "left-padded"])
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-llama-gqa", "tiny-bloom"])
-def test_decoding_equals_full_forward(impl, preset, monkeypatch):
+def test_decoding_equals_full_forward(impl, preset, padded, monkeypatch):
     """A prompt of 5, then 4 tokens one at a time through your cache: the logits of one full forward
-    pass."""
+    pass. Left-padded: the same with an attention_mask whose row 0 starts with 3 pads."""
     monkeypatch.setattr(M, "KVCache", impl.KVCache)
     m = tiny(preset)
     ids = token_ids(m, B=2, T=9)
-    full, _ = m(ids)
+    mask = None
+    if padded:
+        ids, mask = left_padded(ids)
+    full, _ = m(ids, attention_mask=mask)
     cache = m.new_cache(2, 9)
     assert isinstance(cache, impl.KVCache)
-    steps = [m(ids[:, :5], cache=cache)[0]]
-    steps += [m(ids[:, t:t + 1], cache=cache)[0] for t in range(5, 9)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+    def step(a, b):
+        return m(ids[:, a:b], attention_mask=None if mask is None else mask[:, :b], cache=cache)[0]
+    steps = [step(0, 5)] + [step(t, t + 1) for t in range(5, 9)]
+    got = torch.cat(steps, 1)
+    if padded:  # the logits of padding positions mean nothing: compare the real tokens'
+        got, full = got[mask.bool()], full[mask.bool()]
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
 
 
-def test_generate_with_your_cache(impl, monkeypatch):
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "left-padded"])
+def test_generate_with_your_cache(impl, padded, monkeypatch):
+    """generate (a prefill, then one-token steps over the static cache) gives the same tokens with
+    your cache as with model.py's."""
     m = tiny("tiny-llama")
     ids = token_ids(m, B=3, T=5)
-    want = m.generate(ids, max_new_tokens=8)
+    mask = None
+    if padded:
+        ids, mask = left_padded(ids, pad=2)
+    want = m.generate(ids, max_new_tokens=8, attention_mask=mask)
     monkeypatch.setattr(M, "KVCache", impl.KVCache)
-    assert torch.equal(m.generate(ids, max_new_tokens=8), want)
+    assert torch.equal(m.generate(ids, max_new_tokens=8, attention_mask=mask), want)
