@@ -24,8 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import hf_name, write_atomic
+from checkpoints import hf_name, read_state_dict, unreadable, write_atomic
 from model import LINEAR_NAMES, Linear
+from quantize import QuantLinear, is_quantized
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PLACEMENTS = {"mlp": ("mlp",), "attn": ("attn",), "both": ("attn", "mlp")}
@@ -475,7 +476,10 @@ def set_active(model, names):
 def count_parameters(model):
     """(trainable, total) parameter counts; the paper's "% params" is trainable / total."""
     ps = list(model.parameters())
-    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
+    # a quantized projection keeps W in buffers (quantize.py); its weights count all the same
+    packed = sum(m.in_features * m.out_features for m in model.modules()
+                 if isinstance(m, QuantLinear))
+    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps) + packed
 
 
 def adapter_state(model, name):
@@ -491,6 +495,8 @@ def adapter_state(model, name):
 def merge(model):
     """Fold every active, unmerged adapter that lives on a projection and can be folded (LoRA: W += scale * B A)
     into its base weight; logits stay the same, and the adapter then does nothing until unmerge."""
+    if is_quantized(model):  # W += B A would be rounded to the quantization grid, most of it lost
+        raise ValueError("merge: the base is quantized; load it without quantize to merge into it")
     for lin, m in _mergeable(model, merged=False):
         m.merge(lin)
         m.merged = True
@@ -586,15 +592,29 @@ def _peft_key(config, key):  # layers.0.attn.q_proj.adapter.lora_A.weight -> bas
 
 
 def read_adapter_config(path):
+    """adapter_config.json: ours (kind, options) or PEFT's (peft_type); one clear line otherwise."""
     f = Path(path) / "adapter_config.json"
     try:
-        return json.loads(f.read_text())
+        config = json.loads(f.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{f}: cannot read the adapter config ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(config).__name__}")
+    need = ("r", "lora_alpha") if config.get("peft_type") == "LORA" else \
+        ("adapter_len", "adapter_layers") if "peft_type" in config else ("kind", "options")
+    missing = [k for k in need if k not in config]
+    if missing:
+        raise ValueError(f"{f}: missing field(s) {', '.join(missing)} (written by "
+                         "adapters.save_adapter or PEFT?)")
+    if "options" in config and not isinstance(config["options"], dict):
+        what = type(config["options"]).__name__
+        raise ValueError(f"{f}: 'options' is a {what}, expected a JSON object")
+    return config
 
 
 def load_adapter(model, path, name=None):
-    """Attach and fill the adapter saved in `path` (ours, or a Hugging Face PEFT LoRA folder); strict."""
+    """Attach and fill the adapter saved in `path` (ours, or a Hugging Face PEFT LoRA folder);
+    strict. On any error the model is left as it was (no adapter, requires_grad unchanged)."""
     path = Path(path)
     config = read_adapter_config(path)
     if "peft_type" in config:
@@ -606,11 +626,14 @@ def load_adapter(model, path, name=None):
             raise ValueError(f"{path}: adapter was trained on another base model (saved, this model): {diff}")
         kind, options, state = config["kind"], config["options"], _read_tensors(path)
     name = name or config.get("name", "default")
+    trainable = {p: p.requires_grad for p in model.parameters()}  # add_adapter freezes the base
     add_adapter(model, kind, name=name, **options)
     try:
         fill_adapter(model, name, state, path)
     except (KeyError, ValueError):
         remove_adapter(model, name)  # leave the model as it was
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
         raise
     return model
 
@@ -622,6 +645,12 @@ def fill_adapter(model, name, state, source):
     if missing or unexpected:
         raise KeyError(f"{source}: adapter tensors do not match: missing {missing[:6]}, unexpected {unexpected[:6]}")
     for k, t in state.items():
+        # floats may be cast (bf16 -> fp32); an int where a float belongs is an error
+        want, floats = expected[k].dtype, isinstance(t, torch.Tensor) and t.is_floating_point()
+        cast_ok = floats and want.is_floating_point
+        if not isinstance(t, torch.Tensor) or t.dtype != want and not cast_ok:
+            what = getattr(t, "dtype", type(t).__name__)
+            raise ValueError(f"{source}: {k} is {what}, this model expects {want}")
         if t.shape != expected[k].shape:
             raise ValueError(f"{source}: {k} has shape {tuple(t.shape)}, this model expects {tuple(expected[k].shape)}")
         expected[k].copy_(t)  # state_dict tensors share storage with the parameters
@@ -629,11 +658,16 @@ def fill_adapter(model, name, state, source):
 
 def _read_tensors(path):
     """adapter_model.safetensors, else adapter_model.bin (loaded without running pickled code)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    if (path / "adapter_model.safetensors").exists():
-        return load_file(path / "adapter_model.safetensors")
+    f = path / "adapter_model.safetensors"
+    if f.exists():
+        try:
+            return load_file(f)
+        except SafetensorError as e:
+            raise unreadable(f, e, "safetensors file") from None
     if (path / "adapter_model.bin").exists():
-        return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        return read_state_dict(path / "adapter_model.bin")
     raise FileNotFoundError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
 
 
@@ -658,6 +692,11 @@ def _from_peft(model, path, config):
             raise KeyError(f"{path}: LoRA tensor {k} names no projection of this {model.config.arch} model")
         state[f"{ours[module]}.adapter.{rest}"] = t
         targets.add(module.rsplit(".", 1)[-1])
+    named = config.get("target_modules")
+    named = [named] if isinstance(named, str) else named
+    if named and sorted(set(named)) != sorted(targets):  # the config and the tensors must agree
+        raise ValueError(f"{path}: adapter_config.json's target_modules {sorted(set(named))} "
+                         f"disagree with the modules its tensors adapt {sorted(targets)}")
     r = config["r"]
     alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1)  # rsLoRA scales alpha/sqrt(r)
     return "lora", dict(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0), target_modules=sorted(targets)), state

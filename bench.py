@@ -33,6 +33,7 @@ from configurator import ConfigError, check_choice, configure
 import fast
 from fast import compile_blocks, compile_setting
 from model import PRESETS, Config, Transformer
+from quantize import MODES as QUANT_MODES, quantize_model
 
 DEFAULTS = dict(
     model="",             # a preset; "" = llama-7b on CUDA, tiny-llama elsewhere
@@ -44,6 +45,7 @@ DEFAULTS = dict(
     warmup=3,             # untimed steps after the first (timed on its own: compile time)
     compile="",           # "" = compile each block on CUDA, off elsewhere; true | false force it
     grad_ckpt=False,
+    quantize="",          # int8 | nf4 | nf4-dq: the frozen base quantized (quantize.py)
     baseline=False,       # also run transformers + PEFT on the same work (test-only dependencies)
     batch=32,             # generation
     prompt_len=200,
@@ -113,7 +115,7 @@ def build(cfg, device):
     with torch.device(device):
         torch.manual_seed(0)
         m = Transformer(conf).to(dtype)
-    return conf, m, dtype
+    return conf, quantize_model(m, cfg.quantize) if cfg.quantize else m, dtype
 
 
 def attach(m, adapter):
@@ -155,7 +157,7 @@ def bench_train(cfg, conf, m, device):
     tok_s, peak, first = time_training(cfg, lambda: m(x, x)[1], params, device)
     trainable, total = count_parameters(m)
     mfu = tok_s * train_flops_per_token(cfg, conf, total - trainable) / (cfg.peak_tflops * 1e12)
-    return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 2),
+    return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 4),
             "trainable": trainable, "mfu": round(mfu, 3)}
 
 
@@ -163,7 +165,7 @@ def time_generation(cfg, generate):
     """One generate call of the full size first (compiling, CUDA-graph capture), then one timed."""
     first, dt = timed(generate, 1, 0)
     return {"new_tok_s": round(cfg.batch * cfg.new_tokens / dt), "seconds": round(dt, 2),
-            "peak_gib": peak_gib(), "first_call_s": round(first, 2)}
+            "peak_gib": peak_gib(), "first_call_s": round(first, 4)}
 
 
 def bench_generate(cfg, conf, m, device):
@@ -206,7 +208,7 @@ def baseline_train(cfg, conf, dtype, device):
     x = torch.randint(0, conf.vocab_size, (cfg.micro_batch, cfg.seq_len), device=device)
     tok_s, peak, first = time_training(cfg, lambda: pm(input_ids=x, labels=x).loss,
                                        [p for p in pm.parameters() if p.requires_grad], device)
-    return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 2)}
+    return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 4)}
 
 
 def baseline_generate(cfg, conf, dtype, device):
@@ -222,6 +224,7 @@ def baseline_generate(cfg, conf, dtype, device):
 def parse(argv):
     cfg = configure(argv, DEFAULTS, __doc__)[0]
     check_choice(cfg, "task", ("train", "generate", "ops"))
+    check_choice(cfg, "quantize", ("", *QUANT_MODES))
     if cfg.adapter not in (*KINDS, "none") or cfg.adapter == "none" and cfg.task == "train":
         raise ConfigError(f"--adapter={cfg.adapter}: expected one of {', '.join(KINDS)}"
                           + (", or none with --task=generate" if cfg.task == "train" else ", none"))
@@ -285,6 +288,7 @@ def run(cfg):
     res = {"model": conf.name, "n_layer": conf.n_layer, "task": cfg.task, "adapter": cfg.adapter,
            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke test)",
            "torch": torch.__version__, "compiled": compile_setting(cfg.compile, device)}
+    res["quantize"] = cfg.quantize
     res["ours"] = (bench_train if cfg.task == "train" else bench_generate)(cfg, conf, m, device)
     if cfg.baseline:
         del m

@@ -1,31 +1,39 @@
 """
-Checkpoint I/O: the official layouts in, a Hugging Face folder out, and the one atomic writer of the project.
+Checkpoint I/O: the official layouts in, a Hugging Face folder out, and the one atomic writer of
+the project.
 
-    load_model(path, device=None, dtype=None)   Meta LLaMA (params.json + consolidated.NN.pth, 1..N model-parallel
-                                                shards) or Hugging Face (config.json + safetensors / .bin, sharded
-                                                or not) -> Transformer, strictly: every parameter filled, every
-                                                checkpoint tensor used or skipped by name, in every file
-    save_model(model, path)                     the base weights as a Hugging Face folder both loaders (and
-                                                transformers) read
+    load_model(path, device=None, dtype=None)   Meta LLaMA (params.json + consolidated.NN.pth,
+                                                1..N model-parallel shards) or Hugging Face
+                                                (config.json + safetensors / .bin, sharded or
+                                                not) -> Transformer, strictly: every parameter
+                                                filled, every checkpoint tensor used or skipped
+                                                by name, in every file
+    save_model(model, path)                     the base weights as a Hugging Face folder both
+                                                loaders (and transformers) read
     write_atomic(path, data)                    every file the project writes goes through here
 
-The model is built on the meta device and filled tensor by tensor (memory-mapped reads, cast as it goes), so a
-7B model's weights are held once. Pickles (.bin, .pth) load with weights_only=True: no code in them ever runs.
+The model is built on the meta device and filled tensor by tensor (memory-mapped reads, cast as it
+goes), so a 7B model's weights are held once. Pickles (.bin, .pth) load with weights_only=True: no
+code in them ever runs.
 """
 import json
 import os
+import pickle
 import re
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from model import Config, Transformer, _bloom, _gptj, _opt
+from quantize import check_mode, is_projection, is_quantized, quantize_linear
 
 
 def write_atomic(path, data):
-    """Write `data` (bytes, text, or a function that writes to a binary file object, e.g. lambda f: torch.save(x, f))
-    to a temporary file beside `path`, then rename it: a crash or a full disk never leaves half a file."""
+    """Write `data` (bytes, text, or a function that writes to a binary file object, e.g.
+    lambda f: torch.save(x, f)) to a temporary file beside `path`, then rename it: a crash or a full
+    disk never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -34,23 +42,44 @@ def write_atomic(path, data):
             with open(tmp, "wb") as f:
                 data(f)
         else:
-            tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
+            (tmp.write_bytes(data) if isinstance(data, bytes)
+             else tmp.write_text(data, encoding="utf-8"))
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        raise OSError(f"{path}: cannot write it ({str(e).splitlines()[0]})") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def check_writable(folder, flag):
+    """Before any long work: `folder` (the value of `flag`, e.g. --out) exists or can be made, and
+    takes files. Otherwise one ValueError naming the flag: no run ends with nowhere to write."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{flag}={folder} is a file, expected a folder (give another {flag})")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ValueError(f"{flag}={folder}: cannot write there ({e.strerror or e}); "
+                         f"give another {flag}") from None
+
+
 def _adapter_names(model):
-    """Parameters that live inside hook slots (anything under a slot attribute), i.e. not base weights."""
+    """Parameters that live inside hook slots (anything under a slot attribute), i.e. not base
+    weights."""
     slots = ("adapter", "post_attn", "post_mlp", "beside_attn", "beside_mlp", "prefix", "prompt")
     return {n for n, _ in model.named_parameters() if any(part in slots for part in n.split("."))}
 
 
 def save_model(model, path):
-    """Write the base model as a Hugging Face folder (config.json + model.safetensors with official names) that
-    load_model and transformers both read. Adapter tensors are not base weights and are left out (see
-    adapters.save_adapter, or merge_lora first). Files are written to temporary names, then renamed."""
+    """Write the base model as a Hugging Face folder (config.json + model.safetensors with official
+    names) that load_model and transformers both read. Adapter tensors are not base weights and are
+    left out (see adapters.save_adapter, or merge_lora first). Files are written to temporary names,
+    then renamed."""
     from safetensors.torch import save
+    if is_quantized(model):
+        raise ValueError("save_model: this base is quantized; saving it would lose precision for "
+                         "good. Save the model loaded without quantize")
     names = {n for n, _ in model.named_parameters(remove_duplicate=True)} - _adapter_names(model)
     sd = model.state_dict()
     tensors = {hf_name(model.config, n): sd[n].contiguous() for n in names}
@@ -58,52 +87,72 @@ def save_model(model, path):
     write_atomic(Path(path) / "config.json", json.dumps(config_to_hf(model.config), indent=2))
 
 
-def load_model(path, device=None, dtype=None):
-    """Load a Meta LLaMA folder (params.json + consolidated.*.pth) or a Hugging Face folder (config.json +
-    safetensors or .bin, sharded or not). Built on the meta device and filled tensor by tensor, so the weights
-    are held once; dtype=None keeps the stored dtype. Strict: every parameter filled, every tensor used."""
+def load_model(path, device=None, dtype=None, quantize=None):
+    """Load a Meta LLaMA folder (params.json + consolidated.*.pth) or a Hugging Face folder
+    (config.json + safetensors or .bin, sharded or not). Built on the meta device and filled tensor
+    by tensor, so the weights are held once; dtype=None keeps the stored dtype. Strict: every
+    parameter filled, every tensor used. quantize="int8" | "nf4" | "nf4-dq" packs each projection
+    weight as it is read (quantize.py)."""
     path = Path(path)
+    if quantize:
+        check_mode(quantize)
     if (path / "params.json").exists():
-        return _load_meta(path, device, dtype)
+        return _load_meta(path, device, dtype, quantize)
     if (path / "config.json").exists():
-        return _load_hf(path, device, dtype)
-    raise FileNotFoundError(f"{path}: no params.json (Meta LLaMA) or config.json (Hugging Face) found")
+        return _load_hf(path, device, dtype, quantize)
+    raise FileNotFoundError(f"{path}: no params.json (Meta LLaMA) or "
+                            "config.json (Hugging Face) found")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Hugging Face layout
 
 
-# our parameter-name prefix -> official Hugging Face prefix ({i} = layer). Applied in order, first match wins.
+# our parameter-name prefix -> official Hugging Face prefix ({i} = layer). Applied in order, first
+# match wins.
 HF_PREFIXES = {
-    "llama": [("embed.", "model.embed_tokens."), ("layers.{i}.norm_1.", "model.layers.{i}.input_layernorm."),
+    "llama": [("embed.", "model.embed_tokens."),
+              ("layers.{i}.norm_1.", "model.layers.{i}.input_layernorm."),
               ("layers.{i}.norm_2.", "model.layers.{i}.post_attention_layernorm."),
-              ("layers.{i}.attn.", "model.layers.{i}.self_attn."), ("layers.{i}.mlp.", "model.layers.{i}.mlp."),
-              ("norm.", "model.norm."), ("lm_head.", "lm_head.")],
-    "gptj": [("embed.", "transformer.wte."), ("layers.{i}.norm_1.", "transformer.h.{i}.ln_1."),
-             ("layers.{i}.attn.", "transformer.h.{i}.attn."), ("layers.{i}.mlp.", "transformer.h.{i}.mlp."),
-             ("norm.", "transformer.ln_f."), ("lm_head.", "lm_head.")],
-    "bloom": [("embed.", "transformer.word_embeddings."), ("embed_norm.", "transformer.word_embeddings_layernorm."),
+              ("layers.{i}.attn.", "model.layers.{i}.self_attn."),
+              ("layers.{i}.mlp.", "model.layers.{i}.mlp."),
+              ("norm.", "model.norm."),
+              ("lm_head.", "lm_head.")],
+    "gptj": [("embed.", "transformer.wte."),
+             ("layers.{i}.norm_1.", "transformer.h.{i}.ln_1."),
+             ("layers.{i}.attn.", "transformer.h.{i}.attn."),
+             ("layers.{i}.mlp.", "transformer.h.{i}.mlp."),
+             ("norm.", "transformer.ln_f."),
+             ("lm_head.", "lm_head.")],
+    "bloom": [("embed.", "transformer.word_embeddings."),
+              ("embed_norm.", "transformer.word_embeddings_layernorm."),
               ("layers.{i}.norm_1.", "transformer.h.{i}.input_layernorm."),
               ("layers.{i}.norm_2.", "transformer.h.{i}.post_attention_layernorm."),
-              ("layers.{i}.attn.", "transformer.h.{i}.self_attention."), ("layers.{i}.mlp.", "transformer.h.{i}.mlp."),
-              ("norm.", "transformer.ln_f."), ("lm_head.", "lm_head.")],
-    "opt": [("embed.", "model.decoder.embed_tokens."), ("pos_embed.", "model.decoder.embed_positions."),
-            ("project_in.", "model.decoder.project_in."), ("project_out.", "model.decoder.project_out."),
+              ("layers.{i}.attn.", "transformer.h.{i}.self_attention."),
+              ("layers.{i}.mlp.", "transformer.h.{i}.mlp."),
+              ("norm.", "transformer.ln_f."),
+              ("lm_head.", "lm_head.")],
+    "opt": [("embed.", "model.decoder.embed_tokens."),
+            ("pos_embed.", "model.decoder.embed_positions."),
+            ("project_in.", "model.decoder.project_in."),
+            ("project_out.", "model.decoder.project_out."),
             ("layers.{i}.norm_1.", "model.decoder.layers.{i}.self_attn_layer_norm."),
             ("layers.{i}.norm_2.", "model.decoder.layers.{i}.final_layer_norm."),
-            ("layers.{i}.attn.", "model.decoder.layers.{i}.self_attn."), ("layers.{i}.mlp.", "model.decoder.layers.{i}."),
-            ("norm.", "model.decoder.final_layer_norm."), ("lm_head.", "lm_head.")],
+            ("layers.{i}.attn.", "model.decoder.layers.{i}.self_attn."),
+            ("layers.{i}.mlp.", "model.decoder.layers.{i}."),
+            ("norm.", "model.decoder.final_layer_norm."),
+            ("lm_head.", "lm_head.")],
 }
 # checkpoints saved from the bare base model (BloomModel, OPTModel) lack the outer prefix
 HF_OUTER = {"bloom": "transformer.", "opt": "model."}
-# checkpoint tensors that are not parameters here: precomputed rotary tables and GPT-J's causal-mask buffers
+# checkpoint tensors that are not parameters here: precomputed rotary tables and GPT-J's
+# causal-mask buffers
 HF_SKIP = re.compile(r"(rotary_emb\.inv_freq|\.attn\.(masked_)?bias)$")
 
 
 def hf_name(config, name):
-    """Our parameter or module name -> the official Hugging Face name, e.g. layers.0.attn.q_proj.weight ->
-    model.layers.0.self_attn.q_proj.weight."""
+    """Our parameter or module name -> the official Hugging Face name, e.g.
+    layers.0.attn.q_proj.weight -> model.layers.0.self_attn.q_proj.weight."""
     m = re.match(r"layers\.(\d+)\.", name)
     for ours, theirs in HF_PREFIXES[config.arch]:
         ours = ours.format(i=m.group(1)) if m else ours
@@ -113,100 +162,164 @@ def hf_name(config, name):
 
 
 def config_to_hf(c):
-    """Config -> Hugging Face config.json dict (the inverse of config_from_hf), for save_pretrained."""
+    """Config -> Hugging Face config.json dict (the inverse of config_from_hf), for
+    save_pretrained."""
     common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings)
     if c.arch == "llama":
-        return dict(common, model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=c.n_embd,
-                    intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                    num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, max_position_embeddings=c.block_size,
-                    rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_bias=c.attn_bias, mlp_bias=c.mlp_bias,
+        return dict(common, model_type="llama", architectures=["LlamaForCausalLM"],
+                    hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+                    num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                    num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
+                    max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
+                    rope_theta=c.rope_theta, attention_bias=c.attn_bias, mlp_bias=c.mlp_bias,
                     hidden_act="silu", bos_token_id=1, eos_token_id=2)
     if c.arch == "gptj":
-        return dict(common, model_type="gptj", architectures=["GPTJForCausalLM"], n_embd=c.n_embd, n_layer=c.n_layer,
-                    n_head=c.n_head, n_inner=c.intermediate_size, n_positions=c.block_size, rotary_dim=c.rotary_dim,
-                    layer_norm_epsilon=c.norm_eps, activation_function="gelu_new")
+        return dict(common, model_type="gptj", architectures=["GPTJForCausalLM"],
+                    n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                    n_inner=c.intermediate_size, n_positions=c.block_size,
+                    rotary_dim=c.rotary_dim, layer_norm_epsilon=c.norm_eps,
+                    activation_function="gelu_new")
     if c.arch == "bloom":
-        return dict(common, model_type="bloom", architectures=["BloomForCausalLM"], hidden_size=c.n_embd,
-                    n_layer=c.n_layer, n_head=c.n_head, layer_norm_epsilon=c.norm_eps)
-    return dict(common, model_type="opt", architectures=["OPTForCausalLM"], hidden_size=c.n_embd, ffn_dim=c.intermediate_size,
-                num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, max_position_embeddings=c.block_size,
-                word_embed_proj_dim=c.embed_dim, do_layer_norm_before=not c.post_norm, enable_bias=c.attn_bias,
-                _remove_final_layer_norm=not c.final_norm and not c.post_norm, activation_function="relu")
+        return dict(common, model_type="bloom", architectures=["BloomForCausalLM"],
+                    hidden_size=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+                    layer_norm_epsilon=c.norm_eps)
+    return dict(common, model_type="opt", architectures=["OPTForCausalLM"], hidden_size=c.n_embd,
+                ffn_dim=c.intermediate_size, num_hidden_layers=c.n_layer,
+                num_attention_heads=c.n_head, max_position_embeddings=c.block_size,
+                word_embed_proj_dim=c.embed_dim, do_layer_norm_before=not c.post_norm,
+                enable_bias=c.attn_bias,
+                _remove_final_layer_norm=not c.final_norm and not c.post_norm,
+                activation_function="relu")
 
 
 def config_from_hf(d, name):
     """Hugging Face config.json dict -> Config."""
     t = d.get("model_type")
     if t == "llama":
-        if d.get("rope_scaling") and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) != "default":
+        if (d.get("rope_scaling")
+                and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) != "default"):
             raise ValueError(f"{name}: rope_scaling {d['rope_scaling']} is not supported")
         theta = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return Config(name, arch="llama", vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
-                      n_head=d["num_attention_heads"], n_kv_head=d.get("num_key_value_heads") or 0,
-                      n_embd=d["hidden_size"], head_dim=d.get("head_dim") or 0,
-                      intermediate_size=d["intermediate_size"], block_size=d.get("max_position_embeddings", 2048),
-                      norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, attn_bias=d.get("attention_bias", False),
-                      mlp_bias=d.get("mlp_bias", False), tie_embeddings=d.get("tie_word_embeddings", False))
+        return Config(name, arch="llama", vocab_size=d["vocab_size"],
+                      n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
+                      n_kv_head=d.get("num_key_value_heads") or 0, n_embd=d["hidden_size"],
+                      head_dim=d.get("head_dim") or 0, intermediate_size=d["intermediate_size"],
+                      block_size=d.get("max_position_embeddings", 2048),
+                      norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                      attn_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+                      tie_embeddings=d.get("tie_word_embeddings", False))
     if t == "gptj":
-        return Config(name, **{**_gptj, "vocab_size": d["vocab_size"], "n_layer": d["n_layer"], "n_head": d["n_head"],
-                               "n_embd": d["n_embd"], "intermediate_size": d.get("n_inner") or 4 * d["n_embd"],
-                               "block_size": d.get("n_positions", 2048), "rotary_dim": d.get("rotary_dim") or 0,
+        return Config(name, **{**_gptj, "vocab_size": d["vocab_size"], "n_layer": d["n_layer"],
+                               "n_head": d["n_head"], "n_embd": d["n_embd"],
+                               "intermediate_size": d.get("n_inner") or 4 * d["n_embd"],
+                               "block_size": d.get("n_positions", 2048),
+                               "rotary_dim": d.get("rotary_dim") or 0,
                                "norm_eps": d.get("layer_norm_epsilon", 1e-5),
                                "tie_embeddings": d.get("tie_word_embeddings", False)})
     if t == "bloom":
         if d.get("apply_residual_connection_post_layernorm"):
-            raise ValueError(f"{name}: apply_residual_connection_post_layernorm=True is not supported")
+            raise ValueError(f"{name}: apply_residual_connection_post_layernorm=True "
+                             "is not supported")
         h = d.get("hidden_size") or d["n_embed"]
-        return Config(name, **{**_bloom, "vocab_size": d["vocab_size"], "n_layer": d.get("n_layer") or d["num_hidden_layers"],
+        return Config(name, **{**_bloom, "vocab_size": d["vocab_size"],
+                               "n_layer": d.get("n_layer") or d["num_hidden_layers"],
                                "n_head": d.get("n_head") or d["num_attention_heads"], "n_embd": h,
-                               "intermediate_size": 4 * h, "norm_eps": d.get("layer_norm_epsilon", 1e-5)})
+                               "intermediate_size": 4 * h,
+                               "norm_eps": d.get("layer_norm_epsilon", 1e-5)})
     if t == "opt":
         if d.get("activation_function", "relu") != "relu":
-            raise ValueError(f"{name}: activation_function {d['activation_function']!r} is not supported (relu)")
+            raise ValueError(f"{name}: activation_function {d['activation_function']!r} "
+                             "is not supported (relu)")
         pre = d.get("do_layer_norm_before", True)
-        return Config(name, **{**_opt, "vocab_size": d["vocab_size"], "n_layer": d["num_hidden_layers"],
+        return Config(name, **{**_opt, "vocab_size": d["vocab_size"],
+                               "n_layer": d["num_hidden_layers"],
                                "n_head": d["num_attention_heads"], "n_embd": d["hidden_size"],
-                               "intermediate_size": d["ffn_dim"], "block_size": d.get("max_position_embeddings", 2048),
+                               "intermediate_size": d["ffn_dim"],
+                               "block_size": d.get("max_position_embeddings", 2048),
                                "post_norm": not pre, "embed_dim": d.get("word_embed_proj_dim") or 0,
                                "final_norm": pre and not d.get("_remove_final_layer_norm", False),
-                               "attn_bias": d.get("enable_bias", True), "mlp_bias": d.get("enable_bias", True),
+                               "attn_bias": d.get("enable_bias", True),
+                               "mlp_bias": d.get("enable_bias", True),
                                "tie_embeddings": d.get("tie_word_embeddings", True)})
     raise ValueError(f"{name}: model_type {t!r} is not supported (llama, gptj, bloom, opt)")
 
 
 class _Filler:
-    """Puts checkpoint tensors into a model built on the meta device, strictly, one tensor at a time."""
+    """Puts checkpoint tensors into a model built on the meta device, strictly, one tensor at a
+    time."""
 
-    def __init__(self, model, device, dtype):
-        self.model, self.device, self.dtype = model, device, dtype
+    def __init__(self, model, device, dtype, quantize=None):
+        self.model, self.device, self.dtype, self.quantize = model, device, dtype, quantize
         self.params = dict(model.named_parameters())  # tied weights appear once
         self.filled = set()
 
     def put(self, name, t, source):
         p = self.params.get(name)
         if p is None or name in self.filled:
-            raise KeyError(f"{source}: {'duplicate' if p is not None else 'unexpected'} tensor for parameter {name}")
+            raise KeyError(f"{source}: {'duplicate' if p is not None else 'unexpected'} tensor "
+                           f"for parameter {name}")
+        check_float(name, t, source)
         if t.shape != p.shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, the config expects {tuple(p.shape)}")
-        t = t.to(device=self.device or "cpu", dtype=self.dtype or t.dtype)
+            raise ValueError(f"{source}: {name} has shape {tuple(t.shape)}, "
+                             f"the config expects {tuple(p.shape)}")
         module, _, leaf = name.rpartition(".")
-        self.model.get_submodule(module)._parameters[leaf] = nn.Parameter(t, requires_grad=p.requires_grad)
+        owner = self.model.get_submodule(module)
+        if self.quantize and leaf == "weight" and is_projection(owner):  # packed as it is read
+            t = t.to(self.device or "cpu")
+            quantize_linear(self.model, module, t, self.quantize, self.dtype)
+        else:
+            t = t.to(device=self.device or "cpu", dtype=self.dtype or t.dtype)
+            owner._parameters[leaf] = nn.Parameter(t, requires_grad=p.requires_grad)
         self.filled.add(name)
 
     def finish(self, source):
         missing = sorted(set(self.params) - self.filled)
         if missing:
-            raise KeyError(f"{source}: {len(missing)} parameters missing from the checkpoint: {missing[:8]}")
+            raise KeyError(f"{source}: {len(missing)} parameters missing from the checkpoint: "
+                           f"{missing[:8]}")
         self.model.tie_weights()
         return self.model
 
 
-def _torch_load(f):
-    """Safe pickle load: weights_only never runs code; mmap where the file format allows it (not the pre-1.6 one)."""
+def unreadable(f, why, kind="PyTorch checkpoint"):
+    """The one error for a weight file that cannot be read."""
+    return ValueError(f"{f}: cannot read it ({why}): truncated or not a {kind}; re-download or "
+                      "re-save it")
+
+
+def torch_load(f, map_location="cpu", mmap=True):
+    """Safe pickle load: weights_only never runs code; mmap where the file format allows it (not the
+    pre-1.6 one). A refused, truncated or foreign file is a ValueError that names it."""
     try:
-        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            return torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # no class was refused: the bytes are not a pickle
+            raise unreadable(f, "not a pickle") from None
+        raise ValueError(f"{f}: refused as unsafe: it pickles objects other than tensors and plain "
+                         "containers, and loading them could run code (weights_only=True); "
+                         "re-save its tensors, e.g. as safetensors") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        raise unreadable(f, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def read_state_dict(f):
+    """{name: tensor} of one .bin/.pth/.pt file, loaded by torch_load, checked to be a dict."""
+    d = torch_load(f)
+    if not isinstance(d, dict):
+        raise ValueError(f"{f}: expected a dict of tensor name -> tensor, got a {type(d).__name__}")
+    return d
+
+
+def check_float(name, t, source):
+    """Weights are floating-point tensors: an int, bool or other object is an error, never cast."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{source}: {name} is {what}, expected a floating-point tensor")
 
 
 def _read_json(f):
@@ -219,6 +332,31 @@ def _read_json(f):
     return d
 
 
+# numeric fields of config.json and params.json: a string or a fraction there is an error naming it
+INT_FIELDS = {"vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "hidden_size", "head_dim", "intermediate_size", "max_position_embeddings", "n_layer",
+              "n_head", "n_embd", "n_embed", "n_inner", "n_positions", "rotary_dim", "ffn_dim",
+              "word_embed_proj_dim", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"}
+FLOAT_FIELDS = {"rms_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta",
+                "ffn_dim_multiplier"}
+
+
+def read_config(f, make):
+    """A config file (config.json, params.json) -> make(its dict), with one clear line for a missing
+    field or a numeric field of the wrong type."""
+    d = _read_json(f)
+    for k, v in d.items():
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        wrong = k in INT_FIELDS and not (number and v == int(v)) or k in FLOAT_FIELDS and not number
+        if v is not None and wrong:
+            expected = "an integer" if k in INT_FIELDS else "a number"
+            raise ValueError(f"{f}: field {k!r} is {v!r}, expected {expected}")
+    try:
+        return make({k: int(v) if k in INT_FIELDS and v is not None else v for k, v in d.items()})
+    except KeyError as e:
+        raise ValueError(f"{f}: missing field {e.args[0]!r}, which this model type needs") from None
+
+
 def _hf_files(path):
     """The weight files of a HF folder, safetensors preferred over .bin, each checked to exist."""
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
@@ -229,31 +367,38 @@ def _hf_files(path):
             weight_map = _read_json(path / index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{path / index}: no 'weight_map' of tensor name -> shard file")
+            for name in set(weight_map.values()):  # no "../x", "/abs/x", "sub/x": this folder
+                if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+                    raise ValueError(f"{path / index}: shard {name!r} is not a file name in {path}")
             files = [path / f for f in sorted(set(weight_map.values()))]
             for f in files:
                 if not f.exists():
                     raise FileNotFoundError(f"{f}: shard listed in {index} is missing")
             return files
-    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
-                            "pytorch_model.bin.index.json")
+    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json, "
+                            "pytorch_model.bin or pytorch_model.bin.index.json")
 
 
 def _iter_tensors(f):
     """(name, tensor) of one checkpoint file, reading lazily (safetensors is memory-mapped)."""
-    if f.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(f, framework="pt") as sf:
-            for k in sf.keys():
-                yield k, sf.get_tensor(k)
-    else:
-        yield from _torch_load(f).items()
+    if f.suffix != ".safetensors":
+        yield from read_state_dict(f).items()
+        return
+    from safetensors import SafetensorError, safe_open
+    try:
+        sf = safe_open(f, framework="pt")
+    except SafetensorError as e:
+        raise unreadable(f, e, "safetensors file") from None
+    with sf:
+        for k in sf.keys():
+            yield k, sf.get_tensor(k)
 
 
-def _load_hf(path, device, dtype):
-    config = config_from_hf(_read_json(path / "config.json"), path.name)
+def _load_hf(path, device, dtype, quantize):
+    config = read_config(path / "config.json", lambda d: config_from_hf(d, path.name))
     with torch.device("meta"):
         model = Transformer(config)
-    filler = _Filler(model, device, dtype)
+    filler = _Filler(model, device, dtype, quantize)
     ours = {hf_name(config, n): n for n in filler.params}
     outer = HF_OUTER.get(config.arch, "")
     for f in _hf_files(path):
@@ -262,61 +407,93 @@ def _load_hf(path, device, dtype):
             name = ours.get(k) or ours.get(outer + k)
             if name is not None:
                 filler.put(name, t, f)
-            elif not HF_SKIP.search(k) and not (config.tie_embeddings and k.endswith("lm_head.weight")):
+            elif (not HF_SKIP.search(k)
+                  and not (config.tie_embeddings and k.endswith("lm_head.weight"))):
                 unused.append(k)
         if unused:
-            raise KeyError(f"{f}: {len(unused)} tensors match no parameter of {config.arch}: {unused[:8]}")
+            raise KeyError(f"{f}: {len(unused)} tensors match no parameter of {config.arch}: "
+                           f"{unused[:8]}")
     return filler.finish(path).eval()
 
 
-# Meta LLaMA: official suffix -> (our suffix, dim along which model-parallel shards are split; None = replicated)
-META_NAMES = {"tok_embeddings.weight": ("embed.weight", 1), "norm.weight": ("norm.weight", None),
+# Meta LLaMA: official suffix -> (our suffix, dim along which model-parallel shards are split;
+# None = replicated)
+META_NAMES = {"tok_embeddings.weight": ("embed.weight", 1),
+              "norm.weight": ("norm.weight", None),
               "output.weight": ("lm_head.weight", 0)}
-META_LAYER = {"attention.wq.weight": ("attn.q_proj.weight", 0), "attention.wk.weight": ("attn.k_proj.weight", 0),
-              "attention.wv.weight": ("attn.v_proj.weight", 0), "attention.wo.weight": ("attn.o_proj.weight", 1),
-              "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0), "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
-              "feed_forward.w3.weight": ("mlp.up_proj.weight", 0), "attention_norm.weight": ("norm_1.weight", None),
+META_LAYER = {"attention.wq.weight": ("attn.q_proj.weight", 0),
+              "attention.wk.weight": ("attn.k_proj.weight", 0),
+              "attention.wv.weight": ("attn.v_proj.weight", 0),
+              "attention.wo.weight": ("attn.o_proj.weight", 1),
+              "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0),
+              "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
+              "feed_forward.w3.weight": ("mlp.up_proj.weight", 0),
+              "attention_norm.weight": ("norm_1.weight", None),
               "ffn_norm.weight": ("norm_2.weight", None)}
+# precomputed rotary tables, not parameters: top-level (Llama-2), per layer (LLaMA-1)
+META_SKIP = re.compile(r"(^|\.)rope\.freqs$")
 
 
 def meta_to_rotate_half(w, n_heads):
-    """Meta's q/k rows pair dims (2j, 2j+1) of each head; ours pair (j, j + D/2) as HF does: reorder the rows."""
+    """Meta's q/k rows pair dims (2j, 2j+1) of each head; ours pair (j, j + D/2) as HF does: reorder
+    the rows."""
     out, d_in = w.shape
     return w.view(n_heads, out // n_heads // 2, 2, d_in).transpose(1, 2).reshape(out, d_in)
 
 
-def _load_meta(path, device, dtype):
-    p = _read_json(path / "params.json")
+def meta_config(p, name, vocab_from_weights):
+    """params.json dict -> Config; vocab_size -1 ("take it from the weights") asks
+    vocab_from_weights().
+    LLaMA's SwiGLU width: 2/3 of 4*dim, times the Llama-2 multiplier, rounded up to multiple_of."""
+    dim, multiple = p["dim"], p["multiple_of"]
+    hidden = int(2 * 4 * dim / 3)
+    if p.get("ffn_dim_multiplier"):
+        hidden = int(p["ffn_dim_multiplier"] * hidden)
+    hidden = multiple * ((hidden + multiple - 1) // multiple)
+    vocab = p.get("vocab_size", -1)
+    return Config(name, arch="llama", vocab_size=vocab_from_weights() if vocab == -1 else vocab,
+                  n_layer=p["n_layers"], n_head=p["n_heads"], n_kv_head=p.get("n_kv_heads") or 0,
+                  n_embd=dim,
+                  intermediate_size=hidden, block_size=4096, norm_eps=p.get("norm_eps", 1e-6),
+                  rope_theta=p.get("rope_theta", 10000.0))
+
+
+def _load_meta(path, device, dtype, quantize):
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{path}: params.json but no consolidated.*.pth shard")
     for i, f in enumerate(files):
         if f.name != f"consolidated.{i:02d}.pth":
-            raise FileNotFoundError(f"{path}: shard consolidated.{i:02d}.pth is missing (found {f.name})")
-    shards = [_torch_load(f) for f in files]  # memory-mapped
-    dim, n_heads = p["dim"], p["n_heads"]
-    hidden = int(2 * 4 * dim / 3)  # LLaMA's SwiGLU width: 2/3 of 4*dim, times the Llama-2 multiplier, rounded up
-    if p.get("ffn_dim_multiplier"):
-        hidden = int(p["ffn_dim_multiplier"] * hidden)
-    hidden = p["multiple_of"] * ((hidden + p["multiple_of"] - 1) // p["multiple_of"])
-    vocab = p.get("vocab_size", -1)
-    if vocab == -1:  # "take it from the weights"
-        vocab = shards[0]["tok_embeddings.weight"].shape[0]
-    config = Config(path.name, arch="llama", vocab_size=vocab, n_layer=p["n_layers"], n_head=n_heads,
-                    n_kv_head=p.get("n_kv_heads") or 0, n_embd=dim, intermediate_size=hidden, block_size=4096, norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0))
+            raise FileNotFoundError(f"{path}: shard consolidated.{i:02d}.pth is missing "
+                                    f"(found {f.name})")
+    shards = [read_state_dict(f) for f in files]  # memory-mapped
+    embed = shards[0].get("tok_embeddings.weight")
+    if embed is None:
+        raise KeyError(f"{files[0]}: tensor tok_embeddings.weight is missing")
+    config = read_config(path / "params.json",
+                         lambda p: meta_config(p, path.name, lambda: embed.shape[0]))
     with torch.device("meta"):
         model = Transformer(config)
-    filler = _Filler(model, device, dtype)
+    filler = _Filler(model, device, dtype, quantize)
     names = dict(META_NAMES)
     for i in range(config.n_layer):
-        names.update({f"layers.{i}.{k}": (f"layers.{i}.{v}", d) for k, (v, d) in META_LAYER.items()})
-    unused = [k for k in shards[0] if k not in names and k != "rope.freqs"]
-    if unused:
-        raise KeyError(f"{files[0]}: {len(unused)} tensors match no LLaMA parameter: {unused[:8]}")
+        names.update({f"layers.{i}.{k}": (f"layers.{i}.{v}", d)
+                      for k, (v, d) in META_LAYER.items()})
+    for f, shard in zip(files, shards):  # every shard, as a later one may differ from the first
+        unused = [k for k in shard if k not in names and not META_SKIP.search(k)]
+        if unused:
+            raise KeyError(f"{f}: {len(unused)} tensors match no LLaMA parameter: {unused[:8]}")
     for k, (name, dim_split) in names.items():
         parts = [s.get(k) for s in shards]
         if any(t is None for t in parts):
-            raise KeyError(f"{files[[t is None for t in parts].index(True)]}: tensor {k} is missing")
+            raise KeyError(f"{files[[t is None for t in parts].index(True)]}: "
+                           f"tensor {k} is missing")
+        if dim_split is None:  # replicated: every shard holds the whole tensor
+            for f, t in zip(files[1:], parts[1:]):
+                if t.shape != parts[0].shape:
+                    raise ValueError(f"{f}: {k} has shape {tuple(t.shape)}, {files[0].name} has "
+                                     f"{tuple(parts[0].shape)} (a replicated tensor is the same in "
+                                     "every shard)")
         t = parts[0] if dim_split is None or len(parts) == 1 else torch.cat(parts, dim=dim_split)
         if k.endswith("wq.weight"):
             t = meta_to_rotate_half(t, config.n_head)

@@ -3,11 +3,12 @@ The one configurator of train.py, eval.py and bench.py (nanoGPT's configurator.p
 
     python train.py [config.py | config.json ...] [--key=value | --key value | --flag] ...
 
-Each script keeps its settings as plain defaults (globals at its top) and calls `configure`. Config files come
-first, in order: Python assignments as in nanoGPT (`learning_rate = 1e-4`) or a JSON object; then the command line.
-A value is converted to its default's type: ints, floats, strings, booleans (true/false, 1/0, yes/no, or a bare
---flag), lists (comma-separated, or JSON). An unknown key, a value of the wrong type or a misspelt boolean is a
-ConfigError whose one line names the key and what was expected; the scripts print it and exit.
+Each script keeps its settings as plain defaults (globals at its top) and calls `configure`. Config
+files come first, in order: Python assignments as in nanoGPT (`learning_rate = 1e-4`) or a JSON
+object; then the command line. A value is converted to its default's type: ints, floats, strings,
+booleans (true/false, 1/0, yes/no, or a bare --flag), lists (comma-separated, or JSON). An unknown
+key, a value of the wrong type or a misspelt boolean is a ConfigError whose one line names the key
+and what was expected; the scripts print it and exit.
 
 `device_and_dtype` is the one choice of device and dtype for every script.
 """
@@ -18,7 +19,8 @@ from types import SimpleNamespace
 import torch
 
 BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-DEMO_DIR = "out/demo"  # the embedded demo's folder: base/, data/, one folder per adapter (train.py, eval.py)
+# the embedded demo's folder: base/, data/, one folder per adapter (train.py, eval.py)
+DEMO_DIR = "out/demo"
 DTYPES = ("", "bfloat16", "float16", "float32")
 
 
@@ -27,7 +29,8 @@ class ConfigError(ValueError):
 
 
 def configure(argv, defaults, doc="", options=None, explain=None):
-    """argv -> (settings namespace, options dict); see settle. `--help` prints doc and the settings, then exits."""
+    """argv -> (settings namespace, options dict); see settle. `--help` prints doc and the settings,
+    then exits."""
     if "--help" in argv or "-h" in argv:
         print(doc + "\nsettings: " + " ".join(f"--{k}={v}" for k, v in defaults.items()))
         raise SystemExit(0)
@@ -35,9 +38,10 @@ def configure(argv, defaults, doc="", options=None, explain=None):
 
 
 def settle(given, defaults, options=None, explain=None):
-    """{key: raw value} -> (settings namespace, options dict), each value typed like its default. `options(given)`
-    -> {key: default} of the extra keys allowed for these settings (train.py: the chosen adapter's options),
-    returned apart. `explain(key, given)` -> a sentence for an unknown key, or None."""
+    """{key: raw value} -> (settings namespace, options dict), each value typed like its default.
+    `options(given)` -> {key: default} of the extra keys allowed for these settings (train.py: the
+    chosen adapter's options), returned apart. `explain(key, given)` -> a sentence for an unknown
+    key, or None."""
     allowed = options(given) if options else {}
     cfg, opts = dict(defaults), {}
     for key, value in given.items():
@@ -46,13 +50,15 @@ def settle(given, defaults, options=None, explain=None):
         elif key in allowed:
             opts[key] = coerce(key, value, allowed[key], word_ok=True)
         else:
-            raise ConfigError((explain and explain(key, given)) or f"unknown setting --{key}; settings: "
-                              + ", ".join(defaults) + (f"; options: {', '.join(allowed)}" if allowed else ""))
+            raise ConfigError((explain and explain(key, given))
+                              or f"unknown setting --{key}; settings: " + ", ".join(defaults)
+                              + (f"; options: {', '.join(allowed)}" if allowed else ""))
     return SimpleNamespace(**cfg), opts
 
 
 def read_args(argv, defaults):
-    """Config files, then --key=value / --key value / --flag -> {key: value} (strings from the command line)."""
+    """Config files, then --key=value / --key value / --flag -> {key: value} (strings from the
+    command line)."""
     given, argv = {}, list(argv)
     while argv:
         arg = argv.pop(0)
@@ -83,7 +89,8 @@ def read_file(path):
             values = json.loads(text)
         else:
             exec(text, values := {})
-            values = {k: v for k, v in values.items() if not k.startswith("_") and type(v).__name__ != "module"}
+            values = {k: v for k, v in values.items()
+                      if not k.startswith("_") and type(v).__name__ != "module"}
     except (ValueError, SyntaxError) as e:
         raise ConfigError(f"{path}: cannot read the config file ({e})") from None
     if not isinstance(values, dict):
@@ -92,37 +99,41 @@ def read_file(path):
 
 
 def coerce(key, value, default, word_ok=False):
-    """A value (a string from the command line, or typed from a config file) -> its default's type. A default of
-    None takes JSON or a comma-separated list; word_ok lets a float option take a word (--scaling=learned), which
-    the option's own check then judges."""
+    """A value (a string from the command line, or typed from a config file) -> its default's type.
+    A default of None takes JSON or a comma-separated list; word_ok lets a float option take a word
+    (--scaling=learned), which the option's own check then judges."""
     want = type(default)
     if isinstance(value, str) and want is not str:
         try:
             if default is None:
-                return json.loads(value) if value[:1] in "[{0123456789-" else [v for v in value.split(",") if v]
+                return (json.loads(value) if value[:1] in "[{0123456789-"
+                        else [v for v in value.split(",") if v])
             if want is bool:
                 return BOOLS[value.lower()]
             return [v for v in value.split(",") if v] if want is list else want(value)
         except (KeyError, ValueError):
             if word_ok and want is float and value.isalpha():
                 return value
-            raise ConfigError(f"--{key}={value}: expected {'true or false' if want is bool else want.__name__}, "
+            raise ConfigError(f"--{key}={value}: expected "
+                              f"{'true or false' if want is bool else want.__name__}, "
                               f"like the default {default!r}") from None
     if want is float and type(value) is int or want is list and type(value) is tuple:
         value = want(value)
     if default is not None and type(value) is not want:
-        raise ConfigError(f"{key}={value!r}: expected {want.__name__}, like the default {default!r}")
+        raise ConfigError(f"{key}={value!r}: expected {want.__name__}, "
+                          f"like the default {default!r}")
     return value
 
 
 def check_choice(cfg, key, choices):
     if getattr(cfg, key) not in choices:
-        raise ConfigError(f"--{key}={getattr(cfg, key)}: expected one of {', '.join(c or repr(c) for c in choices)}")
+        raise ConfigError(f"--{key}={getattr(cfg, key)}: expected one of "
+                          f"{', '.join(c or repr(c) for c in choices)}")
 
 
 def device_and_dtype(device="", dtype=""):
-    """--device and --dtype -> (torch.device, torch.dtype): cuda if available, else cpu; bfloat16 on cuda (float16
-    where the GPU lacks bf16), float32 elsewhere."""
+    """--device and --dtype -> (torch.device, torch.dtype): cuda if available, else cpu; bfloat16 on
+    cuda (float16 where the GPU lacks bf16), float32 elsewhere."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.split(":")[0] not in ("cuda", "cpu", "mps"):
         raise ConfigError(f"--device={device}: expected cuda, cpu or mps")
@@ -132,5 +143,6 @@ def device_and_dtype(device="", dtype=""):
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype={dtype}: expected one of bfloat16, float16, float32")
     if not dtype:
-        dtype = "float32" if not cuda else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        dtype = ("float32" if not cuda
+                 else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
     return torch.device(device), getattr(torch, dtype)

@@ -27,14 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from adapters import KINDS, fast_fp32_matmuls, load_adapter, read_adapter_config
-from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, leakage, load_rows
-from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, extract_answer, get_kind, is_correct
-from data.template import format_prompt
-from checkpoints import load_model, write_atomic
+from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, describe_duplicates, leakage, load_rows
+from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, get_kind, score
+from data.template import format_prompt, response_of
+from checkpoints import check_writable, load_model, write_atomic
 import fast
 from fast import DecodeStep, compile_blocks, compile_setting, prefill
 from configurator import DEMO_DIR, DTYPES, ConfigError, configure, device_and_dtype
-from tokenizer import Tokenizer
+from quantize import MODES as QUANT_MODES
+from tokenizer import Tokenizer, check_vocab
 
 # ----------------------------------------------------------------------------------------------------------------
 # defaults; override any with --key=value or --key value (booleans: --strict or --strict=false), as in train.py
@@ -51,6 +52,7 @@ DEFAULTS = dict(
     max_new_tokens=0,     # 0 = 256 for math (number/option answers), 32 for commonsense; at most block_size/2
     strict=False,         # strict answer reading (data/scoring.py) instead of the paper's
     dtype="",             # bfloat16 | float16 | float32; "" = bfloat16 on cuda, float32 on cpu
+    quantize="",          # frozen base in int8 | nf4 | nf4-dq (quantize.py); "" = in dtype
     device="",            # "" = cuda if available, else cpu
     compile="",           # compile each block: "" = on for CUDA, off elsewhere; true | false
     out="",               # "" = out/eval/<adapter name, or base model name>
@@ -78,6 +80,8 @@ def parse_config(argv):
             raise ConfigError(f"--{key}={cfg[key]}: must be 0 or more")
     if cfg["dtype"] not in DTYPES:
         raise ConfigError(f"--dtype={cfg['dtype']}: expected bfloat16, float16 or float32")
+    if cfg["quantize"] not in ("", *QUANT_MODES):
+        raise ConfigError(f"--quantize={cfg['quantize']}: expected one of {', '.join(QUANT_MODES)}")
     compile_setting(cfg["compile"], "cpu")  # a word it does not know is a ConfigError here
     return cfg
 
@@ -267,10 +271,9 @@ def evaluate(model, tok, rows, dataset, kind=None, strict=False, template="alpac
                                progress_printer(dataset) if progress else None)
     records = []
     for i, (row, prompt, response) in enumerate(zip(rows, prompts, responses)):
-        # LLM-Adapters scores output.split("### Response:")[1]: the text up to any further "### Response:"
-        pred = extract_answer(dataset, response.split("### Response:")[0].strip(), kind, strict)
+        pred, correct = score(dataset, response_of(response), row["answer"], kind, strict)
         records.append(dict(id=i, prompt=prompt, response=response.strip(), extracted=pred, label=row["answer"],
-                            correct=is_correct(dataset, pred, row["answer"], kind)))
+                            correct=correct))
     return records, sum(r["correct"] for r in records) / len(records)
 
 
@@ -288,10 +291,11 @@ def markdown_table(table):
     return "\n".join(lines)
 
 
-def load(model_dir, adapter_dir, device, dtype):
+def load(model_dir, adapter_dir, device, dtype, quantize=""):
     """(model in eval mode, tokenizer, the adapter config's "extra" dict) for a base folder and optional adapter."""
-    model = load_model(model_dir, device=device, dtype=dtype)
+    model = load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
     tok = Tokenizer.from_pretrained(model_dir)
+    check_vocab(tok, model.config.vocab_size, model_dir)
     extra = {}
     if adapter_dir:  # the adapter keeps its own dtype (adapters.py runs adapter maths in fp32)
         model = load_adapter(model, adapter_dir)  # raises for an adapter of another base model
@@ -302,7 +306,7 @@ def load(model_dir, adapter_dir, device, dtype):
 def run(cfg, adapter_dir, rows, kind, device, dtype, out):
     """Evaluate the base model + adapter_dir ("" = none) on every set of rows; write <out>/<set>.jsonl and
     <out>/summary.json. Returns ({set: accuracy}, the summary)."""
-    model, tok, extra = load(cfg["model"], adapter_dir, device, dtype)
+    model, tok, extra = load(cfg["model"], adapter_dir, device, dtype, cfg["quantize"])
     if compile_setting(cfg["compile"], device):
         compile_blocks(model)  # decoding: a CUDA graph of compiled blocks (fast.DecodeStep)
     template = extra.get("template", "alpaca")
@@ -364,17 +368,24 @@ def main(argv=None):
         datasets = find_datasets(cfg["dataset"], cfg["data_dir"])
     kind = parse_kind(cfg["kind"])
     rows = {name: load_rows(path, TEST_REQUIRE)[:cfg["limit"] or None] for name, path in datasets}
+    for (name, path), data in zip(datasets, rows.values()):
+        dup = describe_duplicates(path, data)
+        if dup:  # kept, so that scores stay comparable with the paper's
+            warn(f"{dup}; all are scored, as in the paper")
 
     device, dtype = device_and_dtype(cfg["device"], cfg["dtype"])
     fast_fp32_matmuls(device, dtype)
-    table, summaries = {}, {}
+    table, summaries, outs = {}, {}, {}
     for adapter_dir in adapter_dirs:
         names = [os.path.basename(os.path.normpath(p)) for p in (cfg["model"], adapter_dir) if p]
-        if cfg["out"] and len(adapter_dirs) == 1:
-            out = cfg["out"]
-        else:  # out/eval/<adapter or model name>; several rows get one such folder each inside --out
-            out = os.path.join(cfg["out"] or os.path.join("out", "eval"), names[-1])
         row = " + ".join(names)
+        if cfg["out"] and len(adapter_dirs) == 1:
+            outs[row] = cfg["out"]
+        else:  # out/eval/<adapter or model name>; several rows get one such folder each inside --out
+            outs[row] = os.path.join(cfg["out"] or os.path.join("out", "eval"), names[-1])
+    for out in outs.values():  # before the evaluation, not after it
+        check_writable(out, "--out")
+    for (row, out), adapter_dir in zip(outs.items(), adapter_dirs):
         table[row], summaries[row] = run(cfg, adapter_dir, rows, kind, device, dtype, out)
     print(markdown_table(table))
     if cfg["model"] == os.path.join(cfg["demo_dir"], "base"):  # the demo: where its pictures are (plot.py)

@@ -13,6 +13,7 @@ cached in <demo_dir>/base/ like any checkpoint, is fine-tuned on a related task 
 with the exact-match accuracy of the frozen base vs base + adapter on the held-out test split.
 --out gets the adapter with the best validation loss (adapter_model.safetensors + adapter_config.json), resume.pt
 (for --resume=true) and log.jsonl, each written to a temporary name and renamed, so never left half-written.
+A --out that holds a run is refused unless --resume=true (continue it) or --overwrite=true (replace it).
 """
 import json
 import math
@@ -30,15 +31,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adapters
 from data import synthetic
-from data.prepare import TRAIN_REQUIRE, DataError, load_rows, write_json
+from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows, write_json
 from data.template import TEMPLATE_NAME, format_example
 from eval import evaluate
 from fast import compile_blocks, compile_setting
-from checkpoints import load_model, save_model, write_atomic
+from checkpoints import check_writable, load_model, save_model, torch_load, write_atomic
 from configurator import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, read_args,
                           settle)
 from model import Config, Transformer
-from tokenizer import Tokenizer
+from quantize import MODES as QUANT_MODES
+from tokenizer import Tokenizer, check_vocab
 
 TORCH_THREADS = torch.get_num_threads()  # torch's default, before setup() applies --threads
 
@@ -49,6 +51,7 @@ data = ""                 # LLM-Adapters JSON rows: instruction, input (optional
 out = ""                  # "" = <demo_dir>/<adapter> for the demo, out/<model folder name>-<adapter> otherwise
 adapter = "lora"          # lora | series | parallel | prefix | prompt
 resume = False            # continue from <out>/resume.pt, to the same losses as an uninterrupted run
+overwrite = False         # replace the run already in --out (else a used --out is refused)
 # LLM-Adapters' recipe
 cutoff_len = 256          # examples are cut to this many tokens (then without EOS), as LLM-Adapters does
 train_on_inputs = True    # false: no loss on the prompt (targets -100)
@@ -69,6 +72,7 @@ seed = 42
 device = ""               # cuda | cpu | mps; "" = cuda if available, else cpu
 dtype = ""                # of the frozen base and autocast: bfloat16 | float16 (+ GradScaler) | float32;
                           # "" = bfloat16 on cuda (float16 where bf16 is unsupported), float32 elsewhere
+quantize = ""             # frozen base in int8 | nf4 | nf4-dq (QLoRA 4-bit, + double quant.)
 grad_ckpt = False         # recompute activations in backward: less memory, ~30% slower
 compile = ""              # compile each block: "" = on for CUDA, off elsewhere; true | false
 threads = 0               # CPU threads for torch; 0 = torch's default
@@ -84,11 +88,19 @@ demo_base_docs = 30000    # documents in its pretraining corpus
 # -----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()  # the settings above (lower-case, unlike imported names)
             if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# The smallest allowed value of every numeric setting, checked in one place (check_ranges);
+# learning_rate must exceed its 0. The demo base holds out 200 of its documents for validation.
+MINIMUM = dict(cutoff_len=2, batch_size=1, micro_batch_size=1, learning_rate=0.0, weight_decay=0.0,
+               warmup_steps=0, num_epochs=1, max_steps=0, val_set_size=0, eval_interval=1,
+               grad_clip=0.0, seed=0, threads=0, log_interval=1, demo_n_train=1, demo_n_test=1,
+               demo_base_steps=1, demo_base_threads=0, demo_base_docs=201)
 # The demo fine-tunes a tiny model in ~2 minutes; these replace the recipe's values unless set explicitly. One CPU
 # thread: a second one is faster on an idle machine (--threads=2), but several times slower when the other core is
 # busy, as every small matrix product then waits for both. The base's pretraining (micro-batches
 # of 32, not 4) gains more from a second core, so it measures which is faster (ThreadPicker).
-DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100, threads=1)
+# A demo run is remade in a minute, so rerunning it replaces the previous one (overwrite).
+DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100,
+            threads=1, overwrite=True)
 DEMO_LR = {"prefix": 2e-1, "prompt": 1e-1}  # a few thousand parameters, far from the base's weights
 # Pretraining the demo base, by the same train(): whole documents, mixed lengths in every batch.
 DEMO_BASE = dict(learning_rate=1.5e-3, warmup_steps=50, decay="cosine", batch_size=32, micro_batch_size=32,
@@ -116,10 +128,20 @@ def get_config(argv):
         cfg, options = settle(given, defaults, lambda _: adapters.KINDS[kind].defaults, explain_option)
         check_choice(cfg, "decay", ("linear", "cosine"))
         check_choice(cfg, "dtype", DTYPES)
+        check_choice(cfg, "quantize", ("", *QUANT_MODES))
         compile_setting(cfg.compile, "cpu")  # a word it does not know is a ConfigError here
+        check_ranges(cfg)
     except ConfigError as e:
         fail(e)
     return cfg, options
+
+
+def check_ranges(cfg):
+    for key, low in MINIMUM.items():
+        value = getattr(cfg, key)
+        if value < low or key == "learning_rate" and value == low:
+            bound = "more than" if key == "learning_rate" else "at least"
+            raise ConfigError(f"--{key}={value}: expected {bound} {low}")
 
 
 def explain_option(key, given):
@@ -253,31 +275,16 @@ def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=Non
     compiled = compile_setting(cfg.compile, rt.device)
     fwd = compile_blocks(model) if compiled else model
     if rt.world > 1:  # sparse adapters (before_step) leave the parts not picked at a step unused
+        # buffers never change in training (a quantized base lives in them): no broadcast per step
         fwd = DDP(fwd, device_ids=[rt.device] if rt.device.type == "cuda" else None,
-                  find_unused_parameters=before_step is not None)
+                  find_unused_parameters=before_step is not None, broadcast_buffers=False)
     steps_per_epoch = len(epoch_plan(train_ex, cfg, 0, rt))
     total = cfg.max_steps or cfg.num_epochs * steps_per_epoch
-    step, best, saved_at, loss, path = 0, math.inf, None, None, out and os.path.join(out, "resume.pt")
+    path = out and os.path.join(out, "resume.pt")
+    step, best, saved_at, loss = 0, math.inf, None, None
     if cfg.resume:
-        if not os.path.exists(path):
-            fail(f"--resume: no checkpoint {path}")
-        state = torch.load(path, map_location=rt.device, weights_only=True)
-        for key, was in state["config"].items():
-            if getattr(cfg, key) != was:
-                fail(f"--resume: --{key}={getattr(cfg, key)!r} differs from the checkpoint's {was!r}")
-        if sorted(state["trainable"]) != sorted(n for n, _ in named):
-            fail(f"--resume: {path} holds other trainable parameters than this adapter's")
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(state["trainable"][n])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, best, saved_at = state["step"], state["best_val"], state["step"]
-        rng = state["rng"][rt.rank if len(state["rng"]) == rt.world else 0]
-        torch.set_rng_state(rng["cpu"].cpu())
-        if rng["cuda"] is not None and rt.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu())
-        log(rt, None, None, f"resumed from {path} at step {step}")
+        step, best = load_state(path, model, named, opt, scaler, cfg, rt)
+        saved_at = step
     elif out and rt.master:
         open(os.path.join(out, "log.jsonl"), "w").close()
     model.train()
@@ -286,61 +293,82 @@ def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=Non
         epoch, i = divmod(step, steps_per_epoch)
         if plan[0] != epoch:
             plan = (epoch, epoch_plan(train_ex, cfg, epoch, rt))
-        micro = plan[1][i]
         if before_step is not None:
             before_step(step)
         lr = get_lr(step, total, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        stats = torch.zeros(2, device=rt.device)  # this step's loss, tokens
-        for k, idx in enumerate(micro):
-            x, y = collate(train_ex, idx, rt.device)
-            if rt.world > 1:  # all-reduce the gradients once, after the last micro-batch
-                fwd.require_backward_grad_sync = k == len(micro) - 1
-            with rt.ctx:
-                loss = fwd(x, y)[1] / len(micro)
-            scaler.scale(loss).backward()
-            n = sum(len(train_ex[j][0]) for j in idx)
-            stats += torch.stack([loss.detach().float(), torch.tensor(float(n), device=rt.device)])
-        if rt.world > 1:
-            dist.all_reduce(stats)
-            stats[0] /= rt.world
-        loss, tokens = stats[0].item(), tokens + int(stats[1].item())
+        loss, n = forward_backward(fwd, scaler, train_ex, plan[1][i], rt)
+        tokens += n
         if not math.isfinite(loss):
             stop(f"loss is {loss} at step {step + 1} (lr {lr:.2e})", out, saved_at)
-        if cfg.grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, scaler, params, cfg)
         step += 1
         if compiled and step == start + 1:
             log(rt, None, None, f"first step {time.time() - t0:.1f}s (compiling included)")
         if step % cfg.log_interval == 0 or step in (start + 1, total):
-            dt = time.time() - t0
-            eta, mem = round(dt / (step - start) * (total - step)), 0
-            if rt.device.type == "cuda":
-                mem = torch.cuda.max_memory_allocated(rt.device) / 2**20
-            log(rt, out, dict(step=step, loss=loss, lr=lr, tok_s=round(tokens / dt), eta_s=eta, mem_mb=round(mem),
-                              time_s=round(dt, 1)),
-                f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tokens / dt:.0f} tok/s | eta "
-                f"{eta // 60}m{eta % 60:02d}s" + (f" | peak mem {mem:.0f} MiB" if mem else ""))
+            log_progress(rt, out, step, start, total, loss, lr, tokens, time.time() - t0)
         if step % cfg.eval_interval == 0 or step == total:
-            val = val_loss(fwd, val_ex, cfg, rt) if val_ex else None
-            if val is not None and not math.isfinite(val):
-                stop(f"validation loss is {val} at step {step}", out, saved_at)
-            improved = val is None or val < best
-            best = val if improved and val is not None else best
-            if improved and save is not None and rt.master:
-                save()
-            if val is not None:
-                log(rt, out, dict(step=step, val_loss=val), f"step {step}: val loss {val:.4f} " +
-                    ("(best" + (", saved)" if save else ")") if improved else f"(best {best:.4f})"))
+            best = validate(fwd, val_ex, cfg, rt, out, step, best, saved_at, save)
             if path:
-                save_state(path, named, opt, scaler, step, best, cfg, rt)
+                save_state(path, model, named, opt, scaler, step, best, cfg, rt)
                 saved_at = step
     return dict(steps=step, loss=loss, best_val=best if val_ex else None, time_s=time.time() - t0)
+
+
+def forward_backward(fwd, scaler, examples, micro, rt):
+    """One optimizer step's micro-batches, forward and backward; DDP all-reduces the gradients
+    once, after the last one. Returns (the step's loss averaged over the processes, tokens seen
+    by all of them)."""
+    stats = torch.zeros(2, device=rt.device)  # this step's loss, tokens
+    for k, idx in enumerate(micro):
+        x, y = collate(examples, idx, rt.device)
+        if rt.world > 1:
+            fwd.require_backward_grad_sync = k == len(micro) - 1
+        with rt.ctx:
+            loss = fwd(x, y)[1] / len(micro)
+        scaler.scale(loss).backward()
+        n = sum(len(examples[j][0]) for j in idx)
+        stats += torch.stack([loss.detach().float(), torch.tensor(float(n), device=rt.device)])
+    if rt.world > 1:
+        dist.all_reduce(stats)
+        stats[0] /= rt.world
+    return stats[0].item(), int(stats[1].item())
+
+
+def optimizer_step(opt, scaler, params, cfg):
+    if cfg.grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def log_progress(rt, out, step, start, total, loss, lr, tokens, dt):
+    eta, mem = round(dt / (step - start) * (total - step)), 0
+    if rt.device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated(rt.device) / 2**20
+    log(rt, out, dict(step=step, loss=loss, lr=lr, tok_s=round(tokens / dt), eta_s=eta,
+                      mem_mb=round(mem), time_s=round(dt, 1)),
+        f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tokens / dt:.0f} tok/s | eta "
+        f"{eta // 60}m{eta % 60:02d}s" + (f" | peak mem {mem:.0f} MiB" if mem else ""))
+
+
+def validate(fwd, val_ex, cfg, rt, out, step, best, saved_at, save):
+    """Validation loss; save() on rank 0 when it improved (always, without validation rows).
+    Returns the best loss so far."""
+    val = val_loss(fwd, val_ex, cfg, rt) if val_ex else None
+    if val is not None and not math.isfinite(val):
+        stop(f"validation loss is {val} at step {step}", out, saved_at)
+    improved = val is None or val < best
+    best = val if improved and val is not None else best
+    if improved and save is not None and rt.master:
+        save()
+    if val is not None:
+        log(rt, out, dict(step=step, val_loss=val), f"step {step}: val loss {val:.4f} " +
+            ("(best" + (", saved)" if save else ")") if improved else f"(best {best:.4f})"))
+    return best
 
 
 def stop(what, out, saved_at):
@@ -348,7 +376,13 @@ def stop(what, out, saved_at):
          + (f"{out} (step {saved_at})" if saved_at is not None else "none written yet"))
 
 
-def save_state(path, named, opt, scaler, step, best, cfg, rt):
+# what a resumed run must share with the one it continues (the adapter's options are compared too)
+RESUME_KEYS = ("model", "data", "adapter", "batch_size", "micro_batch_size", "learning_rate",
+               "warmup_steps", "decay", "num_epochs", "max_steps", "seed", "cutoff_len",
+               "train_on_inputs", "val_set_size")
+
+
+def save_state(path, model, named, opt, scaler, step, best, cfg, rt):
     """resume.pt: trainable weights, optimizer, GradScaler, step (the schedule is a function of it) and every
     process's RNG state, with the settings a resumed run must share. Temporary file, then renamed."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None}
@@ -356,11 +390,50 @@ def save_state(path, named, opt, scaler, step, best, cfg, rt):
     if rt.world > 1:
         dist.all_gather_object(rngs, rng)
     if rt.master:
-        keys = ("model", "data", "adapter", "batch_size", "micro_batch_size", "learning_rate", "warmup_steps",
-                "decay", "num_epochs", "max_steps", "seed", "cutoff_len", "train_on_inputs", "val_set_size")
+        config = {k: getattr(cfg, k) for k in RESUME_KEYS}
         state = dict(step=step, best_val=best, trainable={n: p.detach().cpu() for n, p in named}, rng=rngs,
-                     optimizer=opt.state_dict(), scaler=scaler.state_dict(), config={k: getattr(cfg, k) for k in keys})
+                     optimizer=opt.state_dict(), scaler=scaler.state_dict(), config=config,
+                     options=adapter_options(model))
         write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load_state(path, model, named, opt, scaler, cfg, rt):
+    """save_state's mirror: restore everything it wrote, after checking that this run continues
+    that one. Returns (step, best validation loss)."""
+    if not os.path.exists(path):
+        fail(f"--resume: no checkpoint {path}")
+    try:
+        state = torch_load(path, map_location=rt.device, mmap=False)
+    except ValueError as e:
+        fail(f"--resume: {e}")
+    keys = {"step", "trainable", "config", "rng", "optimizer"}
+    if not isinstance(state, dict) or not keys <= state.keys():
+        fail(f"--resume: {path} is not a resume checkpoint written by train.py")
+    now = {**{k: getattr(cfg, k) for k in state["config"]}, **(adapter_options(model) or {})}
+    for key, was in {**state["config"], **(state.get("options") or {})}.items():
+        if now.get(key) != was:
+            fail(f"--resume: --{key}={now.get(key)!r} differs from the checkpoint's {was!r}")
+    if sorted(state["trainable"]) != sorted(n for n, _ in named):
+        fail(f"--resume: {path} holds other trainable parameters than this adapter's")
+    with torch.no_grad():
+        for n, p in named:
+            if state["trainable"][n].shape != p.shape:
+                fail(f"--resume: {path} holds {n} of shape {tuple(state['trainable'][n].shape)}, "
+                     f"this adapter's is {tuple(p.shape)}: its options differ from that run's")
+            p.copy_(state["trainable"][n])
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"][rt.rank if len(state["rng"]) == rt.world else 0]
+    torch.set_rng_state(rng["cpu"].cpu())
+    if rng["cuda"] is not None and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
+    log(rt, None, None, f"resumed from {path} at step {state['step']}")
+    return state["step"], state["best_val"]
+
+
+def adapter_options(model):
+    """The options of the adapter being trained (None while pretraining the demo base)."""
+    return model.adapter_configs.get("default", {}).get("options")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -463,12 +536,12 @@ def on_llama_7b(kind, options):
 
 def explain_trainable(kind, options, trainable, total):
     """Why "% trainable" looks large here: an adapter grows with n_embd, the base with n_embd^2."""
+    here = f"  % trainable = adapter parameters / all parameters: {100 * trainable / total:.2f}%"
     try:
         big, big_total = on_llama_7b(kind, options)
     except (RuntimeError, NotImplementedError, ValueError):  # a kind that must see real weights
-        return f"  % trainable = adapter parameters / all parameters: {100 * trainable / total:.2f}%"
-    return (f"  % trainable = adapter parameters / all parameters: {100 * trainable / total:.2f}%"
-            f" of this {total / 1e6:.1f}M toy, but the same {kind} on LLaMA-7B trains {big:,} of "
+        return here
+    return (f"{here} of this {total / 1e6:.1f}M toy, but the same {kind} on LLaMA-7B trains {big:,} of "
             f"{big_total:,} ({100 * big / big_total:.2f}%): the base grows faster than the adapter")
 
 
@@ -485,52 +558,129 @@ def accuracy(model, tok, rows, rt):
 def main(argv=None):
     cfg, options = get_config(sys.argv[1:] if argv is None else argv)
     rt = setup(cfg)
-    demo = not cfg.model
-    if demo:
-        if cfg.data:
-            fail("--data needs --model (the demo writes its own data)")
-        cfg.model, cfg.data = os.path.join(cfg.demo_dir, "base"), os.path.join(cfg.demo_dir, "data", "train.json")
-        cached = os.path.exists(os.path.join(cfg.model, "config.json"))
-        log(rt, None, None, demo_plan(cfg, cached))
-        if not cached:
-            build_demo_base(cfg.model, cfg, rt)
-        train_rows, test_rows = synthetic.finetune_split(cfg.demo_n_train, cfg.demo_n_test, seed=cfg.seed)
-        if rt.master:
-            write_json(os.path.join(cfg.demo_dir, "data", "train.json"), train_rows)
-            write_json(os.path.join(cfg.demo_dir, "data", "test.json"), test_rows)
-        if rt.world > 1:
-            dist.barrier()
-    cfg.out = cfg.out or (os.path.join(cfg.demo_dir, cfg.adapter) if demo else
-                          os.path.join("out", f"{os.path.basename(os.path.normpath(cfg.model))}-{cfg.adapter}"))
+    try:
+        demo = not cfg.model
+        test_rows = prepare_demo(cfg, rt) if demo else None
+        check_paths(cfg)
+        check_out(cfg, demo, rt)
+        base, tok = load_base(cfg, rt)
+        train_ex, val_ex = prepare_data(cfg, tok, rt)
+        model, save = attach_adapter(base, cfg, options, demo, rt, len(train_ex), len(val_ex))
+        summary = run_training(model, train_ex, val_ex, cfg, rt, save)
+        finish_run(model, summary, cfg, rt, save)
+        if demo and rt.master:
+            compare_on_demo(tok, test_rows, cfg, rt)
+    except BaseException:
+        teardown(rt, finished=False)
+        raise
+    teardown(rt, finished=True)
+    return model, summary
+
+
+def prepare_demo(cfg, rt):
+    """The demo's base (built once) and data; points --model and --data at them. Returns the test
+    rows."""
+    if cfg.data:
+        fail("--data needs --model (the demo writes its own data)")
+    data = os.path.join(cfg.demo_dir, "data")
+    cfg.model, cfg.data = os.path.join(cfg.demo_dir, "base"), os.path.join(data, "train.json")
+    cached = os.path.exists(os.path.join(cfg.model, "config.json"))
+    log(rt, None, None, demo_plan(cfg, cached))
+    if not cached:
+        build_demo_base(cfg.model, cfg, rt)
+    train_rows, test_rows = synthetic.finetune_split(cfg.demo_n_train, cfg.demo_n_test,
+                                                     seed=cfg.seed)
+    if rt.master:
+        write_json(os.path.join(data, "train.json"), train_rows)
+        write_json(os.path.join(data, "test.json"), test_rows)
+    if rt.world > 1:
+        dist.barrier()
+    return test_rows
+
+
+def check_paths(cfg):
     if not os.path.isdir(cfg.model):
         fail(f"--model={cfg.model}: no such folder")
     if not cfg.data:
         fail("--data is required with --model (a JSON file of instruction/input/output rows)")
-    try:
-        base, tok = load_model(cfg.model, rt.device, rt.dtype), Tokenizer.from_pretrained(cfg.model)
-    except (OSError, ValueError, KeyError) as e:
-        fail(f"--model={cfg.model}: cannot load the checkpoint: {e}")
-    if cfg.cutoff_len > base.config.block_size:
-        fail(f"--cutoff_len={cfg.cutoff_len} exceeds the model's context of {base.config.block_size} tokens")
-    if cfg.batch_size % (cfg.micro_batch_size * rt.world):
-        fail(f"--batch_size={cfg.batch_size} is not a multiple of --micro_batch_size={cfg.micro_batch_size} x "
-             f"{rt.world} processes")
     if not os.path.isfile(cfg.data):
         fail(f"--data={cfg.data}: no such file")
+
+
+# what a run leaves in --out
+RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "resume.pt", "log.jsonl")
+
+
+def check_out(cfg, demo, rt):
+    """--out (default: <demo_dir>/<adapter>, or out/<model>-<adapter>) must take files, and a folder
+    holding an earlier run is only continued (--resume) or replaced when asked to (--overwrite):
+    no run is lost by mistake."""
+    name = os.path.basename(os.path.normpath(cfg.model))
+    cfg.out = cfg.out or (os.path.join(cfg.demo_dir, cfg.adapter) if demo else
+                          os.path.join("out", f"{name}-{cfg.adapter}"))
+    try:
+        check_writable(cfg.out, "--out")
+    except ValueError as e:
+        fail(e)
+    if cfg.resume and cfg.overwrite and not demo:  # the demo's default is overwrite=True
+        fail("--resume=true continues the run in --out, --overwrite=true replaces it: give one")
+    earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
+    if earlier and not cfg.resume and not cfg.overwrite:
+        fail(f"--out={cfg.out} holds an earlier run ({', '.join(earlier)}): continue it with "
+             "--resume=true, replace it with --overwrite=true, or give another --out")
+    if rt.world > 1:  # every process has looked before rank 0 clears the folder
+        dist.barrier()
+    if earlier and not cfg.resume and rt.master:  # replaced: none of the earlier run is kept
+        for f in earlier:
+            os.remove(os.path.join(cfg.out, f))
+
+
+def load_base(cfg, rt):
+    try:
+        base = load_model(cfg.model, rt.device, rt.dtype, cfg.quantize)
+        tok = Tokenizer.from_pretrained(cfg.model)
+        check_vocab(tok, base.config.vocab_size, cfg.model)
+    except (OSError, ValueError, KeyError) as e:
+        why = e.args[0] if isinstance(e, KeyError) else e
+        fail(f"--model={cfg.model}: cannot load the checkpoint: {why}")
+    if cfg.cutoff_len > base.config.block_size:
+        fail(f"--cutoff_len={cfg.cutoff_len} exceeds the model's context of "
+             f"{base.config.block_size} tokens")
+    if cfg.batch_size % (cfg.micro_batch_size * rt.world):
+        fail(f"--batch_size={cfg.batch_size} is not a multiple of --micro_batch_size="
+             f"{cfg.micro_batch_size} x {rt.world} processes")
+    return base, tok
+
+
+def prepare_data(cfg, tok, rt):
+    """--data -> (training, validation) examples: rows validated, exact duplicates dropped (so that
+    no validation row is also trained on), a seeded split, tokenized."""
     try:
         rows = load_rows(cfg.data, TRAIN_REQUIRE)
     except (DataError, OSError) as e:
         fail(e)
+    rows, n_dup = dedupe(rows)
+    if n_dup:
+        log(rt, None, None, f"{cfg.data}: dropped {n_dup} duplicate rows (same instruction, input "
+                            "and output)")
     if len(rows) <= cfg.val_set_size:
-        fail(f"{cfg.data}: {len(rows)} rows, not more than --val_set_size={cfg.val_set_size}")
+        fail(f"{cfg.data}: {len(rows)} rows" + (" without duplicates" if n_dup else "") +
+             f", not more than --val_set_size={cfg.val_set_size}")
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    (train_ex, n_cut, n_dropped), (val_ex, _, _) = (tokenize(tok, [rows[i] for i in perm[cfg.val_set_size:]], cfg),
-                                                   tokenize(tok, [rows[i] for i in perm[:cfg.val_set_size]], cfg))
+    n_val = cfg.val_set_size
+    train_ex, n_cut, n_dropped = tokenize(tok, [rows[i] for i in perm[n_val:]], cfg)
+    val_ex = tokenize(tok, [rows[i] for i in perm[:n_val]], cfg)[0]
     if n_cut or n_dropped:
-        log(rt, None, None, f"{n_cut} training rows cut at --cutoff_len={cfg.cutoff_len} tokens, {n_dropped} "
-                            "dropped (nothing left to learn)")
+        log(rt, None, None, f"{n_cut} training rows cut at --cutoff_len={cfg.cutoff_len} tokens, "
+                            f"{n_dropped} dropped (nothing left to learn)")
     if not train_ex:
         fail(f"{cfg.data}: no training example left")
+    return train_ex, val_ex
+
+
+def attach_adapter(base, cfg, options, demo, rt, n_train, n_val):
+    """The adapter on the frozen base, and the save() that writes it with what eval.py needs to
+    score it."""
     torch.manual_seed(cfg.seed)
     try:
         model = adapters.add_adapter(base, cfg.adapter, **options)
@@ -538,31 +688,44 @@ def main(argv=None):
         fail(e)
     model.grad_checkpoint = cfg.grad_ckpt
     trainable, total = adapters.count_parameters(model)
-    log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of {total:,} parameters "
-                        f"({100 * trainable / total:.2f}%); {len(train_ex)} training, {len(val_ex)} validation rows")
+    log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of "
+                        f"{total:,} parameters ({100 * trainable / total:.2f}%); {n_train} "
+                        f"training, {n_val} validation rows")
     if demo:
         log(rt, None, None, explain_trainable(cfg.adapter, options, trainable, total))
         log(rt, None, None, f"2/3 fine-tuning: loss per step, validation loss every "
                             f"{cfg.eval_interval} steps (the best is kept)")
     extra = dict(template=TEMPLATE_NAME, data=cfg.data)
-    if demo:  # what eval.py needs to score it
+    if demo:
         extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
-    opts = model.adapter_configs["default"]["options"]
 
     def save():
         adapters.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
+    return model, save
 
-    if rt.master:
-        os.makedirs(cfg.out, exist_ok=True)
+
+def run_training(model, train_ex, val_ex, cfg, rt, save):
+    """train() into --out, with one clear line for running out of memory or of disk."""
+    sparse = model.adapter_configs["default"]["options"].get("sparse")
+    before_step = (lambda step: adapters.sparse_step(model, step)) if sparse else None
     try:
-        summary = train(model, train_ex, val_ex, cfg, rt, out=cfg.out, save=save,
-                        before_step=(lambda step: adapters.sparse_step(model, step)) if opts.get("sparse") else None)
+        return train(model, train_ex, val_ex, cfg, rt, out=cfg.out, save=save,
+                     before_step=before_step)
     except torch.cuda.OutOfMemoryError:
-        fail(f"out of memory on {rt.device} with --micro_batch_size={cfg.micro_batch_size} and --cutoff_len="
-             f"{cfg.cutoff_len}: lower --micro_batch_size (--batch_size stays, by more accumulation steps), or try "
-             f"--grad_ckpt=true, --dtype=bfloat16 or a shorter --cutoff_len. Checkpoints in {cfg.out} are intact")
-    # sparse (MoSA) and reparameterised prefix adapters train in a form folded into a plain adapter at the end:
-    # the best one, saved in training form (also by a run this one resumed)
+        fail(f"out of memory on {rt.device} with --micro_batch_size={cfg.micro_batch_size} and "
+             f"--cutoff_len={cfg.cutoff_len}: lower --micro_batch_size (--batch_size stays, by "
+             "more accumulation steps), or try --grad_ckpt=true, --dtype=bfloat16 or a shorter "
+             f"--cutoff_len. Checkpoints in {cfg.out} are intact")
+    except OSError as e:
+        fail(f"--out={cfg.out}: writing failed ({e}); every file there is whole, from the last "
+             "checkpoint")
+
+
+def finish_run(model, summary, cfg, rt, save):
+    """Sparse (MoSA) and reparameterised prefix adapters train in a form folded into a plain adapter
+    at the end: the best one, saved in training form (also by a run this one resumed). Then the
+    summary line."""
+    trainable, total = adapters.count_parameters(model)  # as trained
     if adapters.in_training_form(model) and rt.master:
         best = os.path.join(cfg.out, "adapter_model.safetensors")
         adapters.fill_adapter(model, "default", load_file(best), best)
@@ -570,23 +733,38 @@ def main(argv=None):
         save()
     best = summary["best_val"]
     log(rt, cfg.out, dict(summary=summary, trainable=trainable, total=total),
-        f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable parameters "
-        f"({100 * trainable / total:.2f}%), best val loss {best and round(best, 4)}; adapter in {cfg.out}")
-    if demo and rt.master:
-        print(f"3/3 scoring the base, then base + {cfg.adapter}, on {len(test_rows)} held-out "
-              "problems", flush=True)
-        base_acc = accuracy(load_model(cfg.model, rt.device, rt.dtype), tok, test_rows, rt)
-        tuned = adapters.load_adapter(load_model(cfg.model, rt.device, rt.dtype), cfg.out)
-        acc = accuracy(tuned, tok, test_rows, rt)
-        log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
-            f"exact match on {len(test_rows)} held-out two-step problems: base {100 * base_acc:.1f}% -> "
-            f"{cfg.adapter} {100 * acc:.1f}% ({100 * (acc - base_acc):+.1f} points)")
-        print("next: python chat.py --prompt=\"...\" (ask it), python plot.py (pictures of "
-              "every run), python eval.py (all adapters in one table), python inspect_adapter.py "
-              "(what it learned)")
-    if rt.world > 1:
+        f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable "
+        f"parameters ({100 * trainable / total:.2f}%), best val loss {best and round(best, 4)}; "
+        f"adapter in {cfg.out}")
+
+
+def compare_on_demo(tok, test_rows, cfg, rt):
+    """The demo's last step: exact match of the frozen base vs base + the adapter just saved."""
+    print(f"3/3 scoring the base, then base + {cfg.adapter}, on {len(test_rows)} held-out "
+          "problems", flush=True)
+    def base():
+        return load_model(cfg.model, rt.device, rt.dtype, cfg.quantize)
+    base_acc = accuracy(base(), tok, test_rows, rt)
+    tuned = adapters.load_adapter(base(), cfg.out)
+    acc = accuracy(tuned, tok, test_rows, rt)
+    log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
+        f"exact match on {len(test_rows)} held-out two-step problems: base "
+        f"{100 * base_acc:.1f}% -> {cfg.adapter} {100 * acc:.1f}% "
+        f"({100 * (acc - base_acc):+.1f} points)")
+    print("next: python chat.py --prompt=\"...\" (ask it), python plot.py (pictures of every "
+          "run), python eval.py (all adapters in one table), python inspect_adapter.py (what it "
+          "learned)")
+
+
+def teardown(rt, finished):
+    """End DDP on every path. After a finished run, first wait for every process (rank 0 may still
+    be writing files): a process that exits while another still holds the process group can die
+    with SIGABRT ("terminate called without an active exception") in gloo's teardown. After an
+    error, no waiting: the other processes may never get there."""
+    if rt.world > 1 and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
-    return model, summary
 
 
 if __name__ == "__main__":

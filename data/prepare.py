@@ -26,7 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoints import write_atomic  # noqa: E402
+from checkpoints import check_writable, write_atomic  # noqa: E402
 from data.scoring import COMMONSENSE, MATH  # noqa: E402
 
 PAPER_TEST_SETS = MATH + COMMONSENSE
@@ -50,16 +50,19 @@ def validate_row(row, path, i, require=("instruction",)):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for field in require:
         if field not in row:
-            raise DataError(f"{where}: missing field '{field}' (has: {', '.join(row) or 'nothing'})")
+            raise DataError(f"{where}: missing field '{field}' "
+                            f"(has: {', '.join(row) or 'nothing'})")
     for field in ("instruction", "input", "output"):
         if field in row and not isinstance(row[field], str):
-            raise DataError(f"{where}: field '{field}' must be a string, got {type(row[field]).__name__}")
+            raise DataError(f"{where}: field '{field}' must be a string, "
+                            f"got {type(row[field]).__name__}")
     if "instruction" in row and not row["instruction"].strip():
         raise DataError(f"{where}: field 'instruction' is empty")
     if "answer" in row:
         answer = row["answer"]
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
-            raise DataError(f"{where}: field 'answer' must be a string or number, got {type(answer).__name__}")
+            raise DataError(f"{where}: field 'answer' must be a string or number, "
+                            f"got {type(answer).__name__}")
         if "answer" in require and isinstance(answer, str) and not answer.strip():
             raise DataError(f"{where}: field 'answer' is empty")
     return row
@@ -71,7 +74,8 @@ def load_rows(path, require=("instruction",)) -> list:
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise DataError(f"{path}: not valid JSON "
+                        f"({e.msg} at line {e.lineno} column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(rows, list):
@@ -106,7 +110,8 @@ def find_datasets(root) -> dict:
                 ignored.append(path)
     for path in sorted(glob.glob(os.path.join(ft_dir, "*.json"))):
         train[os.path.splitext(os.path.basename(path))[0]] = path
-    missing = [n for n in PAPER_TEST_SETS if n not in test] + [n for n in PAPER_TRAIN_SETS if n not in train]
+    missing = ([n for n in PAPER_TEST_SETS if n not in test]
+               + [n for n in PAPER_TRAIN_SETS if n not in train])
     return {"test": test, "train": train, "missing": missing, "ignored": ignored}
 
 
@@ -128,6 +133,45 @@ def leakage(train_rows, test_sets) -> dict:
             for name, rows in test_sets.items()}
 
 
+def duplicates(rows, answer="answer"):
+    """Rows that repeat an earlier row exactly, and rows that ask an earlier row's question
+    (instruction and input) with another ``answer`` field: two lists of row indices."""
+    first_row, first_question, repeated, conflicting = {}, {}, [], []
+    for i, row in enumerate(rows):
+        key = json.dumps(row, sort_keys=True)
+        question = (row["instruction"], row.get("input") or "")
+        if key in first_row:
+            repeated.append(i)
+        elif question in first_question:
+            if rows[first_question[question]].get(answer) != row.get(answer):
+                conflicting.append(i)
+        first_row.setdefault(key, i)
+        first_question.setdefault(question, i)
+    return repeated, conflicting
+
+
+def describe_duplicates(path, rows, answer="answer"):
+    """One line on the duplicates of a file (row indices as in the file), or None."""
+    repeated, conflicting = duplicates(rows, answer)
+
+    def listed(idx):
+        return ", ".join(map(str, idx[:10])) + (", ..." if len(idx) > 10 else "")
+    parts = []
+    if repeated:
+        parts.append(f"{len(repeated)} rows repeat an earlier row exactly "
+                     f"(rows {listed(repeated)})")
+    if conflicting:
+        parts.append(f"{len(conflicting)} rows ask an earlier question with another {answer} "
+                     f"(rows {listed(conflicting)})")
+    return f"{path}: {'; '.join(parts)}" if parts else None
+
+
+def dedupe(rows):
+    """The rows without exact repeats (the first of each kept, in order), and how many went."""
+    repeated = set(duplicates(rows, "output")[0])
+    return [r for i, r in enumerate(rows) if i not in repeated], len(repeated)
+
+
 def write_json(path, rows):
     """Write rows to path atomically (checkpoints.write_atomic: temporary file, then renamed)."""
     write_atomic(path, json.dumps(rows, ensure_ascii=False, indent=1))
@@ -136,11 +180,12 @@ def write_json(path, rows):
 def prepare(root, out=None, verbose=True) -> dict:
     """Validate (and, when ``out`` is given, copy) every set; return a report:
     {"test": {name: rows}, "train": {name: rows}, "missing", "ignored",
-     "errors": [messages], "leakage": {train name: {test name: counts}}} (nonzero only)."""
+     "errors": [messages], "duplicates": [messages],
+     "leakage": {train name: {test name: counts}}} (nonzero only)."""
     say = print if verbose else (lambda *a, **k: None)
     found = find_datasets(root)
     report = {"test": {}, "train": {}, "missing": found["missing"], "ignored": found["ignored"],
-              "errors": [], "leakage": {}}
+              "errors": [], "duplicates": [], "leakage": {}}
     loaded = {"test": {}, "train": {}}
     for split, require in (("test", TEST_REQUIRE), ("train", TRAIN_REQUIRE)):
         for name, path in found[split].items():
@@ -151,6 +196,9 @@ def prepare(root, out=None, verbose=True) -> dict:
                 continue
             loaded[split][name] = rows
             report[split][name] = len(rows)
+            dup = describe_duplicates(path, rows, "answer" if split == "test" else "output")
+            if dup:  # reported, not removed: the released test sets stay as the paper scored them
+                report["duplicates"].append(dup)
             if out is not None:
                 dest = (os.path.join(out, name, "test.json") if split == "test"
                         else os.path.join(out, "train", f"{name}.json"))
@@ -167,25 +215,40 @@ def prepare(root, out=None, verbose=True) -> dict:
     for name in report["missing"]:
         say(f"{name:<20} {'-':<6} {'missing':>7}  (in the paper, not in {root})")
     if report["ignored"]:
-        say(f"ignored (original-format files): {', '.join(os.path.relpath(p, root) for p in report['ignored'])}")
+        say(f"ignored (original-format files): "
+            f"{', '.join(os.path.relpath(p, root) for p in report['ignored'])}")
     for msg in report["errors"]:
         say(f"ERROR {msg}")
+    for msg in report["duplicates"]:
+        say(f"WARNING duplicates: {msg}")
     for train_name, hits in report["leakage"].items():
         for test_name, c in hits.items():
             say(f"WARNING leakage: {train_name} contains {c['exact']} exact / {c['normalized']} "
                 f"whitespace-normalised of {c['total']} {test_name} test questions")
     if out is not None:
-        say(f"wrote {len(report['test'])} test sets and {len(report['train'])} training files to {out}")
+        say(f"wrote {len(report['test'])} test sets and {len(report['train'])} training files "
+            f"to {out}")
     return report
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--from", dest="root", required=True, help="release folder (has dataset/, ft-training_set/)")
+    parser.add_argument("--from", dest="root", required=True,
+                        help="release folder (has dataset/, ft-training_set/)")
     parser.add_argument("--out", default="data/out", help="output folder (default: data/out)")
-    parser.add_argument("--check", action="store_true", help="validate and report only; write nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="validate and report only; write nothing")
     args = parser.parse_args(argv)
-    report = prepare(args.root, None if args.check else args.out)
+    try:
+        if not os.path.isdir(args.root):
+            raise FileNotFoundError(f"--from={args.root}: no such folder (the LLM-Adapters "
+                                    "release, with dataset/ and ft-training_set/)")
+        if not args.check:
+            check_writable(args.out, "--out")
+        report = prepare(args.root, None if args.check else args.out)
+    except (OSError, ValueError) as e:
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        return 2
     return 1 if report["errors"] else 0
 
 

@@ -77,7 +77,8 @@ def _is_number_label(label) -> bool:
         return False
     if isinstance(label, (int, float)):
         return True
-    return isinstance(label, str) and _NUMBER_RE.fullmatch(label.replace(",", "").strip()) is not None
+    return (isinstance(label, str)
+            and _NUMBER_RE.fullmatch(label.replace(",", "").strip()) is not None)
 
 
 def infer_kind(labels):
@@ -92,7 +93,8 @@ def infer_kind(labels):
     for choices in DATASET_KIND.values():
         if isinstance(choices, list) and all(x in choices for x in labels):
             return list(choices)
-    raise ValueError(f"cannot infer the answer kind from labels like {sorted(set(map(str, labels)))[:8]}; "
+    raise ValueError("cannot infer the answer kind from labels like "
+                     f"{sorted(set(map(str, labels)))[:8]}; "
                      "pass kind='number' | 'option' | [choices]")
 
 
@@ -108,7 +110,8 @@ def get_kind(dataset: str, kind=None, labels=None):
     if labels is not None:
         return infer_kind(labels)
     raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASET_KIND)}. "
-                     "For another dataset pass kind='number' | 'option' | [choices] (or its labels).")
+                     "For another dataset pass kind='number' | 'option' | [choices] "
+                     "(or its labels).")
 
 
 def extract_number(response: str):

@@ -9,12 +9,13 @@ Here there is exactly one template, used by both sides:
   ``prompt + response`` (+ EOS) and, when ``train_on_inputs=False``, mask
   the loss on the prompt tokens.
 - eval.py: generate from ``format_prompt(row["instruction"], row.get("input", ""))``
-  and score the generated continuation with ``data.scoring``.
+  and score ``response_of(continuation)`` with ``data.scoring``.
 
 The prompt ends with "### Response:\\n", so the response starts right after it.
 """
 
 TEMPLATE_NAME = "alpaca"
+RESPONSE = "### Response:"  # the header after which the response starts
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides "
@@ -42,3 +43,10 @@ def format_prompt(instruction: str, input: str = "") -> str:
 def format_example(row: dict) -> tuple[str, str]:
     """A data row -> (prompt, response); response is row["output"] verbatim (no EOS)."""
     return format_prompt(row["instruction"], row.get("input") or ""), row["output"]
+
+
+def response_of(text: str) -> str:
+    """The response in a generated continuation: the text before any further "### Response:" (a
+    model that goes on to write another example), stripped. LLM-Adapters scores
+    ``output.split("### Response:")[1]`` of prompt + continuation: the same text."""
+    return text.split(RESPONSE)[0].strip()

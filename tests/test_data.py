@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 from data import prepare as P  # noqa: E402
 from data.scoring import extract_answer, is_correct  # noqa: E402
 from data.template import (PROMPT_NO_INPUT, PROMPT_WITH_INPUT, TEMPLATE_NAME,  # noqa: E402
-                           format_example, format_prompt)
+                           format_example, format_prompt, response_of)
 
 FIX = os.path.join(ROOT, "tests", "fixtures", "data")
 RELEASE = os.path.join(FIX, "release")
@@ -43,6 +43,15 @@ def test_format_example():
     assert prompt == format_prompt("Q?")
     prompt, response = format_example({"instruction": "Q?", "input": "ctx", "output": "A."})
     assert "### Input:\nctx\n\n### Response:\n" in prompt and response == "A."
+
+
+def test_response_of_is_the_text_before_a_further_response_header():
+    """eval.py scores response_of(continuation): LLM-Adapters' output.split("### Response:")[1]."""
+    prompt = format_prompt("Q?")
+    continuation = " 12 apples.\n\n### Instruction:\nQ2\n\n### Response:\n7"
+    assert response_of(continuation) == "12 apples.\n\n### Instruction:\nQ2"
+    assert response_of(continuation) == (prompt + continuation).split("### Response:")[1].strip()
+    assert response_of("  5  ") == "5"
 
 
 # ---------------------------------------------------------------- validation

@@ -375,7 +375,7 @@ def test_input_errors(demo, rows, tmp_path):
     bad.write_text("[]")
     with pytest.raises(SystemExit, match="the list of rows is empty"):
         run(demo, bad, tmp_path)
-    bad.write_text(json.dumps([{"instruction": "q", "output": "a"}] * 10))
+    bad.write_text(json.dumps([{"instruction": f"q{i}", "output": "a"} for i in range(10)]))
     with pytest.raises(SystemExit, match="10 rows, not more than --val_set_size=16"):
         run(demo, bad, tmp_path)
     with pytest.raises(SystemExit, match="no such file"):
