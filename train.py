@@ -541,8 +541,8 @@ def explain_trainable(kind, options, trainable, total):
         big, big_total = on_llama_7b(kind, options)
     except (RuntimeError, NotImplementedError, ValueError):  # a kind that must see real weights
         return here
-    return (f"{here} of this {total / 1e6:.1f}M toy, but the same {kind} on LLaMA-7B trains {big:,} of "
-            f"{big_total:,} ({100 * big / big_total:.2f}%): the base grows faster than the adapter")
+    return (f"{here} of this {total / 1e6:.1f}M toy, but the same {kind} on LLaMA-7B trains "
+            f"{big:,} of {big_total:,} ({100 * big / big_total:.2f}%): the base grows faster than the adapter")
 
 
 def accuracy(model, tok, rows, rt):
