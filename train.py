@@ -542,7 +542,8 @@ def explain_trainable(kind, options, trainable, total):
     except (RuntimeError, NotImplementedError, ValueError):  # a kind that must see real weights
         return here
     return (f"{here} of this {total / 1e6:.1f}M toy, but the same {kind} on LLaMA-7B trains "
-            f"{big:,} of {big_total:,} ({100 * big / big_total:.2f}%): the base grows faster than the adapter")
+            f"{big:,} of {big_total:,} ({100 * big / big_total:.2f}%): the base grows faster than "
+            "the adapter")
 
 
 def accuracy(model, tok, rows, rt):
