@@ -388,6 +388,9 @@ def main(argv=None):
     for (row, out), adapter_dir in zip(outs.items(), adapter_dirs):
         table[row], summaries[row] = run(cfg, adapter_dir, rows, kind, device, dtype, out)
     print(markdown_table(table))
+    if cfg["model"] == os.path.join(cfg["demo_dir"], "base"):  # the demo: where its pictures are (plot.py)
+        print(f"pictures: python plot.py (training curves and accuracy vs trainable parameters of every run, "
+              f"in {cfg['demo_dir']}/loss.svg and results.svg)", file=sys.stderr)
     return summaries
 
 

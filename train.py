@@ -83,7 +83,8 @@ demo_dir = DEMO_DIR
 demo_n_train = 4000       # two-step training rows (val_set_size of them for validation)
 demo_n_test = 200         # held-out two-step problems for the accuracy comparison
 demo_base_steps = 900     # pretraining steps of the base (built once: delete <demo_dir>/base to rebuild)
-demo_base_threads = 0     # CPU threads while pretraining it; 0 = torch's default (all cores: its batches use them)
+demo_base_threads = 0     # CPU threads while pretraining it; 0 = measured: 1 or all cores,
+                          # whichever is faster now, re-checked every 300 steps (ThreadPicker)
 demo_base_docs = 30000    # documents in its pretraining corpus
 # -----------------------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()  # the settings above (lower-case, unlike imported names)
@@ -96,8 +97,8 @@ MINIMUM = dict(cutoff_len=2, batch_size=1, micro_batch_size=1, learning_rate=0.0
                demo_base_steps=1, demo_base_threads=0, demo_base_docs=201)
 # The demo fine-tunes a tiny model in ~2 minutes; these replace the recipe's values unless set explicitly. One CPU
 # thread: a second one is faster on an idle machine (--threads=2), but several times slower when the other core is
-# busy, as every small matrix product then waits for both. The base's pretraining (micro-batches of 32, not 4) uses
-# torch's default instead (--demo_base_threads).
+# busy, as every small matrix product then waits for both. The base's pretraining (micro-batches
+# of 32, not 4) gains more from a second core, so it measures which is faster (ThreadPicker).
 # A demo run is remade in a minute, so rerunning it replaces the previous one (overwrite).
 DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100,
             threads=1, overwrite=True)
@@ -446,8 +447,8 @@ def build_demo_base(path, cfg, rt):
     synthetic corpus, and a tiny LLaMA pretrained on it by train(); config.json, model.safetensors, tokenizer.model."""
     t0, tmp = time.time(), path + ".tmp"
     docs = synthetic.pretrain_corpus(cfg.demo_base_docs, seed=cfg.seed)
-    log(rt, None, None, f"building the demo base model in {path} (once): a tokenizer, then pretraining on "
-                        f"{len(docs)} synthetic arithmetic documents")
+    log(rt, None, None, f"1/3 building the demo base model in {path} (once): a tokenizer, then "
+                        f"pretraining on {len(docs)} synthetic arithmetic documents")
     if rt.master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -461,8 +462,10 @@ def build_demo_base(path, cfg, rt):
     pcfg = SimpleNamespace(**{**vars(cfg), **DEMO_BASE, "max_steps": cfg.demo_base_steps})
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.demo_base_threads or TORCH_THREADS)
+    measure = not cfg.demo_base_threads and TORCH_THREADS > 1
     try:
-        summary = train(base.to(rt.device), examples[200:], examples[:200], pcfg, rt)
+        summary = train(base.to(rt.device), examples[200:], examples[:200], pcfg, rt,
+                        before_step=ThreadPicker(TORCH_THREADS) if measure else None)
     finally:
         torch.set_num_threads(threads)
     if rt.master:
@@ -476,11 +479,80 @@ def build_demo_base(path, cfg, rt):
                         f"built in {time.time() - t0:.0f}s")
 
 
+class ThreadPicker:
+    """before_step for the base's pretraining: every `every` steps, time `probe` steps on one thread
+    and `probe` on n, then keep the faster (median step) until the next check. On an idle 2-core
+    machine two threads are faster, but when another job holds a core every small matmul waits for
+    the slower thread: with one core busy, 100 steps took 47 s on one thread, over 11 min on two.
+    So a probe on n threads stops at its first step that takes over twice the slowest on one."""
+
+    def __init__(self, n, every=300, probe=3):
+        self.n, self.every, self.probe = n, every, probe
+        self.times, self.last, self.probing = {1: [], n: []}, None, False
+
+    def __call__(self, step):
+        now, phase = time.perf_counter(), step % self.every
+        if self.probing and phase > 0:  # the step that just ended was a probe
+            self.times[torch.get_num_threads()].append(now - self.last)
+        self.probing = self.probing or phase == 0
+        thrash = self.times[self.n] and self.times[self.n][-1] > 2 * max(self.times[1])
+        if self.probing and (phase == 2 * self.probe or thrash):
+            self.pick(step)
+        elif self.probing:
+            torch.set_num_threads(1 if phase < self.probe else self.n)
+        self.last = time.perf_counter()
+
+    def pick(self, step):
+        median = {n: sorted(t)[len(t) // 2] for n, t in self.times.items()}
+        torch.set_num_threads(min(median, key=median.get))
+        ms = {n: f"{1e3 * t:.0f} ms" for n, t in median.items()}
+        print(f"step {step}: {torch.get_num_threads()} thread(s) from here (a step took {ms[1]} on "
+              f"1 thread, {ms[self.n]} on {self.n})", flush=True)
+        self.times, self.probing = {1: [], self.n: []}, False
+
+
+# rough times of the demo's parts on an idle 2-core CPU (README), for the plan printed up front
+DEMO_ETA_S = dict(base=75, finetune=80, score=15)
+
+
+def demo_plan(cfg, base_cached):
+    """The demo's three steps and the time they take, printed before anything runs."""
+    eta = sum(DEMO_ETA_S.values()) - (DEMO_ETA_S["base"] if base_cached else 0)
+    base = f": cached in {cfg.model}, skipped" if base_cached else f", ~{DEMO_ETA_S['base']} s"
+    return (f"the embedded demo, in 3 steps (about {eta / 60:.1f} min on an idle 2-core CPU, up to "
+            f"twice that on a busy one):\n"
+            f"  1/3 build the tiny base model once (tokenizer + {cfg.demo_base_steps} pretraining "
+            f"steps){base}\n"
+            f"  2/3 fine-tune a {cfg.adapter} adapter on two-step problems, the base frozen, "
+            f"~{DEMO_ETA_S['finetune']} s\n"
+            f"  3/3 score the base and base + {cfg.adapter} on {cfg.demo_n_test} held-out "
+            f"problems, ~{DEMO_ETA_S['score']} s")
+
+
+def on_llama_7b(kind, options):
+    """(trainable, total) of the same adapter on LLaMA-7B, counted on the meta device."""
+    with torch.device("meta"):
+        big = Transformer(Config.from_name("llama-7b"))
+        return adapters.count_parameters(adapters.add_adapter(big, kind, **options))
+
+
+def explain_trainable(kind, options, trainable, total):
+    """Why "% trainable" looks large here: an adapter grows with n_embd, the base with n_embd^2."""
+    here = f"  % trainable = adapter parameters / all parameters: {100 * trainable / total:.2f}%"
+    try:
+        big, big_total = on_llama_7b(kind, options)
+    except (RuntimeError, NotImplementedError, ValueError):  # a kind that must see real weights
+        return here
+    return (f"{here} of this {total / 1e6:.1f}M toy, but the same {kind} on LLaMA-7B trains "
+            f"{big:,} of {big_total:,} ({100 * big / big_total:.2f}%): the base grows faster than "
+            "the adapter")
+
+
 def accuracy(model, tok, rows, rt):
     """Exact match of the greedy answers to the template prompts, generated and scored as eval.py does."""
     with rt.ctx:
         return evaluate(model.eval(), tok, rows, "demo", kind="number", max_new_tokens=40, batch_size=50,
-                        progress=False)[1]
+                        progress=rt.master)[1]
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -496,12 +568,11 @@ def main(argv=None):
         check_out(cfg, demo, rt)
         base, tok = load_base(cfg, rt)
         train_ex, val_ex = prepare_data(cfg, tok, rt)
-        base_acc = accuracy(base, tok, test_rows, rt) if demo else None
         model, save = attach_adapter(base, cfg, options, demo, rt, len(train_ex), len(val_ex))
         summary = run_training(model, train_ex, val_ex, cfg, rt, save)
         finish_run(model, summary, cfg, rt, save)
         if demo and rt.master:
-            compare_on_demo(tok, test_rows, base_acc, cfg, rt)
+            compare_on_demo(tok, test_rows, cfg, rt)
     except BaseException:
         teardown(rt, finished=False)
         raise
@@ -516,7 +587,9 @@ def prepare_demo(cfg, rt):
         fail("--data needs --model (the demo writes its own data)")
     data = os.path.join(cfg.demo_dir, "data")
     cfg.model, cfg.data = os.path.join(cfg.demo_dir, "base"), os.path.join(data, "train.json")
-    if not os.path.exists(os.path.join(cfg.model, "config.json")):
+    cached = os.path.exists(os.path.join(cfg.model, "config.json"))
+    log(rt, None, None, demo_plan(cfg, cached))
+    if not cached:
         build_demo_base(cfg.model, cfg, rt)
     train_rows, test_rows = synthetic.finetune_split(cfg.demo_n_train, cfg.demo_n_test,
                                                      seed=cfg.seed)
@@ -621,6 +694,10 @@ def attach_adapter(base, cfg, options, demo, rt, n_train, n_val):
     log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of "
                         f"{total:,} parameters ({100 * trainable / total:.2f}%); {n_train} "
                         f"training, {n_val} validation rows")
+    if demo:
+        log(rt, None, None, explain_trainable(cfg.adapter, options, trainable, total))
+        log(rt, None, None, f"2/3 fine-tuning: loss per step, validation loss every "
+                            f"{cfg.eval_interval} steps (the best is kept)")
     extra = dict(template=TEMPLATE_NAME, data=cfg.data)
     if demo:
         extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
@@ -664,14 +741,22 @@ def finish_run(model, summary, cfg, rt, save):
         f"adapter in {cfg.out}")
 
 
-def compare_on_demo(tok, test_rows, base_acc, cfg, rt):
-    """The demo's last line: exact match of the frozen base vs base + the adapter just saved."""
-    tuned = adapters.load_adapter(load_model(cfg.model, rt.device, rt.dtype, cfg.quantize), cfg.out)
+def compare_on_demo(tok, test_rows, cfg, rt):
+    """The demo's last step: exact match of the frozen base vs base + the adapter just saved."""
+    print(f"3/3 scoring the base, then base + {cfg.adapter}, on {len(test_rows)} held-out "
+          "problems", flush=True)
+    def base():
+        return load_model(cfg.model, rt.device, rt.dtype, cfg.quantize)
+    base_acc = accuracy(base(), tok, test_rows, rt)
+    tuned = adapters.load_adapter(base(), cfg.out)
     acc = accuracy(tuned, tok, test_rows, rt)
     log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
         f"exact match on {len(test_rows)} held-out two-step problems: base "
         f"{100 * base_acc:.1f}% -> {cfg.adapter} {100 * acc:.1f}% "
         f"({100 * (acc - base_acc):+.1f} points)")
+    print("next: python chat.py --prompt=\"...\" (ask it), python plot.py (pictures of every "
+          "run), python eval.py (all adapters in one table), python inspect_adapter.py (what it "
+          "learned)")
 
 
 def teardown(rt, finished):

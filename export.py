@@ -1,0 +1,86 @@
+"""
+Export a trained adapter for use outside this repository.
+
+    python export.py --model=<base> --adapter=<adapter> --out=<dir>               # merged model
+    python export.py --model=<base> --adapter=<adapter> --out=<dir> --format=peft # adapter alone
+    python export.py        # the demo: out/demo/base + out/demo/lora -> out/export/lora-merged
+
+merged: the adapter is folded into the base weights (W += scale * B A for LoRA; any adapter on a
+projection that has a `merge`) and written as a Hugging Face folder (config.json, model.safetensors,
+the base's tokenizer files) that transformers loads with AutoModelForCausalLM: no adapter code, no
+extra latency. Adapters that are not a change of W (series, parallel, prefix, prompt) are refused.
+peft: the adapter alone, in the folder layout Hugging Face PEFT loads (LoRA only).
+"""
+import os
+import sys
+from pathlib import Path
+
+import adapters
+from chat import load_for_tool
+from checkpoints import save_model, write_atomic
+from configurator import DEMO_DIR, ConfigError, check_choice, configure
+
+DEFAULTS = dict(
+    model="",             # base model folder; "" = the demo's base (<demo_dir>/base)
+    adapter="",           # adapter folder (ours or PEFT); "" = the demo's lora (<demo_dir>/lora)
+    out="",               # "" = out/export/<adapter folder name>-<format>
+    format="merged",      # merged | peft
+    demo_dir=DEMO_DIR,
+)
+# the files of a checkpoint folder that belong to its tokenizer (copied beside the merged weights)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "encoder.json", "vocab.bpe", "generation_config.json")
+
+
+def fail(msg):
+    raise SystemExit(f"export.py: error: {msg}")
+
+
+def unmergeable(model):
+    """Kinds of the attached adapters with no fold into W (off the projections, or no merge)."""
+    names = {n for _, _, slot in adapters.slots(model) for n, m in slot.items()
+             if not hasattr(m, "merge")}
+    return sorted({model.adapter_configs[n]["kind"] for n in names})
+
+
+def export_merged(model, model_dir, out):
+    """Fold every adapter into W; write the weights and the tokenizer files as a HF folder."""
+    kinds = unmergeable(model)
+    if kinds:
+        fail(f"a {', '.join(kinds)} adapter cannot be merged into the base weights (only adapters "
+             "that change a projection's W, like lora, fold into it); use --format=peft for a "
+             "LoRA, or ship the adapter folder itself")
+    adapters.merge(model)
+    save_model(model, out)  # base weights only: the merged adapters now live inside them
+    for name in TOKENIZER_FILES:
+        src = Path(model_dir) / name
+        if src.is_file():
+            write_atomic(Path(out) / name, src.read_bytes())
+
+
+def main(argv=None):
+    try:
+        cfg, _ = configure(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__)
+        check_choice(cfg, "format", ("merged", "peft"))
+    except ConfigError as e:
+        fail(e)
+    model, _, _, model_dir, adapter_dir = load_for_tool(cfg, fail, need_adapter=True)
+    name = os.path.basename(os.path.normpath(adapter_dir))
+    out = cfg.out or os.path.join("out", "export", f"{name}-{cfg.format}")
+    try:
+        if cfg.format == "peft":
+            adapters.save_adapter(model, out, name=adapters.adapter_names(model)[0],
+                                  base_model=model_dir, format="peft")
+        else:
+            export_merged(model, model_dir, out)
+    except (OSError, ValueError, KeyError) as e:
+        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+    print(f"wrote {out}: " + ("base + merged adapter as a Hugging Face folder (transformers: "
+                              "AutoModelForCausalLM.from_pretrained)" if cfg.format == "merged" else
+                              "the LoRA adapter in PEFT's layout (PeftModel.from_pretrained)"))
+    return out
+
+
+if __name__ == "__main__":
+    main()
