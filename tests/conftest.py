@@ -30,6 +30,7 @@ transformers is imported lazily, so test files that never build a checkpoint do 
 """
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -292,3 +293,34 @@ def hf_base(tmp_path_factory):
             cache[family] = make_hf_checkpoint(folder, family, seed=3)
         return cache[family]
     return get
+
+
+WORDS = "how many apples does Tom have now if he buys more pens and gives some to Ann the answer is".split()
+
+
+def sentence(rng, lo, hi):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A base-model folder: random tiny-llama (config.json + model.safetensors) and a LLaMA-like
+    tokenizer.model (eval, tools tests)."""
+    from checkpoints import save_model
+    from data.template import format_prompt
+    from model import Config, Transformer
+    spm = pytest.importorskip("sentencepiece")
+    rng = random.Random(0)
+    lines = [format_prompt(sentence(rng, 3, 20) + f" {rng.randint(0, 999)}?")
+             + f"The answer is {rng.randint(0, 99)}." for _ in range(300)]
+    folder = tmp_path_factory.mktemp("tiny")
+    # byte_fallback needs 256 byte pieces, so the vocabulary is a bit over 256
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines),
+                                   model_prefix=str(folder / "tokenizer"), vocab_size=360,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   byte_fallback=True, split_digits=True, minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    torch.manual_seed(0)
+    model = Transformer(Config.from_name("tiny-llama", vocab_size=360))
+    save_model(randomize_(model, seed=0), folder)
+    return folder

@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from conftest import randomize_, tiny_model
-# the fixture tiny_dir: a tiny LLaMA folder with a sentencepiece tokenizer
-from test_eval import tiny_dir  # noqa: F401
 
 import adapters
 import chat
