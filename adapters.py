@@ -4,18 +4,22 @@ The adapter families of LLM-Adapters on the hook slots of model.py, side by side
   lora      W x + (alpha/r) B A x on named linears (Hu et al.); A Kaiming-uniform, B zero
   dora      m * (W + s B A) x / ||W + s B A||_row: LoRA turns W, m scales its rows (Liu et al. 2024)
   ia3       learned vectors scaling k, v and the MLP's inner activations (Liu et al. 2022)
-  series    y + s * up(act(down(y))) after a sublayer (Houlsby: attn+mlp; Pfeiffer: mlp only, the paper's best)
-  parallel  sublayer(h) + s * up(act(down(h))) beside a sublayer (He et al.), or beside named linears (LLM-Adapters)
-  prefix    learned keys/values in front of every layer's attention (Li & Liang), optionally reparameterised;
-            gated=True: LLaMA-Adapter's zero-gated adaption prompt with its own softmax (Zhang et al.)
+  series    y + s * up(act(down(y))) after a sublayer (Houlsby: attn+mlp; Pfeiffer: mlp only,
+            the paper's best)
+  parallel  sublayer(h) + s * up(act(down(h))) beside a sublayer (He et al.), or beside named
+            linears (LLM-Adapters)
+  prefix    learned keys/values in front of every layer's attention (Li & Liang), optionally
+            reparameterised; gated=True: LLaMA-Adapter's zero-gated adaption prompt with its own
+            softmax (Zhang et al.)
   prompt    soft tokens in front of the input embeddings (Lester et al.)
 
 Every adapter's last projection starts at zero (ia3's scales at one), so a fresh
 lora/dora/ia3/series/parallel model equals the base exactly.
-Adapters live in `Slot`s (named containers) on the model's hook attributes: several can share a model under
-names, be switched with set_active and combined (e.g. lora + series). Their maths runs in fp32 even when the base
-runs in bf16/fp16 or under autocast. sparse=N (MoSA, "split & merge") splits a bottleneck's weights into N disjoint
-random parts that train one per step; merge_sparse folds them back into one plain adapter.
+Adapters live in `Slot`s (named containers) on the model's hook attributes: several can share a
+model under names, be switched with set_active and combined (e.g. lora + series). Their maths runs
+in fp32 even when the base runs in bf16/fp16 or under autocast. sparse=N (MoSA, "split & merge")
+splits a bottleneck's weights into N disjoint random parts that train one per step; merge_sparse
+folds them back into one plain adapter.
 """
 import json
 import math
@@ -41,22 +45,23 @@ def default_targets(config):
 
 
 def in_own_dtype(module, fn, x, out_dtype):
-    """Run fn on x in the adapter's own dtype (fp32 as add_adapter makes it), outside autocast, and hand back
-    out_dtype: adapter maths stays fp32 on a bf16/fp16 base, as LLM-Adapters does."""
+    """Run fn on x in the adapter's own dtype (fp32 as add_adapter makes it), outside autocast, and
+    hand back out_dtype: adapter maths stays fp32 on a bf16/fp16 base, as LLM-Adapters does."""
     with torch.autocast(x.device.type, enabled=False):
         out = fn(x.to(next(module.parameters()).dtype))  # one cast of x (none when x is fp32)
         return out if out_dtype is None else out.to(out_dtype)  # None: fp32, the caller casts
 
 
 def fast_fp32_matmuls(device, base_dtype):
-    """Beside a bf16/fp16 base on CUDA, let the fp32 adapter matmuls use TF32 tensor cores (10-bit mantissa, still
-    finer than bf16's 7) rather than the GPU's far slower plain-fp32 units, as nanoGPT does. A float32 base keeps
-    PyTorch's exact-fp32 default: whoever asks for fp32 gets it."""
+    """Beside a bf16/fp16 base on CUDA, let the fp32 adapter matmuls use TF32 tensor cores (10-bit
+    mantissa, still finer than bf16's 7) rather than the GPU's far slower plain-fp32 units, as
+    nanoGPT does. A float32 base keeps PyTorch's exact-fp32 default: whoever asks for fp32 gets
+    it."""
     if torch.device(device).type == "cuda" and base_dtype != torch.float32:
         torch.set_float32_matmul_precision("high")
 
 
-# --------------------------------------------------------------------------------------------------- the modules
+# -------------------------------------------------------------------------------------- the modules
 class LoRA(nn.Module):
     """y + (alpha/r) B A x on one projection (Hu et al. 2021): A (r, d_in) and B (d_out, r)
     train, W stays frozen.
@@ -73,7 +78,8 @@ class LoRA(nn.Module):
 
     def __init__(self, d_in, d_out, r, alpha, dropout):
         super().__init__()
-        self.lora_A, self.lora_B = nn.Linear(d_in, r, bias=False), nn.Linear(r, d_out, bias=False)  # PEFT's names
+        # PEFT's names
+        self.lora_A, self.lora_B = nn.Linear(d_in, r, bias=False), nn.Linear(r, d_out, bias=False)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.scale, self.dropout, self.merged = alpha / r, nn.Dropout(dropout), False
@@ -81,7 +87,8 @@ class LoRA(nn.Module):
     def delta(self):  # the update merge_lora folds into W
         return self.lora_B.weight @ self.lora_A.weight * self.scale
 
-    def forward(self, x, y, linear):  # the Linear hook: input, output, the layer (LoRA needs only x)
+    # the Linear hook: input, output, the layer (LoRA needs only x)
+    def forward(self, x, y, linear):
         if self.merged:
             return y
         delta = in_own_dtype(self, lambda x: self.lora_B(self.lora_A(self.dropout(x))), x, None)
@@ -180,9 +187,10 @@ class IA3(nn.Module):
 
 
 class Split(nn.Module):
-    """MoSA: one weight split into n disjoint random parts, each its own parameter, so an optimizer step on one part
-    cannot move the others. While training, only the `active` part runs, scaled by n so the expected weight is the
-    full one (as inverted dropout); in eval all parts together are the weight."""
+    """MoSA: one weight split into n disjoint random parts, each its own parameter, so an optimizer
+    step on one part cannot move the others. While training, only the `active` part runs, scaled by
+    n so the expected weight is the full one (as inverted dropout); in eval all parts together are
+    the weight."""
 
     def __init__(self, w, n):
         super().__init__()
@@ -201,8 +209,8 @@ class Split(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """down -> activation -> up, times `scaling` (a float, or "learned"); up starts at zero. Where it sits decides
-    what it computes (`on_linear`, `residual`, fixed when built):
+    """down -> activation -> up, times `scaling` (a float, or "learned"); up starts at zero. Where
+    it sits decides what it computes (`on_linear`, `residual`, fixed when built):
       post slot (series)          y -> y + branch(y)  (residual=True) or branch(y)
       beside slot (parallel)      h -> branch(h), which the block adds to the sublayer's output
       Linear hook (per-linear)    (x, y, linear) -> y + branch(x)
@@ -216,15 +224,16 @@ class Bottleneck(nn.Module):
     own: the block adds its branch beside the sublayer's output.
     Why down is random and up zero: as LoRA's A and B (up's gradient needs act(down(h)) != 0)."""
 
-    def __init__(self, d_in, d_out, bottleneck, non_linearity, scaling, dropout, sparse, residual=False,
-                 on_linear=False):
+    def __init__(self, d_in, d_out, bottleneck, non_linearity, scaling, dropout, sparse,
+                 residual=False, on_linear=False):
         super().__init__()
         down, up = torch.empty(bottleneck, d_in), torch.zeros(d_out, bottleneck)
         nn.init.kaiming_uniform_(down, a=math.sqrt(5))
         if sparse:
             self.down, self.up = Split(down, sparse), Split(up, sparse)
         else:
-            self.down, self.up = nn.Linear(d_in, bottleneck, bias=False), nn.Linear(bottleneck, d_out, bias=False)
+            self.down, self.up = (nn.Linear(d_in, bottleneck, bias=False),
+                                  nn.Linear(bottleneck, d_out, bias=False))
             self.down.weight.data, self.up.weight.data = down, up
         self.act, self.dropout = ACTIVATIONS[non_linearity], nn.Dropout(dropout)
         self.residual, self.on_linear = residual, on_linear
@@ -263,7 +272,8 @@ class Prefix(nn.Module):
         kv = 2 * c.n_kv_head * c.head_dim
         if reparam:
             self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, c.n_embd) * 0.02)
-            self.mlp = nn.Sequential(nn.Linear(c.n_embd, reparam), nn.Tanh(), nn.Linear(reparam, kv))
+            self.mlp = nn.Sequential(nn.Linear(c.n_embd, reparam), nn.Tanh(),
+                                     nn.Linear(reparam, kv))
         else:
             self.key = nn.Parameter(torch.randn(self.shape) * 0.02)
             self.value = nn.Parameter(torch.randn(self.shape) * 0.02)
@@ -297,11 +307,13 @@ class GatedPrefix(nn.Module):
 
     def __init__(self, c, num_virtual_tokens):
         super().__init__()
-        self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, c.n_embd))  # the scale of normalised inputs
+        # the scale of normalised inputs
+        self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, c.n_embd))
         self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x, qkv):
-        _, k, v = qkv(self.embedding.to(x.dtype)[None])  # (1, Hkv, P, D) each, through any LoRA on k/v too
+        # (1, Hkv, P, D) each, through any LoRA on k/v too
+        _, k, v = qkv(self.embedding.to(x.dtype)[None])
         return k.expand(x.size(0), -1, -1, -1), v.expand(x.size(0), -1, -1, -1), self.gate
 
 
@@ -327,9 +339,10 @@ class Prompt(nn.Module):
         return torch.cat((self.embedding.to(x.dtype).expand(x.size(0), -1, -1), x), dim=1)
 
 
-# ------------------------------------------------------------------------- slots: named adapters on one hook point
+# ---------------------------------------------------------- slots: named adapters on one hook point
 class Slot(nn.ModuleDict):
-    """The adapters sharing one hook slot, by name; only the names in `active` run, in the order they were added."""
+    """The adapters sharing one hook slot, by name; only the names in `active` run, in the order
+    they were added."""
 
     def __init__(self):
         super().__init__()
@@ -364,9 +377,11 @@ class PrefixSlot(Slot):  # Attention.prefix: (x, qkv) -> (k, v, gate), or None w
         if any(gate is not None for _, _, gate in kvs):
             if len(kvs) > 1:
                 names = ", ".join(n for n in self if n in self.active)
-                raise ValueError(f"a gated prefix cannot run beside other prefixes ({names}); pick one with set_active")
+                raise ValueError(f"a gated prefix cannot run beside other prefixes ({names}); "
+                                 "pick one with set_active")
             return kvs[0]
-        return (torch.cat([k for k, _, _ in kvs], 2), torch.cat([v for _, v, _ in kvs], 2), None) if kvs else None
+        return ((torch.cat([k for k, _, _ in kvs], 2), torch.cat([v for _, v, _ in kvs], 2), None)
+                if kvs else None)
 
 
 class PromptSlot(Slot):  # Transformer.prompt: (B, T, C) -> (B, n_tokens + T, C)
@@ -380,13 +395,15 @@ class PromptSlot(Slot):  # Transformer.prompt: (B, T, C) -> (B, n_tokens + T, C)
         return x
 
 
-SLOT_TYPES = {"adapter": LinearSlot, "post_attn": PostSlot, "post_mlp": PostSlot, "beside_attn": BesideSlot,
-              "beside_mlp": BesideSlot, "prefix": PrefixSlot, "prompt": PromptSlot}
+SLOT_TYPES = {"adapter": LinearSlot, "post_attn": PostSlot, "post_mlp": PostSlot,
+              "beside_attn": BesideSlot, "beside_mlp": BesideSlot, "prefix": PrefixSlot,
+              "prompt": PromptSlot}
 
 
 def _attach(owner, slot, name, module):
     if getattr(owner, slot) is None:
-        setattr(owner, slot, SLOT_TYPES[slot]().train(owner.training))  # new modules follow the model's mode
+        # new modules follow the model's mode
+        setattr(owner, slot, SLOT_TYPES[slot]().train(owner.training))
     s = getattr(owner, slot)
     s[name] = module
     s.active.add(name)
@@ -402,28 +419,36 @@ def slots(model):
 
 
 def _linears(model, names, option):
-    """{module name: Linear} of the projections called `names`; an unknown name is an error listing the known."""
+    """{module name: Linear} of the projections called `names`; an unknown name is an error listing
+    the known."""
     found = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
     known = sorted({n.rsplit(".", 1)[-1] for n in found})
     unknown = [t for t in names if t not in known]
     if unknown:
-        raise ValueError(f"{option}: unknown linear name(s) {unknown} for {model.config.arch}; known: {known}")
+        raise ValueError(f"{option}: unknown linear name(s) {unknown} for {model.config.arch}; "
+                         f"known: {known}")
     return {n: m for n, m in found.items() if n.rsplit(".", 1)[-1] in names}
 
 
-# ------------------------------------------------------------------------------- the kinds: one entry per kind
+# -------------------------------------------------------------------- the kinds: one entry per kind
 class Kind(NamedTuple):
     """Everything add_adapter, train.py and the tests know about one adapter kind."""
-    defaults: dict             # its options with their defaults (the paper's best); README has the table
-    places: Callable           # (model, options) -> [(module name, slot attribute)]: one adapter module each
-    make: Callable             # (model, owner module, slot, options) -> the adapter module for that place
-    check: Callable = None     # (options, config) -> None, or raise ValueError naming the bad option
-    finish: Callable = None    # (model) after training: fold the training form into a plain one (MoSA, reparam)
+    # its options with their defaults (the paper's best); README has the table
+    defaults: dict
+    # (model, options) -> [(module name, slot attribute)]: one adapter module each
+    places: Callable
+    # (model, owner module, slot, options) -> the adapter module for that place
+    make: Callable
+    # (options, config) -> None, or raise ValueError naming the bad option
+    check: Callable = None
+    # (model) after training: fold the training form into a plain one (MoSA, reparam)
+    finish: Callable = None
 
 
 def _lora_places(model, o):
-    return [(n, "adapter") for n in _linears(model, o["target_modules"] or default_targets(model.config),
-                                             "target_modules")]
+    return [(n, "adapter")
+            for n in _linears(model, o["target_modules"] or default_targets(model.config),
+                              "target_modules")]
 
 
 def _bottleneck_places(kind):
@@ -431,7 +456,8 @@ def _bottleneck_places(kind):
         if o.get("per_linear"):
             return [(n, "adapter") for n in _linears(model, o["per_linear"], "per_linear")]
         where = "post_" if kind == "series" else "beside_"
-        return [(f"layers.{i}", where + sub) for i in range(model.config.n_layer) for sub in PLACEMENTS[o["placement"]]]
+        return [(f"layers.{i}", where + sub) for i in range(model.config.n_layer)
+                for sub in PLACEMENTS[o["placement"]]]
     return places
 
 
@@ -439,26 +465,30 @@ def _make_bottleneck(model, owner, slot, o):
     c, on_linear = model.config, slot == "adapter"
     d_in, d_out = (owner.in_features, owner.out_features) if on_linear else (c.n_embd, c.n_embd)
     size = c.n_embd // o["reduction"] if o["reduction"] else o["bottleneck"]
-    return Bottleneck(d_in, d_out, size, o["non_linearity"], o["scaling"], o["dropout"], o["sparse"],
-                      residual=o.get("residual", False), on_linear=on_linear)
+    return Bottleneck(d_in, d_out, size, o["non_linearity"], o["scaling"], o["dropout"],
+                      o["sparse"], residual=o.get("residual", False), on_linear=on_linear)
 
 
 def _check_bottleneck(o, c):
     if o["placement"] not in PLACEMENTS:
         raise ValueError(f"placement={o['placement']!r}: expected one of {list(PLACEMENTS)}")
     if o["non_linearity"] not in ACTIVATIONS:
-        raise ValueError(f"non_linearity={o['non_linearity']!r}: expected one of {list(ACTIVATIONS)}")
+        raise ValueError(f"non_linearity={o['non_linearity']!r}: "
+                         f"expected one of {list(ACTIVATIONS)}")
     if o["scaling"] != "learned" and not isinstance(o["scaling"], (int, float)):
         raise ValueError(f"scaling={o['scaling']!r}: expected a number or 'learned'")
     if o["sparse"] != 0 and not 2 <= o["sparse"] < 256:
-        raise ValueError(f"sparse={o['sparse']}: expected 0 (off) or a number of parts from 2 to 255")
+        raise ValueError(f"sparse={o['sparse']}: "
+                         "expected 0 (off) or a number of parts from 2 to 255")
 
 
 def _check_prefix(o, c):
     if o["gated"] and o["reparam"]:
-        raise ValueError("gated=True takes no reparam: its prompt already goes through the layer's projections")
+        raise ValueError("gated=True takes no reparam: "
+                         "its prompt already goes through the layer's projections")
     if not (isinstance(o["layers"], int) and 0 <= o["layers"] <= c.n_layer):
-        raise ValueError(f"layers={o['layers']!r}: expected 0 (all) up to the model's {c.n_layer} layers")
+        raise ValueError(f"layers={o['layers']!r}: "
+                         f"expected 0 (all) up to the model's {c.n_layer} layers")
 
 
 def _make_prefix(model, owner, slot, o):
@@ -494,21 +524,23 @@ def _make_ia3(model, owner, slot, o):
     return IA3(owner, on_input=any(owner is m for m in feedforward))
 
 
-_bottleneck = dict(bottleneck=256, reduction=0, placement="mlp", non_linearity="tanh", scaling=1.0, dropout=0.0,
-                   sparse=0)
+_bottleneck = dict(bottleneck=256, reduction=0, placement="mlp", non_linearity="tanh",
+                   scaling=1.0, dropout=0.0, sparse=0)
 _lora = dict(r=32, alpha=64, dropout=0.05, target_modules=None)  # None = q,k,v + the MLP's in/out
 KINDS = {
     "lora": Kind(_lora, _lora_places, lambda m, lin, slot, o: LoRA(
         lin.in_features, lin.out_features, o["r"], o["alpha"], o["dropout"])),
-    "series": Kind(dict(_bottleneck, residual=True), _bottleneck_places("series"), _make_bottleneck,
-                   _check_bottleneck, lambda model: merge_sparse(model)),
-    "parallel": Kind(dict(_bottleneck, per_linear=None), _bottleneck_places("parallel"), _make_bottleneck,
-                     _check_bottleneck, lambda model: merge_sparse(model)),
-    # reparam = hidden size of the reparameterisation MLP; gated = LLaMA-Adapter; layers = the top N only (0 = all)
+    "series": Kind(dict(_bottleneck, residual=True), _bottleneck_places("series"),
+                   _make_bottleneck, _check_bottleneck, lambda model: merge_sparse(model)),
+    "parallel": Kind(dict(_bottleneck, per_linear=None), _bottleneck_places("parallel"),
+                     _make_bottleneck, _check_bottleneck, lambda model: merge_sparse(model)),
+    # reparam = hidden size of the reparameterisation MLP; gated = LLaMA-Adapter; layers = the
+    # top N only (0 = all)
     "prefix": Kind(dict(num_virtual_tokens=10, reparam=0, gated=False, layers=0),
-                   lambda model, o: [(f"layers.{i}.attn", "prefix") for i in
-                                     range(model.config.n_layer - (o["layers"] or model.config.n_layer),
-                                           model.config.n_layer)],
+                   lambda model, o: [(f"layers.{i}.attn", "prefix")
+                                     for i in range(model.config.n_layer
+                                                    - (o["layers"] or model.config.n_layer),
+                                                    model.config.n_layer)],
                    _make_prefix, _check_prefix, lambda model: merge_prefix(model)),
     "prompt": Kind(dict(num_virtual_tokens=10), lambda model, o: [("", "prompt")],
                    lambda model, owner, slot, o: Prompt(model.embed, o["num_virtual_tokens"])),
@@ -518,19 +550,21 @@ KINDS = {
     "ia3": Kind(dict(target_modules=None, feedforward_modules=None), _ia3_places, _make_ia3,
                 _check_ia3),
 }
-ADAPTER_DEFAULTS = {kind: k.defaults for kind, k in KINDS.items()}  # options of each kind, for the configurators
+# options of each kind, for the configurators
+ADAPTER_DEFAULTS = {kind: k.defaults for kind, k in KINDS.items()}
 
 
-# ------------------------------------------------------------------------------------------------ the public API
+# ----------------------------------------------------------------------------------- the public API
 def add_adapter(model, kind, name="default", **options):
-    """Attach one adapter of `kind` at every place its entry in KINDS names, freeze the base, leave the new
-    adapter trainable (fp32)."""
+    """Attach one adapter of `kind` at every place its entry in KINDS names, freeze the base, leave
+    the new adapter trainable (fp32)."""
     if kind not in KINDS:
         raise ValueError(f"unknown adapter kind {kind!r}; kinds: {', '.join(KINDS)}")
     entry = KINDS[kind]
     unknown = set(options) - set(entry.defaults)
     if unknown:
-        raise ValueError(f"{kind} adapter has no option(s) {sorted(unknown)}; options: {sorted(entry.defaults)}")
+        raise ValueError(f"{kind} adapter has no option(s) {sorted(unknown)}; "
+                         f"options: {sorted(entry.defaults)}")
     if name in model.adapter_configs:
         raise ValueError(f"an adapter named {name!r} is already attached; pick another name=")
     o = {**entry.defaults, **options}
@@ -547,22 +581,25 @@ def add_adapter(model, kind, name="default", **options):
             p.requires_grad_(False)
     device = model.embed.weight.device
     for owner, slot, module in new:
-        _attach(owner, slot, name, module.to(device=device, dtype=torch.float32).train(model.training))
+        _attach(owner, slot, name,
+                module.to(device=device, dtype=torch.float32).train(model.training))
     model.adapter_configs[name] = {"kind": kind, "options": o}
     return model
 
 
 def finish_adapters(model):
-    """After training: turn every adapter's training form into its plain one (MoSA parts merged, reparameterised
-    prefixes computed), as each kind's entry says; a no-op for the others."""
+    """After training: turn every adapter's training form into its plain one (MoSA parts merged,
+    reparameterised prefixes computed), as each kind's entry says; a no-op for the others."""
     for kind in {cfg["kind"] for cfg in model.adapter_configs.values()}:
         if KINDS[kind].finish is not None:
             KINDS[kind].finish(model)
 
 
 def in_training_form(model):
-    """True while some adapter is in a form that finish_adapters folds (MoSA parts, a reparameterised prefix)."""
-    return any(isinstance(m, Split) or isinstance(m, Prefix) and not hasattr(m, "key") for m in model.modules())
+    """True while some adapter is in a form that finish_adapters folds (MoSA parts, a
+    reparameterised prefix)."""
+    return any(isinstance(m, Split) or isinstance(m, Prefix) and not hasattr(m, "key")
+               for m in model.modules())
 
 
 def adapter_names(model):
@@ -602,7 +639,8 @@ def count_parameters(model):
 
 
 def adapter_state(model, name):
-    """The tensors of adapter `name`, keyed by their place in the model without the name (so it loads under any)."""
+    """The tensors of adapter `name`, keyed by their place in the model without the name (so it
+    loads under any)."""
     out = {}
     for mname, attr, s in slots(model):
         if name in s:
@@ -612,8 +650,9 @@ def adapter_state(model, name):
 
 
 def merge(model):
-    """Fold every active, unmerged adapter that lives on a projection and can be folded (LoRA: W += scale * B A)
-    into its base weight; logits stay the same, and the adapter then does nothing until unmerge."""
+    """Fold every active, unmerged adapter that lives on a projection and can be folded (LoRA:
+    W += scale * B A) into its base weight; logits stay the same, and the adapter then does nothing
+    until unmerge."""
     if is_quantized(model):  # W += B A would be rounded to the quantization grid, most of it lost
         raise ValueError("merge: the base is quantized; load it without quantize to merge into it")
     for lin, m in _mergeable(model, merged=False):
@@ -631,13 +670,15 @@ def unmerge(model):
 def _mergeable(model, merged):
     for _, lin in model.named_modules():
         if isinstance(lin, Linear) and lin.adapter is not None:
-            yield from ((lin, m) for m in lin.adapter.running() if hasattr(m, "merge") and m.merged == merged)
+            yield from ((lin, m) for m in lin.adapter.running()
+                        if hasattr(m, "merge") and m.merged == merged)
 
 
 def sparse_step(model, step):
-    """Pick the part of every sparse (MoSA) adapter that trains at this optimizer step: random, but a function of
-    the step so a resumed run picks the same. Parts that did not run get no gradient (None), so the optimizer must
-    zero grads with set_to_none=True (PyTorch's default) for AdamW to leave them untouched."""
+    """Pick the part of every sparse (MoSA) adapter that trains at this optimizer step: random, but
+    a function of the step so a resumed run picks the same. Parts that did not run get no gradient
+    (None), so the optimizer must zero grads with set_to_none=True (PyTorch's default) for AdamW
+    to leave them untouched."""
     splits = [m for m in model.modules() if isinstance(m, Split)]
     if splits:
         k = int(torch.randint(splits[0].n, (), generator=torch.Generator().manual_seed(step)))
@@ -646,7 +687,8 @@ def sparse_step(model, step):
 
 
 def merge_sparse(model):
-    """Replace each split weight by the one plain nn.Linear weight its parts make up (MoSA's merge)."""
+    """Replace each split weight by the one plain nn.Linear weight its parts make up (MoSA's
+    merge)."""
     for m in list(model.modules()):
         if isinstance(m, Bottleneck):
             for attr in ("down", "up"):
@@ -662,7 +704,8 @@ def merge_sparse(model):
 
 
 def merge_prefix(model):
-    """Replace reparameterised prefixes by the plain keys/values their MLP produces (after training)."""
+    """Replace reparameterised prefixes by the plain keys/values their MLP produces (after
+    training)."""
     for m in model.modules():
         if isinstance(m, Prefix) and not hasattr(m, "key"):
             k, v = (t.detach().clone() for t in m.kv())
@@ -673,9 +716,10 @@ def merge_prefix(model):
             cfg["options"] = {**cfg["options"], "reparam": 0}
 
 
-# ------------------------------------------------------------------------------------------------ save and load
+# ------------------------------------------------------------------------------------ save and load
 def _base_identity(c):
-    keys = ("arch", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "intermediate_size")
+    keys = ("arch", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim",
+            "intermediate_size")
     return {k: getattr(c, k) for k in keys}
 
 
@@ -697,8 +741,9 @@ def save_adapter(model, path, name="default", base_model=None, extra=None, forma
                   "base_model_name_or_path": base_model,
                   **PEFT_CONFIGS[cfg["kind"]](model.config, cfg["kind"], cfg["options"])}
     elif format == "native":
-        config = {"kind": cfg["kind"], "name": name, "options": cfg["options"], "base_model": base_model,
-                  "base": _base_identity(model.config), "extra": extra or {}}
+        config = {"kind": cfg["kind"], "name": name, "options": cfg["options"],
+                  "base_model": base_model, "base": _base_identity(model.config),
+                  "extra": extra or {}}
     else:
         raise ValueError(f"format={format!r}: expected 'native' or 'peft'")
     path = Path(path)
@@ -722,7 +767,8 @@ def _peft_ia3(c, kind, o):
 PEFT_CONFIGS = {"lora": _peft_lora, "dora": _peft_lora, "ia3": _peft_ia3}  # kind -> PEFT's config
 
 
-def _peft_key(config, key):  # layers.0.attn.q_proj.adapter.lora_A.weight -> base_model.model.<hf module>.lora_A.weight
+# layers.0.attn.q_proj.adapter.lora_A.weight -> base_model.model.<hf module>.lora_A.weight
+def _peft_key(config, key):
     module, _, rest = key.partition(".adapter.")
     return f"base_model.model.{hf_name(config, module + '.weight')[:-len('.weight')]}.{rest}"
 
@@ -764,7 +810,8 @@ def load_adapter(model, path, name=None):
         base = _base_identity(model.config)
         diff = {k: (v, base.get(k)) for k, v in config.get("base", {}).items() if base.get(k) != v}
         if diff:
-            raise ValueError(f"{path}: adapter was trained on another base model (saved, this model): {diff}")
+            raise ValueError(f"{path}: adapter was trained on another base model "
+                             f"(saved, this model): {diff}")
         kind, options, state = config["kind"], config["options"], _read_tensors(path)
     name = name or config.get("name", "default")
     trainable = {p: p.requires_grad for p in model.parameters()}  # add_adapter freezes the base
@@ -780,11 +827,13 @@ def load_adapter(model, path, name=None):
 
 
 def fill_adapter(model, name, state, source):
-    """Copy `state` (keyed as adapter_state) into adapter `name`, strictly: the same keys, the same shapes."""
+    """Copy `state` (keyed as adapter_state) into adapter `name`, strictly: the same keys, the same
+    shapes."""
     expected = adapter_state(model, name)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise KeyError(f"{source}: adapter tensors do not match: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise KeyError(f"{source}: adapter tensors do not match: missing {missing[:6]}, "
+                       f"unexpected {unexpected[:6]}")
     for k, t in state.items():
         # floats may be cast (bf16 -> fp32); an int where a float belongs is an error
         want, floats = expected[k].dtype, isinstance(t, torch.Tensor) and t.is_floating_point()
@@ -793,7 +842,8 @@ def fill_adapter(model, name, state, source):
             what = getattr(t, "dtype", type(t).__name__)
             raise ValueError(f"{source}: {k} is {what}, this model expects {want}")
         if t.shape != expected[k].shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(t.shape)}, this model expects {tuple(expected[k].shape)}")
+            raise ValueError(f"{source}: {k} has shape {tuple(t.shape)}, "
+                             f"this model expects {tuple(expected[k].shape)}")
         expected[k].copy_(t)  # state_dict tensors share storage with the parameters
 
 
@@ -826,7 +876,8 @@ def _from_peft(model, path, config):
                          f"bias={config.get('bias')}, {unsupported}")
     state, targets = _peft_state(model, path, config, "lora_")
     r = config["r"]
-    alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1)  # rsLoRA scales alpha/sqrt(r)
+    # rsLoRA scales alpha/sqrt(r)
+    alpha = config["lora_alpha"] * (math.sqrt(r) if config.get("use_rslora") else 1)
     options = dict(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
                    target_modules=sorted(targets))
     return ("dora" if config.get("use_dora") else "lora"), options, state
@@ -873,12 +924,15 @@ def _from_peft_ia3(model, path, config):
 
 
 def _from_peft_adaption_prompt(path, config):
-    """PEFT's LLaMA-Adapter (per layer: adaption_prompt (1, P, C) and adaption_gate (1,)) -> our gated prefix."""
+    """PEFT's LLaMA-Adapter (per layer: adaption_prompt (1, P, C) and adaption_gate (1,)) -> our
+    gated prefix."""
     state = {}
     for k, t in _read_tensors(path).items():
         m = re.search(r"layers\.(\d+)\.[^.]+\.adaption_(prompt|gate)$", k)
         if m is None:
             raise KeyError(f"{path}: {k} is not the adaption prompt or gate of a decoder layer")
         prompt = m[2] == "prompt"
-        state[f"layers.{m[1]}.attn.prefix." + ("embedding" if prompt else "gate")] = t[0] if prompt else t
-    return "prefix", dict(num_virtual_tokens=config["adapter_len"], gated=True, layers=config["adapter_layers"]), state
+        state[f"layers.{m[1]}.attn.prefix."
+              + ("embedding" if prompt else "gate")] = t[0] if prompt else t
+    return "prefix", dict(num_virtual_tokens=config["adapter_len"], gated=True,
+                          layers=config["adapter_layers"]), state
