@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+import model
+
 
 def rope_angles(c, pos):
     """pos (B, T) integer positions -> cos, sin, each (B, 1, T, c.rotary_dim // 2), float32. The
@@ -55,7 +57,7 @@ class LayerCache(NamedTuple):
         raise NotImplementedError("LayerCache.update")  # TODO
 
 
-class KVCache:
+class KVCache(model.KVCache):
     """Static keys and values of every layer, allocated once, and which slots hold a real token.
     model.py's Transformer.forward uses it so (read it):
 
@@ -85,18 +87,7 @@ class KVCache:
         (self.check does the test)."""
         raise NotImplementedError("KVCache.extend")  # TODO
 
-    # Given: the plumbing (as model.py's).
-    def check(self, T):
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos + T} tokens > max_len {self.max_len}")
-
+    # Given: check, repeat and reorder come from model.KVCache (beam search's plumbing); layer
+    # hands each block your LayerCache.
     def layer(self, i, slots):
         return LayerCache(*self.kv[i], slots)
-
-    def repeat(self, n):  # each row n times in a row (beam search: n beams per example)
-        self.kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.kv]
-        self.valid = self.valid.repeat_interleave(n, 0)
-
-    def reorder(self, rows):  # row i takes row rows[i], in place (a captured graph sees the change)
-        for t in [self.valid, *(t for kv in self.kv for t in kv)]:
-            t.copy_(t[rows])

@@ -4,6 +4,8 @@ from typing import NamedTuple
 
 import torch
 
+import model
+
 
 def rope_angles(c, pos):
     i = torch.arange(0, c.rotary_dim, 2, device=pos.device).float()
@@ -32,7 +34,7 @@ class LayerCache(NamedTuple):
         return self.k, self.v
 
 
-class KVCache:
+class KVCache(model.KVCache):
     def __init__(self, c, batch_size, max_len, device, dtype):
         shape = (batch_size, c.n_kv_head, max_len, c.head_dim)
         self.kv = [(torch.zeros(shape, device=device, dtype=dtype),
@@ -50,17 +52,5 @@ class KVCache:
         self.pos += T
         return slots
 
-    def check(self, T):
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos + T} tokens > max_len {self.max_len}")
-
     def layer(self, i, slots):
         return LayerCache(*self.kv[i], slots)
-
-    def repeat(self, n):
-        self.kv = [(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.kv]
-        self.valid = self.valid.repeat_interleave(n, 0)
-
-    def reorder(self, rows):
-        for t in [self.valid, *(t for kv in self.kv for t in kv)]:
-            t.copy_(t[rows])
