@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapters import KINDS, add_adapter, count_parameters, fast_fp32_matmuls
 from checkpoints import write_atomic
-from configurator import ConfigError, check_choice, configure
+from configurator import ConfigError, check_choice, configure, device_and_dtype
 import fast
 from fast import compile_blocks, compile_setting
 from model import PRESETS, Config, Transformer
@@ -109,9 +109,8 @@ def peak_gib():
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def build(cfg, device):
+def build(cfg, device, dtype):
     conf = Config.from_name(cfg.model, **({"n_layer": cfg.n_layer} if cfg.n_layer else {}))
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         torch.manual_seed(0)
         m = Transformer(conf).to(dtype)
@@ -282,8 +281,9 @@ def run(cfg):
     """One row: ours (and with --baseline, HF+PEFT) on one piece of work -> a dict of results."""
     if cfg.task == "ops":
         return {"task": "ops", "adapter": cfg.adapter, "ours": count_ops(cfg)}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    conf, m, dtype = build(cfg, device)
+    device, dtype = device_and_dtype()  # as train.py: bf16 on CUDA (fp16 without bf16), else fp32
+    device = device.type
+    conf, m, dtype = build(cfg, device, dtype)
     fast_fp32_matmuls(device, dtype)  # as train.py: TF32 for fp32 adapter maths beside bf16
     res = {"model": conf.name, "n_layer": conf.n_layer, "task": cfg.task, "adapter": cfg.adapter,
            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke test)",
