@@ -1,21 +1,27 @@
-"""
-Evaluate a base model, or a base model + adapter, on LLM-Adapters' test sets (or any set in their format).
+r"""
+Evaluate a base model, or a base model + adapter, on LLM-Adapters' test sets (or any set in their
+format).
 
-    python eval.py              # the embedded demo: out/demo/base alone and + each adapter trained in out/demo/
-    python eval.py --model=<dir> [--adapter=<dir>] --dataset=gsm8k|AQuA|...|math|commonsense|path/to/test.json \
-                   [--data_dir=<dir>] [--limit=N] [--batch_size=32] [--num_beams=4] [--strict] [--out=<dir>]
+    python eval.py              # the embedded demo: out/demo/base alone
+                                # and + each adapter trained in out/demo/
+    python eval.py --model=<dir> [--adapter=<dir>] \
+                   --dataset=gsm8k|AQuA|...|math|commonsense|path/to/test.json \
+                   [--data_dir=<dir>] [--limit=N] [--batch_size=32] [--num_beams=4] [--strict] \
+                   [--out=<dir>]
 
-Writes <out>/<dataset>.jsonl (one record per example, in the test file's order) and <out>/summary.json, and
-prints a markdown table in the paper's layout. Unlike LLM-Adapters' evaluate.py: batched generation with a KV
-cache, prompts sorted by length (longest first), left-padded with an attention mask.
+Writes <out>/<dataset>.jsonl (one record per example, in the test file's order) and
+<out>/summary.json, and prints a markdown table in the paper's layout. Unlike LLM-Adapters'
+evaluate.py: batched generation with a KV cache, prompts sorted by length (longest first),
+left-padded with an attention mask.
 
-Batch size: a left-padded row is computed as it would be alone (positions count real tokens, padding is masked,
-every batch gets a mask), so predictions do not depend on the batch size; only the rounding can, where kernels
-for other shapes sum in another order. fp32: identical in the tests and on the demo (logits differ by ~1e-6, far
-below greedy's margins). bf16/fp16 round each matmul to ~3 significant digits, so a near-tie between the top two
-tokens can resolve differently at another batch size, and the rest of that response then differs: expect a few
-responses in a thousand to change, and accuracies to move by a fraction of a point. Use --dtype=float32 for runs
-that must match exactly.
+Batch size: a left-padded row is computed as it would be alone (positions count real tokens, padding
+is masked, every batch gets a mask), so predictions do not depend on the batch size; only the
+rounding can, where kernels for other shapes sum in another order. fp32: identical in the tests and
+on the demo (logits differ by ~1e-6, far below greedy's margins). bf16/fp16 round each matmul to ~3
+significant digits, so a near-tie between the top two tokens can resolve differently at another
+batch size, and the rest of that response then differs: expect a few responses in a thousand to
+change, and accuracies to move by a fraction of a point. Use --dtype=float32 for runs that must
+match exactly.
 """
 import json
 import math
@@ -37,19 +43,25 @@ from configurator import DEMO_DIR, DTYPES, ConfigError, configure, device_and_dt
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
 
-# ----------------------------------------------------------------------------------------------------------------
-# defaults; override any with --key=value or --key value (booleans: --strict or --strict=false), as in train.py
+# --------------------------------------------------------------------------------------------------
+# defaults; override any with --key=value or --key value (booleans: --strict or --strict=false),
+# as in train.py
 DEFAULTS = dict(
     model="",             # base model folder (Hugging Face or Meta layout); "" = the embedded demo
-    adapter="",           # adapter folder (adapter_config.json); "" = the base alone (demo: and + each trained one)
-    dataset="",           # a name, a group (math, commonsense), or a path to a test.json or its folder
-    data_dir="",          # folder of <name>/test.json; "" = data/out, then ../shared/data/llm-adapters/dataset
-    kind="",              # answer kind of a set not known by name: number | option | choice1,choice2,...
+    adapter="",           # adapter folder (adapter_config.json); "" = the base alone
+                          # (demo: and + each trained one)
+    dataset="",           # a name, a group (math, commonsense), or a path to a test.json
+                          # or its folder
+    data_dir="",          # folder of <name>/test.json;
+                          # "" = data/out, then ../shared/data/llm-adapters/dataset
+    kind="",              # answer kind of a set not known by name:
+                          # number | option | choice1,choice2,...
     limit=0,              # only the first N examples of each set (0 = all)
     batch_size=32,
     num_beams=1,          # 1 = greedy; the paper's math setting is 4
     length_penalty=1.0,   # beam score: sum of log-probs / (generated tokens ** length_penalty)
-    max_new_tokens=0,     # 0 = 256 for math (number/option answers), 32 for commonsense; at most block_size/2
+    max_new_tokens=0,     # 0 = 256 for math (number/option answers), 32 for commonsense;
+                          # at most block_size/2
     strict=False,         # strict answer reading (data/scoring.py) instead of the paper's
     dtype="",             # bfloat16 | float16 | float32; "" = bfloat16 on cuda, float32 on cpu
     quantize="",          # frozen base in int8 | nf4 | nf4-dq (quantize.py); "" = in dtype
@@ -60,9 +72,11 @@ DEFAULTS = dict(
 )
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATA_DIRS = [os.path.join(ROOT, "data", "out"),
-             os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "llm-adapters", "dataset"))]
+             os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "llm-adapters",
+                                           "dataset"))]
 GROUPS = {"math": MATH, "commonsense": COMMONSENSE}
-TEMPLATES = {"alpaca": format_prompt}  # name in the adapter's extra.template -> prompt function (train.py's)
+# name in the adapter's extra.template -> prompt function (train.py's)
+TEMPLATES = {"alpaca": format_prompt}
 
 
 def warn(msg):
@@ -70,7 +84,8 @@ def warn(msg):
 
 
 def parse_config(argv):
-    """--key=value (or --key value, config files) -> config dict, through configurator.py as train.py does."""
+    """--key=value (or --key value, config files) -> config dict, through configurator.py as
+    train.py does."""
     cfg = vars(configure(argv, DEFAULTS, __doc__)[0])
     for key in ("batch_size", "num_beams"):
         if cfg[key] < 1:
@@ -92,19 +107,21 @@ def parse_kind(kind):
         return kind or None
     choices = [c.strip() for c in kind.split(",") if c.strip()]
     if len(choices) < 2:
-        raise ValueError(f"--kind={kind}: expected number, option or a comma-separated list of choice words")
+        raise ValueError(f"--kind={kind}: expected number, option or a comma-separated list of "
+                         "choice words")
     return choices
 
 
 def find_datasets(spec, data_dir=""):
-    """--dataset value -> [(name, path of its test.json)]. A group skips (with a warning) its sets that are
-    missing locally; a single named set that is missing is an error."""
+    """--dataset value -> [(name, path of its test.json)]. A group skips (with a warning) its sets
+    that are missing locally; a single named set that is missing is an error."""
     if os.path.exists(spec) or spec.endswith(".json"):
         path = os.path.join(spec, "test.json") if os.path.isdir(spec) else spec
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such test file")
         base = os.path.basename(path)
-        name = os.path.basename(os.path.dirname(os.path.abspath(path))) if base == "test.json" else base[:-5]
+        name = (os.path.basename(os.path.dirname(os.path.abspath(path))) if base == "test.json"
+                else base[:-5])
         return [(name, path)]
     dirs = [data_dir] if data_dir else DATA_DIRS
     known = {n.lower(): n for n in DATASET_KIND}
@@ -119,16 +136,19 @@ def find_datasets(spec, data_dir=""):
         if spec.lower() not in known:
             raise ValueError(f"unknown dataset {spec!r}; known: {', '.join(DATASET_KIND)}; groups: "
                              f"{', '.join(GROUPS)}; or a path to a test.json (or its folder)")
-        raise FileNotFoundError(f"{names[0]}: no {names[0]}/test.json in {where} (see data/prepare.py)")
+        raise FileNotFoundError(f"{names[0]}: no {names[0]}/test.json in {where} "
+                                "(see data/prepare.py)")
     missing = [n for n in names if n not in found]
     if missing and found:
-        warn(f"{spec}: skipping {len(missing)} missing set(s): {', '.join(missing)} (no <name>/test.json in {where})")
+        warn(f"{spec}: skipping {len(missing)} missing set(s): {', '.join(missing)} "
+             f"(no <name>/test.json in {where})")
     elif missing:
-        raise FileNotFoundError(f"{spec}: none of {', '.join(names)} found as <name>/test.json in {where}")
+        raise FileNotFoundError(f"{spec}: none of {', '.join(names)} found as <name>/test.json "
+                                f"in {where}")
     return list(found.items())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # generation
 
 @torch.no_grad()
@@ -202,10 +222,11 @@ def next_beams(scores, logp, seqs, hyps, done, eos_id, norm):
     return live
 
 
-def generate_ids(model, prompt_ids, max_new_tokens, batch_size=32, eos_id=None, pad_id=0, num_beams=1,
-                 length_penalty=1.0, progress=None):
-    """Continuations of token-id prompts (each cut before its first EOS), in the order given. Batches are taken
-    in order of prompt length, longest first, left-padded. progress(done, total) is called after each batch."""
+def generate_ids(model, prompt_ids, max_new_tokens, batch_size=32, eos_id=None, pad_id=0,
+                 num_beams=1, length_penalty=1.0, progress=None):
+    """Continuations of token-id prompts (each cut before its first EOS), in the order given.
+    Batches are taken in order of prompt length, longest first, left-padded. progress(done, total)
+    is called after each batch."""
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     device = model.embed.weight.device
     out = [None] * len(prompt_ids)
@@ -226,24 +247,26 @@ def generate_ids(model, prompt_ids, max_new_tokens, batch_size=32, eos_id=None, 
     return out
 
 
-def generate_batch(model, tok, prompts, max_new_tokens, batch_size=32, num_beams=1, length_penalty=1.0,
-                   progress=None):
-    """Greedy (or beam) responses to text prompts, decoded, in the order given. A prompt that leaves no room for
-    max_new_tokens within the model's block_size is cut from the left (BOS kept), with a warning."""
+def generate_batch(model, tok, prompts, max_new_tokens, batch_size=32, num_beams=1,
+                   length_penalty=1.0, progress=None):
+    """Greedy (or beam) responses to text prompts, decoded, in the order given. A prompt that leaves
+    no room for max_new_tokens within the model's block_size is cut from the left (BOS kept), with a
+    warning."""
     n_soft = model.prompt.n_tokens if model.prompt is not None else 0
     room = model.config.block_size - max_new_tokens - n_soft
     bos = getattr(tok, "add_bos", True)
     if room < 1 + bos:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size "
-                         f"{model.config.block_size}")
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                         f"block_size {model.config.block_size}")
     ids = [tok.encode(p, bos=bos) for p in prompts]
     cut = sum(len(x) > room for x in ids)
     if cut:
-        warn(f"{cut} of {len(ids)} prompts are longer than {room} tokens (block_size {model.config.block_size} - "
-             f"max_new_tokens {max_new_tokens}) and were cut from the left")
+        warn(f"{cut} of {len(ids)} prompts are longer than {room} tokens "
+             f"(block_size {model.config.block_size} - max_new_tokens {max_new_tokens}) "
+             "and were cut from the left")
         ids = [x if len(x) <= room else x[:bos] + x[len(x) - room + bos:] for x in ids]
-    new = generate_ids(model, ids, max_new_tokens, batch_size, tok.eos_id, tok.pad_id, num_beams, length_penalty,
-                       progress)
+    new = generate_ids(model, ids, max_new_tokens, batch_size, tok.eos_id, tok.pad_id, num_beams,
+                       length_penalty, progress)
     return [tok.decode(x) for x in new]
 
 
@@ -254,45 +277,50 @@ def progress_printer(name):
     def progress(done, total):
         rate = done / max(time.time() - t0, 1e-9)
         end = "\n" if done == total or not sys.stderr.isatty() else ""
-        print(f"\r{name}: {done}/{total} examples, {rate:.1f} examples/s, ETA {(total - done) / rate:.0f}s",
-              end=end, file=sys.stderr, flush=True)
+        print(f"\r{name}: {done}/{total} examples, {rate:.1f} examples/s, "
+              f"ETA {(total - done) / rate:.0f}s", end=end, file=sys.stderr, flush=True)
     return progress
 
 
-def evaluate(model, tok, rows, dataset, kind=None, strict=False, template="alpaca", max_new_tokens=0,
-             batch_size=32, num_beams=1, length_penalty=1.0, progress=True):
-    """Generate a response to every row and score it. kind: None = from the dataset name, else the labels;
-    max_new_tokens: 0 = the default for the kind (see DEFAULTS).
-    Returns (records, accuracy); records in the rows' order: id, prompt, response, extracted, label, correct."""
+def evaluate(model, tok, rows, dataset, kind=None, strict=False, template="alpaca",
+             max_new_tokens=0, batch_size=32, num_beams=1, length_penalty=1.0, progress=True):
+    """Generate a response to every row and score it. kind: None = from the dataset name, else the
+    labels; max_new_tokens: 0 = the default for the kind (see DEFAULTS).
+    Returns (records, accuracy); records in the rows' order:
+    id, prompt, response, extracted, label, correct."""
     kind = get_kind(dataset, kind, labels=[r["answer"] for r in rows])
-    max_new_tokens = max_new_tokens or min(32 if isinstance(kind, list) else 256, model.config.block_size // 2)
+    max_new_tokens = max_new_tokens or min(32 if isinstance(kind, list) else 256,
+                                           model.config.block_size // 2)
     prompts = [TEMPLATES[template](r["instruction"], r.get("input") or "") for r in rows]
-    responses = generate_batch(model, tok, prompts, max_new_tokens, batch_size, num_beams, length_penalty,
-                               progress_printer(dataset) if progress else None)
+    responses = generate_batch(model, tok, prompts, max_new_tokens, batch_size, num_beams,
+                               length_penalty, progress_printer(dataset) if progress else None)
     records = []
     for i, (row, prompt, response) in enumerate(zip(rows, prompts, responses)):
         pred, correct = score(dataset, response_of(response), row["answer"], kind, strict)
-        records.append(dict(id=i, prompt=prompt, response=response.strip(), extracted=pred, label=row["answer"],
-                            correct=correct))
+        records.append(dict(id=i, prompt=prompt, response=response.strip(), extracted=pred,
+                            label=row["answer"], correct=correct))
     return records, sum(r["correct"] for r in records) / len(records)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # files and the command line
 
 def markdown_table(table):
-    """{model row: {dataset: accuracy}} in the paper's layout: a row per model, the datasets, then Avg, in percent."""
+    """{model row: {dataset: accuracy}} in the paper's layout: a row per model, the datasets, then
+    Avg, in percent."""
     cols = list(next(iter(table.values()))) + ["Avg"]
     lines = ["| Model | " + " | ".join(cols) + " |", "|---" + "|---:" * len(cols) + "|"]
     for row_name, accuracies in table.items():
         values = list(accuracies.values())
-        lines.append(f"| {row_name} | " + " | ".join(f"{100 * a:.1f}" for a in values + [sum(values) / len(values)])
+        lines.append(f"| {row_name} | "
+                     + " | ".join(f"{100 * a:.1f}" for a in values + [sum(values) / len(values)])
                      + " |")
     return "\n".join(lines)
 
 
 def load(model_dir, adapter_dir, device, dtype, quantize=""):
-    """(model in eval mode, tokenizer, the adapter config's "extra" dict) for a base folder and optional adapter."""
+    """(model in eval mode, tokenizer, the adapter config's "extra" dict) for a base folder and
+    optional adapter."""
     model = load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
     tok = Tokenizer.from_pretrained(model_dir)
     check_vocab(tok, model.config.vocab_size, model_dir)
@@ -304,31 +332,35 @@ def load(model_dir, adapter_dir, device, dtype, quantize=""):
 
 
 def run(cfg, adapter_dir, rows, kind, device, dtype, out):
-    """Evaluate the base model + adapter_dir ("" = none) on every set of rows; write <out>/<set>.jsonl and
-    <out>/summary.json. Returns ({set: accuracy}, the summary)."""
+    """Evaluate the base model + adapter_dir ("" = none) on every set of rows; write
+    <out>/<set>.jsonl and <out>/summary.json. Returns ({set: accuracy}, the summary)."""
     model, tok, extra = load(cfg["model"], adapter_dir, device, dtype, cfg["quantize"])
     if compile_setting(cfg["compile"], device):
         compile_blocks(model)  # decoding: a CUDA graph of compiled blocks (fast.DecodeStep)
     template = extra.get("template", "alpaca")
     if template not in TEMPLATES:
-        raise ValueError(f"{adapter_dir}: unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
-    train = extra.get("train_data") or extra.get("data")  # the adapter's training file (train.py: "data")
+        raise ValueError(f"{adapter_dir}: unknown prompt template {template!r}; "
+                         f"known: {', '.join(TEMPLATES)}")
+    # the adapter's training file (train.py: "data")
+    train = extra.get("train_data") or extra.get("data")
     if train and os.path.isfile(train):
         for name, c in leakage(load_rows(train, TRAIN_REQUIRE), rows).items():
             if c["normalized"]:
-                warn(f"{name}: {c['normalized']} of {c['total']} test questions also occur in the adapter's "
-                     f"training data {train}")
+                warn(f"{name}: {c['normalized']} of {c['total']} test questions also occur in "
+                     f"the adapter's training data {train}")
     accuracies, n = {}, {}
     for name, data in rows.items():
         t0 = time.time()
         try:
-            records, accuracies[name] = evaluate(model, tok, data, name, kind, cfg["strict"], template,
-                                                 cfg["max_new_tokens"], cfg["batch_size"], cfg["num_beams"],
+            records, accuracies[name] = evaluate(model, tok, data, name, kind, cfg["strict"],
+                                                 template, cfg["max_new_tokens"],
+                                                 cfg["batch_size"], cfg["num_beams"],
                                                  cfg["length_penalty"])
         except torch.cuda.OutOfMemoryError as e:
-            raise MemoryError(f"{name}: out of memory on {device} with --batch_size={cfg['batch_size']} and "
-                              f"--num_beams={cfg['num_beams']}: lower --batch_size (results do not depend on it)"
-                              ) from e
+            raise MemoryError(f"{name}: out of memory on {device} with "
+                              f"--batch_size={cfg['batch_size']} and "
+                              f"--num_beams={cfg['num_beams']}: "
+                              "lower --batch_size (results do not depend on it)") from e
         n[name] = len(records)
         write_atomic(os.path.join(out, f"{name}.jsonl"),
                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -342,8 +374,8 @@ def run(cfg, adapter_dir, rows, kind, device, dtype, out):
 
 
 def main(argv=None):
-    """Returns {model row name: summary}: one row, or for the demo without --adapter the base and every adapter
-    that train.py left in the demo folder."""
+    """Returns {model row name: summary}: one row, or for the demo without --adapter the base and
+    every adapter that train.py left in the demo folder."""
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     adapter_dirs = [cfg["adapter"]]
     if not cfg["model"]:  # the embedded demo
@@ -358,9 +390,12 @@ def main(argv=None):
         if adapter_dirs == [""]:  # no adapter trained yet
             missing.append(os.path.join(demo, "<adapter>"))
         if missing:
-            raise FileNotFoundError(f"the embedded demo is not built ({', '.join(missing)} missing): run "
-                                    "`python train.py` first, or pass --model=<dir> --dataset=<name>")
-        datasets = find_datasets(cfg["dataset"], cfg["data_dir"]) if cfg["dataset"] else [("demo", test)]
+            raise FileNotFoundError("the embedded demo is not built "
+                                    f"({', '.join(missing)} missing): "
+                                    "run `python train.py` first, "
+                                    "or pass --model=<dir> --dataset=<name>")
+        datasets = (find_datasets(cfg["dataset"], cfg["data_dir"]) if cfg["dataset"]
+                    else [("demo", test)])
     elif not cfg["dataset"]:
         raise ValueError(f"--dataset is required with --model: a name ({', '.join(DATASET_KIND)}), "
                          f"a group ({', '.join(GROUPS)}) or a path to a test.json")
@@ -381,16 +416,18 @@ def main(argv=None):
         row = " + ".join(names)
         if cfg["out"] and len(adapter_dirs) == 1:
             outs[row] = cfg["out"]
-        else:  # out/eval/<adapter or model name>; several rows get one such folder each inside --out
+        else:
+            # out/eval/<adapter or model name>; several rows get one such folder each inside --out
             outs[row] = os.path.join(cfg["out"] or os.path.join("out", "eval"), names[-1])
     for out in outs.values():  # before the evaluation, not after it
         check_writable(out, "--out")
     for (row, out), adapter_dir in zip(outs.items(), adapter_dirs):
         table[row], summaries[row] = run(cfg, adapter_dir, rows, kind, device, dtype, out)
     print(markdown_table(table))
-    if cfg["model"] == os.path.join(cfg["demo_dir"], "base"):  # the demo: where its pictures are (plot.py)
-        print(f"pictures: python plot.py (training curves and accuracy vs trainable parameters of every run, "
-              f"in {cfg['demo_dir']}/loss.svg and results.svg)", file=sys.stderr)
+    # the demo: where its pictures are (plot.py)
+    if cfg["model"] == os.path.join(cfg["demo_dir"], "base"):
+        print("pictures: python plot.py (training curves and accuracy vs trainable parameters of "
+              f"every run, in {cfg['demo_dir']}/loss.svg and results.svg)", file=sys.stderr)
     return summaries
 
 

@@ -1,20 +1,27 @@
-"""
+r"""
 Fine-tune a LLaMA-family model with an adapter (LoRA, DoRA, IA3, series, parallel, prefix, prompt),
 LLM-Adapters' recipe.
 
-    python train.py --adapter=parallel                     # the embedded demo: CPU, no downloads, a few minutes
-    python train.py --model=<checkpoint dir> --adapter=lora --data=math_10k.json --out=out/llama-7b-lora
+    python train.py --adapter=parallel                      # the embedded demo: CPU, no downloads,
+                                                            # a few minutes
+    python train.py --model=<checkpoint dir> --adapter=lora --data=math_10k.json \
+                    --out=out/llama-7b-lora
     torchrun --nproc_per_node=4 train.py --model=...        # DistributedDataParallel, the same code
-    python train.py config/x.py --r=16                      # a config file (Python or JSON), then overrides
+    python train.py config/x.py --r=16                      # a config file (Python or JSON),
+                                                            # then overrides
 
-Every global below is a --key=value setting (type-checked; bools take true/false), and so is every option of the
-chosen adapter in adapters.ADAPTER_DEFAULTS (--r=16 --target_modules=q_proj,v_proj, --bottleneck=64 ...).
-Without --model, the embedded demo: a tiny LLaMA pretrained by train() on synthetic arithmetic (data/synthetic.py),
-cached in <demo_dir>/base/ like any checkpoint, is fine-tuned on a related task (<demo_dir>/data/), and the run ends
-with the exact-match accuracy of the frozen base vs base + adapter on the held-out test split.
---out gets the adapter with the best validation loss (adapter_model.safetensors + adapter_config.json), resume.pt
-(for --resume=true) and log.jsonl, each written to a temporary name and renamed, so never left half-written.
-A --out that holds a run is refused unless --resume=true (continue it) or --overwrite=true (replace it).
+Every global below is a --key=value setting (type-checked; bools take true/false), and so is every
+option of the chosen adapter in adapters.ADAPTER_DEFAULTS (--r=16 --target_modules=q_proj,v_proj,
+--bottleneck=64 ...).
+Without --model, the embedded demo: a tiny LLaMA pretrained by train() on synthetic arithmetic
+(data/synthetic.py), cached in <demo_dir>/base/ like any checkpoint, is fine-tuned on a related task
+(<demo_dir>/data/), and the run ends with the exact-match accuracy of the frozen base vs
+base + adapter on the held-out test split.
+--out gets the adapter with the best validation loss
+(adapter_model.safetensors + adapter_config.json), resume.pt (for --resume=true) and log.jsonl,
+each written to a temporary name and renamed, so never left half-written.
+A --out that holds a run is refused unless --resume=true (continue it) or --overwrite=true
+(replace it).
 """
 import json
 import math
@@ -37,27 +44,32 @@ from data.template import TEMPLATE_NAME, format_example
 from eval import evaluate
 from fast import compile_blocks, compile_setting
 from checkpoints import check_writable, load_model, save_model, torch_load, write_atomic
-from configurator import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, read_args,
-                          settle)
+from configurator import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype,
+                          read_args, settle)
 from model import Config, Transformer
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
 
 TORCH_THREADS = torch.get_num_threads()  # torch's default, before setup() applies --threads
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # what to train
-model = ""                # checkpoint folder (Hugging Face or Meta layout, with its tokenizer); "" = the demo
+model = ""                # checkpoint folder (Hugging Face or Meta layout, with its tokenizer);
+                          # "" = the demo
 data = ""                 # LLM-Adapters JSON rows: instruction, input (optional), output
-out = ""                  # "" = <demo_dir>/<adapter> for the demo, out/<model folder name>-<adapter> otherwise
+out = ""                  # "" = <demo_dir>/<adapter> for the demo,
+                          # out/<model folder name>-<adapter> otherwise
 adapter = "lora"          # a kind of adapters.KINDS: lora dora ia3 series parallel prefix prompt
-resume = False            # continue from <out>/resume.pt, to the same losses as an uninterrupted run
+resume = False            # continue from <out>/resume.pt,
+                          # to the same losses as an uninterrupted run
 overwrite = False         # replace the run already in --out (else a used --out is refused)
 # LLM-Adapters' recipe
-cutoff_len = 256          # examples are cut to this many tokens (then without EOS), as LLM-Adapters does
+cutoff_len = 256          # examples are cut to this many tokens (then without EOS),
+                          # as LLM-Adapters does
 train_on_inputs = True    # false: no loss on the prompt (targets -100)
 group_by_length = True    # micro-batches of examples of similar length: little padding
-batch_size = 16           # examples per optimizer step, in micro-batches (gradient accumulation) over all processes
+batch_size = 16           # examples per optimizer step, in micro-batches (gradient accumulation)
+                          # over all processes
 micro_batch_size = 4
 learning_rate = 3e-4      # AdamW
 weight_decay = 0.0
@@ -65,14 +77,16 @@ warmup_steps = 100        # linear warmup, then decay to 0 at the last step
 decay = "linear"          # linear | cosine
 num_epochs = 3
 max_steps = 0             # > 0: this many optimizer steps instead (the schedule ends there)
-val_set_size = 120        # rows held out for validation; the adapter is saved whenever validation loss improves
+val_set_size = 120        # rows held out for validation;
+                          # the adapter is saved whenever validation loss improves
 eval_interval = 200       # steps between validations (each also writes resume.pt)
 grad_clip = 1.0           # 0 = off
 seed = 42
 # system
 device = ""               # cuda | cpu | mps; "" = cuda if available, else cpu
-dtype = ""                # of the frozen base and autocast: bfloat16 | float16 (+ GradScaler) | float32;
-                          # "" = bfloat16 on cuda (float16 where bf16 is unsupported), float32 elsewhere
+dtype = ""                # of the frozen base and autocast:
+                          # bfloat16 | float16 (+ GradScaler) | float32; "" = bfloat16 on cuda
+                          # (float16 where bf16 is unsupported), float32 elsewhere
 quantize = ""             # frozen base in int8 | nf4 | nf4-dq (QLoRA 4-bit, + double quant.)
 grad_ckpt = False         # recompute activations in backward: less memory, ~30% slower
 compile = ""              # compile each block: "" = on for CUDA, off elsewhere; true | false
@@ -82,12 +96,14 @@ log_interval = 10
 demo_dir = DEMO_DIR
 demo_n_train = 4000       # two-step training rows (val_set_size of them for validation)
 demo_n_test = 200         # held-out two-step problems for the accuracy comparison
-demo_base_steps = 900     # pretraining steps of the base (built once: delete <demo_dir>/base to rebuild)
+demo_base_steps = 900     # pretraining steps of the base
+                          # (built once: delete <demo_dir>/base to rebuild)
 demo_base_threads = 0     # CPU threads while pretraining it; 0 = measured: 1 or all cores,
                           # whichever is faster now, re-checked every 300 steps (ThreadPicker)
 demo_base_docs = 30000    # documents in its pretraining corpus
-# -----------------------------------------------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items()  # the settings above (lower-case, unlike imported names)
+# --------------------------------------------------------------------------------------------------
+# the settings above (lower-case, unlike imported names)
+DEFAULTS = {k: v for k, v in globals().items()
             if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 # The smallest allowed value of every numeric setting, checked in one place (check_ranges);
 # learning_rate must exceed its 0. The demo base holds out 200 of its documents for validation.
@@ -95,18 +111,20 @@ MINIMUM = dict(cutoff_len=2, batch_size=1, micro_batch_size=1, learning_rate=0.0
                warmup_steps=0, num_epochs=1, max_steps=0, val_set_size=0, eval_interval=1,
                grad_clip=0.0, seed=0, threads=0, log_interval=1, demo_n_train=1, demo_n_test=1,
                demo_base_steps=1, demo_base_threads=0, demo_base_docs=201)
-# The demo fine-tunes a tiny model in ~2 minutes; these replace the recipe's values unless set explicitly. One CPU
-# thread: a second one is faster on an idle machine (--threads=2), but several times slower when the other core is
-# busy, as every small matrix product then waits for both. The base's pretraining (micro-batches
-# of 32, not 4) gains more from a second core, so it measures which is faster (ThreadPicker).
+# The demo fine-tunes a tiny model in ~2 minutes; these replace the recipe's values unless set
+# explicitly. One CPU thread: a second one is faster on an idle machine (--threads=2), but several
+# times slower when the other core is busy, as every small matrix product then waits for both. The
+# base's pretraining (micro-batches of 32, not 4) gains more from a second core, so it measures
+# which is faster (ThreadPicker).
 # A demo run is remade in a minute, so rerunning it replaces the previous one (overwrite).
 DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100,
             threads=1, overwrite=True)
 DEMO_LR = {"prefix": 2e-1, "prompt": 1e-1,  # a few thousand parameters, far from the base's weights
            "ia3": 1e-1}  # 2,432 scales: 96.0% at 1e-1, 84.0% at 3e-2
 # Pretraining the demo base, by the same train(): whole documents, mixed lengths in every batch.
-DEMO_BASE = dict(learning_rate=1.5e-3, warmup_steps=50, decay="cosine", batch_size=32, micro_batch_size=32,
-                 train_on_inputs=True, group_by_length=False, eval_interval=500, resume=False)
+DEMO_BASE = dict(learning_rate=1.5e-3, warmup_steps=50, decay="cosine", batch_size=32,
+                 micro_batch_size=32, train_on_inputs=True, group_by_length=False,
+                 eval_interval=500, resume=False)
 DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, intermediate_size=352)
 
 
@@ -115,9 +133,9 @@ def fail(msg):
 
 
 def get_config(argv):
-    """Defaults <- config files (Python assignments as in nanoGPT, or a JSON object), in order <- --key=value,
-    through configurator.py; without --model, the demo's recipe replaces the defaults it names. Returns
-    (cfg, adapter options)."""
+    """Defaults <- config files (Python assignments as in nanoGPT, or a JSON object), in order
+    <- --key=value, through configurator.py; without --model, the demo's recipe replaces the
+    defaults it names. Returns (cfg, adapter options)."""
     if "--help" in argv or "-h" in argv:
         configure(argv, DEFAULTS, __doc__)
     try:
@@ -127,7 +145,8 @@ def get_config(argv):
             raise ConfigError(f"unknown adapter {kind!r}; adapters: {', '.join(adapters.KINDS)}")
         defaults = DEFAULTS if given.get("model") else \
             {**DEFAULTS, **DEMO, "learning_rate": DEMO_LR.get(kind, DEMO["learning_rate"])}
-        cfg, options = settle(given, defaults, lambda _: adapters.KINDS[kind].defaults, explain_option)
+        cfg, options = settle(given, defaults, lambda _: adapters.KINDS[kind].defaults,
+                              explain_option)
         check_choice(cfg, "decay", ("linear", "cosine"))
         check_choice(cfg, "dtype", DTYPES)
         check_choice(cfg, "quantize", ("", *QUANT_MODES))
@@ -150,7 +169,8 @@ def explain_option(key, given):
     """The error for an option of another adapter kind than the chosen one."""
     kind = given.get("adapter", adapter)
     owners = [k for k, entry in adapters.KINDS.items() if key in entry.defaults]
-    return owners and (f"--{key} does not apply to --adapter={kind} (it is an option of {', '.join(owners)}); "
+    return owners and (f"--{key} does not apply to --adapter={kind} "
+                       f"(it is an option of {', '.join(owners)}); "
                        f"{kind} options: {', '.join(adapters.KINDS[kind].defaults)}")
 
 
@@ -170,7 +190,8 @@ def setup(cfg):
         torch.set_num_threads(cfg.threads)
     ctx = nullcontext() if dt == torch.float32 else torch.autocast(device.type, dtype=dt)
     adapters.fast_fp32_matmuls(device, dt)
-    return SimpleNamespace(device=device, dtype=dt, ctx=ctx, rank=rank, world=world, master=rank == 0)
+    return SimpleNamespace(device=device, dtype=dt, ctx=ctx, rank=rank, world=world,
+                           master=rank == 0)
 
 
 def log(rt, out, record, text):
@@ -181,14 +202,15 @@ def log(rt, out, record, text):
                 f.write(json.dumps(record) + "\n")
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data: rows -> examples (input ids, targets) -> micro-batches
 
 
 def tokenize(tok, rows, cfg):
-    """LLM-Adapters' examples: [BOS] prompt + response EOS, cut at cutoff_len (so without EOS); the targets are the
-    ids shifted by one (nanoGPT style), -100 on the prompt when train_on_inputs is false. Returns (examples, number
-    cut, number dropped): a row left without any target (its prompt fills cutoff_len) is dropped."""
+    """LLM-Adapters' examples: [BOS] prompt + response EOS, cut at cutoff_len (so without EOS); the
+    targets are the ids shifted by one (nanoGPT style), -100 on the prompt when train_on_inputs is
+    false. Returns (examples, number cut, number dropped): a row left without any target (its prompt
+    fills cutoff_len) is dropped."""
     examples, n_cut, n_dropped = [], 0, 0
     for row in rows:
         prompt, response = format_example(row)
@@ -207,11 +229,12 @@ def tokenize(tok, rows, cfg):
 
 
 def epoch_plan(examples, cfg, epoch, rt):
-    """This process's optimizer steps of one epoch, each a list of micro-batches (lists of example indices): a pure
-    function of (seed, epoch), so a resumed run gets the same batches. group_by_length sorts by length within groups
-    of 50 micro-batches (as Hugging Face's), then shuffles the micro-batches so that a step still mixes lengths.
-    The list is padded to a multiple of the world size by repeating its start (DistributedSampler's rule) and
-    dealt round-robin to the processes."""
+    """This process's optimizer steps of one epoch, each a list of micro-batches (lists of example
+    indices): a pure function of (seed, epoch), so a resumed run gets the same batches.
+    group_by_length sorts by length within groups of 50 micro-batches (as Hugging Face's), then
+    shuffles the micro-batches so that a step still mixes lengths. The list is padded to a multiple
+    of the world size by repeating its start (DistributedSampler's rule) and dealt round-robin to
+    the processes."""
     g = torch.Generator().manual_seed(cfg.seed + epoch)
     order, mb = torch.randperm(len(examples), generator=g).tolist(), cfg.micro_batch_size
     if cfg.group_by_length:
@@ -226,16 +249,18 @@ def epoch_plan(examples, cfg, epoch, rt):
 
 
 def collate(examples, idx, device):
-    """Right-padded (x, y): padding is id 0 with target -100, and causal attention hides it from the real tokens."""
+    """Right-padded (x, y): padding is id 0 with target -100, and causal attention hides it from the
+    real tokens."""
     T = max(len(examples[i][0]) for i in idx)
-    x, y = torch.zeros(len(idx), T, dtype=torch.long), torch.full((len(idx), T), -100, dtype=torch.long)
+    x, y = (torch.zeros(len(idx), T, dtype=torch.long),
+            torch.full((len(idx), T), -100, dtype=torch.long))
     for r, i in enumerate(idx):
         ids, targets = examples[i]
         x[r, :len(ids)], y[r, :len(targets)] = torch.tensor(ids), torch.tensor(targets)
     return x.to(device), y.to(device)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the one training loop, for the demo base's pretraining and for every adapter
 
 
@@ -243,14 +268,16 @@ def get_lr(step, total, cfg):
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
     progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.learning_rate * (1 - progress if cfg.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.learning_rate * (1 - progress if cfg.decay == "linear"
+                                else 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
 def val_loss(model, examples, cfg, rt):
     """Mean loss per target token over the validation examples, sharded over the processes."""
     model.eval()
-    order, mb = sorted(range(len(examples)), key=lambda i: len(examples[i][0])), cfg.micro_batch_size
+    order, mb = (sorted(range(len(examples)), key=lambda i: len(examples[i][0])),
+                 cfg.micro_batch_size)
     total = torch.zeros(2, device=rt.device)
     for s in range(rt.rank * mb, len(order), rt.world * mb):
         x, y = collate(examples, order[s:s + mb], rt.device)
@@ -264,15 +291,17 @@ def val_loss(model, examples, cfg, rt):
 
 
 def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=None):
-    """Train the model's trainable parameters: AdamW, warmup then linear/cosine decay, gradient accumulation and
-    clipping, autocast (+ GradScaler with float16), DDP. Every eval_interval steps and at the end: validation, save()
-    on rank 0 if it improved, and with `out` an atomic resume checkpoint out/resume.pt. A non-finite loss stops the
-    run before anything of its step is applied or written. before_step(step) runs before each step (sparse adapters
-    pick their part there). Returns a summary dict."""
+    """Train the model's trainable parameters: AdamW, warmup then linear/cosine decay, gradient
+    accumulation and clipping, autocast (+ GradScaler with float16), DDP. Every eval_interval steps
+    and at the end: validation, save() on rank 0 if it improved, and with `out` an atomic resume
+    checkpoint out/resume.pt. A non-finite loss stops the run before anything of its step is applied
+    or written. before_step(step) runs before each step (sparse adapters pick their part there).
+    Returns a summary dict."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                            fused=rt.device.type == "cuda" or None)  # one kernel for all parameters on a GPU
+                            # one kernel for all parameters on a GPU
+                            fused=rt.device.type == "cuda" or None)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     compiled = compile_setting(cfg.compile, rt.device)
     fwd = compile_blocks(model) if compiled else model
@@ -385,17 +414,19 @@ RESUME_KEYS = ("model", "data", "adapter", "batch_size", "micro_batch_size", "le
 
 
 def save_state(path, model, named, opt, scaler, step, best, cfg, rt):
-    """resume.pt: trainable weights, optimizer, GradScaler, step (the schedule is a function of it) and every
-    process's RNG state, with the settings a resumed run must share. Temporary file, then renamed."""
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None}
+    """resume.pt: trainable weights, optimizer, GradScaler, step (the schedule is a function of it)
+    and every process's RNG state, with the settings a resumed run must share. Temporary file, then
+    renamed."""
+    rng = {"cpu": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None}
     rngs = [rng] * rt.world
     if rt.world > 1:
         dist.all_gather_object(rngs, rng)
     if rt.master:
         config = {k: getattr(cfg, k) for k in RESUME_KEYS}
-        state = dict(step=step, best_val=best, trainable={n: p.detach().cpu() for n, p in named}, rng=rngs,
-                     optimizer=opt.state_dict(), scaler=scaler.state_dict(), config=config,
-                     options=adapter_options(model))
+        state = dict(step=step, best_val=best, trainable={n: p.detach().cpu() for n, p in named},
+                     rng=rngs, optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                     config=config, options=adapter_options(model))
         write_atomic(path, lambda f: torch.save(state, f))
 
 
@@ -438,13 +469,14 @@ def adapter_options(model):
     return model.adapter_configs.get("default", {}).get("options")
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the embedded demo
 
 
 def build_demo_base(path, cfg, rt):
-    """The demo's base model, built in path.tmp and renamed when complete: a sentencepiece tokenizer trained on the
-    synthetic corpus, and a tiny LLaMA pretrained on it by train(); config.json, model.safetensors, tokenizer.model."""
+    """The demo's base model, built in path.tmp and renamed when complete: a sentencepiece tokenizer
+    trained on the synthetic corpus, and a tiny LLaMA pretrained on it by train(); config.json,
+    model.safetensors, tokenizer.model."""
     t0, tmp = time.time(), path + ".tmp"
     docs = synthetic.pretrain_corpus(cfg.demo_base_docs, seed=cfg.seed)
     log(rt, None, None, f"1/3 building the demo base model in {path} (once): a tokenizer, then "
@@ -457,7 +489,8 @@ def build_demo_base(path, cfg, rt):
         dist.barrier()
     tok = Tokenizer.from_pretrained(tmp)
     torch.manual_seed(cfg.seed)
-    base = Transformer(Config("demo-base", vocab_size=tok.vocab_size, block_size=cfg.cutoff_len, **DEMO_MODEL))
+    base = Transformer(Config("demo-base", vocab_size=tok.vocab_size, block_size=cfg.cutoff_len,
+                              **DEMO_MODEL))
     examples = [(ids[:-1], ids[1:]) for ids in (tok.encode(d, bos=True, eos=True) for d in docs)]
     pcfg = SimpleNamespace(**{**vars(cfg), **DEMO_BASE, "max_steps": cfg.demo_base_steps})
     threads = torch.get_num_threads()
@@ -474,9 +507,10 @@ def build_demo_base(path, cfg, rt):
         os.replace(tmp, path)
     if rt.world > 1:
         dist.barrier()
-    log(rt, None, None, f"demo base model: {sum(p.numel() for p in base.parameters()):,} parameters, pretrained "
-                        f"{summary['steps']} steps in {summary['time_s']:.0f}s, val loss {summary['best_val']:.3f}; "
-                        f"built in {time.time() - t0:.0f}s")
+    log(rt, None, None,
+        f"demo base model: {sum(p.numel() for p in base.parameters()):,} parameters, "
+        f"pretrained {summary['steps']} steps in {summary['time_s']:.0f}s, "
+        f"val loss {summary['best_val']:.3f}; built in {time.time() - t0:.0f}s")
 
 
 class ThreadPicker:
@@ -549,13 +583,14 @@ def explain_trainable(kind, options, trainable, total):
 
 
 def accuracy(model, tok, rows, rt):
-    """Exact match of the greedy answers to the template prompts, generated and scored as eval.py does."""
+    """Exact match of the greedy answers to the template prompts, generated and scored as eval.py
+    does."""
     with rt.ctx:
-        return evaluate(model.eval(), tok, rows, "demo", kind="number", max_new_tokens=40, batch_size=50,
-                        progress=rt.master)[1]
+        return evaluate(model.eval(), tok, rows, "demo", kind="number", max_new_tokens=40,
+                        batch_size=50, progress=rt.master)[1]
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
