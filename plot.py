@@ -25,7 +25,7 @@ DEFAULTS = dict(
     demo_dir=DEMO_DIR,
 )
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-W, H, LEFT, RIGHT, TOP, BOTTOM = 680, 400, 64, 150, 36, 48  # canvas, margins (legend on the right)
+W, H, LEFT, RIGHT, TOP, BOTTOM = 700, 400, 64, 170, 36, 48  # canvas, margins (legend on the right)
 
 
 def fail(msg):
