@@ -491,6 +491,11 @@ def _check_prefix(o, c):
                          f"expected 0 (all) up to the model's {c.n_layer} layers")
 
 
+def _prefix_places(model, o):  # the attention of the top `layers` blocks (0: all)
+    n = model.config.n_layer
+    return [(f"layers.{i}.attn", "prefix") for i in range(n - (o["layers"] or n), n)]
+
+
 def _make_prefix(model, owner, slot, o):
     P = o["num_virtual_tokens"]
     return GatedPrefix(model.config, P) if o["gated"] else Prefix(model.config, P, o["reparam"])
@@ -537,11 +542,7 @@ KINDS = {
     # reparam = hidden size of the reparameterisation MLP; gated = LLaMA-Adapter; layers = the
     # top N only (0 = all)
     "prefix": Kind(dict(num_virtual_tokens=10, reparam=0, gated=False, layers=0),
-                   lambda model, o: [(f"layers.{i}.attn", "prefix")
-                                     for i in range(model.config.n_layer
-                                                    - (o["layers"] or model.config.n_layer),
-                                                    model.config.n_layer)],
-                   _make_prefix, _check_prefix, lambda model: merge_prefix(model)),
+                   _prefix_places, _make_prefix, _check_prefix, lambda model: merge_prefix(model)),
     "prompt": Kind(dict(num_virtual_tokens=10), lambda model, o: [("", "prompt")],
                    lambda model, owner, slot, o: Prompt(model.embed, o["num_virtual_tokens"])),
     "dora": Kind(_lora, _lora_places, lambda m, lin, slot, o: DoRA(
