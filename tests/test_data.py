@@ -17,7 +17,8 @@ from data.template import (PROMPT_NO_INPUT, PROMPT_WITH_INPUT, TEMPLATE_NAME,  #
 FIX = os.path.join(ROOT, "tests", "fixtures", "data")
 RELEASE = os.path.join(FIX, "release")
 BAD = os.path.join(FIX, "bad")
-REAL = os.environ.get("LLM_ADAPTERS_DATA", os.path.join(ROOT, "..", "shared", "data", "llm-adapters"))
+REAL = os.environ.get("LLM_ADAPTERS_DATA",
+                      os.path.join(ROOT, "..", "shared", "data", "llm-adapters"))
 
 
 # ---------------------------------------------------------------- template
@@ -37,7 +38,8 @@ def test_template_exact_strings():
 
 
 def test_format_example():
-    prompt, response = format_example({"instruction": "Q?", "input": "", "output": "A.", "answer": "1"})
+    prompt, response = format_example({"instruction": "Q?", "input": "", "output": "A.",
+                                       "answer": "1"})
     assert prompt == format_prompt("Q?") and prompt.endswith("### Response:\n") and response == "A."
     prompt, _ = format_example({"instruction": "Q?", "output": "A."})   # no input field
     assert prompt == format_prompt("Q?")
@@ -66,7 +68,8 @@ def test_load_rows_good():
     ("not_json.json", ("instruction",), ["not valid JSON", "line"]),
     ("not_list.json", ("instruction",), ["expected a JSON list", "dict"]),
     ("missing_instruction.json", ("instruction",), ["row 2", "missing field 'instruction'"]),
-    ("wrong_type.json", ("instruction", "output"), ["row 1", "'output'", "must be a string", "int"]),
+    ("wrong_type.json", ("instruction", "output"),
+     ["row 1", "'output'", "must be a string", "int"]),
     ("empty_instruction.json", ("instruction",), ["row 0", "'instruction' is empty"]),
     ("not_a_dict_row.json", ("instruction",), ["row 1", "expected a JSON object", "str"]),
     ("bad_answer.json", P.TEST_REQUIRE, ["row 1", "'answer'", "NoneType"]),
@@ -85,7 +88,8 @@ def test_validate_row_direct():
     assert P.validate_row({"instruction": "q", "answer": 3}, "f.json", 0, P.TEST_REQUIRE)
     with pytest.raises(P.DataError, match=r"f\.json: row 5: field 'input' must be a string"):
         P.validate_row({"instruction": "q", "input": ["x"]}, "f.json", 5)
-    with pytest.raises(P.DataError, match=r"row 0: field 'answer' must be a string or number, got bool"):
+    with pytest.raises(P.DataError,
+                       match=r"row 0: field 'answer' must be a string or number, got bool"):
         P.validate_row({"instruction": "q", "answer": True}, "f.json", 0)
     with pytest.raises(P.DataError, match="'answer' is empty"):
         P.validate_row({"instruction": "q", "answer": " "}, "f.json", 0, P.TEST_REQUIRE)
@@ -122,14 +126,16 @@ def test_prepare_writes_validated_copies(tmp_path, capsys):
     assert P.main(["--from", RELEASE, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "AddSub" in text and "missing" in text and "SVAMP" in text
-    assert "WARNING leakage: math_data contains 1 exact / 2 whitespace-normalised of 3 AddSub" in text
+    assert ("WARNING leakage: math_data contains 1 exact / 2 whitespace-normalised of 3 AddSub"
+            in text)
     for name in ["AQuA", "AddSub", "boolq"]:
         src = json.load(open(os.path.join(RELEASE, "dataset", name, "test.json"), encoding="utf-8"))
         assert P.load_rows(out / name / "test.json", P.TEST_REQUIRE) == src
     assert len(P.load_rows(out / "train" / "math_data.json", P.TRAIN_REQUIRE)) == 4
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]   # no temp files left
     report = P.prepare(RELEASE, None, verbose=False)
-    assert report["test"] == {"AQuA": 1, "AddSub": 3, "boolq": 2} and report["train"] == {"math_data": 4}
+    assert (report["test"] == {"AQuA": 1, "AddSub": 3, "boolq": 2}
+            and report["train"] == {"math_data": 4})
     assert report["leakage"] == {"math_data": {"AddSub": {"exact": 1, "normalized": 2, "total": 3}}}
 
 
@@ -140,7 +146,8 @@ def test_prepare_reports_bad_file(tmp_path, capsys):
     out = tmp_path / "out"
     assert P.main(["--from", str(root), "--out", str(out)]) == 1
     text = capsys.readouterr().out
-    assert "ERROR" in text and os.path.join("boolq", "test.json") in text and "row 1: field 'answer'" in text
+    assert ("ERROR" in text and os.path.join("boolq", "test.json") in text
+            and "row 1: field 'answer'" in text)
     assert (out / "AddSub" / "test.json").exists() and not (out / "boolq").exists()
 
 
@@ -152,7 +159,7 @@ def test_write_json_atomic_replaces(tmp_path):
     assert os.listdir(tmp_path / "a") == ["x.json"]
 
 
-# ---------------------------------------------------------------- the real release (skipped without it)
+# ------------------------------------------------------------ the real release (skipped without it)
 REAL_TEST_ROWS = {"AQuA": 254, "ARC-Easy": 2376, "AddSub": 395, "MultiArith": 600, "SingleEq": 508,
                   "boolq": 3270, "gsm8k": 1319, "mathqa": 2985, "mawps": 238, "openbookqa": 500,
                   "piqa": 1838, "social_i_qa": 1954, "winogrande": 1267}
@@ -178,4 +185,5 @@ def test_real_commonsense_gold_outputs_score_correct():
     # the released commonsense outputs read "the correct answer is answerN": all must score correct
     for name in ["boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "openbookqa"]:
         rows = P.load_rows(os.path.join(REAL, "dataset", name, "test.json"), P.TEST_REQUIRE)
-        assert all(is_correct(name, extract_answer(name, r["output"]), r["answer"]) for r in rows), name
+        assert all(is_correct(name, extract_answer(name, r["output"]), r["answer"])
+                   for r in rows), name

@@ -152,8 +152,10 @@ def test_backward_gives_the_same_gradients_and_saves_no_full_weight():
 
 
 # kind -> (options, learning rate); all of them start out equal to the base
-ON_A_QUANTIZED_BASE = {"lora": (dict(r=8, dropout=0.0), 1e-2), "series": (dict(bottleneck=16), 1e-2),
-                       "parallel": (dict(bottleneck=16), 1e-2), "prefix": (dict(gated=True), 2e-1)}
+ON_A_QUANTIZED_BASE = {"lora": (dict(r=8, dropout=0.0), 1e-2),
+                       "series": (dict(bottleneck=16), 1e-2),
+                       "parallel": (dict(bottleneck=16), 1e-2),
+                       "prefix": (dict(gated=True), 2e-1)}
 
 
 @pytest.mark.parametrize("kind", ON_A_QUANTIZED_BASE)
@@ -322,5 +324,6 @@ def test_bench_takes_quantize():
     res = bench.main(["--quantize=nf4-dq", "--steps=1", "--warmup=1", "--micro_batch=2",
                       "--seq_len=16"])
     assert res["quantize"] == "nf4-dq" and res["ours"]["tok_s"] > 0
-    with pytest.raises(SystemExit, match="bench.py: error: --quantize=int4: expected one of '', int8"):
+    with pytest.raises(SystemExit,
+                       match="bench.py: error: --quantize=int4: expected one of '', int8"):
         importlib.reload(bench).main(["--quantize=int4"])

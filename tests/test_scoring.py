@@ -21,7 +21,8 @@ def test_groups_and_kinds():
     assert all(DATASET_KIND[n] == NUMBER for n in NUMERIC)
     assert DATASET_KIND["AQuA"] == OPTION and DATASET_KIND["mathqa"] == OPTION
     assert DATASET_KIND["boolq"] == ["true", "false"]
-    assert DATASET_KIND["social_i_qa"] == [f"answer{i}" for i in range(1, 6)]  # as the reference regex
+    # as the reference regex
+    assert DATASET_KIND["social_i_qa"] == [f"answer{i}" for i in range(1, 6)]
 
 
 # ---- numbers: remove commas, LAST match of -?\d+\.?\d*, |pred - label| <= 0.001
