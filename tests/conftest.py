@@ -8,25 +8,28 @@ or use the fixtures `hf_checkpoint` / `meta_checkpoint` (factories bound to the 
 `hf_base` (one checkpoint per family, shared by a test module).
 
 Families (the `family` argument everywhere):
-    llama       LlamaForCausalLM, multi-head attention, intermediate_size 192 (Meta's rule for dim 64, multiple_of 32)
-    llama-gqa   LlamaForCausalLM, 4 heads / 2 key-value heads, intermediate_size 224 (ffn_dim_multiplier 1.3)
+    llama       LlamaForCausalLM, multi-head attention, intermediate_size 192
+                (Meta's rule for dim 64, multiple_of 32)
+    llama-gqa   LlamaForCausalLM, 4 heads / 2 key-value heads, intermediate_size 224
+                (ffn_dim_multiplier 1.3)
     gptj        GPTJForCausalLM, rotary_dim 8 < head_dim 16
     bloom       BloomForCausalLM (ALiBi, tied embeddings)
     opt         OPTForCausalLM, pre-LN (opt-125m style, tied embeddings)
     opt-350m    OPTForCausalLM, post-LN, word_embed_proj_dim 32 < hidden 64 (project_in/out)
-All have hidden 64, 2 layers, 4 heads, vocab 256. Every parameter is randomised (norm weights around 1, biases
-around 0) so that no weight is a no-op and a wrong key map shows up in the logits.
+All have hidden 64, 2 layers, 4 heads, vocab 256. Every parameter is randomised (norm weights
+around 1, biases around 0) so that no weight is a no-op and a wrong key map shows up in the logits.
 
 Layouts (the `layout` argument of make_hf_checkpoint):
-    safetensors           model.safetensors                                    (transformers' save_pretrained)
-    safetensors-sharded   model-0000i-of-0000n.safetensors + index             (save_pretrained, max_shard_size)
-    bin                   pytorch_model.bin                                    (torch.save of the state dict)
-    bin-sharded           pytorch_model-0000i-of-0000n.bin + pytorch_model.bin.index.json
-transformers 5 writes only safetensors, so the .bin layouts are written here by hand, as older releases wrote them:
-the full state dict (tied lm_head.weight included) and, for GPT-J, the legacy causal-mask buffers
-`transformer.h.N.attn.bias` / `attn.masked_bias` that the loader must skip.
+    safetensors          model.safetensors                         (transformers' save_pretrained)
+    safetensors-sharded  model-0000i-of-0000n.safetensors + index  (save_pretrained, max_shard_size)
+    bin                  pytorch_model.bin                         (torch.save of the state dict)
+    bin-sharded          pytorch_model-0000i-of-0000n.bin + pytorch_model.bin.index.json
+transformers 5 writes only safetensors, so the .bin layouts are written here by hand, as older
+releases wrote them: the full state dict (tied lm_head.weight included) and, for GPT-J, the legacy
+causal-mask buffers `transformer.h.N.attn.bias` / `attn.masked_bias` that the loader must skip.
 
-transformers is imported lazily, so test files that never build a checkpoint do not pay for the import.
+transformers is imported lazily, so test files that never build a checkpoint
+do not pay for the import.
 """
 import json
 import os
@@ -38,7 +41,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# The test models are tiny: one intra-op thread is far faster than a thread pool that spins on a shared 2-core box.
+# The test models are tiny: one intra-op thread is far faster than a thread pool that spins on a
+# shared 2-core box.
 torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `import model` from any test file
@@ -48,29 +52,31 @@ LAYOUTS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
 VOCAB = 256
 
 # family -> (our Config preset, overrides) for models built without a checkpoint (see tiny_model)
-PRESET_OF = {"llama": ("tiny-llama", {}), "llama-gqa": ("tiny-llama-gqa", {}), "gptj": ("tiny-gptj", {}),
-             "bloom": ("tiny-bloom", {}), "opt": ("tiny-opt", {}),
+PRESET_OF = {"llama": ("tiny-llama", {}), "llama-gqa": ("tiny-llama-gqa", {}),
+             "gptj": ("tiny-gptj", {}), "bloom": ("tiny-bloom", {}), "opt": ("tiny-opt", {}),
              "opt-350m": ("tiny-opt", dict(post_norm=True, final_norm=False, embed_dim=32))}
 
 
 def tiny_hf_config(family, **overrides):
-    """A transformers config of the given family (see the module docstring); keyword overrides win."""
+    """A transformers config of the given family (see the module docstring); keyword
+    overrides win."""
     import transformers as tf
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family in ("llama", "llama-gqa"):
-        kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
-                  rms_norm_eps=1e-5, intermediate_size=192)
+        kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128, rms_norm_eps=1e-5, intermediate_size=192)
         if family == "llama-gqa":
             kw.update(num_key_value_heads=2, intermediate_size=224)
         return tf.LlamaConfig(**{**common, **kw, **overrides})
     if family == "gptj":
-        return tf.GPTJConfig(**{**common, "n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_inner": 128,
-                                "n_positions": 128, **overrides})
+        return tf.GPTJConfig(**{**common, "n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8,
+                                "n_inner": 128, "n_positions": 128, **overrides})
     if family == "bloom":
-        return tf.BloomConfig(**{**common, "hidden_size": 64, "n_layer": 2, "n_head": 4, **overrides})
+        return tf.BloomConfig(**{**common, "hidden_size": 64, "n_layer": 2, "n_head": 4,
+                                 **overrides})
     if family in ("opt", "opt-350m"):
-        kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, max_position_embeddings=128,
-                  word_embed_proj_dim=64, do_layer_norm_before=True)
+        kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                  max_position_embeddings=128, word_embed_proj_dim=64, do_layer_norm_before=True)
         if family == "opt-350m":
             kw.update(word_embed_proj_dim=32, do_layer_norm_before=False)
         return tf.OPTConfig(**{**common, **kw, **overrides})
@@ -79,8 +85,9 @@ def tiny_hf_config(family, **overrides):
 
 @torch.no_grad()
 def randomize_(module, seed=0, std=0.1, vector_std=0.2):
-    """Overwrite every parameter of `module` in place: matrices ~ N(0, std), 1-D weights (norm scales) ~ 1 +
-    N(0, vector_std), 1-D biases ~ N(0, vector_std). Deterministic in `seed`; tied weights are set once. Returns module."""
+    """Overwrite every parameter of `module` in place: matrices ~ N(0, std), 1-D weights (norm
+    scales) ~ 1 + N(0, vector_std), 1-D biases ~ N(0, vector_std). Deterministic in `seed`; tied
+    weights are set once. Returns module."""
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
         noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
@@ -95,24 +102,28 @@ def make_hf_model(family, seed=0, **overrides):
     """A randomised fp32 transformers model of the family, in eval mode."""
     import transformers as tf
     cfg = tiny_hf_config(family, **overrides)
-    cls = {"llama": tf.LlamaForCausalLM, "llama-gqa": tf.LlamaForCausalLM, "gptj": tf.GPTJForCausalLM,
-           "bloom": tf.BloomForCausalLM, "opt": tf.OPTForCausalLM, "opt-350m": tf.OPTForCausalLM}[family]
+    cls = {"llama": tf.LlamaForCausalLM, "llama-gqa": tf.LlamaForCausalLM,
+           "gptj": tf.GPTJForCausalLM, "bloom": tf.BloomForCausalLM,
+           "opt": tf.OPTForCausalLM, "opt-350m": tf.OPTForCausalLM}[family]
     torch.manual_seed(seed)
     return randomize_(cls(cfg), seed).float().eval()
 
 
 def gptj_legacy_buffers(n_layer, n_positions):
-    """The non-parameter tensors that GPT-J's original .bin files carry for every layer (must be ignored)."""
+    """The non-parameter tensors that GPT-J's original .bin files carry for every layer (must be
+    ignored)."""
     out = {}
     for i in range(n_layer):
-        out[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n_positions, n_positions, dtype=torch.bool))[None, None]
+        out[f"transformer.h.{i}.attn.bias"] = torch.tril(
+            torch.ones(n_positions, n_positions, dtype=torch.bool))[None, None]
         out[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e9)
     return out
 
 
 def write_state_dict(path, tensors, layout, n_shards=3):
-    """Write a name -> tensor dict into folder `path` in `layout` (see LAYOUTS; sharded layouts get an index with a
-    weight_map). Tensors that share memory are saved as separate copies in safetensors. Returns the written files."""
+    """Write a name -> tensor dict into folder `path` in `layout` (see LAYOUTS; sharded layouts get
+    an index with a weight_map). Tensors that share memory are saved as separate copies in
+    safetensors. Returns the written files."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     names = list(tensors)
@@ -123,32 +134,38 @@ def write_state_dict(path, tensors, layout, n_shards=3):
     elif layout in ("safetensors-sharded", "bin-sharded"):
         n = min(n_shards, len(names))
         groups = [names[i::n] for i in range(n)]
-        files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if safe else f"pytorch_model-{i + 1:05d}-of-{n:05d}.bin"
+        files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if safe
+                 else f"pytorch_model-{i + 1:05d}-of-{n:05d}.bin"
                  for i in range(n)]
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
+                                                for t in tensors.values())},
                  "weight_map": {k: f for f, g in zip(files, groups) for k in g}}
-        (path / ("model.safetensors.index.json" if safe else "pytorch_model.bin.index.json")).write_text(
-            json.dumps(index, indent=2))
+        (path / ("model.safetensors.index.json" if safe
+                 else "pytorch_model.bin.index.json")).write_text(json.dumps(index, indent=2))
     else:
         raise ValueError(f"unknown layout {layout!r}; layouts: {LAYOUTS}")
     for f, g in zip(files, groups):
         part = {k: tensors[k] for k in g}
         if safe:
             from safetensors.torch import save_file
-            save_file({k: t.detach().contiguous().clone() for k, t in part.items()}, path / f, metadata={"format": "pt"})
+            save_file({k: t.detach().contiguous().clone() for k, t in part.items()}, path / f,
+                      metadata={"format": "pt"})
         else:
             torch.save(part, path / f)
     return [path / f for f in files]
 
 
-def make_hf_checkpoint(path, family, layout="safetensors", seed=0, strip_prefix=False, extra_tensors=None,
-                       drop=(), **overrides):
-    """Write a tiny random checkpoint of `family` into folder `path` (created) and return (path, hf_model).
+def make_hf_checkpoint(path, family, layout="safetensors", seed=0, strip_prefix=False,
+                       extra_tensors=None, drop=(), **overrides):
+    """Write a tiny random checkpoint of `family` into folder `path` (created) and
+    return (path, hf_model).
 
-    layout: one of LAYOUTS. Plain safetensors layouts come from transformers' own save_pretrained; .bin layouts
-    hold the full state dict (GPT-J's legacy attn.bias/attn.masked_bias buffers included). strip_prefix: save the
-    keys of the bare base model, without the outer `transformer.` (BLOOM, GPT-J) / `model.` (OPT, LLaMA) prefix,
-    as the original BLOOM/OPT releases did (checkpoints.py accepts that for BLOOM and OPT only). extra_tensors: name -> tensor added to the checkpoint; drop: names removed.
+    layout: one of LAYOUTS. Plain safetensors layouts come from transformers' own save_pretrained;
+    .bin layouts hold the full state dict (GPT-J's legacy attn.bias/attn.masked_bias buffers
+    included). strip_prefix: save the keys of the bare base model, without the outer `transformer.`
+    (BLOOM, GPT-J) / `model.` (OPT, LLaMA) prefix, as the original BLOOM/OPT releases did
+    (checkpoints.py accepts that for BLOOM and OPT only). extra_tensors: name -> tensor added to the
+    checkpoint; drop: names removed.
     overrides go to tiny_hf_config."""
     path = Path(path)
     hf = make_hf_model(family, seed, **overrides)
@@ -158,7 +175,8 @@ def make_hf_checkpoint(path, family, layout="safetensors", seed=0, strip_prefix=
         kw = {"max_shard_size": "20KB"} if layout == "safetensors-sharded" else {}
         hf.save_pretrained(path, **kw)
         n_files = len(list(path.glob("model*.safetensors")))
-        assert (n_files > 1) == (layout == "safetensors-sharded"), f"{layout}: wrote {n_files} safetensors files"
+        assert (n_files > 1) == (layout == "safetensors-sharded"), (
+            f"{layout}: wrote {n_files} safetensors files")
         return path, hf
     hf.config.save_pretrained(path)
     sd = dict(hf.state_dict())
@@ -177,24 +195,29 @@ def make_hf_checkpoint(path, family, layout="safetensors", seed=0, strip_prefix=
 
 
 def hf_to_meta(hf_model, n_shards=1):
-    """Convert a transformers LLaMA to Meta's consolidated.NN.pth state dicts (a list of n_shards), the inverse of
-    checkpoints.meta_to_rotate_half: q/k rows go back to Meta's interleaved (2j, 2j+1) pairing. Model-parallel shards are
-    split as Meta's releases are: wq/wk/wv/w1/w3/output along dim 0, wo/w2/tok_embeddings along dim 1, norms
-    replicated. Each shard also carries a `rope.freqs` tensor, as the LLaMA-1 files do."""
+    """Convert a transformers LLaMA to Meta's consolidated.NN.pth state dicts (a list of n_shards),
+    the inverse of checkpoints.meta_to_rotate_half: q/k rows go back to Meta's interleaved
+    (2j, 2j+1) pairing. Model-parallel shards are split as Meta's releases are:
+    wq/wk/wv/w1/w3/output along dim 0, wo/w2/tok_embeddings along dim 1, norms replicated. Each
+    shard also carries a `rope.freqs` tensor, as the LLaMA-1 files do."""
     c = hf_model.config
     sd = hf_model.state_dict()
     D = c.hidden_size // c.num_attention_heads
 
-    def to_meta(w, n_heads):  # HF rows per head: [x_0..x_{D/2-1}, y_0..y_{D/2-1}] -> Meta: [x_0, y_0, x_1, y_1, ...]
+    # HF rows per head: [x_0..x_{D/2-1}, y_0..y_{D/2-1}] -> Meta: [x_0, y_0, x_1, y_1, ...]
+    def to_meta(w, n_heads):
         return w.reshape(n_heads, 2, D // 2, -1).transpose(1, 2).reshape(w.shape).clone()
 
-    full = {"tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1), "norm.weight": (sd["model.norm.weight"], None),
+    full = {"tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1),
+            "norm.weight": (sd["model.norm.weight"], None),
             "output.weight": (sd["lm_head.weight"], 0)}
     for i in range(c.num_hidden_layers):
         p, q = f"model.layers.{i}.", f"layers.{i}."
         full.update({
-            q + "attention.wq.weight": (to_meta(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads), 0),
-            q + "attention.wk.weight": (to_meta(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads), 0),
+            q + "attention.wq.weight": (to_meta(sd[p + "self_attn.q_proj.weight"],
+                                                c.num_attention_heads), 0),
+            q + "attention.wk.weight": (to_meta(sd[p + "self_attn.k_proj.weight"],
+                                                c.num_key_value_heads), 0),
             q + "attention.wv.weight": (sd[p + "self_attn.v_proj.weight"], 0),
             q + "attention.wo.weight": (sd[p + "self_attn.o_proj.weight"], 1),
             q + "feed_forward.w1.weight": (sd[p + "mlp.gate_proj.weight"], 0),
@@ -206,7 +229,8 @@ def hf_to_meta(hf_model, n_shards=1):
     shards = [{"rope.freqs": freqs.clone()} for _ in range(n_shards)]
     for k, (t, dim) in full.items():
         parts = [t] * n_shards if dim is None else t.chunk(n_shards, dim=dim)
-        assert len(parts) == n_shards, f"{k}: cannot split {tuple(t.shape)} into {n_shards} along {dim}"
+        assert len(parts) == n_shards, (f"{k}: cannot split {tuple(t.shape)} into {n_shards} "
+                                        f"along {dim}")
         for s, part in zip(shards, parts):
             s[k] = part.clone()
     return shards
@@ -221,16 +245,19 @@ def meta_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
 
 
 def make_meta_checkpoint(path, hf_model, n_shards=1, multiple_of=32, ffn_dim_multiplier=None):
-    """Write hf_model (a transformers LLaMA) as a Meta folder: params.json + consolidated.00.pth .. (n_shards).
-    multiple_of / ffn_dim_multiplier must reproduce the model's intermediate_size under Meta's rule. Returns path."""
+    """Write hf_model (a transformers LLaMA) as a Meta folder: params.json + consolidated.00.pth ..
+    (n_shards). multiple_of / ffn_dim_multiplier must reproduce the model's intermediate_size under
+    Meta's rule. Returns path."""
     c = hf_model.config
     if meta_hidden_dim(c.hidden_size, multiple_of, ffn_dim_multiplier) != c.intermediate_size:
-        raise ValueError(f"multiple_of={multiple_of}, ffn_dim_multiplier={ffn_dim_multiplier} do not give "
-                         f"intermediate_size={c.intermediate_size} for dim={c.hidden_size}")
+        raise ValueError(f"multiple_of={multiple_of}, ffn_dim_multiplier={ffn_dim_multiplier} "
+                         f"do not give intermediate_size={c.intermediate_size} "
+                         f"for dim={c.hidden_size}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
-              "multiple_of": multiple_of, "norm_eps": c.rms_norm_eps, "vocab_size": -1}
+    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers,
+              "n_heads": c.num_attention_heads, "multiple_of": multiple_of,
+              "norm_eps": c.rms_norm_eps, "vocab_size": -1}
     if c.num_key_value_heads != c.num_attention_heads:
         params["n_kv_heads"] = c.num_key_value_heads
     if ffn_dim_multiplier is not None:
@@ -242,7 +269,8 @@ def make_meta_checkpoint(path, hf_model, n_shards=1, multiple_of=32, ffn_dim_mul
 
 
 def tiny_model(family, seed=0, **overrides):
-    """Our model.Transformer for a family, built from the tiny presets (no checkpoint), randomised, fp32, eval."""
+    """Our model.Transformer for a family, built from the tiny presets (no checkpoint), randomised,
+    fp32, eval."""
     from model import Config, Transformer
     preset, kw = PRESET_OF[family]
     torch.manual_seed(seed)
@@ -250,7 +278,8 @@ def tiny_model(family, seed=0, **overrides):
 
 
 def left_pad(seqs, pad_id=0):
-    """List of 1-D token tensors -> (idx (B, T), attention_mask (B, T)), left-padded to the longest."""
+    """List of 1-D token tensors -> (idx (B, T), attention_mask (B, T)), left-padded to the
+    longest."""
     T = max(len(s) for s in seqs)
     idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -261,7 +290,8 @@ def left_pad(seqs, pad_id=0):
 
 @pytest.fixture
 def hf_checkpoint(tmp_path):
-    """Factory: hf_checkpoint(family, layout="safetensors", **kw) -> (path, hf_model), in a fresh tmp folder."""
+    """Factory: hf_checkpoint(family, layout="safetensors", **kw) -> (path, hf_model), in a fresh
+    tmp folder."""
     n = [0]
 
     def make(family, layout="safetensors", **kw):
@@ -272,7 +302,8 @@ def hf_checkpoint(tmp_path):
 
 @pytest.fixture
 def meta_checkpoint(tmp_path):
-    """Factory: meta_checkpoint(hf_model, n_shards=1, multiple_of=32, ffn_dim_multiplier=None) -> path."""
+    """Factory: meta_checkpoint(hf_model, n_shards=1, multiple_of=32, ffn_dim_multiplier=None)
+    -> path."""
     n = [0]
 
     def make(hf_model, **kw):
@@ -295,7 +326,8 @@ def hf_base(tmp_path_factory):
     return get
 
 
-WORDS = "how many apples does Tom have now if he buys more pens and gives some to Ann the answer is".split()
+WORDS = ("how many apples does Tom have now if he buys more pens and gives some to Ann "
+         "the answer is").split()
 
 
 def sentence(rng, lo, hi):
