@@ -1,9 +1,11 @@
-"""adapters.py: every kind and placement on tiny models of each family, training, save/load, LoRA merge, MoSA sparse
-split & merge, composition under names, PEFT interop, exact 7B parameter counts, error messages, fp32 adapter maths.
+"""adapters.py: every kind and placement on tiny models of each family, training, save/load, LoRA
+merge, MoSA sparse split & merge, composition under names, PEFT interop, exact 7B parameter counts,
+error messages, fp32 adapter maths.
 
-Models come from conftest.tiny_model (our tiny presets, every weight randomised so no weight is a no-op) and, for
-PEFT parity, from conftest.make_hf_checkpoint (a transformers model written with save_pretrained). peft and
-transformers are imported inside the tests that need them, so the rest of the file stays fast.
+Models come from conftest.tiny_model (our tiny presets, every weight randomised so no weight is a
+no-op) and, for PEFT parity, from conftest.make_hf_checkpoint (a transformers model written with
+save_pretrained). peft and transformers are imported inside the tests that need them, so the rest
+of the file stays fast.
 """
 import json
 import math
@@ -18,15 +20,19 @@ from conftest import left_pad, make_hf_checkpoint, tiny_model
 from checkpoints import load_model
 from model import Config, Linear, Transformer
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers/peft
+# transformers/peft
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 FAMILIES = ("llama", "gptj", "bloom", "opt")
 MAIN = ("llama", "gptj")  # the families the paper fine-tunes; the costlier tests run on these
-SLOT_ATTRS = set(A.SLOT_TYPES)  # adapter, post_attn, post_mlp, beside_attn, beside_mlp, prefix, prompt
+# adapter, post_attn, post_mlp, beside_attn, beside_mlp, prefix, prompt
+SLOT_ATTRS = set(A.SLOT_TYPES)
 
 # explicit (non-default) LoRA targets and per-linear parallel targets, by family
-TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "gate_proj"], "gptj": ["q_proj", "v_proj", "out_proj", "fc_in"],
-           "bloom": ["query_key_value", "dense", "dense_4h_to_h"], "opt": ["k_proj", "out_proj", "fc1"]}
+TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "gate_proj"],
+           "gptj": ["q_proj", "v_proj", "out_proj", "fc_in"],
+           "bloom": ["query_key_value", "dense", "dense_4h_to_h"],
+           "opt": ["k_proj", "out_proj", "fc1"]}
 PER_LINEAR = {"llama": ["up_proj", "down_proj"], "gptj": ["fc_in", "fc_out"],
               "bloom": ["dense_h_to_4h", "dense_4h_to_h"], "opt": ["fc1", "fc2"]}
 
@@ -37,24 +43,28 @@ SPECS = {
     "series-mlp": ("series", dict(placement="mlp")),
     "series-attn": ("series", dict(placement="attn", bottleneck=16, non_linearity="relu")),
     "series-both": ("series", dict(placement="both", bottleneck=16, scaling=2.0)),
-    "series-learned": ("series", dict(placement="both", reduction=8, scaling="learned", non_linearity="gelu")),
+    "series-learned": ("series", dict(placement="both", reduction=8, scaling="learned",
+                                      non_linearity="gelu")),
     "parallel-mlp": ("parallel", dict(placement="mlp")),
     "parallel-attn": ("parallel", dict(placement="attn", bottleneck=16, scaling=0.5)),
-    "parallel-both": ("parallel", dict(placement="both", bottleneck=16, scaling="learned", non_linearity="silu")),
+    "parallel-both": ("parallel", dict(placement="both", bottleneck=16, scaling="learned",
+                                       non_linearity="silu")),
     "parallel-per-linear": ("parallel", dict(per_linear="PER_LINEAR", bottleneck=16)),
     "series-sparse": ("series", dict(placement="both", bottleneck=16, sparse=4)),
     "parallel-sparse": ("parallel", dict(placement="mlp", bottleneck=16, sparse=4)),
-    "parallel-per-linear-sparse": ("parallel", dict(per_linear="PER_LINEAR", bottleneck=16, sparse=3)),
+    "parallel-per-linear-sparse": ("parallel", dict(per_linear="PER_LINEAR", bottleneck=16,
+                                                    sparse=3)),
     "prefix": ("prefix", dict(num_virtual_tokens=5)),
     "prefix-reparam": ("prefix", dict(num_virtual_tokens=5, reparam=32)),
     "prefix-gated": ("prefix", dict(num_virtual_tokens=5, gated=True)),
     "prefix-gated-top": ("prefix", dict(num_virtual_tokens=3, gated=True, layers=1)),
     "prompt": ("prompt", dict(num_virtual_tokens=5)),
 }
-# identity at initialisation: all but the ungated prefix and the prompt (the paper's, without a gate)
+# identity at initialisation: all but the ungated prefix and the prompt
+# (the paper's, without a gate)
 EXACT = [s for s in SPECS if not s.startswith(("prefix", "prompt")) or "gated" in s]
-SUBSET = ("lora", "series-learned", "parallel-per-linear", "parallel-sparse", "prefix-reparam", "prefix-gated",
-          "prompt")
+SUBSET = ("lora", "series-learned", "parallel-per-linear", "parallel-sparse", "prefix-reparam",
+          "prefix-gated", "prompt")
 # every spec on LLaMA and GPT-J, a representative subset on BLOOM and OPT
 CASES = [(f, s) for f in MAIN for s in SPECS] + [(f, s) for f in ("bloom", "opt") for s in SUBSET]
 
@@ -65,9 +75,10 @@ def spec(family, sid):
     return kind, {k: swap.get(v, v) if isinstance(v, str) else v for k, v in o.items()}
 
 
-# ------------------------------------------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------------------------------ helpers
 def ids(model, B=2, T=9, seed=0):
-    return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, model.config.vocab_size, (B, T),
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def padded_batch(model, seed=1):
@@ -107,7 +118,8 @@ def randomize_adapters_(model, std=0.1, seed=0):
 
 
 def train(model, steps=4, lr=1e-2, B=4, T=12, seed=0):
-    """A few AdamW steps on one toy batch; returns the losses (before each step) and the final loss."""
+    """A few AdamW steps on one toy batch; returns the losses (before each step) and the final
+    loss."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, model.config.vocab_size, (B, T + 1), generator=g)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -143,8 +155,9 @@ def attached(model, name):
 
 
 def expected_places(model, kind, o):
-    """Where add_adapter must put an adapter: the places its KINDS entry names, checked here against the model's
-    module names (every place exists, per-layer kinds sit once in each layer or in the top `layers`)."""
+    """Where add_adapter must put an adapter: the places its KINDS entry names, checked here
+    against the model's module names (every place exists, per-layer kinds sit once in each layer
+    or in the top `layers`)."""
     c, o = model.config, {**A.KINDS[kind].defaults, **o}
     places = set(A.KINDS[kind].places(model, o))
     modules = dict(model.named_modules())
@@ -155,8 +168,8 @@ def expected_places(model, kind, o):
                           if isinstance(m, Linear) and n.split(".")[-1] in names}
         assert len(places) == c.n_layer * len(names)
     elif kind == "prefix":  # the top `layers` (0: all)
-        assert places == {(f"layers.{i}.attn", "prefix") for i in range(c.n_layer - (o["layers"] or c.n_layer),
-                                                                         c.n_layer)}
+        assert places == {(f"layers.{i}.attn", "prefix")
+                          for i in range(c.n_layer - (o["layers"] or c.n_layer), c.n_layer)}
     elif kind in ("series", "parallel"):
         subs = {"mlp": ["mlp"], "attn": ["attn"], "both": ["attn", "mlp"]}[o["placement"]]
         where = "post_" if kind == "series" else "beside_"
@@ -175,14 +188,15 @@ def splits(model):
 
 
 def dense(split):
-    """The full weight a Split stands for, rebuilt from its parts (independently of Split.weight)."""
+    """The full weight a Split stands for, rebuilt from its parts (independently of
+    Split.weight)."""
     w = torch.zeros(split.part.shape)
     for k, p in enumerate(split.parts):
         w[split.part == k] = p.detach()
     return w
 
 
-# ---------------------------------------------------------------------------------- identity at initialisation
+# ----------------------------------------------------------------------- identity at initialisation
 @pytest.mark.parametrize("sid", EXACT)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fresh_adapter_equals_base_exactly(family, sid):
@@ -201,8 +215,8 @@ def test_fresh_adapter_equals_base_exactly(family, sid):
 
 
 def test_series_without_residual_replaces_the_sublayer_output():
-    # residual=False: the sublayer output y is replaced by s * up(act(down(y))), zero at init, so the model equals
-    # the base with its MLP switched off (down_proj zeroed)
+    # residual=False: the sublayer output y is replaced by s * up(act(down(y))), zero at init, so
+    # the model equals the base with its MLP switched off (down_proj zeroed)
     model, no_mlp = tiny_model("llama"), tiny_model("llama")
     with torch.no_grad():
         for block in no_mlp.layers:
@@ -213,7 +227,7 @@ def test_series_without_residual_replaces_the_sublayer_output():
     assert torch.equal(logits(model, idx), logits(no_mlp, idx))
 
 
-# ---------------------------------------------------------------------------------------- prefix and prompt
+# -------------------------------------------------------------------------------- prefix and prompt
 @pytest.mark.parametrize("reparam", [0, 16])
 @pytest.mark.parametrize("family", ["llama", "llama-gqa", "gptj", "bloom", "opt"])
 def test_prefix_key_value_shapes(family, reparam):
@@ -274,7 +288,8 @@ def test_prompt_logits_and_loss(family):
 
 
 def test_prefix_and_prompt_change_the_output():
-    # no gate (as in the paper): fresh prefix/prompt adapters already change the logits, so they are really used
+    # no gate (as in the paper): fresh prefix/prompt adapters already change the logits, so they
+    # are really used
     for kind in ("prefix", "prompt"):
         model = tiny_model("llama")
         idx = ids(model)
@@ -286,8 +301,9 @@ def test_prefix_and_prompt_change_the_output():
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["llama", "llama-gqa", "bloom"])
 def test_gated_prefix_is_llama_adapter_attention(family):
-    """Gated prefix (LLaMA-Adapter): out_proj(softmax(q K^T) V + g softmax(q Kp^T) Vp), Kp, Vp = the layer's own k/v
-    projections of the prompt (no rotary), one softmax each; written out here by hand."""
+    """Gated prefix (LLaMA-Adapter): out_proj(softmax(q K^T) V + g softmax(q Kp^T) Vp), Kp, Vp =
+    the layer's own k/v projections of the prompt (no rotary), one softmax each; written out here
+    by hand."""
     model = tiny_model(family)
     c, att = model.config, model.layers[0].attn
     A.add_adapter(model, "prefix", num_virtual_tokens=4, gated=True)
@@ -311,15 +327,18 @@ def test_gated_prefix_is_llama_adapter_attention(family):
         s = s + bias
     s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     sp = q @ pk.repeat_interleave(rep, 1).transpose(-1, -2) * scale
-    y = s.softmax(-1) @ v.repeat_interleave(rep, 1) + 0.7 * sp.softmax(-1) @ pv.repeat_interleave(rep, 1)
+    y = (s.softmax(-1) @ v.repeat_interleave(rep, 1)
+         + 0.7 * sp.softmax(-1) @ pv.repeat_interleave(rep, 1))
     want = getattr(att, att.out_name)(y.transpose(1, 2).reshape(B, T, -1))
-    mask = None if rope is not None else model.attention_mask(None, torch.arange(T).expand(B, T), T, T)
+    mask = (None if rope is not None
+            else model.attention_mask(None, torch.arange(T).expand(B, T), T, T))
     got = att(x, rope, mask, None)
     assert (got - want).abs().max() < 1e-5
 
 
 def test_gated_prefix_trains_gate_first():
-    # the gate starts at zero, so only it gets a gradient at step 0; afterwards the prompt learns too
+    # the gate starts at zero, so only it gets a gradient at step 0;
+    # afterwards the prompt learns too
     model = tiny_model("llama")
     A.add_adapter(model, "prefix", num_virtual_tokens=4, gated=True)
     idx = ids(model)
@@ -333,13 +352,15 @@ def test_gated_prefix_options_checked():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="gated=True takes no reparam"):
         A.add_adapter(model, "prefix", gated=True, reparam=16)
-    with pytest.raises(ValueError, match=r"layers=5: expected 0 \(all\) up to the model's 2 layers"):
+    with pytest.raises(ValueError,
+                       match=r"layers=5: expected 0 \(all\) up to the model's 2 layers"):
         A.add_adapter(model, "prefix", layers=5)
     with pytest.raises(ValueError, match=r"layers=1.5: expected 0"):
         A.add_adapter(model, "prefix", layers=1.5)
     A.add_adapter(model, "prefix", name="g", gated=True)
     A.add_adapter(model, "prefix", name="p")
-    with pytest.raises(ValueError, match=r"a gated prefix cannot run beside other prefixes \(g, p\)"):
+    with pytest.raises(ValueError,
+                       match=r"a gated prefix cannot run beside other prefixes \(g, p\)"):
         model(ids(model))
     A.set_active(model, ["g"])
     model(ids(model))
@@ -358,14 +379,15 @@ def test_merge_prefix():
     assert torch.equal(logits(model, idx), before)
 
 
-# ------------------------------------------------------------------------------------------ trainability
+# ------------------------------------------------------------------------------------- trainability
 @pytest.mark.parametrize("family, sid", CASES)
 def test_only_adapters_train(family, sid):
     model = tiny_model(family)
     kind, o = spec(family, sid)
     A.add_adapter(model, kind, **o)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and trainable == set(adapter_params(model))  # names all inside hook slots, all of them train
+    # names all inside hook slots, all of them train
+    assert trainable and trainable == set(adapter_params(model))
     assert all(p.dtype == torch.float32 for p in adapter_params(model).values())
     assert A.count_parameters(model)[0] == sum(p.numel() for p in adapter_params(model).values())
     base = base_tensors(model)
@@ -373,7 +395,8 @@ def test_only_adapters_train(family, sid):
     losses = train(model, steps=4)
     assert losses[-1] < losses[0] - 1e-3, losses
     after = base_tensors(model)
-    assert after.keys() == base.keys() and all(torch.equal(after[n], base[n]) for n in base)  # bit-identical
+    # bit-identical
+    assert after.keys() == base.keys() and all(torch.equal(after[n], base[n]) for n in base)
     changed = {n for n, p in adapter_params(model).items() if not torch.equal(p, before[n])}
     if o.get("sparse"):  # MoSA: only the parts picked at steps 0..3 train
         assert changed
@@ -381,21 +404,23 @@ def test_only_adapters_train(family, sid):
         assert changed == set(before)
 
 
-# ----------------------------------------------------------------------------------------------- save and load
+# ------------------------------------------------------------------------------------ save and load
 @pytest.mark.parametrize("family, sid", CASES)
 def test_save_load_identical_logits(family, sid, tmp_path):
     model = tiny_model(family)
     kind, o = spec(family, sid)
     A.add_adapter(model, kind, **o)
-    randomize_adapters_(model, std=0.05)  # every tensor non-zero (a sparse run trains only some parts) ...
-    train(model, steps=2)                 # ... and then trained
+    # every tensor non-zero (a sparse run trains only some parts) ...
+    randomize_adapters_(model, std=0.05)
+    train(model, steps=2)  # ... and then trained
     A.save_adapter(model, tmp_path, base_model="tiny")
     fresh = A.load_adapter(tiny_model(family), tmp_path).eval()
     assert fresh.adapter_configs == model.adapter_configs
     idx = ids(model)
     _, pidx, pmask = padded_batch(model)
     assert torch.equal(logits(fresh, idx), logits(model, idx))
-    assert torch.equal(logits(fresh, pidx, attention_mask=pmask), logits(model, pidx, attention_mask=pmask))
+    assert torch.equal(logits(fresh, pidx, attention_mask=pmask),
+                       logits(model, pidx, attention_mask=pmask))
 
 
 def test_adapter_config_json(tmp_path):
@@ -409,16 +434,19 @@ def test_adapter_config_json(tmp_path):
         "kind": "series", "name": "math", "base_model": "yahma/llama-7b-hf", "extra": extra,
         "options": {"bottleneck": 16, "reduction": 0, "placement": "both", "non_linearity": "tanh",
                     "scaling": "learned", "dropout": 0.0, "sparse": 0, "residual": True},
-        "base": {"arch": "llama", "vocab_size": c.vocab_size, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64,
-                 "head_dim": 16, "intermediate_size": c.intermediate_size}}
+        "base": {"arch": "llama", "vocab_size": c.vocab_size, "n_layer": 2, "n_head": 4,
+                 "n_kv_head": 2, "n_embd": 64, "head_dim": 16,
+                 "intermediate_size": c.intermediate_size}}
     from safetensors.torch import load_file
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    # the adapter's name is not in the keys
     assert keys == {f"layers.{i}.{s}.{w}" for i in range(2) for s in ("post_attn", "post_mlp")
-                    for w in ("down.weight", "up.weight", "scaling")}  # the adapter's name is not in the keys
+                    for w in ("down.weight", "up.weight", "scaling")}
     # extra is read back, and the name comes from the file unless one is given
     assert A.read_adapter_config(tmp_path)["extra"]["step"] == 3
     assert A.adapter_names(A.load_adapter(tiny_model("llama-gqa"), tmp_path)) == ["math"]
-    assert A.adapter_names(A.load_adapter(tiny_model("llama-gqa"), tmp_path, name="other")) == ["other"]
+    assert A.adapter_names(
+        A.load_adapter(tiny_model("llama-gqa"), tmp_path, name="other")) == ["other"]
 
 
 def test_loaded_adapter_follows_the_model_mode(tmp_path):
@@ -428,14 +456,15 @@ def test_loaded_adapter_follows_the_model_mode(tmp_path):
     randomize_adapters_(model)
     model.eval()
     A.save_adapter(model, tmp_path)
-    fresh = A.load_adapter(tiny_model("llama"), tmp_path)  # from_pretrained-style: base already in eval mode
+    # from_pretrained-style: base already in eval mode
+    fresh = A.load_adapter(tiny_model("llama"), tmp_path)
     assert not any(m.training for m in fresh.modules())
     idx = ids(model)
     assert torch.equal(logits(fresh, idx), logits(model, idx))
     assert torch.equal(fresh.generate(idx, 4), model.generate(idx, 4))
 
 
-# --------------------------------------------------------------------------------------------------- LoRA merge
+# --------------------------------------------------------------------------------------- LoRA merge
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merge_lora(family):
     model = tiny_model(family)
@@ -448,16 +477,20 @@ def test_merge_lora(family):
     base = logits(model, idx)
     A.set_active(model, "default")
     assert (unmerged - base).abs().max() > 1e-2  # the LoRA matters, so double counting would show
-    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, Linear)}
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules()
+               if isinstance(m, Linear)}
     A.merge(model)
     loras = [m for m in model.modules() if isinstance(m, A.LoRA)]
     assert loras and all(m.merged for m in loras)
-    targeted = {n for n, m in model.named_modules() if isinstance(m, Linear) and m.adapter is not None}
+    targeted = {n for n, m in model.named_modules()
+                if isinstance(m, Linear) and m.adapter is not None}
     for n, m in model.named_modules():
         if isinstance(m, Linear):
-            assert torch.equal(m.weight, weights[n]) != (n in targeted)  # exactly the targets were changed
+            # exactly the targets were changed
+            assert torch.equal(m.weight, weights[n]) != (n in targeted)
     merged = logits(model, idx)
-    assert (merged - unmerged).abs().max() < 1e-5  # merged + forward: the adapter is not counted twice
+    # merged + forward: the adapter is not counted twice
+    assert (merged - unmerged).abs().max() < 1e-5
     A.merge(model)  # merging again is a no-op
     assert torch.equal(logits(model, idx), merged)
     A.unmerge(model)
@@ -468,7 +501,7 @@ def test_merge_lora(family):
     assert (logits(model, idx) - unmerged).abs().max() < 1e-5
 
 
-# ------------------------------------------------------------------------------------------- MoSA split & merge
+# ------------------------------------------------------------------------------- MoSA split & merge
 @pytest.mark.parametrize("sid", ["series-sparse", "parallel-sparse", "parallel-per-linear-sparse"])
 def test_sparse_step_trains_only_the_active_part(sid):
     model = tiny_model("llama")
@@ -491,7 +524,8 @@ def test_sparse_step_trains_only_the_active_part(sid):
         seen.add(active)
         assert all(s.active == active for s in sp)
         before = [dense(s) for s in sp]
-        for s, w in zip(sp, before):  # training runs only the active part, scaled by n (as inverted dropout)
+        # training runs only the active part, scaled by n (as inverted dropout)
+        for s, w in zip(sp, before):
             assert torch.equal(s.weight, torch.where(s.part == active, w * 4, torch.zeros(())))
         _, loss = model(idx[:, :-1], targets=idx[:, 1:])
         opt.zero_grad()
@@ -499,7 +533,8 @@ def test_sparse_step_trains_only_the_active_part(sid):
         opt.step()
         for s, w in zip(sp, before):
             changed = dense(s) != w
-            assert not (changed & (s.part != active)).any(), f"step {step}: entries outside part {active} moved"
+            assert not (changed & (s.part != active)).any(), (
+                f"step {step}: entries outside part {active} moved")
             if step > 0 or id(s) in ups:  # (down gets no gradient while up is still zero)
                 assert changed.any(), f"step {step}: the active part did not train"
     assert len(seen) > 1
@@ -513,7 +548,8 @@ def test_sparse_step_is_a_function_of_the_step():
         A.add_adapter(m, "parallel", bottleneck=8, sparse=4)
     picks = []
     for step in range(12):
-        torch.manual_seed(1000 + step)  # the global RNG must not matter (a resumed run has another state)
+        # the global RNG must not matter (a resumed run has another state)
+        torch.manual_seed(1000 + step)
         A.sparse_step(a, step)
         torch.manual_seed(7)
         A.sparse_step(b, step)
@@ -535,7 +571,8 @@ def test_merge_sparse(sid, tmp_path):
     idx = ids(model)
     _, pidx, pmask = padded_batch(model)
     before, before_pad = logits(model, idx), logits(model, pidx, attention_mask=pmask)
-    shapes = [(b.down.part.shape, b.up.part.shape) for b in model.modules() if isinstance(b, A.Bottleneck)]
+    shapes = [(b.down.part.shape, b.up.part.shape) for b in model.modules()
+              if isinstance(b, A.Bottleneck)]
     A.merge_sparse(model)
     assert not splits(model)
     assert not any(".part" in n or ".parts." in n for n in model.state_dict())
@@ -556,7 +593,7 @@ def test_merge_sparse(sid, tmp_path):
     assert losses[-1] < losses[0]
 
 
-# ------------------------------------------------------------------------------------------ composition, names
+# ------------------------------------------------------------------------------- composition, names
 def test_two_named_adapters(tmp_path):
     model = tiny_model("llama")
     idx = ids(model)
@@ -572,7 +609,8 @@ def test_two_named_adapters(tmp_path):
     model.eval()
     assert A.adapter_names(model) == ["a", "b"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any(".a." in n for n in trainable) and any(".b." in n for n in trainable)  # adding b did not freeze a
+    # adding b did not freeze a
+    assert any(".a." in n for n in trainable) and any(".b." in n for n in trainable)
     assert trainable == set(adapter_params(model))
     both = logits(model, idx)
     assert (both - only_a).abs().max() > 1e-3
@@ -626,8 +664,9 @@ def test_two_prompts_and_two_prefixes_stack():
     assert torch.equal(model.generate(idx, 4), greedy_no_cache(model, idx, 4))
 
 
-# ------------------------------------------------------------------------------------------------ PEFT interop
-PEFT_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+# ------------------------------------------------------------------------------------- PEFT interop
+PEFT_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj"],
                 "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
                 "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
                 "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
@@ -704,7 +743,8 @@ def test_peft_export_loads_in_peft(family, hf_base, tmp_path):
 
 def test_peft_rslora_scaling(hf_base, tmp_path):
     ckpt, hf = hf_base("llama")
-    pm = peft_lora(hf, r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"])
+    pm = peft_lora(hf, r=4, lora_alpha=8, use_rslora=True,
+                   target_modules=["q_proj", "v_proj", "down_proj"])
     try:
         idx = ids(hf, B=2, T=7)
         with torch.no_grad():
@@ -714,16 +754,19 @@ def test_peft_rslora_scaling(hf_base, tmp_path):
         unwrap(pm)
     ours = A.load_adapter(load_model(ckpt), tmp_path).eval()
     loras = [m for m in ours.modules() if isinstance(m, A.LoRA)]
-    assert len(loras) == 6 and all(math.isclose(m.scale, 8 / math.sqrt(4)) for m in loras)  # alpha/sqrt(r), not alpha/r
+    # alpha/sqrt(r), not alpha/r
+    assert len(loras) == 6 and all(math.isclose(m.scale, 8 / math.sqrt(4)) for m in loras)
     assert (logits(ours, idx) - ref).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("family", ["llama", "llama-gqa"])
 def test_peft_adaption_prompt_loads_as_gated_prefix(family, tmp_path):
-    """PEFT's LLaMA-Adapter (adaption_prompt) folder loads as our gated prefix, with the same logits."""
+    """PEFT's LLaMA-Adapter (adaption_prompt) folder loads as our gated prefix, with the same
+    logits."""
     import peft
     ckpt, hf = make_hf_checkpoint(tmp_path / "base", family, seed=3)
-    pm = peft.get_peft_model(hf, peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=1))
+    pm = peft.get_peft_model(hf, peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4,
+                                                           adapter_layers=1))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "adaption_gate" in n:
@@ -734,7 +777,8 @@ def test_peft_adaption_prompt_loads_as_gated_prefix(family, tmp_path):
         ref = pm(idx).logits
     pm.save_pretrained(tmp_path / "adapter")
     ours = A.load_adapter(load_model(ckpt), tmp_path / "adapter").eval()
-    assert ours.adapter_configs["default"]["options"] == dict(num_virtual_tokens=4, reparam=0, gated=True, layers=1)
+    assert ours.adapter_configs["default"]["options"] == dict(num_virtual_tokens=4, reparam=0,
+                                                              gated=True, layers=1)
     assert attached(ours, "default") == {(f"layers.{ours.config.n_layer - 1}.attn", "prefix")}
     assert (logits(ours, idx) - ref).abs().max() < 1e-4
     assert (logits(load_model(ckpt), idx) - ref).abs().max() > 1e-2  # the adapter matters
@@ -754,7 +798,7 @@ def test_peft_unsupported_configs_raise(config, message, hf_base, tmp_path):
         A.load_adapter(load_model(ckpt), tmp_path)
 
 
-# ------------------------------------------------------------------------------- exact 7B trainable parameters
+# -------------------------------------------------------------------- exact 7B trainable parameters
 def meta_count(preset, kind, **options):
     with torch.device("meta"):
         model = Transformer(Config.from_name(preset))
@@ -770,38 +814,47 @@ LLAMA_7B_TOTAL = 6_738_415_616  # LLaMA-7B's published parameter count
     ("series", dict(bottleneck=256, placement="mlp"), 67_108_864),
     ("parallel", dict(bottleneck=256, placement="mlp"), 67_108_864),
     ("prefix", dict(num_virtual_tokens=10), 2_621_440),
-    ("prefix", dict(num_virtual_tokens=10, gated=True, layers=30), 1_228_830),  # LLaMA-Adapter's "1.2M"
+    # LLaMA-Adapter's "1.2M"
+    ("prefix", dict(num_virtual_tokens=10, gated=True, layers=30), 1_228_830),
     ("prompt", dict(num_virtual_tokens=10), 40_960),
 ])
 def test_llama_7b_trainable_counts(kind, options, trainable):
-    assert A.default_targets(Config.from_name("llama-7b")) == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert A.default_targets(Config.from_name("llama-7b")) == ["q_proj", "k_proj", "v_proj",
+                                                               "up_proj", "down_proj"]
     assert meta_count("llama-7b", kind, **options) == (trainable, LLAMA_7B_TOTAL + trainable)
 
 
 def test_gptj_6b_lora_trainable_count():
-    # GPT-J-6B: 28 layers, n_embd 4096, MLP 16384. A rank-r LoRA on a d_in -> d_out linear has r * (d_in + d_out)
-    # parameters. Default targets: q, k, v (4096 -> 4096 each), fc_in (4096 -> 16384), fc_out (16384 -> 4096):
+    # GPT-J-6B: 28 layers, n_embd 4096, MLP 16384. A rank-r LoRA on a d_in -> d_out linear has
+    # r * (d_in + d_out) parameters. Default targets: q, k, v (4096 -> 4096 each),
+    # fc_in (4096 -> 16384), fc_out (16384 -> 4096):
     # 28 * 32 * (3 * 8192 + 2 * 20480) = 28 * 32 * 65536 = 58,720,256.
     L, r, C, F_ = 28, 32, 4096, 16384
     expected = L * r * (3 * (C + C) + 2 * (C + F_))
     assert expected == 58_720_256
     trainable, total = meta_count("gptj-6b", "lora")
     assert trainable == expected
-    V = 50400  # base: embedding + 28 * (ln_1, q/k/v/out without bias, fc_in/fc_out with bias) + ln_f + lm_head (bias)
-    assert total - trainable == V * C + L * (2 * C + 4 * C * C + 2 * C * F_ + F_ + C) + 2 * C + C * V + V
+    # base: embedding + 28 * (ln_1, q/k/v/out without bias, fc_in/fc_out with bias) + ln_f +
+    # lm_head (bias)
+    V = 50400
+    assert total - trainable == (V * C + L * (2 * C + 4 * C * C + 2 * C * F_ + F_ + C) + 2 * C
+                                 + C * V + V)
 
 
-# ------------------------------------------------------------------------------------------------ clear errors
+# ------------------------------------------------------------------------------------- clear errors
 def test_errors_on_add():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="unknown adapter kind 'adalora'; kinds: lora, series, parallel, prefix"):
+    with pytest.raises(ValueError,
+                       match="unknown adapter kind 'adalora'; "
+                             "kinds: lora, series, parallel, prefix"):
         A.add_adapter(model, "adalora")
     with pytest.raises(ValueError, match=r"lora adapter has no option\(s\) \['bottleneck'\]"):
         A.add_adapter(model, "lora", bottleneck=8)
     with pytest.raises(ValueError, match=r"prompt adapter has no option\(s\) \['reparam'\]"):
         A.add_adapter(model, "prompt", reparam=8)
-    with pytest.raises(ValueError, match=r"target_modules: unknown linear name\(s\) \['qkv'\] for llama; known: .*"
-                                         r"'down_proj'.*'q_proj'"):
+    with pytest.raises(ValueError,
+                       match=r"target_modules: unknown linear name\(s\) \['qkv'\] for llama; "
+                             r"known: .*'down_proj'.*'q_proj'"):
         A.add_adapter(model, "lora", target_modules=["q_proj", "qkv"])
     with pytest.raises(ValueError, match=r"per_linear: unknown linear name\(s\) \['fc_in'\]"):
         A.add_adapter(model, "parallel", per_linear=["fc_in"])
@@ -830,7 +883,8 @@ def test_errors_on_save_and_load(tmp_path):
     # onto another base model: other width, other family
     with pytest.raises(ValueError, match=r"trained on another base model.*n_embd"):
         A.load_adapter(tiny_model("llama", n_embd=32), tmp_path / "ok")
-    with pytest.raises(ValueError, match=r"trained on another base model.*'arch': \('llama', 'gptj'\)"):
+    with pytest.raises(ValueError,
+                       match=r"trained on another base model.*'arch': \('llama', 'gptj'\)"):
         A.load_adapter(tiny_model("gptj"), tmp_path / "ok")
     # tensors that do not match the config
     from safetensors.torch import load_file, save_file
@@ -842,7 +896,8 @@ def test_errors_on_save_and_load(tmp_path):
              r"missing \[\], unexpected \['layers\.1\.post_attn\.up\.weight'\]")]:
         folder = tmp_path / case
         folder.mkdir()
-        (folder / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(
+            (tmp_path / "ok" / "adapter_config.json").read_text())
         save_file(bad, folder / "adapter_model.safetensors")
         with pytest.raises(KeyError, match="adapter tensors do not match: " + message):
             A.load_adapter(tiny_model("llama"), folder)
@@ -858,14 +913,16 @@ def test_errors_on_save_and_load(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="adapter_config.json: cannot read the adapter config"):
         A.load_adapter(tiny_model("llama"), tmp_path / "empty")
-    (tmp_path / "empty" / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors or adapter_model.bin"):
+    (tmp_path / "empty" / "adapter_config.json").write_text(
+        (tmp_path / "ok" / "adapter_config.json").read_text())
+    with pytest.raises(FileNotFoundError,
+                       match="no adapter_model.safetensors or adapter_model.bin"):
         A.load_adapter(tiny_model("llama"), tmp_path / "empty")
 
 
-# ------------------------------------------------------------------------------------------ fp32 adapter maths
-@pytest.mark.parametrize("sid", ["lora", "series-learned", "parallel-both", "parallel-per-linear", "series-sparse",
-                                 "prefix-reparam", "prefix-gated", "prompt"])
+# ------------------------------------------------------------------------------- fp32 adapter maths
+@pytest.mark.parametrize("sid", ["lora", "series-learned", "parallel-both", "parallel-per-linear",
+                                 "series-sparse", "prefix-reparam", "prefix-gated", "prompt"])
 def test_bf16_base_fp32_adapters(sid):
     model = tiny_model("llama").to(torch.bfloat16)
     idx = ids(model)
@@ -889,7 +946,8 @@ def test_bf16_base_fp32_adapters(sid):
 
 
 def test_adapters_are_fp32_when_the_default_dtype_is_bf16():
-    # loaders may build models under torch.set_default_dtype(torch.bfloat16): new adapter tensors are still fp32
+    # loaders may build models under torch.set_default_dtype(torch.bfloat16): new adapter tensors
+    # are still fp32
     model = tiny_model("llama").to(torch.bfloat16)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -913,8 +971,10 @@ def test_lora_runs_in_fp32_under_autocast():
     seen = {}
     q = model.layers[0].attn.q_proj
     q.register_forward_hook(lambda m, i, o: seen.__setitem__("base_out", o.dtype))
-    q.adapter["default"].lora_A.register_forward_hook(lambda m, i, o: seen.__setitem__("lora_in", i[0].dtype))
-    q.adapter["default"].lora_B.register_forward_hook(lambda m, i, o: seen.__setitem__("lora_out", o.dtype))
+    q.adapter["default"].lora_A.register_forward_hook(
+        lambda m, i, o: seen.__setitem__("lora_in", i[0].dtype))
+    q.adapter["default"].lora_B.register_forward_hook(
+        lambda m, i, o: seen.__setitem__("lora_out", o.dtype))
     idx = ids(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = logits(model, idx)
@@ -929,16 +989,22 @@ def test_bottleneck_runs_in_fp32_under_autocast():
     seen = []
     b = model.layers[0].post_mlp["default"]
     act = b.act
-    b.act = lambda z: (seen.append(z.dtype), act(z))[1]  # sees down(x): its dtype is the maths' dtype
+    # sees down(x): its dtype is the maths' dtype
+    b.act = lambda z: (seen.append(z.dtype), act(z))[1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = logits(model.eval(), ids(model))
     assert seen == [torch.float32] and out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("device, dtype, expected", [("cuda", torch.bfloat16, "high"), ("cuda:1", torch.float16, "high"),
-                                                     ("cuda", torch.float32, "highest"), ("cpu", torch.bfloat16, "highest")])
+@pytest.mark.parametrize("device, dtype, expected", [
+    ("cuda", torch.bfloat16, "high"),
+    ("cuda:1", torch.float16, "high"),
+    ("cuda", torch.float32, "highest"),
+    ("cpu", torch.bfloat16, "highest"),
+])
 def test_fast_fp32_matmuls_only_beside_a_half_precision_cuda_base(device, dtype, expected):
-    """The flag needs no GPU to be set: TF32 for the fp32 adapter maths on CUDA with a bf16/fp16 base, else exact."""
+    """The flag needs no GPU to be set: TF32 for the fp32 adapter maths on CUDA with a bf16/fp16
+    base, else exact."""
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -975,7 +1041,8 @@ def test_remove_adapter_restores_the_base():
     base = tiny_model("gptj").eval()
     x = torch.randint(0, base.config.vocab_size, (2, 7))
     ref, _ = base(x)
-    model = A.add_adapter(A.add_adapter(tiny_model("gptj").eval(), "lora", name="a"), "series", name="b")
+    model = A.add_adapter(A.add_adapter(tiny_model("gptj").eval(), "lora", name="a"),
+                          "series", name="b")
     randomize_adapters_(model)
     A.remove_adapter(model, "a")
     assert A.adapter_names(model) == ["b"] and all(lin.adapter is None for lin in model.modules()
@@ -988,7 +1055,8 @@ def test_remove_adapter_restores_the_base():
 
 @pytest.mark.parametrize("sid", ["lora", "series-mlp", "parallel-per-linear"])
 def test_whole_model_cast_after_add(sid):
-    """model.to(bf16) after add_adapter makes the adapters bf16 too; their maths then runs in bf16."""
+    """model.to(bf16) after add_adapter makes the adapters bf16 too; their maths then runs in
+    bf16."""
     kind, o = spec("llama", sid)
     model = A.add_adapter(tiny_model("llama"), kind, **o).to(torch.bfloat16)
     logits, loss = model(torch.randint(0, 512, (2, 6)), torch.randint(0, 512, (2, 6)))
