@@ -1,6 +1,7 @@
-"""model.py against transformers (the reference implementations), on tiny random checkpoints written in every
-layout the loader accepts (see conftest.py), plus the KV cache, generation, bf16, hook slots, save_pretrained,
-gradient checkpointing, presets and every loader error path. All offline, CPU, fp32 unless stated."""
+"""model.py against transformers (the reference implementations), on tiny random checkpoints written
+in every layout the loader accepts (see conftest.py), plus the KV cache, generation, bf16, hook
+slots, save_pretrained, gradient checkpointing, presets and every loader error path. All offline,
+CPU, fp32 unless stated."""
 import copy
 import json
 import math
@@ -12,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import (FAMILIES, LAYOUTS, left_pad, make_hf_checkpoint, make_hf_model, make_meta_checkpoint,
-                      tiny_model, write_state_dict)
+from conftest import (FAMILIES, LAYOUTS, left_pad, make_hf_checkpoint, make_hf_model,
+                      make_meta_checkpoint, tiny_model, write_state_dict)
 from checkpoints import load_model, meta_to_rotate_half, save_model
 from model import PRESETS, Config, Transformer, apply_rope, rope_angles
 
@@ -46,7 +47,8 @@ def theirs(hf, idx):
 
 @torch.no_grad()
 def check_parity(m, hf, label, vocab=256):
-    """Unpadded batch, then a left-padded batch compared row by row with transformers on the row alone."""
+    """Unpadded batch, then a left-padded batch compared row by row with transformers on the row
+    alone."""
     idx = rand_ids(2, 13, vocab=vocab, seed=1)
     err = max_diff(ours(m, idx), theirs(hf, idx))
     seqs = [rand_ids(n, vocab=vocab, seed=10 + n) for n in (13, 6, 1, 9)]
@@ -55,7 +57,8 @@ def check_parity(m, hf, label, vocab=256):
     for i, s in enumerate(seqs):
         err = max(err, max_diff(got[i, -len(s):], theirs(hf, s[None])[0]))
     # and transformers on the same padded batch (LLaMA/GPT-J number positions only when told to)
-    pos = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if hf.config.model_type in ("llama", "gptj") else {}
+    pos = ({"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+           if hf.config.model_type in ("llama", "gptj") else {})
     ref = hf(idx, attention_mask=mask, **pos).logits
     err = max(err, max_diff(got[mask.bool()], ref[mask.bool()]))
     print(f"parity {label}: max |logit diff| = {err:.2e}")
@@ -63,7 +66,7 @@ def check_parity(m, hf, label, vocab=256):
     return err
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Parity with transformers, every family x every layout
 
 
@@ -73,7 +76,8 @@ def test_parity_every_layout(hf_checkpoint, family, layout):
     path, hf = hf_checkpoint(family, layout)
     if layout.endswith("sharded"):
         assert json.loads(next(path.glob("*.index.json")).read_text())["weight_map"]
-        assert len(set(json.loads(next(path.glob("*.index.json")).read_text())["weight_map"].values())) > 1
+        assert len(set(
+            json.loads(next(path.glob("*.index.json")).read_text())["weight_map"].values())) > 1
     if family == "gptj" and layout.startswith("bin"):  # the legacy buffers really are in the files
         keys = {k for f in path.glob("*.bin") for k in torch.load(f, weights_only=True)}
         assert {"transformer.h.0.attn.bias", "transformer.h.1.attn.masked_bias"} <= keys
@@ -81,10 +85,13 @@ def test_parity_every_layout(hf_checkpoint, family, layout):
     check_parity(m, hf, f"{family}/{layout}")
 
 
-@pytest.mark.parametrize("family,layout", [("bloom", "bin"), ("bloom", "safetensors-sharded"), ("opt", "bin-sharded"),
+@pytest.mark.parametrize("family,layout", [("bloom", "bin"),
+                                           ("bloom", "safetensors-sharded"),
+                                           ("opt", "bin-sharded"),
                                            ("opt-350m", "safetensors")])
 def test_parity_keys_without_outer_prefix(hf_checkpoint, family, layout):
-    """Original BLOOM (no `transformer.`) and OPT (no `model.`) releases saved the bare base model."""
+    """Original BLOOM (no `transformer.`) and OPT (no `model.`) releases saved the bare base
+    model."""
     path, hf = hf_checkpoint(family, layout, strip_prefix=True)
     files = list(path.glob("*.bin")) + list(path.glob("*.safetensors"))
     if layout.startswith("bin"):
@@ -102,15 +109,18 @@ CONFIG_VARIANTS = [
     ("llama", dict(head_dim=32)),                    # head_dim != hidden / heads
     ("llama-gqa", dict(num_key_value_heads=1)),      # multi-query
     ("gptj", dict(rotary_dim=16)),                   # rotary over the whole head
-    ("bloom", dict(hidden_size=48, n_head=6)),       # ALiBi slopes for a head count that is not a power of two
+    # ALiBi slopes for a head count that is not a power of two
+    ("bloom", dict(hidden_size=48, n_head=6)),
     ("opt", dict(enable_bias=False, _remove_final_layer_norm=True)),
 ]
 
 
-@pytest.mark.parametrize("family,overrides", CONFIG_VARIANTS, ids=lambda v: v if isinstance(v, str) else
+@pytest.mark.parametrize("family,overrides", CONFIG_VARIANTS,
+                         ids=lambda v: v if isinstance(v, str) else
                          "-".join(f"{k}={w}" for k, w in v.items()))
 def test_parity_config_variants(tmp_path, family, overrides):
-    """config.json fields the loader must honour; also round-trips through save_pretrained into transformers."""
+    """config.json fields the loader must honour; also round-trips through save_pretrained into
+    transformers."""
     from transformers import AutoModelForCausalLM
     path, hf = make_hf_checkpoint(tmp_path / "src", family, **overrides)
     m = load_model(path)
@@ -123,7 +133,8 @@ def test_parity_config_variants(tmp_path, family, overrides):
 
 @pytest.mark.parametrize("sharded", [False, True])
 def test_safetensors_preferred_over_bin(tmp_path, sharded):
-    """With both formats present the loader reads safetensors: the .bin files hold another model (or garbage)."""
+    """With both formats present the loader reads safetensors: the .bin files hold another model (or
+    garbage)."""
     layout = "safetensors-sharded" if sharded else "safetensors"
     path, hf = make_hf_checkpoint(tmp_path / "a", "llama", layout, seed=0)
     other = make_hf_model("llama", seed=1)
@@ -138,16 +149,19 @@ def test_safetensors_preferred_over_bin(tmp_path, sharded):
     assert max_diff(ours(m, idx), theirs(hf, idx)) < TOL
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Meta layout
 
 
 @pytest.mark.parametrize("n_shards", [1, 2])
-@pytest.mark.parametrize("family,multiple_of,ffn_mult", [("llama", 32, None), ("llama-gqa", 32, 1.3)])
+@pytest.mark.parametrize("family,multiple_of,ffn_mult", [("llama", 32, None),
+                                                         ("llama-gqa", 32, 1.3)])
 def test_meta_layout_parity(tmp_path, family, multiple_of, ffn_mult, n_shards):
     hf = make_hf_model(family)
-    path = make_meta_checkpoint(tmp_path, hf, n_shards=n_shards, multiple_of=multiple_of, ffn_dim_multiplier=ffn_mult)
-    assert sorted(f.name for f in path.glob("*.pth")) == [f"consolidated.{i:02d}.pth" for i in range(n_shards)]
+    path = make_meta_checkpoint(tmp_path, hf, n_shards=n_shards, multiple_of=multiple_of,
+                                ffn_dim_multiplier=ffn_mult)
+    assert sorted(f.name for f in path.glob("*.pth")) == [f"consolidated.{i:02d}.pth"
+                                                          for i in range(n_shards)]
     shard = torch.load(path / "consolidated.00.pth", weights_only=True)
     assert "rope.freqs" in shard
     if n_shards == 2:  # really split as Meta does
@@ -162,8 +176,8 @@ def test_meta_layout_parity(tmp_path, family, multiple_of, ffn_mult, n_shards):
 
 
 def test_meta_q_k_permutation_matches_meta_rotary():
-    """meta_to_rotate_half turns Meta's interleaved-pair rotary (complex multiplication, as in Meta's llama/model.py)
-    into HF's rotate-half rotary: attention scores agree."""
+    """meta_to_rotate_half turns Meta's interleaved-pair rotary (complex multiplication, as in
+    Meta's llama/model.py) into HF's rotate-half rotary: attention scores agree."""
     torch.manual_seed(0)
     H, D, C, T = 2, 8, 16, 5
     wq, wk, x = torch.randn(H * D, C), torch.randn(H * D, C), torch.randn(1, T, C)
@@ -178,8 +192,10 @@ def test_meta_q_k_permutation_matches_meta_rotary():
     scores_meta = torch.einsum("bthd,bshd->bhts", qm, km)
     cfg = Config(n_head=H, n_embd=H * D)
     cos, sin = rope_angles(cfg, torch.arange(T)[None])
-    qh = apply_rope((x @ meta_to_rotate_half(wq, H).T).view(1, T, H, D).transpose(1, 2), cos, sin, False)
-    kh = apply_rope((x @ meta_to_rotate_half(wk, H).T).view(1, T, H, D).transpose(1, 2), cos, sin, False)
+    qh = apply_rope((x @ meta_to_rotate_half(wq, H).T).view(1, T, H, D).transpose(1, 2),
+                    cos, sin, False)
+    kh = apply_rope((x @ meta_to_rotate_half(wk, H).T).view(1, T, H, D).transpose(1, 2),
+                    cos, sin, False)
     torch.testing.assert_close(qh @ kh.transpose(-1, -2), scores_meta, atol=1e-4, rtol=1e-4)
     # and without the permutation the scores differ (the test can fail)
     qb = apply_rope((x @ wq.T).view(1, T, H, D).transpose(1, 2), cos, sin, False)
@@ -187,7 +203,7 @@ def test_meta_q_k_permutation_matches_meta_rotary():
     assert max_diff(qb @ kb.transpose(-1, -2), scores_meta) > 1e-2
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. KV cache and generation
 
 
@@ -249,7 +265,8 @@ def test_generate_batched_equals_one_by_one(family):
     assert out.shape == (3, T + n_new) and torch.equal(out[:, :T], idx)
     for i, s in enumerate(seqs):
         alone = m.generate(s[None], n_new)
-        assert torch.equal(alone, greedy_no_cache(m, s[None], n_new)), f"{family} row {i}: cache != no cache"
+        assert torch.equal(alone, greedy_no_cache(m, s[None], n_new)), (
+            f"{family} row {i}: cache != no cache")
         assert torch.equal(out[i, T:], alone[0, len(s):]), f"{family} row {i}: batched != alone"
     assert torch.equal(out, greedy_no_cache(m, idx, n_new, mask))
 
@@ -296,7 +313,7 @@ def test_generate_sampling():
     assert not set(m.generate(rows, 1, temperature=2.0)[:, -1].tolist()) <= top3
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. bf16, 5. meta-device loading and tied weights
 
 
@@ -334,13 +351,14 @@ def test_loaded_model_is_materialised_and_tied(hf_checkpoint, family):
             assert m.lm_head.weight is not m.embed.weight
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. Error paths
 
 
 def test_error_no_config(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "empty")) + ".*no params.json"):
+    with pytest.raises(FileNotFoundError,
+                       match=re.escape(str(tmp_path / "empty")) + ".*no params.json"):
         load_model(tmp_path / "empty")
     (tmp_path / "cfg-only").mkdir()
     make_hf_model("llama").config.save_pretrained(tmp_path / "cfg-only")
@@ -351,13 +369,18 @@ def test_error_no_config(tmp_path):
 @pytest.mark.parametrize("layout", ["safetensors-sharded", "bin-sharded"])
 def test_error_index_lists_missing_shard(tmp_path, layout):
     path, _ = make_hf_checkpoint(tmp_path, "llama", layout)
-    shard = sorted(path.glob("model-*.safetensors") if layout.startswith("safe") else path.glob("pytorch_model-*.bin"))[1]
+    shard = sorted(path.glob("model-*.safetensors") if layout.startswith("safe")
+                   else path.glob("pytorch_model-*.bin"))[1]
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(shard.name) + ": shard listed in .*index.json is missing"):
+    with pytest.raises(FileNotFoundError,
+                       match=re.escape(shard.name) + ": shard listed in .*index.json is missing"):
         load_model(path)
 
 
-@pytest.mark.parametrize("content", ['{"metadata": {}}', '{"weight_map": {}}', "not json {", "[1, 2]"])
+@pytest.mark.parametrize("content", ['{"metadata": {}}',
+                                     '{"weight_map": {}}',
+                                     "not json {",
+                                     "[1, 2]"])
 def test_error_bad_index(tmp_path, content):
     path, _ = make_hf_checkpoint(tmp_path, "llama", "safetensors-sharded")
     (path / "model.safetensors.index.json").write_text(content)
@@ -367,13 +390,16 @@ def test_error_bad_index(tmp_path, content):
 
 def test_error_unknown_tensor(tmp_path):
     key = "model.layers.0.self_attn.q_norm.weight"
-    path, _ = make_hf_checkpoint(tmp_path, "llama", "safetensors", extra_tensors={key: torch.ones(16)})
-    with pytest.raises(KeyError, match=re.escape(str(path / "model.safetensors")) + ".*" + re.escape(key)):
+    path, _ = make_hf_checkpoint(tmp_path, "llama", "safetensors",
+                                 extra_tensors={key: torch.ones(16)})
+    with pytest.raises(KeyError,
+                       match=re.escape(str(path / "model.safetensors")) + ".*" + re.escape(key)):
         load_model(path)
 
 
 def test_error_missing_tensor(tmp_path):
-    path, _ = make_hf_checkpoint(tmp_path, "llama", "bin", drop=["model.layers.1.mlp.down_proj.weight"])
+    path, _ = make_hf_checkpoint(tmp_path, "llama", "bin",
+                                 drop=["model.layers.1.mlp.down_proj.weight"])
     with pytest.raises(KeyError, match=r"1 parameters missing.*layers\.1\.mlp\.down_proj\.weight"):
         load_model(path)
 
@@ -383,7 +409,8 @@ def test_error_config_does_not_match_shapes(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 160}))
     with pytest.raises(ValueError, match=re.escape(str(path / "model.safetensors")) +
-                       r": layers\.\d\.mlp\.(gate|up|down)_proj\.weight has shape .* the config expects"):
+                       r": layers\.\d\.mlp\.(gate|up|down)_proj\.weight has shape .* "
+                       r"the config expects"):
         load_model(path)
 
 
@@ -405,7 +432,8 @@ def test_error_meta_unknown_tensor(tmp_path):
 
 def test_error_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
-    with pytest.raises(ValueError, match=re.escape(tmp_path.name) + ": model_type 'gpt2' is not supported"):
+    with pytest.raises(ValueError,
+                       match=re.escape(tmp_path.name) + ": model_type 'gpt2' is not supported"):
         load_model(tmp_path)
 
 
@@ -418,12 +446,14 @@ def test_error_config_values():
         Config(norm="batchnorm")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. Presets
 
 
-PRESET_PARAMS = {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320, "llama-30b": 32_528_943_616,
-                 "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,
+PRESET_PARAMS = {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320,
+                 "llama-30b": 32_528_943_616,
+                 "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320,
+                 "llama-2-70b": 68_976_648_192,
                  "gptj-6b": 6_050_882_784, "bloom-7b1": 7_069_016_064, "opt-6.7b": 6_658_473_984}
 
 
@@ -438,8 +468,9 @@ def test_preset_parameter_counts_full_build():
 
 @pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_preset_parameter_counts(name):
-    """Layers are identical, so the count is P(1 layer) + (n_layer - 1) * (P(2) - P(1)): cheap on meta (the full
-    build of every preset costs seconds of module construction); llama-7b is also built in full above."""
+    """Layers are identical, so the count is P(1 layer) + (n_layer - 1) * (P(2) - P(1)): cheap on
+    meta (the full build of every preset costs seconds of module construction); llama-7b is also
+    built in full above."""
     c = Config.from_name(name)
     p1, p2 = n_params(replace(c, n_layer=1)), n_params(replace(c, n_layer=2))
     assert p1 + (c.n_layer - 1) * (p2 - p1) == PRESET_PARAMS[name]
@@ -452,7 +483,7 @@ def test_tiny_presets_build_and_run():
             assert ours(m, rand_ids(1, 4, vocab=c.vocab_size)).shape == (1, 4, c.vocab_size)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 8. save_pretrained
 
 
@@ -486,7 +517,7 @@ def test_save_pretrained_round_trip(tmp_path, family):
     assert max_diff(theirs(hf2, idx), theirs(hf, idx)) < TOL
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 9. Hook slots
 
 
@@ -499,7 +530,8 @@ class Lora(nn.Module):
         self.B = nn.Parameter(torch.randn(lin.out_features, r) * 0.1)
 
     def forward(self, x, y, linear):
-        assert torch.equal(y, F.linear(x, linear.weight, linear.bias))  # handed its own layer, at each call
+        # handed its own layer, at each call
+        assert torch.equal(y, F.linear(x, linear.weight, linear.bias))
         return y + x @ self.A.T @ self.B.T
 
 
@@ -520,7 +552,8 @@ class NoPrefix(nn.Module):
 
 
 class Prompt(nn.Module):
-    """Prepends fixed embeddings: those of `ids` in `embed`, so the result equals feeding ids as real tokens."""
+    """Prepends fixed embeddings: those of `ids` in `embed`, so the result equals feeding ids as
+    real tokens."""
 
     def __init__(self, embed, ids):
         super().__init__()
@@ -533,14 +566,16 @@ class Prompt(nn.Module):
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_linear_adapter_slot(family):
-    """Every projection calls its adapter with (input, output): LoRA on all of them equals merged weights."""
+    """Every projection calls its adapter with (input, output): LoRA on all of them equals merged
+    weights."""
     m = tiny_model(family)
     idx, mask = left_pad([rand_ids(n, vocab=512, seed=n) for n in (8, 5)])
     base = ours(m, idx, attention_mask=mask)
     merged = copy.deepcopy(m)
     torch.manual_seed(0)
     lins = [(n, mod) for n, mod in m.named_modules() if hasattr(mod, "adapter")]
-    assert len(lins) == m.config.n_layer * (7 if m.config.arch == "llama" else 4 if m.config.arch == "bloom" else 6)
+    assert len(lins) == m.config.n_layer * (7 if m.config.arch == "llama"
+                                            else 4 if m.config.arch == "bloom" else 6)
     for n, lin in lins:
         lin.adapter = Lora(lin)
         merged.get_submodule(n).weight += lin.adapter.B @ lin.adapter.A
@@ -552,7 +587,8 @@ def test_linear_adapter_slot(family):
     assert torch.equal(ours(m, idx, attention_mask=mask), base)
 
 
-@pytest.mark.parametrize("family", ["llama", "gptj", "opt-350m"])  # pre-norm, parallel residual, post-norm
+# pre-norm, parallel residual, post-norm
+@pytest.mark.parametrize("family", ["llama", "gptj", "opt-350m"])
 @torch.no_grad()
 def test_block_slots_follow_the_documented_formula(family):
     m = tiny_model(family)
@@ -565,7 +601,8 @@ def test_block_slots_follow_the_documented_formula(family):
     pa, pm, ba, bm = (nn.Linear(c.n_embd, c.n_embd) for _ in range(4))
     blk.post_attn, blk.post_mlp, blk.beside_attn, blk.beside_mlp = pa, pm, ba, bm
     got = blk(x, rope, None, None)
-    if c.parallel_residual:  # x + [post(attn(h)) + beside(h)] + [post(mlp(h)) + beside(h)], h = ln(x)
+    # x + [post(attn(h)) + beside(h)] + [post(mlp(h)) + beside(h)], h = ln(x)
+    if c.parallel_residual:
         h = blk.norm_1(x)
         expect = x + pa(attn(h)) + ba(h) + pm(blk.mlp(h)) + bm(h)
     elif c.post_norm:  # x1 = ln1(x + a(x)); ln2(x1 + m(x1))
@@ -599,14 +636,16 @@ def test_prefix_slot_matches_manual_attention(family):
     rep = c.n_head // c.n_kv_head
     k = torch.cat((pk, k), 2).repeat_interleave(rep, 1)
     v = torch.cat((pv, v), 2).repeat_interleave(rep, 1)
-    allowed = torch.cat((torch.ones(T, pk.size(2), dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()), 1)
+    allowed = torch.cat((torch.ones(T, pk.size(2), dtype=torch.bool),
+                         torch.ones(T, T, dtype=torch.bool).tril()), 1)
     s = (q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)).masked_fill(~allowed, float("-inf"))
     expect = getattr(att, att.out_name)((s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
     got = att(x, rope, None, None)
     assert max_diff(got, base) > 1e-2 and max_diff(got, expect) < 1e-5
     att.prefix = None
     assert torch.equal(att(x, rope, None, None), base)
-    att.prefix = NoPrefix()  # a slot with nothing to offer (e.g. an inactive adapter) leaves attention alone
+    # a slot with nothing to offer (e.g. an inactive adapter) leaves attention alone
+    att.prefix = NoPrefix()
     assert torch.equal(att(x, rope, None, None), base)
 
 
@@ -627,8 +666,8 @@ def test_prefix_slot_generation_with_cache(family):
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_prompt_slot(family):
-    """Soft tokens lead the sequence: with the embeddings of real ids they act exactly like those ids; no logits
-    come out for them; left-padded batched generation equals one by one."""
+    """Soft tokens lead the sequence: with the embeddings of real ids they act exactly like those
+    ids; no logits come out for them; left-padded batched generation equals one by one."""
     m = tiny_model(family)
     lead = rand_ids(3, vocab=512, seed=99)
     idx, mask = left_pad([rand_ids(n, vocab=512, seed=n) for n in (7, 3)])
@@ -656,7 +695,7 @@ def test_prompt_slot(family):
         assert torch.equal(alone, greedy_no_cache(m, s[None], 5))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 10. Gradient checkpointing
 
 
@@ -674,9 +713,11 @@ def test_gradient_checkpointing_same_loss_and_grads(family):
         return loss.detach(), logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
     loss, logits, grads = run()
-    assert torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100))
+    assert torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                ignore_index=-100))
     calls = []
-    hook = m.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))  # (recompute may stop early)
+    # (recompute may stop early)
+    hook = m.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
     m.grad_checkpoint = True
     loss2, _, grads2 = run()
     hook.remove()

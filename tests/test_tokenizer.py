@@ -1,7 +1,8 @@
 """tokenizer.py against the reference implementations (sentencepiece, Hugging Face), all offline.
 
-Fixtures are built inside the tests: a tiny sentencepiece model and tiny byte-level BPE vocabularies trained
-with the `tokenizers` library. The real GPT-2 vocabulary is used when ../shared/data/gpt2-bpe exists.
+Fixtures are built inside the tests: a tiny sentencepiece model and tiny byte-level BPE
+vocabularies trained with the `tokenizers` library. The real GPT-2 vocabulary is used when
+../shared/data/gpt2-bpe exists.
 """
 
 import inspect
@@ -44,7 +45,8 @@ TEXTS = [
 
 
 def random_texts(n, seed=0):
-    """Short strings over an alphabet of tricky pieces: whitespace kinds, contractions, specials, unicode."""
+    """Short strings over an alphabet of tricky pieces: whitespace kinds, contractions, specials,
+    unicode."""
     alphabet = list(" \t\n\r\x0b\xa0\u2003abcXYZ019'sltredvm.,!?-_<>|éß中文😀\u200d👩ΩЖ")
     alphabet += ["<|endoftext|>", "'ll", "   "]
     rng = random.Random(seed)
@@ -52,8 +54,9 @@ def random_texts(n, seed=0):
 
 
 def hf_gpt2(vocab_file, merges_file):
-    """HF GPT2Tokenizer from explicit files. transformers 4.x takes vocab_file=/merges_file=; 5.x takes the
-    paths as vocab=/merges= (and silently builds an empty tokenizer from vocab_file=), hence the check."""
+    """HF GPT2Tokenizer from explicit files. transformers 4.x takes vocab_file=/merges_file=; 5.x
+    takes the paths as vocab=/merges= (and silently builds an empty tokenizer from vocab_file=),
+    hence the check."""
     from transformers import GPT2Tokenizer
 
     if "vocab_file" in inspect.signature(GPT2Tokenizer.__init__).parameters:
@@ -65,31 +68,37 @@ def hf_gpt2(vocab_file, merges_file):
 
 
 def test_runtime_does_not_import_hf():
-    code = "import sys, tokenizer; assert not {'transformers', 'tokenizers', 'peft'} & set(sys.modules)"
-    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True)
+    code = ("import sys, tokenizer; "
+            "assert not {'transformers', 'tokenizers', 'peft'} & set(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                   check=True)
 
 
-# ---- sentencepiece (LLaMA) ---------------------------------------------------------------------------
+# ---- sentencepiece (LLaMA) -----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory):
     spm = pytest.importorskip("sentencepiece")
     rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog while adapters tune large language models 12 345 café".split()
+    words = ("the quick brown fox jumps over a lazy dog while adapters tune large language models "
+             "12 345 café").split()
     sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(400)]
     folder = tmp_path_factory.mktemp("llama")
-    # LLaMA-like settings: bpe, byte fallback for unseen chars, no normalization, whitespace kept as is
+    # LLaMA-like settings: bpe, byte fallback for unseen chars, no normalization, whitespace kept as
+    # is
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_prefix=str(folder / "tokenizer"), vocab_size=320,
         model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        minloglevel=2,
     )
     (folder / "tokenizer.vocab").unlink()
     return folder
 
 
-SP_TEXTS = [t for t in TEXTS if "<|endoftext|>" not in t] + ["the quick brown fox", " lead", "two  spaces"]
+SP_TEXTS = [t for t in TEXTS if "<|endoftext|>" not in t] + ["the quick brown fox", " lead",
+                                                             "two  spaces"]
 
 
 def test_sentencepiece_matches_library(sp_dir):
@@ -106,7 +115,8 @@ def test_sentencepiece_matches_library(sp_dir):
         assert tok.decode(tok.encode(text, bos=True, eos=True)) == sp.decode(ids) == text
     assert pickle.loads(pickle.dumps(tok)).encode("the fox") == sp.encode("the fox")
     # a direct path to the .model file works too
-    assert Tokenizer.from_pretrained(sp_dir / "tokenizer.model").encode("the fox") == sp.encode("the fox")
+    assert (Tokenizer.from_pretrained(sp_dir / "tokenizer.model").encode("the fox")
+            == sp.encode("the fox"))
 
 
 def test_sentencepiece_matches_hf_llama(sp_dir):
@@ -115,16 +125,18 @@ def test_sentencepiece_matches_hf_llama(sp_dir):
         hf = transformers.LlamaTokenizerFast.from_pretrained(str(sp_dir))
         assert len(hf) == 320
     except Exception as e:  # e.g. transformers 5 needs protobuf to convert a tokenizer.model
-        pytest.skip(f"HF LlamaTokenizerFast cannot load the model offline (transformers 5 needs protobuf): {e!s:.150}")
+        pytest.skip("HF LlamaTokenizerFast cannot load the model offline "
+                    f"(transformers 5 needs protobuf): {e!s:.150}")
     tok = Tokenizer.from_pretrained(sp_dir)
     assert (hf.bos_token_id, hf.eos_token_id) == (tok.bos_id, tok.eos_id)
-    # text starting with whitespace is left out: transformers 5 drops one leading space there (its non-legacy
-    # Metaspace), while sentencepiece and LLM-Adapters-era LlamaTokenizer (legacy) keep it
+    # text starting with whitespace is left out: transformers 5 drops one leading space there (its
+    # non-legacy Metaspace), while sentencepiece and LLM-Adapters-era LlamaTokenizer (legacy) keep
+    # it
     for text in [t for t in SP_TEXTS if not t[:1].isspace()]:
         assert tok.encode(text) == hf.encode(text, add_special_tokens=False), text
 
 
-# ---- GPT-2 byte-level BPE, real vocabulary ----------------------------------------------------------
+# ---- GPT-2 byte-level BPE, real vocabulary -------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +144,15 @@ def gpt2():
     if not (GPT2_DIR / "encoder.json").is_file():
         pytest.skip(f"real GPT-2 vocabulary not found at {GPT2_DIR}")
     pytest.importorskip("transformers")
-    return Tokenizer.from_pretrained(GPT2_DIR), hf_gpt2(GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe")
+    return (Tokenizer.from_pretrained(GPT2_DIR),
+            hf_gpt2(GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe"))
 
 
 def test_gpt2_special_ids(gpt2):
     tok, hf = gpt2
     assert isinstance(tok, BPETokenizer)
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, tok.add_bos) == (50256, 50256, 50256, 50257, False)
+    assert ((tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size, tok.add_bos)
+            == (50256, 50256, 50256, 50257, False))
     assert tok.vocab_size == len(hf) and tok.eos_id == hf.eos_token_id
     assert tok.encode("Hello world", bos=True, eos=True) == [50256, 15496, 995, 50256]
 
@@ -173,26 +187,29 @@ def test_gpt2_hf_file_names(gpt2, tmp_path):
     assert all(other.encode(t) == tok.encode(t) for t in TEXTS)
 
 
-# ---- tiny self-made byte-level BPE (runs without ../shared) ------------------------------------------
+# ---- tiny self-made byte-level BPE (runs without ../shared) --------------------------------------
 
-CORPUS_WORDS = "the quick brown fox jumps over a dog adapter tuning don't they'll I'm café 中文 3.14 12,345 …。"
+CORPUS_WORDS = ("the quick brown fox jumps over a dog adapter tuning don't they'll I'm "
+                "café 中文 3.14 12,345 …。")
 CORPUS_WORDS = CORPUS_WORDS.split()
 
 
 def corpus(n=300, seed=0):
     rng = random.Random(seed)
     ends = ["", "\n", "  ", "\t"]
-    return [" ".join(rng.choice(CORPUS_WORDS) for _ in range(10)) + rng.choice(ends) for _ in range(n)]
+    return [" ".join(rng.choice(CORPUS_WORDS) for _ in range(10)) + rng.choice(ends)
+            for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
 def tiny_bpe(tmp_path_factory):
-    """GPT-2-style: vocab.json + merges.txt (with '#version' header) and the same model as tokenizer.json."""
+    """GPT-2-style: vocab.json + merges.txt (with '#version' header) and the same model as
+    tokenizer.json."""
     tokenizers = pytest.importorskip("tokenizers")
     folder = tmp_path_factory.mktemp("tiny_bpe")
     bpe = tokenizers.ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus(), vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"],
-                            show_progress=False)
+    bpe.train_from_iterator(corpus(), vocab_size=400, min_frequency=2,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
     bpe.save_model(str(folder))
     json_folder = folder / "json"
     json_folder.mkdir()
@@ -217,7 +234,8 @@ def test_tiny_bpe_long_word_pickle_and_file_preference(tiny_bpe, tmp_path):
     pytest.importorskip("transformers")
     hf = hf_gpt2(tiny_bpe / "vocab.json", tiny_bpe / "merges.txt")
     rng = random.Random(3)
-    long_word = "".join(rng.choice("thequickbrownfoxjumps") for _ in range(20_000))  # one pre-token, many merges
+    # one pre-token, many merges
+    long_word = "".join(rng.choice("thequickbrownfoxjumps") for _ in range(20_000))
     for text in [long_word, "a" * 5001, "中文" * 2000]:
         assert Tokenizer.from_pretrained(tiny_bpe).encode(text) == hf.encode(text)
     # vocab.json + merges.txt win over a tokenizer.json in the same folder (here a broken one)
@@ -227,8 +245,8 @@ def test_tiny_bpe_long_word_pickle_and_file_preference(tiny_bpe, tmp_path):
     tok = Tokenizer.from_pretrained(tmp_path)
     # picklable, e.g. for multiprocessing data loaders
     clone = pickle.loads(pickle.dumps(tok))
-    assert clone.encode("the quick fox<|endoftext|>") == tok.encode("the quick fox<|endoftext|>") == hf.encode(
-        "the quick fox<|endoftext|>")
+    assert (clone.encode("the quick fox<|endoftext|>") == tok.encode("the quick fox<|endoftext|>")
+            == hf.encode("the quick fox<|endoftext|>"))
 
 
 def test_tokenizer_json_gpt2_style(tiny_bpe, tmp_path):
@@ -238,7 +256,8 @@ def test_tokenizer_json_gpt2_style(tiny_bpe, tmp_path):
     ref = HFTokenizer.from_file(str(path))
     # merges saved as [a, b] pairs (tokenizers >= 0.20) and as "a b" strings (older files)
     data = json.loads(path.read_text())
-    data["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]]
+    data["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m
+                               for m in data["model"]["merges"]]
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     for tok in [Tokenizer.from_pretrained(path.parent), Tokenizer.from_pretrained(path),
                 Tokenizer.from_pretrained(tmp_path)]:
@@ -250,18 +269,22 @@ def test_tokenizer_json_gpt2_style(tiny_bpe, tmp_path):
 
 
 def test_opt_style_config(tiny_bpe, tmp_path):
-    """OPT: GPT2Tokenizer files plus a config naming </s> as bos/eos, <pad> as pad, and add_bos_token."""
+    """OPT: GPT2Tokenizer files plus a config naming </s> as bos/eos, <pad> as pad, and
+    add_bos_token."""
     tokenizers = pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
     bpe = tokenizers.ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus(), vocab_size=400, min_frequency=2,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False)  # OPT's ids 0-3
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"],  # OPT's ids 0-3
+                            show_progress=False)
     bpe.save_model(str(tmp_path))
     (tmp_path / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"add_bos_token": True, "bos_token": {"content": "</s>", "lstrip": False, "__type": "AddedToken"},
-         "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "</s>", "tokenizer_class": "GPT2Tokenizer"}))
+        {"add_bos_token": True,
+         "bos_token": {"content": "</s>", "lstrip": False, "__type": "AddedToken"},
+         "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "</s>",
+         "tokenizer_class": "GPT2Tokenizer"}))
     tok = Tokenizer.from_pretrained(tmp_path)
     hf = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (2, 2, 1, True)
@@ -271,32 +294,37 @@ def test_opt_style_config(tiny_bpe, tmp_path):
 
 
 def test_tokenizer_json_bloom_style(tmp_path):
-    """BLOOM: a Split regex (an Oniguruma nested character class) then ByteLevel without GPT-2's regex."""
+    """BLOOM: a Split regex (an Oniguruma nested character class) then ByteLevel without GPT-2's
+    regex."""
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
     ref = tokenizers.Tokenizer(models.BPE())
     ref.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(" ?[^(\\s|[.,!?…。，、।۔،])]+"), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(" ?[^(\\s|[.,!?…。，、।۔،])]+"), behavior="isolated",
+                             invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     ref.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     ref.train_from_iterator(corpus(), trainer=trainer)
-    ref.add_tokens(["<extra>"])  # an added token beyond the vocab: counts in vocab_size, split out of text
+    # an added token beyond the vocab: counts in vocab_size, split out of text
+    ref.add_tokens(["<extra>"])
     ref.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer.from_pretrained(tmp_path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
     assert tok.vocab_size == ref.get_vocab_size() == ref.token_to_id("<extra>") + 1
-    texts = TEXTS + corpus(20, seed=2) + random_texts(300) + ["a…b。c，d, e! <extra>?", "x<extra>y</s>"]
+    texts = TEXTS + corpus(20, seed=2) + random_texts(300) + ["a…b。c，d, e! <extra>?",
+                                                              "x<extra>y</s>"]
     for text in texts:
         ids = tok.encode(text)
         assert ids == ref.encode(text).ids, repr(text)
         assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False) == text
 
 
-# ---- errors ------------------------------------------------------------------------------------------
+# ---- errors --------------------------------------------------------------------------------------
 
 
 def test_missing_files_names_folder(tmp_path):
@@ -343,12 +371,16 @@ def test_corrupt_vocab(tmp_path):
 
 def test_unsupported_tokenizer_json(tmp_path):
     def write(**changes):
-        data = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "added_tokens": [], "normalizer": None,
-                "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}, "decoder": {"type": "ByteLevel"}}
+        data = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "added_tokens": [],
+                "normalizer": None,
+                "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
+                "decoder": {"type": "ByteLevel"}}
         (tmp_path / "tokenizer.json").write_text(json.dumps({**data, **changes}))
 
-    write(pre_tokenizer={"type": "Sequence", "pretokenizers": [{"type": "Digits"}, {"type": "ByteLevel"}]})
-    with pytest.raises(NotImplementedError, match=r"tokenizer\.json: unsupported pre-tokenizer step.*Digits"):
+    write(pre_tokenizer={"type": "Sequence",
+                         "pretokenizers": [{"type": "Digits"}, {"type": "ByteLevel"}]})
+    with pytest.raises(NotImplementedError,
+                       match=r"tokenizer\.json: unsupported pre-tokenizer step.*Digits"):
         Tokenizer.from_pretrained(tmp_path)
     write(pre_tokenizer={"type": "Whitespace"})  # not byte-level at all
     with pytest.raises(NotImplementedError, match=r"tokenizer\.json: only byte-level BPE"):
