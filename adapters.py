@@ -551,8 +551,6 @@ KINDS = {
     "ia3": Kind(dict(target_modules=None, feedforward_modules=None), _ia3_places, _make_ia3,
                 _check_ia3),
 }
-# options of each kind, for the configurators
-ADAPTER_DEFAULTS = {kind: k.defaults for kind, k in KINDS.items()}
 
 
 # ----------------------------------------------------------------------------------- the public API

@@ -11,7 +11,7 @@ LLM-Adapters' recipe.
                                                             # then overrides
 
 Every global below is a --key=value setting (type-checked; bools take true/false), and so is every
-option of the chosen adapter in adapters.ADAPTER_DEFAULTS (--r=16 --target_modules=q_proj,v_proj,
+option of the chosen adapter in adapters.KINDS (--r=16 --target_modules=q_proj,v_proj,
 --bottleneck=64 ...).
 Without --model, the embedded demo: a tiny LLaMA pretrained by train() on synthetic arithmetic
 (data/synthetic.py), cached in <demo_dir>/base/ like any checkpoint, is fine-tuned on a related task

@@ -73,4 +73,3 @@ KIND = Kind(defaults=dict(r=256, d_initial=0.1, projection_prng_key=0, target_mo
 
 def register():
     adapters.KINDS["vera"] = KIND
-    adapters.ADAPTER_DEFAULTS["vera"] = KIND.defaults

@@ -84,6 +84,5 @@ KIND = Kind(defaults=dict(r=256, d_initial=0.1, projection_prng_key=0, target_mo
 def register():
     """Add "vera" to the project's table of kinds, at runtime (adapters.py itself is not
     changed)."""
-    adapters.KINDS["vera"] = KIND
-    adapters.ADAPTER_DEFAULTS["vera"] = KIND.defaults  # the options train.py's configurator accepts
+    adapters.KINDS["vera"] = KIND  # train.py's configurator then accepts its options too
 

@@ -20,11 +20,10 @@ def impl():
 
 @pytest.fixture
 def vera(impl):
-    """impl.register() for one test, then the project's tables as they were."""
+    """impl.register() for one test, then the project's table as it was."""
     impl.register()
     yield impl
     adapters.KINDS.pop("vera", None)
-    adapters.ADAPTER_DEFAULTS.pop("vera", None)
 
 
 def vera_modules(model):
