@@ -8,12 +8,14 @@ Each script keeps its settings as plain defaults (globals at its top) and calls 
 files come first, in order: Python assignments as in nanoGPT (`learning_rate = 1e-4`) or a JSON
 object; then the command line. A value is converted to its default's type: ints, floats, strings,
 booleans (true/false, 1/0, yes/no, or a bare --flag), lists (comma-separated, or JSON). An unknown
-key, a value of the wrong type or a misspelt boolean is a ConfigError whose one line names the key
-and what was expected; the scripts print it and exit.
+key, a value of the wrong type, a misspelt boolean or a number that is not finite (nan, inf: no
+setting's maths takes one) is a ConfigError whose one line names the key and what was expected;
+the scripts print it and exit.
 
 `device_and_dtype` is the one choice of device and dtype for every script.
 """
 import json
+import math
 import os
 import sys
 from types import SimpleNamespace
@@ -119,19 +121,37 @@ def coerce(key, value, default, word_ok=False):
                         else [v for v in value.split(",") if v])
             if want is bool:
                 return BOOLS[value.lower()]
-            return [v for v in value.split(",") if v] if want is list else want(value)
+            number = [v for v in value.split(",") if v] if want is list else want(value)
         except (KeyError, ValueError):
             if word_ok and want is float and value.isalpha():
                 return value
             raise ConfigError(f"--{key}={value}: expected "
                               f"{'true or false' if want is bool else want.__name__}, "
                               f"like the default {default!r}") from None
+        return check_finite(key, number)
     if want is float and type(value) is int or want is list and type(value) is tuple:
         value = want(value)
     if default is not None and type(value) is not want:
         raise ConfigError(f"{key}={value!r}: expected {want.__name__}, "
                           f"like the default {default!r}")
+    return check_finite(key, value)
+
+
+def check_finite(key, value):
+    """nan or inf reaches no setting: each one's maths (a learning rate, a clip, a temperature)
+    would turn every number it touches into nan, found steps later or never."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"--{key}={value}: expected a finite number")
     return value
+
+
+def check_threads(key, n):
+    """A thread count (0 = torch's default) is at most this machine's CPU count: far more threads
+    than cores only slows torch down, and enough of them crash it."""
+    most = os.cpu_count() or 1
+    if not 0 <= n <= most:
+        raise ConfigError(f"--{key}={n}: expected 0 (torch's default) to {most}, "
+                          "this machine's CPU count")
 
 
 def check_choice(cfg, key, choices):
