@@ -17,6 +17,7 @@ goes), so a 7B model's weights are held once. Pickles (.bin, .pth) load with wei
 code in them ever runs.
 """
 import json
+import math
 import re
 from pathlib import Path
 
@@ -252,29 +253,76 @@ def check_float(name, t, source):
         raise ValueError(f"{source}: {name} is {what}, expected a floating-point tensor")
 
 
-# numeric fields of config.json and params.json: a string or a fraction there is an error naming it
+# The fields of config.json and params.json that reach the maths, by type, checked once where the
+# file is read: a value of another type is one line naming the file, the field and what it should
+# be, never a traceback from deep inside torch or a model built wrong. null = the field not given.
 INT_FIELDS = {"vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "hidden_size", "head_dim", "intermediate_size", "max_position_embeddings", "n_layer",
               "n_head", "n_embd", "n_embed", "n_inner", "n_positions", "rotary_dim", "ffn_dim",
-              "word_embed_proj_dim", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"}
+              "word_embed_proj_dim", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
+              "sliding_window", "max_window_layers", "original_max_position_embeddings"}
 FLOAT_FIELDS = {"rms_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta",
-                "ffn_dim_multiplier"}
+                "ffn_dim_multiplier", "factor", "low_freq_factor", "high_freq_factor",
+                "partial_rotary_factor"}
+BOOL_FIELDS = {"tie_word_embeddings", "attention_bias", "mlp_bias", "do_layer_norm_before",
+               "enable_bias", "_remove_final_layer_norm", "use_scaled_rope", "use_sliding_window",
+               "apply_residual_connection_post_layernorm"}
+OBJECT_FIELDS = {"rope_scaling", "rope_parameters"}  # their numbers are checked as above too
+LEAST = {"max_window_layers": 0}  # counts are at least 1 unless named here
+SPECIAL = {("params.json", "vocab_size"): -1}  # Meta's "as many as the embedding has rows"
+# (a size, the count it is split into): the names each layout gives them
+HEADS = ("num_attention_heads", "n_head", "n_heads")
+DIVIDES = [(("hidden_size", "n_embd", "n_embed", "dim"), HEADS),
+           (HEADS, ("num_key_value_heads", "n_kv_heads"))]
+
+
+def check_field(f, k, v):
+    """One field's value against the tables above; ValueError naming file and field."""
+    number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if k in INT_FIELDS:
+        least = LEAST.get(k, 1)
+        ok = number and v == int(v) and (v >= least or v == SPECIAL.get((Path(f).name, k)))
+        expected = f"an integer of at least {least}"
+    elif k in FLOAT_FIELDS:
+        ok, expected = number and v > 0, "a number above 0"
+    elif k in BOOL_FIELDS:
+        ok, expected = isinstance(v, bool), "true or false"
+    elif k in OBJECT_FIELDS:
+        ok, expected = isinstance(v, dict), "a JSON object"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{f}: field {k!r} is {v!r}, expected {expected}")
+    for kk, vv in (v.items() if k in OBJECT_FIELDS else ()):
+        if vv is not None:
+            check_field(f, kk, vv)
 
 
 def read_config(f, make):
-    """A config file (config.json, params.json) -> make(its dict), with one clear line for a missing
-    field or a numeric field of the wrong type."""
+    """A config file (config.json, params.json) -> make(its dict), with one clear line for a field
+    that is missing, null where a value is needed, of the wrong type or sign, or that does not
+    divide as the model needs (hidden_size by num_attention_heads, ...)."""
     d = read_json(f)
-    for k, v in d.items():
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        wrong = k in INT_FIELDS and not (number and v == int(v)) or k in FLOAT_FIELDS and not number
-        if v is not None and wrong:
-            expected = "an integer" if k in INT_FIELDS else "a number"
-            raise ValueError(f"{f}: field {k!r} is {v!r}, expected {expected}")
+    given = {k: v for k, v in d.items() if v is not None}  # null: as if left out
+    for k, v in given.items():
+        check_field(f, k, v)
+    for sizes, counts in DIVIDES:
+        size, count = (next((k for k in names if k in given), None) for names in (sizes, counts))
+        explicit_head_dim = "head_dim" in given and count in HEADS  # then q is heads x head_dim
+        if size and count and given[size] % given[count] and not explicit_head_dim:
+            raise ValueError(f"{f}: field {size!r} ({given[size]}) is not a multiple of "
+                             f"{count!r} ({given[count]})")
     try:
-        return make({k: int(v) if k in INT_FIELDS and v is not None else v for k, v in d.items()})
+        c = make({k: int(v) if k in INT_FIELDS else v for k, v in given.items()})
     except KeyError as e:
-        raise ValueError(f"{f}: missing field {e.args[0]!r}, which this model type needs") from None
+        k = e.args[0]
+        if k in d:
+            raise ValueError(f"{f}: field {k!r} is null, which this model type needs") from None
+        raise ValueError(f"{f}: missing field {k!r}, which this model type needs") from None
+    if c.pos == "rope" and (c.rotary_dim % 2 or c.rotary_dim > c.head_dim):  # rotated in pairs
+        raise ValueError(f"{f}: the rotary dimension ({c.rotary_dim}, field 'rotary_dim' or "
+                         f"'head_dim') must be even and at most the head's ({c.head_dim})")
+    return c
 
 
 def _hf_files(path):
@@ -408,12 +456,11 @@ def _load_meta(path, device, dtype, quantize):
         if any(t is None for t in parts):
             raise KeyError(f"{files[[t is None for t in parts].index(True)]}: "
                            f"tensor {k} is missing")
-        if dim_split is None:  # replicated: every shard holds the whole tensor
-            for f, t in zip(files[1:], parts[1:]):
-                if t.shape != parts[0].shape:
-                    raise ValueError(f"{f}: {k} has shape {tuple(t.shape)}, {files[0].name} has "
-                                     f"{tuple(parts[0].shape)} (a replicated tensor is the same in "
-                                     "every shard)")
+        for f, t in zip(files[1:], parts[1:]):  # replicated, or split in equal parts
+            if t.shape != parts[0].shape:
+                raise ValueError(f"{f}: {k} has shape {tuple(t.shape)}, {files[0].name} has "
+                                 f"{tuple(parts[0].shape)} (each shard holds the whole tensor or "
+                                 "an equal part of it)")
         t = parts[0] if dim_split is None or len(parts) == 1 else torch.cat(parts, dim=dim_split)
         if k.endswith("wq.weight"):
             t = meta_to_rotate_half(t, config.n_head)
