@@ -208,8 +208,9 @@ def read_jsonl(f):
         try:
             d = json.loads(line)
         except ValueError as e:
-            raise ValueError(f"{f}: line {i} is not JSON ({e})") from None
+            raise ValueError(f"{f}: not one JSON object a line: line {i} is not JSON ({e})") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{f}: line {i} is a JSON {type(d).__name__}, expected an object")
+            raise ValueError(f"{f}: not one JSON object a line: line {i} is a JSON "
+                             f"{type(d).__name__}")
         records.append(d)
     return records

@@ -5,18 +5,19 @@ Pictures of training runs, drawn as SVG by hand (no plotting library needed; bro
     python plot.py --runs=out/a,out/b --out=pics   # runs: folders holding train.py's log.jsonl
 
 loss.svg     training loss (thin) and validation loss (thick, dots) against the step, a colour per
-             run, log y: late improvements stay visible.
+             adapter kind (the same in every picture; a second run of a kind dashed), log y: late
+             improvements stay visible.
 results.svg  exact match against trainable parameters (log x), a dot per adapter, the base as a
              dashed line: the paper's "accuracy vs % params" picture, for runs that logged
              accuracies (the demo's).
 """
-import json
 import math
 import os
 import sys
+import zlib
 from xml.sax.saxutils import escape
 
-from files import write_atomic
+from files import check_writable, read_json, read_jsonl, write_atomic
 from cli import DEMO_DIR, ConfigError, configure, fail
 
 DEFAULTS = dict(
@@ -25,8 +26,10 @@ DEFAULTS = dict(
     demo_dir=DEMO_DIR,
 )
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+# a colour per adapter kind, so a kind looks the same in every picture whichever runs are drawn
+KIND_COLORS = dict(zip(["lora", "series", "parallel", "prefix", "prompt", "dora", "ia3"], COLORS))
 W, H, LEFT, RIGHT, TOP, BOTTOM = 700, 400, 64, 170, 36, 48  # canvas, margins (legend on the right)
-
+NUMBERS = ("step", "loss", "val_loss", "adapter_acc", "base_acc", "trainable")  # what is drawn
 
 
 # ------------------------------------------------------------------------------ a tiny SVG chart
@@ -74,7 +77,8 @@ def label(v):
 def chart(series, title, xlabel, ylabel, logx=False, logy=False, hlines=(), ylim=None):
     """An SVG document: axes with ticks and a grid, every series, a legend. A series is a dict:
     name, points [(x, y)], color, cls (its class attribute), line (draw a polyline: True), dots,
-    width, legend (list it: True). hlines: (y, name, color) dashed lines; ylim: (low, high)."""
+    width, legend (list it: True), dash (a stroke-dasharray: a second run of a kind). hlines:
+    (y, name, color) dashed lines; ylim: (low, high)."""
     pts = [p for s in series for p in s["points"]] + [(None, y) for y, _, _ in hlines]
     xs, ys = [x for x, _ in pts if x is not None], [y for _, y in pts]
     x0, x1 = (min(xs) / 1.5, max(xs) * 1.5) if logx else (min(xs), max(xs))
@@ -98,30 +102,60 @@ def chart(series, title, xlabel, ylabel, logx=False, logy=False, hlines=(), ylim
     for s in series:
         if s.get("line", True):
             xy = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s["points"])
+            dash = {"stroke_dasharray": s["dash"]} if s.get("dash") else {}
             out.append(tag("polyline", class_=s["cls"], data_run=escape(s["name"]), points=xy,
-                           fill="none", stroke=s["color"], stroke_width=s.get("width", 1.2)))
-        if s.get("dots"):
-            out += [tag("circle", cx=sx(x), cy=sy(y), r=3.5, fill=s["color"])
+                           fill="none", stroke=s["color"], stroke_width=s.get("width", 1.2),
+                           **dash))
+        if s.get("dots"):  # a second run of a kind: hollow dots
+            fill = "white" if s.get("dash") else s["color"]
+            out += [tag("circle", cx=sx(x), cy=sy(y), r=3.5, fill=fill, stroke=s["color"])
                     for x, y in s["points"]]
-    legend = [(s["name"], s["color"]) for s in series if s.get("legend", True)]
-    for i, (name, color) in enumerate(legend + [(n, c) for _, n, c in hlines]):
+    legend = [(s["name"], s["color"], s.get("dash")) for s in series if s.get("legend", True)]
+    for i, (name, color, dash) in enumerate(legend + [(n, c, None) for _, n, c in hlines]):
         y = TOP + 8 + 18 * i
-        out += [tag("rect", x=W - RIGHT + 12, y=y - 8, width=12, height=10, fill=color),
+        out += [tag("rect", x=W - RIGHT + 12, y=y - 8, width=12, height=10,
+                    fill="white" if dash else color, stroke=color),
                 tag("text", escape(name), x=W - RIGHT + 30, y=y + 1)]
     return svg(W, H, out)
 
 
 # ------------------------------------------------------------------------------ runs -> pictures
 def read_log(run):
-    """A run folder's log.jsonl -> its records (train.py writes one JSON object a line)."""
+    """A run folder's log.jsonl -> its records (train.py writes one JSON object a line), each field
+    that is drawn checked to be a number."""
     path = os.path.join(run, "log.jsonl")
     try:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except OSError as e:
-        fail(f"{path}: cannot read the training log ({e.strerror})")
+        records = read_jsonl(path)
     except ValueError as e:
-        fail(f"{path}: not one JSON object a line ({e})")
+        fail(f"{e} (a log.jsonl that train.py wrote?)")
+    for i, r in enumerate(records, 1):
+        for k in NUMBERS:
+            v = r.get(k)
+            if k in r and (isinstance(v, bool) or not isinstance(v, (int, float))
+                           or not math.isfinite(v)):
+                fail(f"{path}: record {i}: field {k!r} is {v!r}, expected a finite number")
+    return records
+
+
+def kind_of(run):
+    """The adapter kind of a run folder (its adapter_config.json), else the folder's name."""
+    name = os.path.basename(os.path.normpath(run))
+    try:
+        kind = read_json(os.path.join(run, "adapter_config.json")).get("kind", name)
+    except ValueError:  # no adapter saved yet, or not ours: the name stands in
+        return name
+    return kind if isinstance(kind, str) else name
+
+
+def colors(kinds):
+    """{run: (colour, dashed)}: the kind's colour (a colour from the name's checksum for a kind
+    not in KIND_COLORS); a second run of the same kind is drawn dashed."""
+    seen, out = set(), {}
+    for run, kind in kinds.items():
+        color = KIND_COLORS.get(kind) or COLORS[zlib.crc32(kind.encode()) % len(COLORS)]
+        out[run] = (color, "5 3" if kind in seen else None)
+        seen.add(kind)
+    return out
 
 
 def find_runs(demo_dir):
@@ -135,33 +169,38 @@ def find_runs(demo_dir):
     return runs
 
 
-def loss_chart(logs):
+def loss_chart(logs, styles):
     """{run name: records} -> the loss picture: thin training, thick validation curves."""
     series = []
-    for (name, recs), color in zip(logs.items(), COLORS * 9):
+    for name, recs in logs.items():
+        color, dash = styles[name]
         train = [(r["step"], r["loss"]) for r in recs if "loss" in r and r["loss"] > 0]
         val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r and r["val_loss"] > 0]
-        series.append(dict(name=name, points=train, color=color, cls="loss"))
+        series.append(dict(name=name, points=train, color=color, cls="loss", dash=dash))
         series.append(dict(name=f"{name} val", points=val, color=color, cls="val", width=2.5,
-                           dots=True, legend=False))
+                           dots=True, legend=False, dash=dash))
+    if not any(s["points"] for s in series):
+        return None
     return chart([s for s in series if s["points"]], "training loss (thin) and validation loss "
                  "(thick)", "step", "loss per target token (log)", logy=True)
 
 
-def results_chart(logs):
+def results_chart(logs, styles):
     """{run name: records} -> accuracy against trainable parameters; None if no run has one."""
     dots, base = [], None
-    for (name, recs), color in zip(logs.items(), COLORS * 9):
-        acc = [r for r in recs if "adapter_acc" in r]
+    for name, recs in logs.items():
+        color, dash = styles[name]
+        acc = [r for r in recs if "adapter_acc" in r and "base_acc" in r]
         summary = [r for r in recs if "trainable" in r]
         if acc and summary:
             base, a = acc[-1]["base_acc"], 100 * acc[-1]["adapter_acc"]
             dots.append(dict(name=f"{name} ({a:.1f}%)", points=[(summary[-1]["trainable"], a)],
-                             color=color, cls="result", line=False, dots=True))
+                             color=color, cls="result", line=False, dots=True, dash=dash))
     if not dots:
         return None
+    # the axis runs a little past 100, so a dot at 100% is drawn whole inside the frame
     return chart(dots, "accuracy against trainable parameters", "trainable parameters (log)",
-                 "exact match, %", logx=True, ylim=(0, 100),
+                 "exact match, %", logx=True, ylim=(0, 104),
                  hlines=[(100 * base, f"base ({100 * base:.1f}%)", "#777")])
 
 
@@ -176,8 +215,18 @@ def main(argv=None):
             fail(f"--runs: {run} has no log.jsonl (a folder train.py wrote)")
     first_parent = os.path.dirname(os.path.normpath(runs[0])) or "."
     out = cfg.out or (first_parent if cfg.runs else cfg.demo_dir)
-    logs = {os.path.basename(os.path.normpath(r)): read_log(r) for r in runs}
-    pictures = {"loss.svg": loss_chart(logs), "results.svg": results_chart(logs)}
+    try:
+        check_writable(out, "--out")
+    except ValueError as e:
+        fail(e)
+    names = {r: os.path.basename(os.path.normpath(r)) for r in runs}
+    if len(set(names.values())) < len(runs):  # out/a/lora and out/b/lora: the paths tell apart
+        names = {r: os.path.normpath(r) for r in runs}
+    logs = {names[r]: read_log(r) for r in runs}
+    styles = colors({names[r]: kind_of(r) for r in runs})
+    pictures = {"loss.svg": loss_chart(logs, styles), "results.svg": results_chart(logs, styles)}
+    if not any(pictures.values()):
+        fail(f"--runs: no losses or accuracies to draw in {', '.join(runs)}")
     written = [os.path.join(out, name) for name, text in pictures.items() if text]
     for path in written:
         write_atomic(path, pictures[os.path.basename(path)])
