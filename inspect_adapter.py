@@ -7,8 +7,8 @@ Look inside a model: the attention weights of one example, and what an adapter l
 Prints a table of the adapter, a row per place: LoRA's update dW = scale * B A as its Frobenius
 norm and as a fraction of norm(W) (how far each projection moved); a gated prefix's gate; a
 bottleneck's down/up norms; for kinds it does not know, each parameter's norm. Writes (to --out,
-default the adapter folder) adapter.svg, that table as layer x place heatmaps, and attention.svg,
-one layer's attention weights for the prompt, a heatmap per head.
+default the adapter folder) adapter.svg, that table as layer x place heatmaps with a colour scale,
+and attention.svg, one layer's attention weights for the prompt, a heatmap per head.
 
 Attention weights: the model's attention is fused (scaled_dot_product_attention never forms the
 weights), so they are recomputed from each layer's own inputs, caught by a forward pre-hook: q, k, v
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import adapters
-from files import write_atomic
+from files import check_writable, write_atomic
 from cli import DEMO_DIR, ConfigError, configure, fail
 from data.prepare import TEST_REQUIRE, load_rows
 from chat import load_for_tool
@@ -112,35 +112,47 @@ def describe(m, owner):
     return [(f"norm({n})", p.float().norm().item()) for n, p in m.named_parameters()]
 
 
-def table(rows):
-    lines = ["| layer | place | quantity | value |", "|---:|---|---|---:|"]
+def table(rows, heading):
+    lines = [f"## {heading}", "", "| layer | place | quantity | value |", "|---:|---|---|---:|"]
     return "\n".join(lines + [f"| {layer if layer >= 0 else '-'} | {place} | {q} | {v:.4g} |"
                               for layer, place, q, v in rows])
 
 
 # ------------------------------------------------------------------------------ heatmaps
 def heat(v, lo, hi):
-    """A white-to-blue colour for v in [lo, hi]."""
+    """A pale-to-dark blue colour for v in [lo, hi] (pale, not white: the least cell still shows)."""
     t = 0.0 if hi <= lo else (v - lo) / (hi - lo)
-    return f"rgb({round(255 - 225 * t)},{round(255 - 170 * t)},{round(255 - 75 * t)})"
+    return f"rgb({round(235 - 205 * t)},{round(242 - 157 * t)},{round(252 - 72 * t)})"
 
 
-def grid(title, cells, rows, cols, size=26, label_w=150, top=100):
-    """A heatmap of cells {(row, col): value}, rows and cols the labels in order, white the least
-    value and blue the largest (both in the title) -> (width, height, SVG elements)."""
+def colour_scale(lo, hi, x, y, steps=10, w=16):
+    """A bar of `steps` colours from lo to hi with both values written at its ends."""
+    out = [tag("rect", x=x + w * i, y=y, width=w, height=10, fill=heat(i / (steps - 1), 0, 1))
+           for i in range(steps)]
+    return out + [tag("text", f"{lo:.3g}", x=x - 4, y=y + 9, text_anchor="end"),
+                  tag("text", f"{hi:.3g}", x=x + w * steps + 4, y=y + 9)]
+
+
+def grid(title, cells, rows, cols, size=26, label_w=150):
+    """A heatmap of cells {(row, col): value}, rows and cols the labels in order, pale the least
+    value and dark blue the largest, a colour scale below -> (width, height, SVG elements). Column
+    labels stand upright, so that labels of narrow columns never overlap."""
     lo, hi = min(cells.values(), default=0.0), max(cells.values(), default=0.0)
-    title = f"{title} (white {lo:.3g} .. blue {hi:.3g})"
+    top = 24 + 6 * max(map(len, cols), default=0) + 6  # ~6 pixels a character at font size 10
     out = [tag("text", escape(title), x=4, y=14, font_size=13, font_weight="bold")]
     for j, c in enumerate(cols):
-        x = label_w + size * j + size / 2
-        out.append(tag("text", escape(c), transform=f"translate({x} {top - 4}) rotate(-45)"))
+        x = label_w + size * j + size / 2 + 3  # + half the text's height: centred on the column
+        out.append(tag("text", escape(c), transform=f"translate({x} {top - 4}) rotate(-90)"))
     for i, r in enumerate(rows):
         y = top + size * i
         out.append(tag("text", escape(r), x=label_w - 4, y=y + size / 2 + 3, text_anchor="end"))
         out += [tag("rect", f"<title>{escape(f'{r} {c}: {cells[r, c]:.4g}')}</title>",
-                    x=label_w + size * j, y=y, width=size, height=size,
+                    x=label_w + size * j, y=y, width=size, height=size, stroke="#ccc",
                     fill=heat(cells[r, c], lo, hi)) for j, c in enumerate(cols) if (r, c) in cells]
-    return max(label_w + size * len(cols) + 100, 8 * len(title)), top + size * len(rows) + 20, out
+    bottom = top + size * len(rows) + 10
+    out += colour_scale(lo, hi, label_w, bottom)
+    width = max(label_w + size * len(cols) + 20, label_w + 16 * 10 + 60, 8 * len(title))
+    return width, bottom + 30, out
 
 
 def stack(grids):
@@ -173,7 +185,7 @@ def attention_grids(weights, tokens, layer):
     return [grid(f"layer {layer}, head {h}: attention weights (row = query, column = key)",
                  {(labels[i], labels[j]): w for i, row in enumerate(weights[h].tolist())
                   for j, w in enumerate(row) if j <= i},
-                 labels, labels, size=12, label_w=90, top=80) for h in range(weights.size(0))]
+                 labels, labels, size=12, label_w=90) for h in range(weights.size(0))]
 
 
 def main(argv=None):
@@ -185,10 +197,15 @@ def main(argv=None):
     if not -model.config.n_layer <= cfg.layer < model.config.n_layer:
         fail(f"--layer={cfg.layer}: the model has {model.config.n_layer} layers")
     out = cfg.out or adapter_dir or os.path.join("out", "inspect")
+    try:
+        check_writable(out, "--out")
+    except ValueError as e:
+        fail(e)
     written = []
     if adapter_dir:
         rows = adapter_summary(model)
-        print(table(rows))
+        kinds = ", ".join(sorted({c["kind"] for c in model.adapter_configs.values()}))
+        print(table(rows, f"what the {kinds} adapter in {adapter_dir} learned, place by place"))
         written.append(os.path.join(out, "adapter.svg"))
         title = os.path.basename(os.path.normpath(adapter_dir))
         write_atomic(written[-1], stack(adapter_grids(rows, title)))
