@@ -10,6 +10,9 @@ projection that has a `merge`) and written as a Hugging Face folder (config.json
 the base's tokenizer files) that transformers loads with AutoModelForCausalLM: no adapter code, no
 extra latency. Adapters that are not a change of W (series, parallel, prefix, prompt) are refused.
 peft: the adapter alone, in the folder layout Hugging Face PEFT loads (LoRA only).
+
+A --out that already holds files is refused unless --overwrite=true (then the earlier export's files
+are replaced once the new ones are written); an --out inside the base or adapter folder, never.
 """
 import os
 import sys
@@ -18,7 +21,7 @@ from pathlib import Path
 import adapters
 from chat import load_for_tool
 from checkpoints import save_model
-from files import write_atomic
+from files import check_outside, check_unused, check_writable, write_atomic
 from cli import DEMO_DIR, ConfigError, check_choice, configure, fail
 
 DEFAULTS = dict(
@@ -26,12 +29,16 @@ DEFAULTS = dict(
     adapter="",           # adapter folder (ours or PEFT); "" = the demo's lora (<demo_dir>/lora)
     out="",               # "" = out/export/<adapter folder name>-<format>
     format="merged",      # merged | peft
+    overwrite=False,      # replace an earlier export in --out (else a folder with files is refused)
     demo_dir=DEMO_DIR,
 )
 # the files of a checkpoint folder that belong to its tokenizer (copied beside the merged weights)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "encoder.json", "vocab.bpe", "generation_config.json")
+# what either format writes: an earlier export's files that the new one does not write go
+EXPORT_FILES = ("config.json", "model.safetensors", "adapter_config.json",
+                "adapter_model.safetensors", *TOKENIZER_FILES)
 
 
 
@@ -43,18 +50,17 @@ def unmergeable(model):
 
 
 def export_merged(model, model_dir, out):
-    """Fold every adapter into W; write the weights and the tokenizer files as a HF folder."""
-    kinds = unmergeable(model)
-    if kinds:
-        fail(f"a {', '.join(kinds)} adapter cannot be merged into the base weights (only adapters "
-             "that change a projection's W, like lora, fold into it); use --format=peft for a "
-             "LoRA, or ship the adapter folder itself")
+    """Fold every adapter into W; write the weights and the tokenizer files as a HF folder. Returns
+    the names of the files written."""
     adapters.merge(model)
     save_model(model, out)  # base weights only: the merged adapters now live inside them
+    written = ["config.json", "model.safetensors"]
     for name in TOKENIZER_FILES:
         src = Path(model_dir) / name
         if src.is_file():
             write_atomic(Path(out) / name, src.read_bytes())
+            written.append(name)
+    return written
 
 
 def main(argv=None):
@@ -66,12 +72,23 @@ def main(argv=None):
     model, _, _, model_dir, adapter_dir = load_for_tool(cfg, fail, need_adapter=True)
     name = os.path.basename(os.path.normpath(adapter_dir))
     out = cfg.out or os.path.join("out", "export", f"{name}-{cfg.format}")
+    kinds = unmergeable(model) if cfg.format == "merged" else []
+    if kinds:
+        fail(f"a {', '.join(kinds)} adapter cannot be merged into the base weights (only adapters "
+             "that change a projection's W, like lora, fold into it); use --format=peft for a "
+             "LoRA, or ship the adapter folder itself")
     try:
+        check_outside(out, "--out", {"--model": model_dir, "--adapter": adapter_dir})
+        check_writable(out, "--out")
+        earlier = check_unused(out, "--out", cfg.overwrite)
         if cfg.format == "peft":
             adapters.save_adapter(model, out, name=adapters.adapter_names(model)[0],
                                   base_model=model_dir, format="peft")
+            written = ["adapter_config.json", "adapter_model.safetensors"]
         else:
-            export_merged(model, model_dir, out)
+            written = export_merged(model, model_dir, out)
+        for f in set(earlier) & set(EXPORT_FILES) - set(written):  # e.g. a PEFT export's files
+            os.remove(os.path.join(out, f))
     except (OSError, ValueError, KeyError) as e:
         fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
     print(f"wrote {out}: " + ("base + merged adapter as a Hugging Face folder (transformers: "
