@@ -1,13 +1,14 @@
 """LLM-Adapters' released datasets -> validated copies in the project's data folder.
 
-    python data/prepare.py --from ../shared/data/llm-adapters [--out data/out]
+    python data/prepare.py --from ../shared/data/llm-adapters [--out data/out] [--overwrite]
 
 Reads ``<root>/dataset/<name>/test.json`` (test sets), ``<root>/dataset/<name>/train.json``
 (per-task training splits, where released) and ``<root>/ft-training_set/*.json``
 (fine-tuning sets: math_data.json, math_10k.json, commonsense_170k.json, ...).
 Every row is checked (``validate_row``); errors name the file, the row index and
 the field. Valid files are copied atomically to ``<out>/<name>/test.json`` and
-``<out>/train/<file>.json`` (per-task splits as ``<out>/train/<name>_train.json``).
+``<out>/train/<file>.json`` (per-task splits as ``<out>/train/<name>_train.json``); an ``--out``
+that already holds files needs ``--overwrite``, one inside ``--from`` is refused.
 Other JSON files in a task folder (AQuA.json, addsub_1.json, mawps/trainset.json, ...)
 are the original datasets in other formats; they are listed as ignored.
 
@@ -26,8 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoints import write_atomic  # noqa: E402
-from files import check_writable
+from files import check_outside, check_unused, check_writable, write_atomic  # noqa: E402
 from data.scoring import COMMONSENSE, MATH  # noqa: E402
 
 PAPER_TEST_SETS = MATH + COMMONSENSE
@@ -239,13 +239,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="data/out", help="output folder (default: data/out)")
     parser.add_argument("--check", action="store_true",
                         help="validate and report only; write nothing")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write over what an earlier run left in --out (else it is refused)")
     args = parser.parse_args(argv)
     try:
         if not os.path.isdir(args.root):
             raise FileNotFoundError(f"--from={args.root}: no such folder (the LLM-Adapters "
                                     "release, with dataset/ and ft-training_set/)")
-        if not args.check:
+        if not args.check:  # the release is read as it is: never written over
+            check_outside(args.out, "--out", {"--from": args.root})
             check_writable(args.out, "--out")
+            check_unused(args.out, "--out", args.overwrite)
         report = prepare(args.root, None if args.check else args.out)
     except (OSError, ValueError) as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
