@@ -230,6 +230,11 @@ def parse(argv):
     for key in ("micro_batch", "seq_len", "steps", "batch", "prompt_len", "new_tokens"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key}={getattr(cfg, key)}: must be at least 1")
+    for key in ("warmup", "n_layer"):  # 0 = none / the preset's
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: must be at least 0")
+    if cfg.peak_tflops <= 0:
+        raise ConfigError(f"--peak_tflops={cfg.peak_tflops}: must be more than 0")
     rows = [] if not cfg.suite or cfg.suite == "all" else cfg.suite.split(",")
     if [r for r in rows if r not in SUITE]:
         raise ConfigError(f"--suite={cfg.suite}: expected all or some of {', '.join(SUITE)}")

@@ -414,6 +414,9 @@ class Transformer(nn.Module):
         if self.project_in is not None:
             x = self.project_in(x)
         if self.pos_embed is not None:
+            if past + T > c.block_size:  # learned positions (OPT): the table ends at block_size
+                raise ValueError(f"{past + T} tokens, but {c.name} has learned positions for "
+                                 f"{c.block_size} (max_position_embeddings): shorten the input")
             x = x + self.pos_embed(pos + 2)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
