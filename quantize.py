@@ -27,6 +27,7 @@ Merging an adapter into a quantized W (adapters.merge) and saving a quantized ba
 (checkpoints.save_model) are refused: the adapter's update would be rounded away, the original
 weights lost. Load the base without quantize for those.
 """
+import os
 import sys
 
 import torch
@@ -270,4 +271,10 @@ def report(source):
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python quantize.py <preset, e.g. llama-7b> | <checkpoint folder>")
-    report(sys.argv[1])
+    if sys.argv[1] not in PRESETS and not os.path.isdir(sys.argv[1]):
+        sys.exit(f"quantize.py: error: {sys.argv[1]}: neither a preset ({', '.join(PRESETS)}) "
+                 "nor a checkpoint folder")
+    try:
+        report(sys.argv[1])
+    except (OSError, ValueError, KeyError) as e:  # a checkpoint that does not load: one line
+        sys.exit(f"quantize.py: error: {e.args[0] if isinstance(e, KeyError) else e}")
