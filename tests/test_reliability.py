@@ -221,6 +221,58 @@ def test_config_field_of_the_wrong_type_or_missing(tmp_path):
         load_model(path)
 
 
+def edited(path, name, **fields):
+    """Rewrite the JSON file path/name with `fields` changed (None = JSON null)."""
+    d = json.loads((path / name).read_text())
+    (path / name).write_text(json.dumps({**d, **fields}))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(hidden_size=None), "field 'hidden_size' is null, which this model type needs"),
+    (dict(intermediate_size=-64), "field 'intermediate_size' is -64, expected an integer of at "
+                                  "least 1"),
+    (dict(num_attention_heads=0), "field 'num_attention_heads' is 0, expected an integer"),
+    (dict(rms_norm_eps=float("nan")), "field 'rms_norm_eps' is nan, expected a number above 0"),
+    (dict(rope_theta=-1.0), "field 'rope_theta' is -1.0, expected a number above 0"),
+    (dict(tie_word_embeddings="yes"), "field 'tie_word_embeddings' is 'yes', expected true or "
+                                      "false"),
+    (dict(rope_scaling="llama3"), "field 'rope_scaling' is 'llama3', expected a JSON object"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": "8"}), "field 'factor' is '8'"),
+    (dict(num_key_value_heads=3), "field 'num_attention_heads' \\(4\\) is not a multiple of "
+                                  "'num_key_value_heads' \\(3\\)"),
+    (dict(head_dim=None, hidden_size=30), "field 'hidden_size' \\(30\\) is not a multiple of "
+                                          "'num_attention_heads' \\(4\\)"),
+    (dict(head_dim=7), "the rotary dimension \\(7, field 'rotary_dim' or 'head_dim'\\) must be "
+                       "even"),
+])
+def test_config_json_fields_are_checked_where_they_are_read(tmp_path, fields, message):
+    """Each class of bad value in config.json: null where a value is needed, a negative or zero
+    count, a non-finite or negative float, a string for a boolean, a nested object that is not
+    one (or holds a bad number), sizes that do not divide. One ValueError naming file and field,
+    not a TypeError/RuntimeError/ZeroDivisionError from torch."""
+    path, _ = make_hf_checkpoint(tmp_path, "llama")
+    load_model(path)  # the checkpoint as written loads: the edit alone is refused
+    edited(path, "config.json", **fields)
+    with pytest.raises(ValueError, match=f"{path / 'config.json'}: {message}"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(n_heads=0), "field 'n_heads' is 0, expected an integer of at least 1"),
+    (dict(dim=None), "field 'dim' is null, which this model type needs"),
+    (dict(multiple_of=-32), "field 'multiple_of' is -32"),
+    (dict(norm_eps="1e-5"), "field 'norm_eps' is '1e-5', expected a number above 0"),
+    (dict(vocab_size=0), "field 'vocab_size' is 0, expected an integer of at least 1"),
+    (dict(n_heads=5), "field 'dim' \\(64\\) is not a multiple of 'n_heads' \\(5\\)"),
+])
+def test_params_json_fields_are_checked_where_they_are_read(tmp_path, fields, message):
+    path = make_meta_checkpoint(tmp_path, make_hf_model("llama"))
+    load_model(path)
+    edited(path, "params.json", **fields)
+    with pytest.raises(ValueError, match=f"{path / 'params.json'}: {message}"):
+        load_model(path)
+
+
 def test_params_json_missing_field(tmp_path):
     path = make_meta_checkpoint(tmp_path, make_hf_model("llama"))
     params = json.loads((path / "params.json").read_text())
@@ -268,6 +320,28 @@ def test_meta_every_shard_is_checked(tmp_path):
     torch.save({**sd, "norm.weight": torch.ones(3)}, f)
     shape = r"consolidated\.01\.pth: norm\.weight has shape \(3,\), consolidated\.00"
     with pytest.raises(ValueError, match=shape):
+        load_model(path)
+
+
+def test_meta_shards_must_hold_equal_parts(tmp_path):
+    """Model-parallel shards split a tensor in equal parts: one cut differently is refused by name
+    (before: torch.cat's "Sizes of tensors must match")."""
+    path = make_meta_checkpoint(tmp_path, make_hf_model("llama"), n_shards=2)
+    (f, sd), = meta_shards(path)[1:]
+    torch.save({**sd, "layers.0.attention.wq.weight": sd["layers.0.attention.wq.weight"][:, :-2]},
+               f)
+    with pytest.raises(ValueError, match=r"consolidated\.01\.pth: layers\.0\.attention\.wq\."
+                                         r"weight has shape \(32, 62\), consolidated\.00\.pth "
+                                         r"has \(32, 64\)"):
+        load_model(path)
+
+
+def test_meta_shard_values_must_be_tensors(tmp_path):
+    path = make_meta_checkpoint(tmp_path, make_hf_model("llama"), n_shards=2)
+    (f, sd), = meta_shards(path)[1:]
+    torch.save({**sd, "norm.weight": [1.0] * 64}, f)
+    with pytest.raises(ValueError, match=r"consolidated\.01\.pth: 'norm\.weight' is a list, "
+                                         "expected a tensor"):
         load_model(path)
 
 
