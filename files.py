@@ -208,7 +208,8 @@ def read_jsonl(f):
         try:
             d = json.loads(line)
         except ValueError as e:
-            raise ValueError(f"{f}: not one JSON object a line: line {i} is not JSON ({e})") from None
+            raise ValueError(f"{f}: not one JSON object a line: line {i} is not JSON "
+                             f"({e})") from None
         if not isinstance(d, dict):
             raise ValueError(f"{f}: not one JSON object a line: line {i} is a JSON "
                              f"{type(d).__name__}")

@@ -120,7 +120,7 @@ def table(rows, heading):
 
 # ------------------------------------------------------------------------------ heatmaps
 def heat(v, lo, hi):
-    """A pale-to-dark blue colour for v in [lo, hi] (pale, not white: the least cell still shows)."""
+    """A pale-to-dark blue colour for v in [lo, hi] (pale, not white: the least cell shows)."""
     t = 0.0 if hi <= lo else (v - lo) / (hi - lo)
     return f"rgb({round(235 - 205 * t)},{round(242 - 157 * t)},{round(252 - 72 * t)})"
 

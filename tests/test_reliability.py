@@ -5,6 +5,7 @@ sentencepiece tokenizer stands in for a real base model."""
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,9 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adapters
+import bench
+import export
 import files
 import eval as evaluation
+import inspect_adapter
+import plot
 import train
+from cli import ConfigError
 from checkpoints import load_model, save_model
 from conftest import ROOT, make_hf_checkpoint, make_hf_model, make_meta_checkpoint
 from data import prepare, synthetic
@@ -459,3 +465,172 @@ def test_eval_checks_out_before_evaluating_and_reports_duplicates(base, tmp_path
         evaluation.main([f"--model={base}", f"--dataset={tmp_path / 'set'}",
                          f"--out={tmp_path / 'file'}"])
     assert "1 rows repeat an earlier row exactly (rows 1)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ tools
+def plot_run(folder, kind, acc=0.5, trainable=1000, extra=()):
+    """A run folder as train.py leaves it (log.jsonl, adapter_config.json), with `extra` lines."""
+    folder.mkdir(parents=True)
+    recs = [dict(step=s, loss=3.0 / s) for s in range(1, 6)] + [dict(step=5, val_loss=1.0),
+                                                               dict(trainable=trainable),
+                                                               dict(base_acc=0.1, adapter_acc=acc)]
+    lines = [json.dumps(r) for r in recs] + list(extra)
+    (folder / "log.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "adapter_config.json").write_text(json.dumps({"kind": kind, "options": {}}))
+    return folder
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[1, 2]", "line 9 is a JSON list"),
+    ('"step 6"', "line 9 is a JSON str"),
+    ('{"step": 6, "loss": "1.5"}', "record 9: field 'loss' is '1.5', expected a finite number"),
+    ('{"step": 6, "loss": NaN}', "record 9: field 'loss' is nan, expected a finite number"),
+    ('{"step": null, "loss": 1.0}', "record 9: field 'step' is None, expected a finite number"),
+])
+def test_plot_a_log_line_that_is_not_a_record(tmp_path, line, message):
+    run = plot_run(tmp_path / "lora", "lora", extra=[line])
+    with pytest.raises(SystemExit, match=f"{run / 'log.jsonl'}: .*{message}"):
+        plot.main([f"--runs={run}", f"--out={tmp_path / 'pics'}"])
+    assert not (tmp_path / "pics").exists() or os.listdir(tmp_path / "pics") == []
+
+
+@pytest.mark.parametrize("tool", ["plot", "inspect_adapter"])
+def test_tools_check_out_before_writing(base, tmp_path, tool):
+    """An --out that is a file, or under one: one line naming --out (before: FileExistsError)."""
+    (tmp_path / "file").write_text("x")
+    if tool == "plot":
+        run = plot_run(tmp_path / "lora", "lora")
+        args = [f"--runs={run}"]
+    else:
+        args = [f"--model={base}", f"--adapter={saved_lora(base, tmp_path / 'lora')}"]
+    main = plot.main if tool == "plot" else inspect_adapter.main
+    with pytest.raises(SystemExit, match=f"--out={tmp_path / 'file'} is a file, expected a "
+                                         "folder"):
+        main(args + [f"--out={tmp_path / 'file'}"])
+    with pytest.raises(SystemExit, match=f"--out={tmp_path / 'file' / 'sub'}: cannot write "
+                                         "there"):
+        main(args + [f"--out={tmp_path / 'file' / 'sub'}"])
+
+
+def svg_root(path):
+    import xml.etree.ElementTree as ET
+    return ET.parse(path).getroot()
+
+
+def svg_all(root, name):
+    return list(root.iter("{http://www.w3.org/2000/svg}" + name))
+
+
+def test_plot_results_a_dot_at_100_percent_lies_inside_the_frame(tmp_path):
+    run = plot_run(tmp_path / "lora", "lora", acc=1.0)
+    _, results = plot.main([f"--runs={run}", f"--out={tmp_path}"])
+    dot, = svg_all(svg_root(results), "circle")
+    assert float(dot.get("cy")) - float(dot.get("r")) >= plot.TOP  # was cut by the frame's top
+
+
+def test_plot_a_kind_keeps_its_colour_when_runs_are_added(tmp_path):
+    """Colours come from the adapter kind, not from the run's place in the list: adding a run (or
+    another order) changes no colour; a second run of a kind is dashed, in the same colour."""
+    def colours(names):
+        runs = ",".join(str(tmp_path / n) for n in names)
+        loss, _ = plot.main([f"--runs={runs}", f"--out={tmp_path / 'pics'}"])
+        return {p.get("data-run"): (p.get("stroke"), p.get("stroke-dasharray"))
+                for p in svg_all(svg_root(loss), "polyline") if p.get("class") == "loss"}
+    for name, kind in (("lora", "lora"), ("series", "series"), ("dora", "dora"),
+                       ("prefix", "prefix"), ("gated", "prefix")):
+        plot_run(tmp_path / name, kind)
+    two = colours(["series", "lora"])
+    four = colours(["dora", "prefix", "lora", "series", "gated"])
+    assert two["lora"] == four["lora"] and two["series"] == four["series"]
+    assert len({c for c, _ in four.values()}) == 4  # four kinds, four colours
+    assert four["gated"] == (four["prefix"][0], "5 3") and four["prefix"][1] is None
+    assert four["lora"][0] == plot.KIND_COLORS["lora"]
+
+
+def test_inspect_pictures_have_a_scale_upright_labels_and_the_table_a_heading(base, tmp_path,
+                                                                             capsys):
+    lora = saved_lora(base, tmp_path / "lora")
+    adapter_svg, attention_svg = inspect_adapter.main(
+        [f"--model={base}", f"--adapter={lora}", "--prompt=what is 2 + 3", f"--out={tmp_path}"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"## what the lora adapter in {lora} learned") and "| layer |" in out
+    for picture, size in ((adapter_svg, 26), (attention_svg, 12)):
+        root = svg_root(picture)
+        columns = [t for t in svg_all(root, "text") if "rotate" in (t.get("transform") or "")]
+        assert columns and all(t.get("transform").endswith("rotate(-90)") for t in columns)
+        xs = sorted({float(t.get("transform").split("(")[1].split()[0]) for t in columns})
+        assert min(b - a for a, b in zip(xs, xs[1:])) >= min(size, 10)  # font size 10: no overlap
+        # the colour scale: a bar of 10 colours from the least to the largest value
+        fills = [r.get("fill") for r in svg_all(root, "rect") if r.get("width") == "16"]
+        assert len(fills) % 10 == 0 and fills[0] == inspect_adapter.heat(0, 0, 1)
+        assert fills[9] == inspect_adapter.heat(1, 0, 1) != "rgb(255,255,255)"
+
+
+def test_export_writes_over_nothing_unless_asked(base, tmp_path):
+    lora = saved_lora(base, tmp_path / "lora")
+    out = tmp_path / "export"
+    export.main([f"--model={base}", f"--adapter={lora}", f"--out={out}", "--format=peft"])
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=f"--out={out} already holds adapter_config.json, "
+                                         "adapter_model.safetensors: replace them with "
+                                         "--overwrite=true"):
+        export.main([f"--model={base}", f"--adapter={lora}", f"--out={out}"])
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    export.main([f"--model={base}", f"--adapter={lora}", f"--out={out}", "--overwrite=true"])
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(out))
+    assert "adapter_config.json" not in os.listdir(out)  # the earlier export's files went
+    load_model(out)
+    weights = (base / "model.safetensors").read_bytes()
+    for into in (base, base / "merged", lora):  # never where the inputs are, even if asked
+        with pytest.raises(SystemExit, match=f"--out={into} lies in or holds --(model|adapter)="):
+            export.main([f"--model={base}", f"--adapter={lora}", f"--out={into}",
+                         "--overwrite=true"])
+    assert (base / "model.safetensors").read_bytes() == weights
+    assert not (base / "merged").exists()
+
+
+def test_prepare_never_writes_into_the_release_and_asks_before_writing_over(tmp_path, capsys):
+    release = tmp_path / "release"
+    write_json(release / "dataset" / "AddSub" / "test.json", [{"instruction": "q", "answer": "1"}])
+    released = (release / "dataset" / "AddSub" / "test.json").read_bytes()
+    for out in (release / "dataset", release):
+        assert prepare.main(["--from", str(release), "--out", str(out), "--overwrite"]) == 2
+        assert "lies in or holds --from=" in capsys.readouterr().err
+    assert (release / "dataset" / "AddSub" / "test.json").read_bytes() == released
+    assert prepare.main(["--from", str(release), "--out", str(tmp_path / "out")]) == 0
+    assert prepare.main(["--from", str(release), "--out", str(tmp_path / "out")]) == 2
+    assert "already holds AddSub: replace them with --overwrite" in capsys.readouterr().err
+    assert prepare.main(["--from", str(release), "--out", str(tmp_path / "out"),
+                         "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("flag, message", [("--warmup=-1", "--warmup=-1: must be at least 0"),
+                                           ("--n_layer=-2", "--n_layer=-2: must be at least 0"),
+                                           ("--peak_tflops=0", "--peak_tflops=0.0: must be more")])
+def test_bench_settings_out_of_range(flag, message):
+    with pytest.raises(ConfigError, match=message):
+        bench.parse([flag])
+
+
+def test_a_prompt_past_opts_position_table(base):
+    """OPT's learned positions end at max_position_embeddings: a longer input is one ValueError
+    (before: an IndexError on a CPU, a device-side assert on a GPU), with or without a cache."""
+    model = Transformer(Config.from_name("tiny-opt", block_size=16)).eval()
+    model(torch.zeros(1, 16, dtype=torch.long))  # the whole table is usable
+    with pytest.raises(ValueError, match="17 tokens, but tiny-opt has learned positions for 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    cache = model.new_cache(1, 32)
+    model(torch.zeros(1, 16, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="17 tokens"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_quantize_report_of_a_folder_that_does_not_load(tmp_path):
+    path, _ = make_hf_checkpoint(tmp_path / "m", "llama")
+    truncate(path / "model.safetensors")
+    for source, message in ((path, f"{path / 'model.safetensors'}: cannot read it"),
+                            (tmp_path / "nothing", ".*nothing: neither a preset .* nor a")):
+        p = subprocess.run([sys.executable, "quantize.py", str(source)], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert p.returncode == 1 and "Traceback" not in p.stderr
+        assert re.match(f"quantize.py: error: {message}", p.stderr.strip().splitlines()[-1])
