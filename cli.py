@@ -102,8 +102,9 @@ def read_file(path):
             exec(text, values := {})
             values = {k: v for k, v in values.items()
                       if not k.startswith("_") and type(v).__name__ != "module"}
-    except (ValueError, SyntaxError) as e:
-        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
+    except Exception as e:  # a config file is code: whatever it raises is the file's mistake
+        raise ConfigError(f"{path}: cannot read the config file ({type(e).__name__}: {e})") \
+            from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a JSON object of settings")
     return values

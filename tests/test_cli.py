@@ -50,3 +50,13 @@ def test_thread_counts_are_bounded_by_the_cpus(monkeypatch):
 def test_a_wrong_setting_is_one_line_naming_it(given, message):
     with pytest.raises(cli.ConfigError, match=message):
         cli.settle(given, {"steps": 10, "compile": False})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate = 1e-4 +", "SyntaxError"), ("learning_rate = lr", "NameError: name 'lr'"),
+    ("import nothing_here", "ModuleNotFoundError"), ("x = 1 / 0", "ZeroDivisionError"),
+])
+def test_a_config_file_that_fails_is_one_line_naming_it(tmp_path, text, message):
+    (tmp_path / "run.py").write_text(text + "\n")
+    with pytest.raises(cli.ConfigError, match=f"run.py: cannot read the config file \\({message}"):
+        cli.configure([str(tmp_path / "run.py")], {"learning_rate": 3e-4})
