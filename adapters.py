@@ -59,6 +59,7 @@ def fast_fp32_matmuls(device, base_dtype):
     if torch.device(device).type == "cuda" and base_dtype != torch.float32:
         torch.set_float32_matmul_precision("high")
 
+
 # -------------------------------------------------------- slots: named adapters on one hook point
 class Slot(nn.ModuleDict):
     """The adapters sharing one hook slot, by name; only the names in `active` run, in the order
@@ -149,7 +150,6 @@ def _linears(model, names, option):
     return {n: m for n, m in found.items() if n.rsplit(".", 1)[-1] in names}
 
 
-
 # -------------------------------------------------------------------- the kinds: one entry per kind
 class Kind(NamedTuple):
     """Everything add_adapter, train.py and the tests know about one adapter kind, always written
@@ -167,17 +167,23 @@ KINDS = {}  # kind -> Kind, each filled in beside its class; a runtime kind adds
 def adapter_tensors(module, keep_vars=False):
     """{name: tensor} of one adapter module: those its adapter_params() names (torchtune's
     protocol), else its whole state_dict (an adapter never holds a base weight). A parameter left
-    unnamed would silently not be saved: an error, raised by add_adapter already."""
+    unnamed would silently not be saved: an error, which add_adapter raises at once."""
     names = (module.adapter_params() if hasattr(module, "adapter_params")
              else list(module.state_dict()))
-    unnamed = [n for n, _ in module.named_parameters() if n not in names]
+    unnamed, kind = [n for n, _ in module.named_parameters() if n not in names], type(module)
+    if unnamed:
+        raise ValueError(f"{kind.__name__}.adapter_params() leaves out its parameter(s) "
+                         f"{unnamed}: they would not be saved")
     out = {}
     for n in names:
         owner, _, attr = n.rpartition(".")
-        t = getattr(module.get_submodule(owner), attr, None)
-        if not isinstance(t, torch.Tensor) or unnamed:
-            what = f"leaves out its parameter(s) {unnamed}" if unnamed else f"names no tensor {n!r}"
-            raise ValueError(f"{type(module).__name__}.adapter_params() {what}")
+        try:
+            t = getattr(module.get_submodule(owner), attr)
+        except AttributeError:
+            t = None
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{kind.__name__}.adapter_params() names {n!r}, which is not one of "
+                             "its tensors")
         out[n] = t if keep_vars else t.detach()  # detached: shares storage, as in state_dict()
     return out
 

@@ -158,14 +158,15 @@ def test_a_runtime_kind_is_saved_and_loaded_through_its_own_adapter_params(shift
 
 def test_a_parameter_left_out_of_adapter_params_is_refused_when_added(shift, monkeypatch):
     """It would train and then silently not be saved: add_adapter refuses the kind at once."""
-    monkeypatch.setattr(Shift, "adapter_params", lambda self: ["basis"])
+    monkeypatch.setattr(Shift, "adapter_params", lambda self: [])
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"Shift.adapter_params\(\) leaves out its parameter\(s\) "
-                                         r"\['d'\]"):
+                                         r"\['d'\]: they would not be saved"):
         A.add_adapter(model, "shift")
     assert A.adapter_names(model) == [] and not list(A.slots(model))
+    assert all(p.requires_grad for p in model.parameters())  # not frozen by the failed call
     monkeypatch.setattr(Shift, "adapter_params", lambda self: ["d", "nothing"])
-    with pytest.raises(ValueError, match=r"Shift.adapter_params\(\) names no tensor 'nothing'"):
+    with pytest.raises(ValueError, match=r"Shift.adapter_params\(\) names 'nothing', which is not"):
         A.add_adapter(model, "shift")
 
 
