@@ -1,24 +1,37 @@
-"""tokenizer.py against the reference implementations (sentencepiece, Hugging Face), all offline.
+"""tokenizer.py and the templates' encoding against the reference implementations (sentencepiece,
+Hugging Face tokenizers, tiktoken, llama_models), all offline.
 
-Fixtures are built inside the tests: a tiny sentencepiece model and tiny byte-level BPE
-vocabularies trained with the `tokenizers` library. The real GPT-2 vocabulary is used when
-../shared/data/gpt2-bpe exists.
+Fixtures are built inside the tests: a tiny sentencepiece model, tiny byte-level BPE vocabularies
+trained with the `tokenizers` library, a tiny tiktoken file. The real GPT-2 vocabulary is used when
+../shared/data/gpt2-bpe exists, the real Llama 3 tokenizer.model when llama_models is installed
+(test-only, requirements-dev.txt).
 """
 
+import base64
 import inspect
 import json
+import os
 import pickle
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokenizer import BPETokenizer, SentencePieceTokenizer, Tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from data.template import (TEMPLATES, TemplateError, format_example, format_prompt,  # noqa: E402
+                           response_of)
+from tokenizer import (LLAMA3_PATTERN, LLAMA3_SPECIAL, BPETokenizer,  # noqa: E402
+                       SentencePieceTokenizer, Tokenizer, TokenizerError, UnsupportedTokenizer,
+                       cut_at_stop)
 
-GPT2_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/gpt2-bpe"
+GPT2_DIR = ROOT.parent / "shared/data/gpt2-bpe"
+# Qwen2/Qwen2.5's pre-tokenizer (their tokenizer.json): Llama 3's with single digits
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 TEXTS = [
     "Hello world",
@@ -53,6 +66,16 @@ def random_texts(n, seed=0):
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25))) for _ in range(n)]
 
 
+def hf_ids(tok, text):
+    """Our ids with special tokens allowed, as Hugging Face encodes text; checks on the way that
+    plain encode() makes no special id from the text, and that only special text changes it."""
+    plain = tok.encode(text)
+    assert not set(plain) & set(tok.special.values()), repr(text)
+    ids = tok.encode(text, allowed_special="all")
+    assert plain == ids or any(s in text for s in tok.special), repr(text)
+    return ids
+
+
 def hf_gpt2(vocab_file, merges_file):
     """HF GPT2Tokenizer from explicit files. transformers 4.x takes vocab_file=/merges_file=; 5.x
     takes the paths as vocab=/merges= (and silently builds an empty tokenizer from vocab_file=),
@@ -68,10 +91,10 @@ def hf_gpt2(vocab_file, merges_file):
 
 
 def test_runtime_does_not_import_hf():
-    code = ("import sys, tokenizer; "
-            "assert not {'transformers', 'tokenizers', 'peft'} & set(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
-                   check=True)
+    code = ("import sys, tokenizer, data.template; "
+            "assert not {'transformers', 'tokenizers', 'peft', 'tiktoken', 'llama_models'} "
+            "& set(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 # ---- sentencepiece (LLaMA) -----------------------------------------------------------------------
@@ -160,7 +183,7 @@ def test_gpt2_special_ids(gpt2):
 @pytest.mark.parametrize("text", TEXTS)
 def test_gpt2_matches_hf(gpt2, text):
     tok, hf = gpt2
-    ids = tok.encode(text)
+    ids = hf_ids(tok, text)
     assert ids == hf.encode(text), text
     assert tok.decode(ids) == text
 
@@ -168,7 +191,7 @@ def test_gpt2_matches_hf(gpt2, text):
 def test_gpt2_random_texts_and_partial_decode(gpt2):
     tok, hf = gpt2
     for text in random_texts(500):
-        ids = tok.encode(text)
+        ids = hf_ids(tok, text)
         assert ids == hf.encode(text), repr(text)
         assert tok.decode(ids) == text
     # slices that cut multi-byte characters apart decode with U+FFFD like HF (errors="replace")
@@ -225,7 +248,7 @@ def test_tiny_bpe_matches_hf(tiny_bpe):
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 0, 0)  # <|endoftext|> is id 0 here
     assert tok.vocab_size == len(hf)
     for text in TEXTS + corpus(20, seed=1) + random_texts(300):
-        ids = tok.encode(text)
+        ids = hf_ids(tok, text)
         assert ids == hf.encode(text), repr(text)
         assert tok.decode(ids) == text
 
@@ -245,8 +268,9 @@ def test_tiny_bpe_long_word_pickle_and_file_preference(tiny_bpe, tmp_path):
     tok = Tokenizer.from_pretrained(tmp_path)
     # picklable, e.g. for multiprocessing data loaders
     clone = pickle.loads(pickle.dumps(tok))
-    assert (clone.encode("the quick fox<|endoftext|>") == tok.encode("the quick fox<|endoftext|>")
-            == hf.encode("the quick fox<|endoftext|>"))
+    text = "the quick fox<|endoftext|>"
+    assert (clone.encode(text, allowed_special="all") == hf_ids(tok, text) == hf.encode(text))
+    assert clone.encode(text) == tok.encode(text) != hf.encode(text)
 
 
 def test_tokenizer_json_gpt2_style(tiny_bpe, tmp_path):
@@ -263,7 +287,7 @@ def test_tokenizer_json_gpt2_style(tiny_bpe, tmp_path):
                 Tokenizer.from_pretrained(tmp_path)]:
         assert (tok.eos_id, tok.vocab_size) == (0, ref.get_vocab_size())
         for text in TEXTS + random_texts(200):
-            ids = tok.encode(text)
+            ids = hf_ids(tok, text)
             assert ids == ref.encode(text).ids, repr(text)
             assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False) == text
 
@@ -290,7 +314,8 @@ def test_opt_style_config(tiny_bpe, tmp_path):
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (2, 2, 1, True)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (2, 2, 1)
     for text in ["the fox</s> jumps", "<pad>hi</s>", "plain text", ""] + random_texts(50):
-        assert tok.encode(text, bos=tok.add_bos) == hf(text)["input_ids"], repr(text)
+        assert ([tok.bos_id] + hf_ids(tok, text) == tok.encode(text, bos=True, allowed_special="all")
+                == hf(text)["input_ids"]), repr(text)
 
 
 def test_tokenizer_json_bloom_style(tmp_path):
@@ -319,7 +344,7 @@ def test_tokenizer_json_bloom_style(tmp_path):
     texts = TEXTS + corpus(20, seed=2) + random_texts(300) + ["a…b。c，d, e! <extra>?",
                                                               "x<extra>y</s>"]
     for text in texts:
-        ids = tok.encode(text)
+        ids = hf_ids(tok, text)
         assert ids == ref.encode(text).ids, repr(text)
         assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False) == text
 
@@ -345,7 +370,7 @@ def small_vocab(tmp_path, merges):
 def test_small_handmade_vocab(tmp_path):
     small_vocab(tmp_path, "#version: 0.2\na b\n")
     tok = Tokenizer.from_pretrained(tmp_path)
-    assert tok.encode("abba<|endoftext|>") == [2, 1, 0, 3]
+    assert tok.encode("abba<|endoftext|>", allowed_special={"<|endoftext|>"}) == [2, 1, 0, 3]
 
 
 @pytest.mark.parametrize("merges, match", [
@@ -370,24 +395,36 @@ def test_corrupt_vocab(tmp_path):
 
 
 def test_unsupported_tokenizer_json(tmp_path):
-    def write(**changes):
+    """A step not implemented here is refused with its name, never skipped: skipping it would
+    give other ids than the model saw. The error is a ValueError (the scripts print one line) and
+    a NotImplementedError."""
+    def refused(match, **changes):
         data = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "added_tokens": [],
                 "normalizer": None,
                 "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
                 "decoder": {"type": "ByteLevel"}}
         (tmp_path / "tokenizer.json").write_text(json.dumps({**data, **changes}))
+        with pytest.raises(UnsupportedTokenizer, match=r"tokenizer\.json: " + match) as err:
+            Tokenizer.from_pretrained(tmp_path)
+        assert isinstance(err.value, ValueError) and isinstance(err.value, NotImplementedError)
 
-    write(pre_tokenizer={"type": "Sequence",
-                         "pretokenizers": [{"type": "Digits"}, {"type": "ByteLevel"}]})
-    with pytest.raises(NotImplementedError,
-                       match=r"tokenizer\.json: unsupported pre-tokenizer step.*Digits"):
-        Tokenizer.from_pretrained(tmp_path)
-    write(pre_tokenizer={"type": "Whitespace"})  # not byte-level at all
-    with pytest.raises(NotImplementedError, match=r"tokenizer\.json: only byte-level BPE"):
-        Tokenizer.from_pretrained(tmp_path)
-    write(model={"type": "WordPiece", "vocab": {"a": 0}})
-    with pytest.raises(NotImplementedError, match=r"tokenizer\.json: only BPE"):
-        Tokenizer.from_pretrained(tmp_path)
-    write(normalizer={"type": "NFC"})
-    with pytest.raises(NotImplementedError, match=r"tokenizer\.json: normalizers"):
-        Tokenizer.from_pretrained(tmp_path / "tokenizer.json")
+    refused(r"unsupported pre-tokenizer step Digits",
+            pre_tokenizer={"type": "Sequence",
+                           "pretokenizers": [{"type": "Digits"}, {"type": "ByteLevel"}]})
+    refused(r"unsupported pre-tokenizer step Split .*Removed", pre_tokenizer={
+        "type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "a"}, "behavior": "Removed", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]})
+    refused(r"unsupported pre-tokenizer step ByteLevel .*add_prefix_space\": true",
+            pre_tokenizer={"type": "ByteLevel", "add_prefix_space": True})
+    refused(r"only byte-level BPE", pre_tokenizer={"type": "Whitespace"})  # not byte-level at all
+    refused(r"only byte-level BPE", decoder={"type": "Metaspace"})
+    refused(r"only BPE models are supported, not WordPiece",
+            model={"type": "WordPiece", "vocab": {"a": 0}})
+    refused(r"BPE dropout", model={"type": "BPE", "vocab": {"a": 0}, "merges": [], "dropout": 0.1})
+    refused(r"unsupported normalizer Lowercase", normalizer={"type": "Lowercase"})
+    refused(r"unsupported normalizer Prepend", normalizer={
+        "type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Prepend", "prepend": "_"}]})
+    refused(r"added token '<x>' sets lstrip", added_tokens=[
+        {"id": 1, "content": "<x>", "lstrip": True, "rstrip": False, "single_word": False,
+         "special": True, "normalized": False}])
