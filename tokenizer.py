@@ -295,10 +295,14 @@ class BPETokenizer(Tokenizer):
 
     def _set_named_ids(self, config, add_bos, added):
         """bos/eos/pad ids from the HF config's token names, else the vocabulary family's. Named
-        tokens are special; one missing from the vocabulary gets the next free id, as HF adds it."""
+        tokens are special; one the config names but the vocabulary lacks gets the next free id,
+        as HF adds it."""
         known = {**self.encoder, **self.special, **added}
         names = {k: config.get(k) or d for k, d in _default_names(known).items()}
         names = {k: v.get("content") if isinstance(v, dict) else v for k, v in names.items()}
+        if not names["eos_token"]:
+            raise TokenizerError(f"{self.name}: no end-of-text token (<|endoftext|>, </s> or "
+                                 "<|end_of_text|>); name one as eos_token in tokenizer_config.json")
         names["bos_token"] = names["bos_token"] or names["eos_token"]
         extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
         extra = [t.get("content") if isinstance(t, dict) else t for t in extra]
@@ -502,8 +506,8 @@ def _default_names(known):
                 [("bos_token", "<s>"), ("eos_token", "</s>"), ("pad_token", "<pad>"),
                  ("unk_token", "<unk>")]}
     # GPT-2 (as HF GPT2Tokenizer: <|endoftext|> for all but pad), Qwen2
-    return {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": None,
-            "unk_token": "<|endoftext|>"}
+    end = "<|endoftext|>" if "<|endoftext|>" in known else None
+    return {"bos_token": end, "eos_token": end, "pad_token": None, "unk_token": end}
 
 
 def _read_tiktoken(path):
@@ -675,15 +679,16 @@ def bench(model_file=None):
         import llama_models  # test-only package that ships Llama 3's tokenizer.model
 
         model_file = Path(llama_models.__file__).parent / "llama3/tokenizer.model"
-    texts, source = bench_rows()
-    print(f"{len(texts)} {source}, mean {sum(map(len, texts)) / len(texts):.0f} characters")
     t0 = time.perf_counter()
     tok = Tokenizer.from_pretrained(model_file)
     t1 = time.perf_counter()
-    ours = [tok.encode(t) for t in texts]
+    texts, source = bench_rows()
+    print(f"{len(texts)} {source}, mean {sum(map(len, texts)) / len(texts):.0f} characters")
     t2 = time.perf_counter()
-    print(f"ours     (pure Python): load {t1 - t0:5.2f} s, encode {t2 - t1:5.2f} s "
-          f"({len(texts) / (t2 - t1):,.0f} rows/s; {sum(map(len, ours)):,} tokens)")
+    ours = [tok.encode(t) for t in texts]
+    t3 = time.perf_counter()
+    print(f"ours     (pure Python): load {t1 - t0:5.2f} s, encode {t3 - t2:5.2f} s "
+          f"({len(texts) / (t3 - t2):,.0f} rows/s; {sum(map(len, ours)):,} tokens)")
     try:
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
