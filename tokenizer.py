@@ -258,11 +258,7 @@ class BPETokenizer(Tokenizer):
         self.ranks = None if merges is None else self._merge_ranks(merges)
         self.ignore_merges = ignore_merges
         self.byte_decoder = {c: b for b, c in enumerate(BYTE_CHARS)}
-        # V1 for the regexes read from tokenizer.json: they are Oniguruma regexes, which allow
-        # nested character classes such as BLOOM's [^(\s|[.,!?])]; the regex module parses those
-        # only in V1 mode
-        self.splits = [(kind, regex.compile(p, regex.V1 if kind == "split" else regex.V0))
-                       for kind, p in splits]
+        self.splits = [_compile_step(kind, p) for kind, p in splits]
         self.normalizers = tuple(normalizers)
         self.special = dict(special_tokens or {})
         added = dict(added_tokens or {})
@@ -425,23 +421,18 @@ class BPETokenizer(Tokenizer):
             yield from ((s, self.added[s] if m % 2 else None) for m, s in enumerate(late) if s)
 
     def _pieces(self, text):
-        """Run the pre-tokenizer steps; 'regex' keeps the matches (GPT-2's pattern covers all text),
-        'split' (HF Split, behavior Isolated) keeps both the matches and the text between them."""
+        """Run the pre-tokenizer steps (see _compile_step): 'regex' keeps the matches, 'split' and
+        'spans' (HF Split, behavior Isolated) the matches and the text between them."""
         if len(self.splits) == 1 and self.splits[0][0] == "regex":
             return self.splits[0][1].findall(text)  # GPT-2, tiktoken: one regex over all text
         pieces = [text]
         for kind, pattern in self.splits:
-            out = []
-            for piece in pieces:
-                if kind == "regex":
-                    out += pattern.findall(piece)
-                    continue
-                start = 0
-                for m in pattern.finditer(piece):
-                    out += [s for s in (piece[start:m.start()], m.group()) if s]
-                    start = m.end()
-                out += [piece[start:]] if start < len(piece) else []
-            pieces = out
+            if kind == "regex":
+                pieces = [s for piece in pieces for s in pattern.findall(piece)]
+            elif kind == "split":
+                pieces = [s for piece in pieces for s in pattern.split(piece) if s]
+            else:
+                pieces = [s for piece in pieces for s in _isolated(pattern, piece)]
         return pieces
 
     def _bpe(self, piece):
@@ -496,6 +487,29 @@ class BPETokenizer(Tokenizer):
             else:
                 out += token.encode("utf-8")
         return out.decode("utf-8", errors="replace")
+
+
+def _compile_step(kind, pattern):
+    """A pre-tokenizer step -> (kind, compiled regex). 'regex': matches only (GPT-2's and Llama 3's
+    patterns match all text). 'split': a tokenizer.json Split regex wrapped in one capturing group,
+    so that regex.split gives the text between matches and the matches, at C speed; 'spans' when
+    the regex has groups of its own, which split would return too. V1 mode: tokenizer.json holds
+    Oniguruma regexes, which allow nested character classes such as BLOOM's [^(\\s|[.,!?])], and
+    the regex module parses those only in V1 mode."""
+    if kind == "regex":
+        return kind, regex.compile(pattern)
+    plain = regex.compile(pattern, regex.V1)
+    return ("spans", plain) if plain.groups else ("split", regex.compile(f"({pattern})", regex.V1))
+
+
+def _isolated(pattern, text):
+    """The matches of pattern and the non-empty text between them, in order."""
+    start = 0
+    for m in pattern.finditer(text):
+        yield from (s for s in (text[start:m.start()], m.group()) if s)
+        start = m.end()
+    if start < len(text):
+        yield text[start:]
 
 
 def _default_names(known):

@@ -761,6 +761,17 @@ def test_tokenizer_json_unicode_normalizers(tmp_path, normalizer):
         assert hf_ids(tok, text) == hf.encode(text).ids, repr(text)
 
 
+@pytest.mark.parametrize("pattern", [r" ?\p{L}+|\p{N}", r"( ?\p{L}+)|(\p{N})"])
+def test_tokenizer_json_split_keeps_gaps(tmp_path, pattern):
+    """A Split regex that leaves text between its matches: Isolated keeps that text as pieces,
+    with or without capturing groups in the regex."""
+    pytest.importorskip("tokenizers")
+    tok, hf = load_both(json.loads(train_hf_bpe(pattern, ["<|endoftext|>"]).to_str()), tmp_path)
+    assert tok.splits[0][0] == ("spans" if "(" in pattern else "split")
+    for text in TEXTS + UNICODE_TEXTS + random_strings(300, LLAMA3_ALPHABET, seed=5):
+        assert hf_ids(tok, text) == hf.encode(text).ids, repr(text)
+
+
 # ---- stop ids ------------------------------------------------------------------------------------
 
 
