@@ -136,7 +136,7 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = False, eos: bool = False,
                allowed_special=()) -> list[int]:
         """text -> ids, with bos/eos ids around it when asked. The text of a special token is
-        ordinary text unless allowed_special names it (a set of tokens, or "all", as tiktoken)."""
+        ordinary text unless allowed_special names it (a token, a set of them, or "all")."""
         ids = [self.bos_id] if bos else []
         for n, chunk in enumerate(self._split_special(text, allowed_special)):
             if n % 2:
@@ -147,7 +147,8 @@ class Tokenizer:
 
     def _split_special(self, text, allowed):
         """text -> [text, special, text, ...]: the allowed special tokens at odd positions."""
-        allowed = self.special.keys() if allowed == "all" else set(allowed)
+        allowed = (self.special.keys() if allowed == "all" else
+                   {allowed} if isinstance(allowed, str) else set(allowed))
         unknown = allowed - self.special.keys()
         if unknown:
             raise ValueError(f"allowed_special: {', '.join(sorted(unknown))} "
@@ -306,8 +307,9 @@ class BPETokenizer(Tokenizer):
             if tok in added:
                 self.special[tok] = added.pop(tok)[0]
             elif tok not in self.special:
-                self.special[tok] = self.encoder.get(
-                    tok, max([*self.encoder.values(), *self.special.values()]) + 1)
+                taken = [*self.encoder.values(), *self.special.values(),
+                         *(i for i, _ in added.values())]
+                self.special[tok] = self.encoder.get(tok, max(taken) + 1)
         self.bos_id = self.special[names["bos_token"]]
         self.eos_id = self.special[names["eos_token"]]
         # GPT-2/GPT-J have no pad token: pad with eos (padding is masked out of attention and loss)
@@ -369,9 +371,10 @@ class BPETokenizer(Tokenizer):
         path = Path(path)
         tj = _read_json(path)
         model = tj.get("model") if isinstance(tj, dict) else None
-        if not isinstance(model, dict) or "vocab" not in model:
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
             raise TokenizerError(f"{path}: expected a Hugging Face tokenizer.json, a JSON object "
-                                 "with a 'model' holding a 'vocab'")
+                                 "whose 'model' holds a 'vocab' of token -> id")
         _check_bpe_model(path, model)
         # merges are saved as "a b" strings (tokenizers < 0.20) or as [a, b] pairs
         merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
@@ -384,8 +387,12 @@ class BPETokenizer(Tokenizer):
                                        "decoder) is supported")
         special, added = _added_tokens(path, tj.get("added_tokens") or [])
         config, more_special, more_added = _read_config(path.parent)
-        return cls(model["vocab"], merges, {**special, **more_special}, splits=splits,
-                   config=config, name=str(path), added_tokens={**added, **more_added},
+        # tokenizer_config.json may list the same tokens: tokenizer.json's flags win
+        listed = special.keys() | added.keys()
+        special.update({t: i for t, i in more_special.items() if t not in listed})
+        added.update({t: v for t, v in more_added.items() if t not in listed})
+        return cls(vocab, merges, special, splits=splits,
+                   config=config, name=str(path), added_tokens=added,
                    normalizers=normalizers, ignore_merges=bool(model.get("ignore_merges")),
                    add_bos=_prepends_special(tj.get("post_processor")), folder=path.parent)
 
