@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import hf_name, read_state_dict, unreadable, write_atomic
+from checkpoints import hf_name
+from files import read_state_dict, unreadable, write_atomic
 from model import LINEAR_NAMES, Linear
 from quantize import QuantLinear, is_quantized
 

@@ -36,10 +36,11 @@ from adapters import KINDS, fast_fp32_matmuls, load_adapter, read_adapter_config
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, describe_duplicates, leakage, load_rows
 from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, get_kind, score
 from data.template import TEMPLATES, response_of
-from checkpoints import check_writable, load_model, write_atomic
+from checkpoints import load_model
+from files import check_writable, write_atomic
 import fast
 from fast import DecodeStep, compile_blocks, compile_setting, prefill
-from configurator import DEMO_DIR, DTYPES, ConfigError, configure, device_and_dtype
+from cli import DEMO_DIR, DTYPES, ConfigError, configure, device_and_dtype
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import adapters
 from chat import load_for_tool
-from checkpoints import save_model, write_atomic
-from configurator import DEMO_DIR, ConfigError, check_choice, configure
+from checkpoints import save_model
+from files import write_atomic
+from cli import DEMO_DIR, ConfigError, check_choice, configure, fail
 
 DEFAULTS = dict(
     model="",             # base model folder; "" = the demo's base (<demo_dir>/base)
@@ -32,9 +33,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "encoder.json", "vocab.bpe", "generation_config.json")
 
-
-def fail(msg):
-    raise SystemExit(f"export.py: error: {msg}")
 
 
 def unmergeable(model):

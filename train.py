@@ -43,9 +43,10 @@ from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows, write_json
 from data.template import TEMPLATE_NAME, format_example
 from eval import evaluate
 from fast import compile_blocks, compile_setting
-from checkpoints import check_writable, load_model, save_model, torch_load, write_atomic
-from configurator import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype,
-                          read_args, settle)
+from checkpoints import load_model, save_model
+from files import check_writable, torch_load, write_atomic
+from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, fail,
+                 read_args, settle)
 from model import Config, Transformer
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
@@ -127,9 +128,6 @@ DEMO_BASE = dict(learning_rate=1.5e-3, warmup_steps=50, decay="cosine", batch_si
                  eval_interval=500, resume=False)
 DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, intermediate_size=352)
 
-
-def fail(msg):
-    raise SystemExit(f"train.py: error: {msg}")
 
 
 def get_config(argv):

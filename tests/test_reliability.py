@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adapters
-import checkpoints
+import files
 import eval as evaluation
 import train
 from checkpoints import load_model, save_model
@@ -105,7 +105,7 @@ def test_full_disk_mid_run_is_one_line_and_leaves_no_temporary_file(base, tmp_pa
         def write(f):
             f.write(b"half a checkpoint")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        checkpoints.write_atomic(path, write)
+        files.write_atomic(path, write)
     monkeypatch.setattr(train, "write_atomic", full)
     with pytest.raises(SystemExit, match=f"--out={tmp_path}: writing failed .*No space left"):
         run(base, tmp_path)
@@ -119,7 +119,7 @@ def test_full_disk_inside_torch_save_is_an_os_error(tmp_path):
         raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
                            "writing file")
     with pytest.raises(OSError, match="resume.pt: cannot write it .*PytorchStreamWriter failed"):
-        checkpoints.write_atomic(tmp_path / "resume.pt", write)
+        files.write_atomic(tmp_path / "resume.pt", write)
     assert os.listdir(tmp_path) == []
 
 
