@@ -3,12 +3,13 @@
 LLM-Adapters trains (finetune.py) and evaluates (evaluate.py) with Alpaca
 templates whose whitespace differs (the eval copy is indented inside a
 triple-quoted f-string), so the model is tested on prompts it never saw.
-Here each template is written once, used by both sides:
+Here each template is written once, for both sides:
 
-- train.py: ``ids, n_prompt = TEMPLATES[name].encode_example(tok, row)``: the
+- training: ``ids, n_prompt = TEMPLATES[name].encode_example(tok, row)``: the
   example's ids (response and its end included) and how many of them are the
-  prompt, whose loss is masked when ``train_on_inputs=False``.
-- eval.py: generate from ``TEMPLATES[name].encode_prompt(tok, instruction, input)``,
+  prompt, whose loss is masked when ``train_on_inputs=False``. For Alpaca this
+  is what train.py computes from ``format_example``.
+- evaluation: generate from ``TEMPLATES[name].encode_prompt(tok, instruction, input)``,
   stop at ``tok.stop_ids`` and score ``response_of(continuation)`` with ``data.scoring``.
 
 Templates:
@@ -20,9 +21,10 @@ Templates:
     <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{instruction}<|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\\n\\n{response}<|eot_id|>
 
-  (one line in truth; an input follows the instruction after "\\n\\n"). Its
-  special tokens are encoded by id, and each text piece on its own as ChatFormat
-  does, so an instruction containing "<|eot_id|>" stays text.
+  (one string, shown on two lines; an input follows the instruction after
+  "\\n\\n"). Its special tokens are encoded by id, and each text piece on its own
+  as ChatFormat does, so an instruction containing "<|eot_id|>" stays text. Its
+  prompt is not plain text, so calling it raises TemplateError.
 """
 
 TEMPLATE_NAME = "alpaca"
