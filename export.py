@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+import adapter_io
 import adapters
 from chat import load_for_tool
 from checkpoints import save_model
@@ -82,8 +83,8 @@ def main(argv=None):
         check_writable(out, "--out")
         earlier = check_unused(out, "--out", cfg.overwrite)
         if cfg.format == "peft":
-            adapters.save_adapter(model, out, name=adapters.adapter_names(model)[0],
-                                  base_model=model_dir, format="peft")
+            adapter_io.save_adapter(model, out, name=adapters.adapter_names(model)[0],
+                                    base_model=model_dir, format="peft")
             written = ["adapter_config.json", "adapter_model.safetensors"]
         else:
             written = export_merged(model, model_dir, out)
