@@ -96,9 +96,55 @@ PEFT_FIELDS = {"LORA": ("r", "lora_alpha"), "IA3": ("target_modules",),  # what 
                "ADAPTION_PROMPT": ("adapter_len", "adapter_layers")}  # (other types: refused there)
 
 
+# what a value must be, and the types of PEFT's fields that _from_peft reads (null: left out)
+INT, NUMBER, BOOL, STRING = "an integer", "a number", "true or false", "a string"
+NAMES, NAMES_OR_NULL, LIST = "a list of module names", "a list of module names or null", "a list"
+PEFT_TYPES = {"peft_type": STRING, "r": INT, "lora_alpha": NUMBER, "lora_dropout": NUMBER,
+              "use_rslora": BOOL, "use_dora": BOOL, "fan_in_fan_out": BOOL, "bias": STRING,
+              "target_modules": NAMES, "feedforward_modules": NAMES, "adapter_len": INT,
+              "adapter_layers": INT}
+# options of ours that take any number although their default is an integer; that take a word
+ANY_NUMBER, WORDS = {"alpha"}, {"scaling": ("learned",)}
+
+
+def is_a(v, what):
+    """Whether JSON value v is `what` (one of the descriptions above)."""
+    number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    names = isinstance(v, list) and all(isinstance(n, str) for n in v)
+    return {INT: number and isinstance(v, int), NUMBER: number, BOOL: isinstance(v, bool),
+            STRING: isinstance(v, str), NAMES: names or isinstance(v, str),  # PEFT: a regex
+            NAMES_OR_NULL: names or v is None, LIST: isinstance(v, list)}[what]
+
+
+def option_type(k, default):
+    """What option k's value must be, from its default in KINDS (None: not checked here)."""
+    if default is None:
+        return NAMES_OR_NULL
+    if isinstance(default, bool):
+        return BOOL
+    if isinstance(default, (int, float)):
+        return INT if isinstance(default, int) and k not in ANY_NUMBER else NUMBER
+    return STRING if isinstance(default, str) else LIST if isinstance(default, (list, tuple)) \
+        else None
+
+
+def check_options(kind, options):
+    """Each option of an adapter `kind` typed like its default in KINDS: ValueError naming the
+    option otherwise (an unknown option is add_adapter's to name). The kind's own check then judges
+    the values."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not an adapter kind ({', '.join(KINDS)})")
+    defaults = KINDS[kind].defaults
+    for k, v in options.items():
+        what, words = option_type(k, defaults.get(k)), WORDS.get(k, ())
+        if k in defaults and what and not is_a(v, what) and v not in words:
+            raise ValueError(f"{k}={v!r}: expected {what}" + "".join(f" or {w!r}" for w in words))
+
+
 def read_adapter_config(path):
     """adapter_config.json: ours (kind, options) or PEFT's (peft_type); one clear line naming the
-    file otherwise. Every check of an adapter config belongs here."""
+    file otherwise. Every check of an adapter config belongs here: its shape, and the type of every
+    option (ours) or field (PEFT's) that reaches the maths."""
     f = Path(path) / "adapter_config.json"
     config = read_json(f)
     peft_type = config.get("peft_type")
@@ -110,6 +156,15 @@ def read_adapter_config(path):
     if "options" in config and not isinstance(config["options"], dict):
         what = type(config["options"]).__name__
         raise ValueError(f"{f}: 'options' is a {what}, expected a JSON object")
+    if peft_type is not None:
+        for k, what in PEFT_TYPES.items():
+            if config.get(k) is not None and not is_a(config[k], what):
+                raise ValueError(f"{f}: field {k!r} is {config[k]!r}, expected {what}")
+        return config
+    try:
+        check_options(config["kind"], config["options"])
+    except ValueError as e:
+        raise ValueError(f"{f}: {e}") from None
     return config
 
 

@@ -391,6 +391,58 @@ def test_bad_adapter_config(base, tmp_path, config, message):
         adapter_io.load_adapter(load_model(base), tmp_path)
 
 
+def with_config(path, change):
+    """Rewrite path/adapter_config.json through change(dict) (in place)."""
+    config = json.loads((path / "adapter_config.json").read_text())
+    change(config)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("kind, options, message", [
+    ("lora", dict(alpha="16"), "alpha='16': expected a number"),
+    ("lora", dict(alpha=float("nan")), "alpha=nan: expected a number"),
+    ("lora", dict(r="4"), "r='4': expected an integer"),
+    ("lora", dict(r=4.0), "r=4.0: expected an integer"),
+    ("lora", dict(dropout="abc"), "dropout='abc': expected a number"),
+    ("lora", dict(target_modules="q_proj"), "target_modules='q_proj': expected a list of module "
+                                            "names or null"),
+    ("lora", dict(target_modules=[1, 2]), "target_modules=\\[1, 2\\]: expected a list"),
+    ("prefix", dict(gated="yes"), "gated='yes': expected true or false"),
+    ("parallel", dict(scaling="big"), "scaling='big': expected a number or 'learned'"),
+    ("parallel", dict(placement=1), "placement=1: expected a string"),
+])
+def test_adapter_config_options_of_the_wrong_type(base, tmp_path, kind, options, message):
+    """Every option of every kind is typed like its default where adapter_config.json is read
+    (before: "alpha": "16" was a TypeError inside LoRA's forward)."""
+    model = adapters.add_adapter(load_model(base), kind, **{"lora": dict(r=4), "prefix": {},
+                                                           "parallel": dict(bottleneck=4)}[kind])
+    adapter_io.save_adapter(model, tmp_path)
+    adapter_io.load_adapter(load_model(base), tmp_path)  # as saved, it loads
+    with_config(tmp_path, lambda c: c["options"].update(options))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {message}"):
+        adapter_io.load_adapter(load_model(base), tmp_path)
+    with_config(tmp_path, lambda c: c.update(kind="lorra"))
+    with pytest.raises(ValueError, match="adapter_config.json: kind 'lorra' is not an adapter"):
+        adapter_io.load_adapter(load_model(base), tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("r", "8", "field 'r' is '8', expected an integer"),
+    ("lora_alpha", "16", "field 'lora_alpha' is '16', expected a number"),
+    ("use_rslora", "yes", "field 'use_rslora' is 'yes', expected true or false"),
+    ("use_dora", 1, "field 'use_dora' is 1, expected true or false"),
+    ("target_modules", [1], "field 'target_modules' is \\[1\\], expected a list of module names"),
+    ("lora_dropout", [0.1], "field 'lora_dropout' is \\[0.1\\], expected a number"),
+])
+def test_peft_adapter_config_fields_of_the_wrong_type(base, tmp_path, field, value, message):
+    path = saved_lora(base, tmp_path, format="peft")
+    adapter_io.load_adapter(load_model(base), path)
+    with_config(path, lambda c: c.update({field: value}))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {message}"):
+        adapter_io.load_adapter(load_model(base), path)
+
+
 def test_damaged_adapter_weights(base, tmp_path):
     path = saved_lora(base, tmp_path)
     truncate(path / "adapter_model.safetensors")
