@@ -515,9 +515,10 @@ class Transformer(nn.Module):
         k_idx = torch.arange(S, device=device)
         q_idx = (slots if slots is not None else torch.arange(S - T, S, device=device))[:, None]
         mask = (k_idx <= q_idx)[None, None]  # (1, 1, T, S) causal, in cache coordinates
-        if window:  # Mistral: the last `window` keys only. Padding is on the left, one block, so
-            # distances in cache slots are distances in tokens (the cached decode step gets it too)
-            mask = mask & (k_idx > q_idx - window)
+        if window:  # Mistral: the last `window` tokens only, counted by position (real tokens,
+            # so a padded row sees what it sees alone); the cached decode step gets it here too
+            q_pos = key_pos[:, slots] if slots is not None else key_pos[:, S - T:]
+            mask = mask & (key_pos[:, None, None, :] > q_pos[:, None, :, None] - window)
         if valid is not None:
             # a query always sees itself, so rows of padding never softmax over nothing (NaN)
             mask = mask & valid[:, None, None, :] | (k_idx == q_idx)
