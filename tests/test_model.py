@@ -81,6 +81,36 @@ def test_kv_cache_matches_full_forward(family, padded):
     assert max_diff(ours(m, idx, attention_mask=mask, last_only=True), full[:, -1:]) < 1e-5
 
 
+@torch.no_grad()
+def greedy(m, idx, n, attention_mask=None, cache=True):
+    """n greedy tokens after idx (B, T): with a KV cache (a prefill, then one-token steps over the
+    static cache, as the decode loop runs them) or with a full forward for every token."""
+    mask = attention_mask if attention_mask is not None else torch.ones_like(idx)
+    kv = m.new_cache(idx.size(0), idx.size(1) + n) if cache else None
+    logits = m(idx, attention_mask=mask, cache=kv)[0]
+    for _ in range(n):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        idx, mask = torch.cat((idx, nxt), 1), F.pad(mask, (0, 1), value=1)
+        logits = m(nxt if cache else idx, attention_mask=mask, cache=kv)[0]
+    return idx
+
+
+def test_decoding_past_the_sliding_window():
+    """Mistral's window lives in the mask, so the cached step drops keys older than the window:
+    greedy decoding 20 tokens past a window of 4 equals full forwards, batched and left-padded as
+    one by one; without the window the tokens differ (so the window was in play)."""
+    m = tiny_model("mistral")
+    assert m.config.sliding_window == 4
+    seqs, idx, mask = padded_rows((7, 2, 5))
+    out = greedy(m, idx, 20, mask)
+    assert torch.equal(out, greedy(m, idx, 20, mask, cache=False))
+    for i, s in enumerate(seqs):
+        assert torch.equal(greedy(m, s[None], 20)[0, len(s):], out[i, idx.size(1):])
+    no_window = Transformer(replace(m.config, sliding_window=0)).eval()
+    no_window.load_state_dict(m.state_dict())
+    assert not torch.equal(greedy(no_window, idx, 20, mask), out)
+
+
 def test_kv_cache_overflow_and_bad_mask():
     m = tiny_model("llama")
     cache = m.new_cache(1, 4)
