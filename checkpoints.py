@@ -221,7 +221,7 @@ def config_from_hf(d, name):
                      "(llama, qwen2, mistral, gptj, bloom, opt)")
 
 
-# transformers' defaults where config.json leaves a field out
+# transformers' max_position_embeddings where config.json leaves it out
 HF_CONTEXT = {"llama": 2048, "qwen2": 32768, "mistral": 131072}
 
 
