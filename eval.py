@@ -32,7 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from adapters import KINDS, fast_fp32_matmuls, load_adapter, read_adapter_config
+from adapter_io import load_adapter, read_adapter_config
+from adapters import KINDS, fast_fp32_matmuls
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, describe_duplicates, leakage, load_rows
 from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, get_kind, score
 from data.template import TEMPLATES, response_of

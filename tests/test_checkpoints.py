@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import adapter_io
 import adapters as A
 from checkpoints import config_from_hf, load_model, meta_config, meta_to_rotate_half, save_model
 from conftest import (FAMILIES, LAYOUTS, left_pad, make_hf_checkpoint, make_hf_model,
@@ -860,7 +861,7 @@ def test_peft_lora_folder_loads_here(family, hf_base, tmp_path):
         pm.save_pretrained(tmp_path)
     finally:
         pm.unload()
-    ours = A.load_adapter(load_model(ckpt), tmp_path).eval()
+    ours = adapter_io.load_adapter(load_model(ckpt), tmp_path).eval()
     assert sorted(ours.adapter_configs["default"]["options"]["target_modules"]) == sorted(targets)
     err = max_diff(ours(idx)[0], ref)
     print(f"PEFT LoRA -> ours, {family}: max |logit diff| = {err:.2e}")
@@ -882,7 +883,7 @@ def test_our_lora_loads_in_peft(family, hf_base, tmp_path):
     ours.eval()
     idx = rand_ids(2, LENGTH[family], seed=2)
     want = ours(idx)[0]
-    A.save_adapter(ours, tmp_path, format="peft", base_model="tiny")
+    adapter_io.save_adapter(ours, tmp_path, format="peft", base_model="tiny")
     pm = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
     try:
         got = pm(idx).logits
@@ -913,4 +914,4 @@ def test_lora_on_tied_lm_head_refused_with_the_reason(hf_base, tmp_path):
     finally:
         pm.unload()
     with pytest.raises(ValueError, match=f"{tmp_path}: lm_head takes no adapter: it is tied"):
-        A.load_adapter(load_model(ckpt), tmp_path)
+        adapter_io.load_adapter(load_model(ckpt), tmp_path)
