@@ -42,11 +42,10 @@ from data import synthetic
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows, write_json
 from data.template import TEMPLATE_NAME, format_example
 from eval import evaluate
-from fast import compile_blocks, compile_setting
 from checkpoints import load_model, save_model
 from files import check_writable, torch_load, write_atomic
-from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, fail,
-                 read_args, settle)
+from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, compile_blocks, compile_setting,
+                 configure, device_and_dtype, fail, read_args, settle)
 from model import Config, Transformer
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
@@ -584,7 +583,7 @@ def accuracy(model, tok, rows, rt):
     """Exact match of the greedy answers to the template prompts, generated and scored as eval.py
     does."""
     with rt.ctx:
-        return evaluate(model.eval(), tok, rows, "demo", kind="number", max_new_tokens=40,
+        return evaluate(model.eval(), tok, rows, "demo", answer_type="number", max_new_tokens=40,
                         batch_size=50, progress=rt.master)[1]
 
 

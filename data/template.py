@@ -45,6 +45,10 @@ def format_example(row: dict) -> tuple[str, str]:
     return format_prompt(row["instruction"], row.get("input") or ""), row["output"]
 
 
+# the template's name in an adapter's extra settings (train.py writes it) -> its prompt function
+TEMPLATES = {TEMPLATE_NAME: format_prompt}
+
+
 def response_of(text: str) -> str:
     """The response in a generated continuation: the text before any further "### Response:" (a
     model that goes on to write another example), stripped. LLM-Adapters scores
