@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import adapters as A
 from conftest import left_pad, make_hf_checkpoint, tiny_model
 from checkpoints import load_model
+from generate import generate
 from model import Config, Linear, Transformer
 
 # transformers/peft
@@ -255,13 +256,13 @@ def test_prefix_prompt_generation(family, sid):
     model.eval()
     # KV-cache generation == greedy loop of full forwards without cache
     idx = ids(model, B=2, T=5)
-    assert torch.equal(model.generate(idx, 6), greedy_no_cache(model, idx, 6))
+    assert torch.equal(generate(model, idx, 6), greedy_no_cache(model, idx, 6))
     # a left-padded batch == each row alone (with and without the cache)
     seqs, pidx, pmask = padded_batch(model)
-    batched = model.generate(pidx, 5, attention_mask=pmask)
+    batched = generate(model, pidx, 5, attention_mask=pmask)
     assert torch.equal(batched, greedy_no_cache(model, pidx, 5, attention_mask=pmask))
     for i, s in enumerate(seqs):
-        alone = model.generate(s[None], 5)
+        alone = generate(model, s[None], 5)
         assert torch.equal(batched[i, -5:], alone[0, -5:]), f"row {i}"
 
 
@@ -461,7 +462,7 @@ def test_loaded_adapter_follows_the_model_mode(tmp_path):
     assert not any(m.training for m in fresh.modules())
     idx = ids(model)
     assert torch.equal(logits(fresh, idx), logits(model, idx))
-    assert torch.equal(fresh.generate(idx, 4), model.generate(idx, 4))
+    assert torch.equal(generate(fresh, idx, 4), generate(model, idx, 4))
 
 
 # --------------------------------------------------------------------------------------- LoRA merge
@@ -661,7 +662,7 @@ def test_two_prompts_and_two_prefixes_stack():
     assert model.prompt.n_tokens == 2 and prefix_len(model) == 4
     model.eval()
     idx = ids(model, T=5)
-    assert torch.equal(model.generate(idx, 4), greedy_no_cache(model, idx, 4))
+    assert torch.equal(generate(model, idx, 4), greedy_no_cache(model, idx, 4))
 
 
 # ------------------------------------------------------------------------------------- PEFT interop
