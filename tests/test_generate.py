@@ -1,9 +1,9 @@
-"""generate.py: the one decode loop (greedy, sampled, stop ids, streaming), the static-shape decoding
-path (prefill + fixed-shape one-token steps over the whole KV cache, a CUDA graph on CUDA), beam
-search, and the batched, left-padded generation of many prompts (eval.py's); also regional
-compilation (one graph for every block) and the --compile setting (cli.py). References are full
-forward passes without any cache (what the KV-cache generation was always tested against), each
-row alone, and for beam search exhaustive search."""
+"""generate.py: the one decode loop (greedy, sampled, stop ids, streaming), the static-shape
+decoding path (prefill + fixed-shape one-token steps over the whole KV cache, a CUDA graph on
+CUDA), beam search, and the batched, left-padded generation of many prompts (eval.py's); also
+regional compilation (one graph for every block) and the --compile setting (cli.py). References
+are full forward passes without any cache (what the KV-cache generation was always tested
+against), each row alone, and for beam search exhaustive search."""
 import itertools
 import random
 
@@ -558,6 +558,13 @@ def test_any_stop_id_ends_a_response_and_says_why(loaded, monkeypatch):
         else:
             assert r == Response(tok.decode(row), MAX_NEW_TOKENS)
     assert got[0].stop == STOP_TOKEN and got[0] != free[0]
+    calls = []  # row 0 alone: prefill + one step per token before the stop id, none after
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        generate_batch(model, tok, prompts[:1], 10)
+    finally:
+        hook.remove()
+    assert len(calls) == full[0].index(second) + 1
 
 
 def test_long_prompts_are_cut_from_the_left(loaded, capsys, monkeypatch):
