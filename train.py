@@ -732,7 +732,7 @@ def attach_adapter(base, cfg, options, demo, rt, n_train, n_val):
                             f"{cfg.eval_interval} steps (the best is kept)")
     extra = dict(template=TEMPLATE_NAME, data=cfg.data)
     if demo:
-        extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
+        extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), answer_type="number")
 
     def save():
         adapters.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
