@@ -18,8 +18,8 @@ lora/dora/ia3/series/parallel model equals the base exactly.
 Adapters live in `Slot`s (named containers) on the model's hook attributes: several can share a
 model under names, be switched with set_active and combined (e.g. lora + series). Their maths runs
 in fp32 even when the base runs in bf16/fp16 or under autocast. sparse=N (MoSA, "split & merge")
-splits a bottleneck's weights into N disjoint random parts that train one per step; merge_sparse
-folds them back into one plain adapter.
+splits a bottleneck's weights into N disjoint random parts that train one per step; join_sparse
+joins them back into one plain adapter ("merge" here means only folding into the base weight).
 """
 import json
 import math
@@ -256,7 +256,7 @@ class Bottleneck(nn.Module):
 class Prefix(nn.Module):
     """num_virtual_tokens learned keys and values per layer (B, n_kv_head, P, head_dim), without
     rotary as in LLM-Adapters. reparam > 0 produces them from an embedding through an MLP while
-    training (Li & Liang); merge_prefix turns that into plain tensors.
+    training (Li & Liang); compute_prefix turns that into plain tensors.
 
     What a prefix changes in the softmax: its P keys join the sequence's keys in ONE softmax
     (model.py, Attention.forward), so they compete for attention mass. With s_j =
@@ -537,13 +537,14 @@ KINDS = {
     "lora": Kind(_lora, _lora_places, lambda m, lin, slot, o: LoRA(
         lin.in_features, lin.out_features, o["r"], o["alpha"], o["dropout"])),
     "series": Kind(dict(_bottleneck, residual=True), _bottleneck_places("series"),
-                   _make_bottleneck, _check_bottleneck, lambda model: merge_sparse(model)),
+                   _make_bottleneck, _check_bottleneck, lambda model: join_sparse(model)),
     "parallel": Kind(dict(_bottleneck, per_linear=None), _bottleneck_places("parallel"),
-                     _make_bottleneck, _check_bottleneck, lambda model: merge_sparse(model)),
+                     _make_bottleneck, _check_bottleneck, lambda model: join_sparse(model)),
     # reparam = hidden size of the reparameterisation MLP; gated = LLaMA-Adapter; layers = the
     # top N only (0 = all)
     "prefix": Kind(dict(num_virtual_tokens=10, reparam=0, gated=False, layers=0),
-                   _prefix_places, _make_prefix, _check_prefix, lambda model: merge_prefix(model)),
+                   _prefix_places, _make_prefix, _check_prefix,
+                   lambda model: compute_prefix(model)),
     "prompt": Kind(dict(num_virtual_tokens=10), lambda model, o: [("", "prompt")],
                    lambda model, owner, slot, o: Prompt(model.embed, o["num_virtual_tokens"])),
     "dora": Kind(_lora, _lora_places, lambda m, lin, slot, o: DoRA(
@@ -588,7 +589,7 @@ def add_adapter(model, kind, name="default", **options):
 
 
 def finish_adapters(model):
-    """After training: turn every adapter's training form into its plain one (MoSA parts merged,
+    """After training: turn every adapter's training form into its plain one (MoSA parts joined,
     reparameterised prefixes computed), as each kind's entry says; a no-op for the others."""
     for kind in {cfg["kind"] for cfg in model.adapter_configs.values()}:
         if KINDS[kind].finish is not None:
@@ -686,9 +687,9 @@ def sparse_step(model, step):
             m.active = k % m.n
 
 
-def merge_sparse(model):
-    """Replace each split weight by the one plain nn.Linear weight its parts make up (MoSA's
-    merge)."""
+def join_sparse(model):
+    """Replace each split weight by the one plain nn.Linear weight its parts make up (what MoSA
+    calls merging; here merge is only the fold into the base weight)."""
     for m in list(model.modules()):
         if isinstance(m, Bottleneck):
             for attr in ("down", "up"):
@@ -703,7 +704,7 @@ def merge_sparse(model):
             cfg["options"] = {**cfg["options"], "sparse": 0}
 
 
-def merge_prefix(model):
+def compute_prefix(model):
     """Replace reparameterised prefixes by the plain keys/values their MLP produces (after
     training)."""
     for m in model.modules():

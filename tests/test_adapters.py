@@ -1,5 +1,5 @@
 """adapters.py: every kind and placement on tiny models of each family, training, save/load, LoRA
-merge, MoSA sparse split & merge, composition under names, PEFT interop, exact 7B parameter counts,
+merge, MoSA sparse split & join, composition under names, PEFT interop, exact 7B parameter counts,
 error messages, fp32 adapter maths.
 
 Models come from conftest.tiny_model (our tiny presets, every weight randomised so no weight is a
@@ -367,13 +367,13 @@ def test_gated_prefix_options_checked():
     model(ids(model))
 
 
-def test_merge_prefix():
+def test_compute_prefix():
     model = tiny_model("llama")
     A.add_adapter(model, "prefix", num_virtual_tokens=4, reparam=16)
     train(model, steps=2)
     idx = ids(model)
     before = logits(model, idx)
-    A.merge_prefix(model)
+    A.compute_prefix(model)
     p = model.layers[0].attn.prefix["default"]
     assert {n for n, _ in p.named_parameters()} == {"key", "value"}
     assert model.adapter_configs["default"]["options"]["reparam"] == 0
@@ -502,7 +502,7 @@ def test_merge_lora(family):
     assert (logits(model, idx) - unmerged).abs().max() < 1e-5
 
 
-# ------------------------------------------------------------------------------- MoSA split & merge
+# -------------------------------------------------------------------------------- MoSA split & join
 @pytest.mark.parametrize("sid", ["series-sparse", "parallel-sparse", "parallel-per-linear-sparse"])
 def test_sparse_step_trains_only_the_active_part(sid):
     model = tiny_model("llama")
@@ -564,7 +564,7 @@ def test_sparse_step_is_a_function_of_the_step():
 
 
 @pytest.mark.parametrize("sid", ["series-sparse", "parallel-sparse", "parallel-per-linear-sparse"])
-def test_merge_sparse(sid, tmp_path):
+def test_join_sparse(sid, tmp_path):
     model = tiny_model("llama")
     kind, o = spec("llama", sid)
     A.add_adapter(model, kind, **o)
@@ -574,7 +574,7 @@ def test_merge_sparse(sid, tmp_path):
     before, before_pad = logits(model, idx), logits(model, pidx, attention_mask=pmask)
     shapes = [(b.down.part.shape, b.up.part.shape) for b in model.modules()
               if isinstance(b, A.Bottleneck)]
-    A.merge_sparse(model)
+    A.join_sparse(model)
     assert not splits(model)
     assert not any(".part" in n or ".parts." in n for n in model.state_dict())
     bottlenecks = [b for b in model.modules() if isinstance(b, A.Bottleneck)]
