@@ -8,18 +8,18 @@ generate.py, without the web UI).
                              have now?"                           # the demo's base + lora
     python chat.py ... --temperature=0.8 --top_k=40               # sampled instead of greedy
 
-The question goes through the adapter's training template (data/template.py, the Alpaca prompt), so
-the model sees the kind of prompt it was fine-tuned on. Generation (generate.py's one decode loop,
-streamed by its callback) stops on any of the tokenizer's stop ids; an answer cut by
---max_new_tokens (or by the model's context) ends with a note saying so, on stderr.
+The question goes through the adapter's training template (data/template.py: Alpaca's prompt, or
+Llama 3's chat turns), so the model sees the kind of prompt it was fine-tuned on. Generation
+(generate.py's one decode loop, streamed by its callback) stops on any of the tokenizer's stop
+ids; an answer cut by --max_new_tokens (or by the model's context) ends with a note saying so, on
+stderr.
 """
 import sys
 
 import torch
 
-from cli import DEMO_DIR, ConfigError, configure, device_and_dtype, fail, load_for_tool
-from data.template import TEMPLATES
-from generate import generate, stop_ids_of
+from cli import DEMO_DIR, ConfigError, configure, device_and_dtype, fail, load_for_tool, template_of
+from generate import generate
 
 DEFAULTS = dict(
     model="",             # base model folder; "" = the demo's base (<demo_dir>/base)
@@ -36,14 +36,13 @@ DEFAULTS = dict(
 )
 
 
-def answer(model, tok, prompt, cfg, out=None):
-    """Stream the response to one prompt to `out` (stdout); return its text. Text is written once
-    it decodes to whole characters (a byte-level token can hold half of one)."""
-    ids = tok.encode(prompt, bos=tok.add_bos)
+def answer(model, tok, ids, cfg, out=None):
+    """Stream the response to one prompt of token ids to `out` (stdout); return its text. Text is
+    written once it decodes to whole characters (a byte-level token can hold half of one)."""
     room = model.config.block_size - len(ids) - model.n_soft_tokens()
     if room < 1:
         fail(f"the prompt is {len(ids)} tokens, the model's context {model.config.block_size}")
-    limit, stops = min(cfg.max_new_tokens, room), stop_ids_of(tok)
+    limit, stops = min(cfg.max_new_tokens, room), tok.stop_ids
     new, shown, out = [], "", out or sys.stdout
 
     def show(token):  # token (1,): called by the decode loop before it computes the next one
@@ -76,15 +75,12 @@ def main(argv=None):
             raise ConfigError("--max_new_tokens must be at least 1, --temperature and --top_k 0 "
                               "or more")
         model, tok, extra, model_dir, adapter_dir = load_for_tool(cfg, device, dtype)
+        template = template_of(extra, adapter_dir)
     except ConfigError as e:
         fail(e)
-    template = TEMPLATES.get(extra.get("template", "alpaca"))
-    if template is None:
-        fail(f"{adapter_dir}: unknown prompt template {extra['template']!r}; known: "
-             f"{', '.join(TEMPLATES)}")
     torch.manual_seed(cfg.seed)
     if cfg.prompt:
-        return answer(model, tok, template(cfg.prompt, cfg.input), cfg)
+        return answer(model, tok, template.encode_prompt(tok, cfg.prompt, cfg.input), cfg)
     print(f"{model_dir}" + (f" + {adapter_dir}" if adapter_dir else "") + ": ask a question "
           "(an empty line or Ctrl-D ends)", file=sys.stderr)
     while True:
@@ -94,7 +90,7 @@ def main(argv=None):
             break
         if not question:
             break
-        answer(model, tok, template(question, ""), cfg)
+        answer(model, tok, template.encode_prompt(tok, question), cfg)
 
 
 if __name__ == "__main__":

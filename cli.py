@@ -14,7 +14,8 @@ and what was expected; the scripts print it and exit.
 `device_and_dtype` is the one choice of device and dtype for every script, `compile_setting` reads
 --compile and `compile_blocks` applies it. `load` is a base model folder (+ an adapter folder) ->
 model, tokenizer and the adapter's extra settings (eval.py); `load_for_tool` the same from a
-tool's --model and --adapter_dir (chat, export, inspect_adapter), the demo's by default.
+tool's --model and --adapter_dir (chat, export, inspect_adapter), the demo's by default;
+`template_of` the prompt template the adapter was trained with.
 """
 import json
 import os
@@ -25,6 +26,7 @@ import torch
 
 from adapters import load_adapter, read_adapter_config
 from checkpoints import load_model
+from data.template import TEMPLATE_NAME, TEMPLATES
 from tokenizer import Tokenizer, check_vocab
 
 BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
@@ -218,3 +220,13 @@ def load_for_tool(cfg, device="cpu", dtype=None, need_adapter=False):
         return (*load(model_dir, adapter_dir, device, dtype), model_dir, adapter_dir)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else e) from None
+
+
+def template_of(extra, adapter_dir=""):
+    """The prompt template (data/template.py) named in an adapter's extra settings, Alpaca when
+    none is; a name not known here is a ConfigError naming the adapter folder."""
+    name = extra.get("template", TEMPLATE_NAME)
+    if name not in TEMPLATES:
+        raise ConfigError(f"{adapter_dir}: unknown prompt template {name!r}; "
+                          f"known: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]

@@ -34,7 +34,7 @@ import torch
 
 from adapters import KINDS, fast_fp32_matmuls
 from cli import (DEMO_DIR, DTYPES, ConfigError, compile_blocks, compile_setting, configure,
-                 device_and_dtype, load)
+                 device_and_dtype, load, template_of)
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, describe_duplicates, leakage, load_rows
 from data.scoring import ANSWER_TYPES, COMMONSENSE, MATH, NUMBER, OPTION, get_answer_type, score
 from data.template import TEMPLATES, response_of
@@ -170,8 +170,10 @@ def evaluate(model, tok, rows, dataset, answer_type=None, strict=False, template
     answer_type = get_answer_type(dataset, answer_type, labels=[r["answer"] for r in rows])
     max_new_tokens = max_new_tokens or min(32 if isinstance(answer_type, list) else 256,
                                            model.config.block_size // 2)
-    prompts = [TEMPLATES[template](r["instruction"], r.get("input") or "") for r in rows]
-    responses = generate_batch(model, tok, prompts, max_new_tokens, batch_size, num_beams,
+    t = TEMPLATES[template]
+    prompts = [t.text(r["instruction"], r.get("input") or "") for r in rows]
+    ids = [t.encode_prompt(tok, r["instruction"], r.get("input") or "") for r in rows]
+    responses = generate_batch(model, tok, ids, max_new_tokens, batch_size, num_beams,
                                length_penalty, progress_printer(dataset) if progress else None)
     records = []
     for i, (row, prompt, (text, stop)) in enumerate(zip(rows, prompts, responses)):
@@ -203,10 +205,7 @@ def run(cfg, adapter_dir, rows, answer_type, device, dtype, out):
     model, tok, extra = load(cfg["model"], adapter_dir, device, dtype, cfg["quantize"])
     if compile_setting(cfg["compile"], device):
         compile_blocks(model)  # decoding: a CUDA graph of compiled blocks (generate.DecodeStep)
-    template = extra.get("template", "alpaca")
-    if template not in TEMPLATES:
-        raise ValueError(f"{adapter_dir}: unknown prompt template {template!r}; "
-                         f"known: {', '.join(TEMPLATES)}")
+    template = template_of(extra, adapter_dir).name
     # the adapter's training file (train.py: "data")
     train = extra.get("train_data") or extra.get("data")
     if train and os.path.isfile(train):

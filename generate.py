@@ -6,7 +6,7 @@ Generation, the one decode loop (as in gpt-fast's generate.py), over model.py's 
                   is then padded with its stop token. callback(tokens) sees every step: streaming
   beam_search     batched beam search on the same cache (cache.repeat, cache.reorder)
   generate_ids    many prompts of token ids, batched longest first, left-padded: eval.py's
-  generate_batch  ... and of text, with the stop reason of each response
+  generate_batch  ... fitted to the model's context, decoded, with the stop reason of each
 
 Speed, each trick with its reason: one prefill, then one-token steps whose shapes never change
 (each attends over every cache slot with a mask), so on CUDA `DecodeStep` captures the step once
@@ -24,13 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tokenizer import cut_at_stop
+
 STOP_TOKEN, MAX_NEW_TOKENS = "stop_token", "max_new_tokens"  # why a response ended
-
-
-def stop_ids_of(tok):
-    """Every id that ends a response: the tokenizer's stop ids (Llama 3: <|eot_id|>, <|eom_id|>,
-    <|end_of_text|>), or its one EOS where it names no others."""
-    return frozenset(getattr(tok, "stop_ids", None) or [tok.eos_id])
 
 
 def attention_backends(device):
@@ -236,11 +232,6 @@ def next_beams(scores, logp, seqs, hyps, done, stop_ids, norm):
 # --------------------------------------------------------------------------------------------------
 # many prompts (eval.py)
 
-def cut_at_stop(ids, stop_ids):
-    """A continuation up to (without) its first stop id."""
-    return next((ids[:n] for n, i in enumerate(ids) if i in stop_ids), ids)
-
-
 def generate_ids(model, prompt_ids, max_new_tokens, batch_size=32, stop_ids=(), pad_id=0,
                  num_beams=1, length_penalty=1.0, progress=None):
     """Continuations of token-id prompts, each cut before its first stop id, in the order given:
@@ -274,25 +265,25 @@ class Response(NamedTuple):
     stop: str  # STOP_TOKEN (it ended) or MAX_NEW_TOKENS (cut by the limit)
 
 
-def generate_batch(model, tok, prompts, max_new_tokens, batch_size=32, num_beams=1,
+def generate_batch(model, tok, prompt_ids, max_new_tokens, batch_size=32, num_beams=1,
                    length_penalty=1.0, progress=None):
-    """Greedy (or beam) responses to text prompts, in the order given: Response(text, stop), each
-    ended by one of the tokenizer's stop ids or cut at max_new_tokens. A prompt that leaves no room
-    for max_new_tokens within the model's block_size is cut from the left (BOS kept), with a
-    warning."""
+    """Greedy (or beam) responses to prompts of token ids (a template's encode_prompt), in the
+    order given: Response(text, stop), each ended by one of the tokenizer's stop ids or cut at
+    max_new_tokens. A prompt that leaves no room for max_new_tokens within the model's block_size
+    is cut from the left (a leading BOS kept), with a warning."""
     room = model.config.block_size - max_new_tokens - model.n_soft_tokens()
-    bos = tok.add_bos
-    if room < 1 + bos:
+    if room < 1 + tok.add_bos:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
                          f"block_size {model.config.block_size}")
-    ids = [tok.encode(p, bos=bos) for p in prompts]
-    cut = sum(len(x) > room for x in ids)
+    cut = sum(len(x) > room for x in prompt_ids)
     if cut:
-        print(f"warning: {cut} of {len(ids)} prompts are longer than {room} tokens "
+        print(f"warning: {cut} of {len(prompt_ids)} prompts are longer than {room} tokens "
               f"(block_size {model.config.block_size} - max_new_tokens {max_new_tokens}) "
               "and were cut from the left", file=sys.stderr)
-        ids = [x if len(x) <= room else x[:bos] + x[len(x) - room + bos:] for x in ids]
-    new = generate_ids(model, ids, max_new_tokens, batch_size, stop_ids_of(tok), tok.pad_id,
+        bos = [int(x[:1] == [tok.bos_id]) for x in prompt_ids]
+        prompt_ids = [x if len(x) <= room else x[:b] + x[len(x) - room + b:]
+                      for x, b in zip(prompt_ids, bos)]
+    new = generate_ids(model, prompt_ids, max_new_tokens, batch_size, tok.stop_ids, tok.pad_id,
                        num_beams, length_penalty, progress)
     # a continuation cut before a stop id is shorter than the limit (see generate_ids)
     return [Response(tok.decode(x), MAX_NEW_TOKENS if len(x) == max_new_tokens else STOP_TOKEN)

@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import adapters
-from cli import DEMO_DIR, ConfigError, configure, fail, load_for_tool
+from cli import DEMO_DIR, ConfigError, configure, fail, load_for_tool, template_of
 from data.prepare import TEST_REQUIRE, load_rows
-from data.template import TEMPLATES
 from files import write_atomic
 from model import Attention, apply_rope
 from svg import svg, tag
@@ -178,6 +177,7 @@ def main(argv=None):
     try:
         cfg, _ = configure(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__)
         model, tok, extra, _, adapter_dir = load_for_tool(cfg)
+        template = template_of(extra, adapter_dir)
     except ConfigError as e:
         fail(e)
     if not -model.config.n_layer <= cfg.layer < model.config.n_layer:
@@ -195,8 +195,7 @@ def main(argv=None):
         test = os.path.join(cfg.demo_dir, "data", "test.json")
         exists = os.path.isfile(test)
         prompt = load_rows(test, TEST_REQUIRE)[0]["instruction"] if exists else "What is 2 + 3?"
-    prompt = TEMPLATES[extra.get("template", "alpaca")](prompt, "")
-    ids = tok.encode(prompt, bos=tok.add_bos)
+    ids = template.encode_prompt(tok, prompt)
     layer = cfg.layer % model.config.n_layer
     weights, _ = attention_weights(model, torch.tensor([ids]))[layer]
     # labels: a token's text, cut short; "" (BOS, a lone space) shows as "."

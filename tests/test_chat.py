@@ -11,8 +11,10 @@ from conftest import trained_adapter
 
 import chat
 from cli import load
-from data.template import format_prompt
+from data.template import TEMPLATES, format_prompt
 from generate import MAX_NEW_TOKENS, generate_batch, generate_ids
+
+ALPACA = TEMPLATES["alpaca"]
 
 
 @pytest.mark.parametrize("kind", ["lora", "prompt"])
@@ -23,7 +25,7 @@ def test_chat_streams_the_greedy_generation(tiny_dir, tmp_path, capsys, kind):
     text = chat.main([f"--model={tiny_dir}", f"--adapter_dir={tmp_path / kind}",
                       f"--prompt={question}", "--max_new_tokens=24"])
     model, tok, _ = load(tiny_dir, tmp_path / kind, "cpu", torch.float32)
-    expected = generate_batch(model, tok, [format_prompt(question)], 24)[0]
+    expected = generate_batch(model, tok, [ALPACA.encode_prompt(tok, question)], 24)[0]
     captured = capsys.readouterr()
     assert text == expected.text and captured.out == expected.text + "\n"
     assert len(expected.text) > 5 and expected.stop == MAX_NEW_TOKENS
@@ -47,14 +49,15 @@ def test_chat_writes_each_token_as_it_comes(tiny_dir):
     forwards = []
     hook = model.register_forward_hook(lambda *a: forwards.append(1))
     out = Written(forwards)
+    ids = ALPACA.encode_prompt(tok, "how many pens")
     try:
-        text = chat.answer(model, tok, format_prompt("how many pens"),
-                           SimpleNamespace(max_new_tokens=8, temperature=0.0, top_k=0), out)
+        text = chat.answer(model, tok, ids, SimpleNamespace(max_new_tokens=8, temperature=0.0,
+                                                            top_k=0), out)
     finally:
         hook.remove()
     # the first text is out after the prefill and before the last step: streamed, not at the end
     assert out.at[0] == 1 and len(forwards) == 8 and len(set(out.at)) > 3
-    ids = tok.encode(format_prompt("how many pens"), bos=tok.add_bos)
+    assert ids == tok.encode(format_prompt("how many pens"), bos=True)
     assert text == tok.decode(generate_ids(model, [ids], 8, stop_ids=[tok.eos_id])[0])
 
 
@@ -62,13 +65,14 @@ def test_chat_stops_on_a_second_stop_id(tiny_dir, monkeypatch, capsys):
     # Llama 3 ends a turn with <|eot_id|>, not its EOS: any of tok.stop_ids ends the answer
     model, tok, _ = load(tiny_dir, "", "cpu", torch.float32)
     cfg = SimpleNamespace(max_new_tokens=12, temperature=0.0, top_k=0)
-    prompt = format_prompt("Tom buys more pens and")
-    free = generate_ids(model, [tok.encode(prompt, bos=tok.add_bos)], 12)[0]
+    prompt = ALPACA.encode_prompt(tok, "Tom buys more pens and")
+    free = generate_ids(model, [prompt], 12)[0]
     assert tok.eos_id not in free and len(free) == 12
     assert chat.answer(model, tok, prompt, cfg, io.StringIO()) == tok.decode(free)
     assert "[stopped: max_new_tokens]" in capsys.readouterr().err
     second = free[3]  # a token the model emits: as a stop id it ends the answer there
-    monkeypatch.setattr(tok, "stop_ids", frozenset({tok.eos_id, second}), raising=False)
+    assert tok.stop_ids == {tok.eos_id}  # a LLaMA tokenizer: its EOS alone
+    monkeypatch.setattr(tok, "stop_ids", frozenset({tok.eos_id, second}))
     out = io.StringIO()
     text = chat.answer(model, tok, prompt, cfg, out)
     n = free.index(second)

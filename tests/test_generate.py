@@ -19,7 +19,7 @@ from adapters import add_adapter
 from cli import ConfigError, compile_blocks, compile_setting, load
 from data.template import format_prompt
 from generate import (MAX_NEW_TOKENS, STOP_TOKEN, DecodeStep, Response, attention_backends,
-                      beam_search, generate, generate_batch, generate_ids, prefill, stop_ids_of)
+                      beam_search, generate, generate_batch, generate_ids, prefill)
 from model import Config, Transformer
 
 FAMILIES = ("llama", "llama-gqa", "gptj", "bloom", "opt")
@@ -166,17 +166,6 @@ def test_generation_stops_on_any_stop_id(family):
         alone = generate(m, s[None], n_new, stop_ids=set(stops))[0, len(s):].tolist()
         n = first_stop(free[r], stops)
         assert alone == (free[r] if n is None else free[r][:n + 1])
-
-
-def test_stop_ids_of_a_tokenizer():
-    class Tok:
-        eos_id = 2
-    tok = Tok()
-    assert stop_ids_of(tok) == {2}  # a tokenizer that names no stop ids: its EOS
-    tok.stop_ids = frozenset()
-    assert stop_ids_of(tok) == {2}
-    tok.stop_ids = frozenset({128001, 128008, 128009})
-    assert stop_ids_of(tok) == {128001, 128008, 128009}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -512,8 +501,8 @@ def test_beam_scores_match_a_full_forward(small_vocab_model, length_penalty):
 def test_batch_size_does_not_change_predictions(loaded):
     model, tok = loaded
     rng = random.Random(1)
-    prompts = [format_prompt(sentence(rng, 1, 40)) for _ in range(12)]
-    assert len({len(tok.encode(p)) for p in prompts}) > 8  # lengths vary: batches are padded
+    prompts = [tok.encode(format_prompt(sentence(rng, 1, 40)), bos=True) for _ in range(12)]
+    assert len({len(p) for p in prompts}) > 8  # lengths vary: batches are padded
     one = generate_batch(model, tok, prompts, 12, batch_size=1)
     assert generate_batch(model, tok, prompts, 12, batch_size=8) == one
     assert generate_batch(model, tok, prompts, 12, batch_size=5) == one
@@ -545,13 +534,14 @@ def test_any_stop_id_ends_a_response_and_says_why(loaded, monkeypatch):
     # a tokenizer with several stop ids (Llama 3's case): a row ends at the first of any of them;
     # the other row runs to max_new_tokens, and each response says why it ended
     model, tok = loaded
-    prompts = [format_prompt("how many apples"), format_prompt("Tom buys more pens and")]
+    prompts = [tok.encode(format_prompt(w), bos=True)
+               for w in ("how many apples", "Tom buys more pens and")]
     free = generate_batch(model, tok, prompts, 10, batch_size=2)
     assert [r.stop for r in free] == [MAX_NEW_TOKENS] * 2  # the tiny model never says EOS here
-    second = generate_ids(model, [tok.encode(p, bos=True) for p in prompts], 10)[0][4]
-    monkeypatch.setattr(tok, "stop_ids", frozenset({tok.eos_id, second}), raising=False)
+    second = generate_ids(model, prompts, 10)[0][4]
+    monkeypatch.setattr(tok, "stop_ids", frozenset({tok.eos_id, second}))
     got = generate_batch(model, tok, prompts, 10, batch_size=2)
-    full = generate_ids(model, [tok.encode(p, bos=True) for p in prompts], 10)
+    full = generate_ids(model, prompts, 10)
     for r, row in zip(got, full):
         if second in row:
             assert r == Response(tok.decode(row[:row.index(second)]), STOP_TOKEN)
@@ -569,13 +559,13 @@ def test_any_stop_id_ends_a_response_and_says_why(loaded, monkeypatch):
 
 def test_long_prompts_are_cut_from_the_left(loaded, capsys, monkeypatch):
     model, tok = loaded
-    prompts = [format_prompt("how many " * 30), format_prompt("Tom")]
-    room = len(tok.encode(prompts[1], bos=True)) + 5  # the short prompt fits, the long one does not
+    prompts = [tok.encode(format_prompt(w), bos=True) for w in ("how many " * 30, "Tom")]
+    room = len(prompts[1]) + 5  # the short prompt fits, the long one does not
     monkeypatch.setattr(model.config, "block_size", room + 8)
     out = generate_batch(model, tok, prompts, 8, batch_size=2)
     assert (len(out) == 2
             and f"1 of 2 prompts are longer than {room} tokens" in capsys.readouterr().err)
-    ids = tok.encode(prompts[0], bos=True)
+    ids = prompts[0]
     cut = [ids[:1] + ids[1 - room:]]  # BOS kept
     assert ([tok.decode(x) for x in generate_ids(model, cut, 8, stop_ids=[tok.eos_id])]
             == [r.text for r in out[:1]])
