@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from adapters import load_adapter, read_adapter_config
+from adapter_io import load_adapter, read_adapter_config
 from checkpoints import load_model
 from data.template import TEMPLATE_NAME, TEMPLATES
 from tokenizer import Tokenizer, check_vocab
