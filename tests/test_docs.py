@@ -14,7 +14,7 @@ CODE = re.compile(r"`([^`\n]+)`")
 FILE_REF = re.compile(r"^((?:data/)?\w+)\.py: ([A-Za-z_][\w.]*)")       # `model.py: Block.forward`
 DOTTED = re.compile(r"^((?:data\.)?[a-z_]+)\.([A-Za-z_][\w.]*)(?:\(.*\))?$")  # `adapters.merge(...)`
 CLASS = re.compile(r"^([A-Z][a-z]+[A-Z]\w*|[A-Z][a-z]+)$")              # `KVCache`, `LoRA`, `Block`
-PATH = re.compile(r"^((?:tests|docs|data|config|exercises)/[\w./-]+\.(?:py|md|json)|[\w/]+\.py)$")
+PATH = re.compile(r"^((?:tests|docs|data|config|exercises)/[\w./-]+\.(?:py|md|json)|\w+\.py)$")
 DATA_FILE = re.compile(r"\.(safetensors|model|json|jsonl|pth|bin|pt|svg|csv|txt|md)$")
 
 
