@@ -1,8 +1,8 @@
 """
 Export a trained adapter for use outside this repository.
 
-    python export.py --model=<base> --adapter=<adapter> --out=<dir>               # merged model
-    python export.py --model=<base> --adapter=<adapter> --out=<dir> --format=peft # adapter alone
+    python export.py --model=<base> --adapter_dir=<adapter> --out=<dir>          # merged model
+    python export.py --model=<base> --adapter_dir=<adapter> --format=peft         # adapter alone
     python export.py        # the demo: out/demo/base + out/demo/lora -> out/export/lora-merged
 
 merged: the adapter is folded into the base weights (W += scale * B A for LoRA; any adapter on a
@@ -20,14 +20,13 @@ from pathlib import Path
 
 import adapter_io
 import adapters
-from chat import load_for_tool
 from checkpoints import save_model
+from cli import DEMO_DIR, ConfigError, check_choice, configure, fail, load_for_tool
 from files import check_outside, check_unused, check_writable, write_atomic
-from cli import DEMO_DIR, ConfigError, check_choice, configure, fail
 
 DEFAULTS = dict(
     model="",             # base model folder; "" = the demo's base (<demo_dir>/base)
-    adapter="",           # adapter folder (ours or PEFT); "" = the demo's lora (<demo_dir>/lora)
+    adapter_dir="",       # folder of a trained adapter (ours or PEFT); "" = the demo's lora
     out="",               # "" = out/export/<adapter folder name>-<format>
     format="merged",      # merged | peft
     overwrite=False,      # replace an earlier export in --out (else a folder with files is refused)
@@ -40,7 +39,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 # what either format writes: an earlier export's files that the new one does not write go
 EXPORT_FILES = ("config.json", "model.safetensors", "adapter_config.json",
                 "adapter_model.safetensors", *TOKENIZER_FILES)
-
 
 
 def unmergeable(model):
@@ -68,9 +66,9 @@ def main(argv=None):
     try:
         cfg, _ = configure(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__)
         check_choice(cfg, "format", ("merged", "peft"))
+        model, _, _, model_dir, adapter_dir = load_for_tool(cfg, need_adapter=True)
     except ConfigError as e:
         fail(e)
-    model, _, _, model_dir, adapter_dir = load_for_tool(cfg, fail, need_adapter=True)
     name = os.path.basename(os.path.normpath(adapter_dir))
     out = cfg.out or os.path.join("out", "export", f"{name}-{cfg.format}")
     kinds = unmergeable(model) if cfg.format == "merged" else []
@@ -79,7 +77,7 @@ def main(argv=None):
              "that change a projection's W, like lora, fold into it); use --format=peft for a "
              "LoRA, or ship the adapter folder itself")
     try:
-        check_outside(out, "--out", {"--model": model_dir, "--adapter": adapter_dir})
+        check_outside(out, "--out", {"--model": model_dir, "--adapter_dir": adapter_dir})
         check_writable(out, "--out")
         earlier = check_unused(out, "--out", cfg.overwrite)
         if cfg.format == "peft":

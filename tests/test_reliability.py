@@ -17,6 +17,7 @@ import adapter_io
 import adapters
 import bench
 import export
+import cli
 import files
 import eval as evaluation
 import inspect_adapter
@@ -369,7 +370,7 @@ def test_tokenizer_larger_than_the_embedding(base, tmp_path):
     with pytest.raises(SystemExit, match=f"--model={small}: .*{too_small}"):
         run(small, tmp_path / "out", data=base / "rows.json")
     with pytest.raises(ValueError, match="tokenizer's ids go up to"):
-        evaluation.load(small, "", "cpu", torch.float32)
+        cli.load(small, "", "cpu", torch.float32)
 
 
 # --------------------------------------------------------------------------------------- adapters
@@ -555,7 +556,7 @@ def test_tools_check_out_before_writing(base, tmp_path, tool):
         run = plot_run(tmp_path / "lora", "lora")
         args = [f"--runs={run}"]
     else:
-        args = [f"--model={base}", f"--adapter={saved_lora(base, tmp_path / 'lora')}"]
+        args = [f"--model={base}", f"--adapter_dir={saved_lora(base, tmp_path / 'lora')}"]
     main = plot.main if tool == "plot" else inspect_adapter.main
     with pytest.raises(SystemExit, match=f"--out={tmp_path / 'file'} is a file, expected a "
                                          "folder"):
@@ -604,7 +605,7 @@ def test_inspect_pictures_have_a_scale_upright_labels_and_the_table_a_heading(ba
                                                                              capsys):
     lora = saved_lora(base, tmp_path / "lora")
     adapter_svg, attention_svg = inspect_adapter.main(
-        [f"--model={base}", f"--adapter={lora}", "--prompt=what is 2 + 3", f"--out={tmp_path}"])
+        [f"--model={base}", f"--adapter_dir={lora}", "--prompt=what is 2 + 3", f"--out={tmp_path}"])
     out = capsys.readouterr().out
     assert out.startswith(f"## what the lora adapter in {lora} learned") and "| layer |" in out
     for picture, size in ((adapter_svg, 26), (attention_svg, 12)):
@@ -622,21 +623,21 @@ def test_inspect_pictures_have_a_scale_upright_labels_and_the_table_a_heading(ba
 def test_export_writes_over_nothing_unless_asked(base, tmp_path):
     lora = saved_lora(base, tmp_path / "lora")
     out = tmp_path / "export"
-    export.main([f"--model={base}", f"--adapter={lora}", f"--out={out}", "--format=peft"])
+    export.main([f"--model={base}", f"--adapter_dir={lora}", f"--out={out}", "--format=peft"])
     before = (out / "adapter_model.safetensors").read_bytes()
     with pytest.raises(SystemExit, match=f"--out={out} already holds adapter_config.json, "
                                          "adapter_model.safetensors: replace them with "
                                          "--overwrite=true"):
-        export.main([f"--model={base}", f"--adapter={lora}", f"--out={out}"])
+        export.main([f"--model={base}", f"--adapter_dir={lora}", f"--out={out}"])
     assert (out / "adapter_model.safetensors").read_bytes() == before
-    export.main([f"--model={base}", f"--adapter={lora}", f"--out={out}", "--overwrite=true"])
+    export.main([f"--model={base}", f"--adapter_dir={lora}", f"--out={out}", "--overwrite=true"])
     assert {"config.json", "model.safetensors"} <= set(os.listdir(out))
     assert "adapter_config.json" not in os.listdir(out)  # the earlier export's files went
     load_model(out)
     weights = (base / "model.safetensors").read_bytes()
     for into in (base, base / "merged", lora):  # never where the inputs are, even if asked
-        with pytest.raises(SystemExit, match=f"--out={into} lies in or holds --(model|adapter)="):
-            export.main([f"--model={base}", f"--adapter={lora}", f"--out={into}",
+        with pytest.raises(SystemExit, match=f"--out={into} lies in or holds --(model|adapter_dir)="):
+            export.main([f"--model={base}", f"--adapter_dir={lora}", f"--out={into}",
                          "--overwrite=true"])
     assert (base / "model.safetensors").read_bytes() == weights
     assert not (base / "merged").exists()
