@@ -605,7 +605,8 @@ def test_inspect_pictures_have_a_scale_upright_labels_and_the_table_a_heading(ba
                                                                              capsys):
     lora = saved_lora(base, tmp_path / "lora")
     adapter_svg, attention_svg = inspect_adapter.main(
-        [f"--model={base}", f"--adapter_dir={lora}", "--prompt=what is 2 + 3", f"--out={tmp_path}"])
+        [f"--model={base}", f"--adapter_dir={lora}", "--prompt=what is 2 + 3",
+         f"--out={tmp_path}"])
     out = capsys.readouterr().out
     assert out.startswith(f"## what the lora adapter in {lora} learned") and "| layer |" in out
     for picture, size in ((adapter_svg, 26), (attention_svg, 12)):
@@ -636,7 +637,8 @@ def test_export_writes_over_nothing_unless_asked(base, tmp_path):
     load_model(out)
     weights = (base / "model.safetensors").read_bytes()
     for into in (base, base / "merged", lora):  # never where the inputs are, even if asked
-        with pytest.raises(SystemExit, match=f"--out={into} lies in or holds --(model|adapter_dir)="):
+        with pytest.raises(SystemExit, match=f"--out={into} lies in or holds "
+                                             "--(model|adapter_dir)="):
             export.main([f"--model={base}", f"--adapter_dir={lora}", f"--out={into}",
                          "--overwrite=true"])
     assert (base / "model.safetensors").read_bytes() == weights
