@@ -79,10 +79,11 @@ def main(argv=None):
     except ConfigError as e:
         fail(e)
     torch.manual_seed(cfg.seed)
-    if cfg.prompt:
+    loaded = f"{model_dir}" + (f" + {adapter_dir}" if adapter_dir else " (no adapter)")
+    if cfg.prompt:  # what answers, on stderr: stdout holds the answer alone
+        print(loaded, file=sys.stderr)
         return answer(model, tok, template.encode_prompt(tok, cfg.prompt, cfg.input), cfg)
-    print(f"{model_dir}" + (f" + {adapter_dir}" if adapter_dir else "") + ": ask a question "
-          "(an empty line or Ctrl-D ends)", file=sys.stderr)
+    print(f"{loaded}: ask a question (an empty line or Ctrl-D ends)", file=sys.stderr)
     while True:
         try:
             question = input("> ").strip()

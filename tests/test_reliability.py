@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import adapter_io
 import adapters
+import chat
 import bench
 import export
 import cli
@@ -690,3 +691,15 @@ def test_quantize_report_of_a_folder_that_does_not_load(tmp_path):
                            capture_output=True, text=True)
         assert p.returncode == 1 and "Traceback" not in p.stderr
         assert re.match(f"quantize.py: error: {message}", p.stderr.strip().splitlines()[-1])
+
+
+def test_chat_says_which_adapter_answers(base, tmp_path, capsys):
+    """--prompt mode: one line on stderr names the base and the adapter loaded (stdout keeps the
+    answer alone), so a wrong --adapter_dir is seen."""
+    lora = saved_lora(base, tmp_path / "lora")
+    chat.main([f"--model={base}", f"--adapter_dir={lora}", "--prompt=2 + 3?",
+               "--max_new_tokens=2"])
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == f"{base} + {lora}" and str(lora) not in captured.out
+    chat.main([f"--model={base}", "--prompt=2 + 3?", "--max_new_tokens=2"])
+    assert capsys.readouterr().err.splitlines()[0] == f"{base} (no adapter)"
