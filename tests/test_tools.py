@@ -1,6 +1,5 @@
 """The tools around training: export.py (merged HF folder, PEFT), chat.py (streaming), plot.py (SVG
-pictures), inspect_adapter.py (attention weights, what an adapter learned), and the demo's thread
-choice and messages in train.py."""
+pictures), inspect_adapter.py (attention weights, what an adapter learned)."""
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -16,7 +15,6 @@ import eval as ev
 import export
 import inspect_adapter
 import plot
-import train
 from checkpoints import load_model
 from data.template import format_prompt
 
@@ -197,36 +195,6 @@ def test_inspect_command_writes_pictures(tiny_dir, tmp_path, capsys):
     assert "| 1 | mlp.down_proj | norm(dW) |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--layer=5: the model has 2 layers"):
         inspect_adapter.main([f"--model={tiny_dir}", "--layer=5"])
-
-
-def test_thread_picker_keeps_the_faster(monkeypatch, capsys):
-    before = torch.get_num_threads()
-    for slow, fast in ((2, 1), (1, 2)):
-        clock = [0.0]
-
-        def tick():  # each step costs 10 on `slow` threads, 1 on `fast`
-            clock[0] += 10.0 if torch.get_num_threads() == slow else 1.0
-            return clock[0]
-        monkeypatch.setattr(train.time, "perf_counter", tick)
-        picker = train.ThreadPicker(2, every=20, probe=3)
-        try:
-            chosen = []
-            for step in range(45):
-                picker(step)
-                chosen.append(torch.get_num_threads())
-            # probes: 3 steps on one thread, then on two; a thrashing probe stops after one step
-            probe = [1, 1, 1, 2] + ([2, 2] if fast == 2 else [])
-            assert chosen[:len(probe)] == probe
-            after = chosen[len(probe):20] + chosen[20 + len(probe):40]
-            assert set(after) == {fast}
-        finally:
-            torch.set_num_threads(before)
-    assert "step 4: 1 thread(s) from here" in capsys.readouterr().out
-
-
-def test_demo_explains_trainable_against_llama_7b():
-    line = train.explain_trainable("lora", {}, 221184, 1107072)
-    assert "19.98% of this 1.1M toy" in line and "56,098,816" in line and "(0.83%)" in line
 
 
 def test_eval_demo_table_points_to_the_pictures(tiny_dir, tmp_path, capsys):
