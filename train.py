@@ -1,29 +1,21 @@
 r"""
-Fine-tune a LLaMA-family model with an adapter (LoRA, DoRA, IA3, series, parallel, prefix, prompt),
-LLM-Adapters' recipe.
+Fine-tune a LLaMA-family model with an adapter, LLM-Adapters' recipe. Read top to bottom: the
+settings, the batches, Run (one run's state) with Run.fit (the loop), then main() and the steps
+around the loop.
 
-    python train.py --model=<checkpoint dir> --adapter=lora --data=math_10k.json \
-                    --out=out/llama-7b-lora
-    python train.py config/math10k_lora.py --model=<dir> --data=<json>    # a run as a file (config/)
-    torchrun --nproc_per_node=4 train.py --model=...        # DistributedDataParallel, the same code
-    python train.py --adapter=parallel                      # no --model: the embedded CPU demo
+    python train.py --model=<checkpoint dir> --adapter=lora --data=math_10k.json --out=out/x
+    python train.py config/math10k_lora.py --model=<dir>     # a run as a file (config/), overrides
+    torchrun --nproc_per_node=4 train.py --model=...         # DistributedDataParallel, same code
+    python train.py --adapter=parallel                       # no --model: the CPU demo (demo.py)
 
-Every global below is a --key=value setting (type-checked; bools take true/false), and so is every
-option of the chosen adapter in adapters.KINDS (--r=16 --target_modules=q_proj,v_proj,
---bottleneck=64 ...). Config files (Python assignments as in nanoGPT, or a JSON object) come first,
-then the command line.
---out gets the adapter with the best validation loss
-(adapter_model.safetensors + adapter_config.json), resume.pt (for --resume=true) and log.jsonl,
-each written to a temporary name and renamed, so never left half-written.
-A --out that holds a run is refused unless --resume=true (continue it) or --overwrite=true
-(replace it).
-
-Without --model, main() hands the command line to demo.py, which builds a tiny base of its own and
-runs this same recipe on it. The arrow at import time points one way, demo.py -> train.py: this file
-names demo.py only inside main(), at that hand-over.
-
-Reading order: the settings; the data (rows -> examples -> micro-batches); Run, the state of one
-training run, and Run.fit, the loop; then main() and finetune(), the steps around the loop.
+Every global below is a --key=value setting, and so is every option of the chosen adapter kind in
+adapters.KINDS (--r=16 --target_modules=q_proj,v_proj --bottleneck=64 ...); config files (Python
+assignments as in nanoGPT, or a JSON object) come first. --out gets the adapter with the best
+validation loss (adapter_model.safetensors + adapter_config.json), resume.pt and log.jsonl, each
+written to a temporary name and renamed; a --out that holds a run is refused unless --resume=true
+(continue it) or --overwrite=true (replace it).
+Arrows: demo.py imports this file; this file names demo.py only in main(), to hand it a command
+line without --model.
 """
 import json
 import math
@@ -51,21 +43,17 @@ from tokenizer import Tokenizer, check_vocab
 
 # --------------------------------------------------------------------------------------------------
 # what to train
-model = ""                # checkpoint folder (Hugging Face or Meta layout, with its tokenizer);
-                          # "" = the embedded demo (demo.py)
+model = ""                # checkpoint folder (HF or Meta layout, + tokenizer); "" = the demo
 data = ""                 # LLM-Adapters JSON rows: instruction, input (optional), output
 out = ""                  # "" = out/<model folder name>-<adapter> (the demo: <demo_dir>/<adapter>)
 adapter = "lora"          # a kind of adapters.KINDS: lora dora ia3 series parallel prefix prompt
-resume = False            # continue from <out>/resume.pt,
-                          # to the same losses as an uninterrupted run
+resume = False            # continue from <out>/resume.pt, to an uninterrupted run's losses
 overwrite = False         # replace the run already in --out (else a used --out is refused)
 # LLM-Adapters' recipe
-cutoff_len = 256          # examples are cut to this many tokens (then without EOS),
-                          # as LLM-Adapters does
+cutoff_len = 256          # examples are cut to this many tokens (then without EOS)
 train_on_inputs = True    # false: no loss on the prompt (targets -100)
 group_by_length = True    # micro-batches of examples of similar length: little padding
-batch_size = 16           # examples per optimizer step, in micro-batches (gradient accumulation)
-                          # over all processes
+batch_size = 16           # examples per optimizer step over all processes, in micro-batches
 micro_batch_size = 4
 learning_rate = 3e-4      # AdamW
 weight_decay = 0.0
@@ -73,16 +61,14 @@ warmup_steps = 100        # linear warmup, then decay to 0 at the last step
 decay = "linear"          # linear | cosine
 num_epochs = 3
 max_steps = 0             # > 0: this many optimizer steps instead (the schedule ends there)
-val_set_size = 120        # rows held out for validation;
-                          # the adapter is saved whenever validation loss improves
+val_set_size = 120        # rows held out; the adapter is saved whenever their loss improves
 eval_interval = 200       # steps between validations (each also writes resume.pt)
 grad_clip = 1.0           # 0 = off
 seed = 42
 # system
 device = ""               # cuda | cpu | mps; "" = cuda if available, else cpu
-dtype = ""                # of the frozen base and autocast:
-                          # bfloat16 | float16 (+ GradScaler) | float32; "" = bfloat16 on cuda
-                          # (float16 where bf16 is unsupported), float32 elsewhere
+dtype = ""                # of the frozen base and autocast: bfloat16 | float16 (+ GradScaler)
+                          # | float32; "" = bfloat16 on cuda (else float16), float32 elsewhere
 quantize = ""             # frozen base in int8 | nf4 | nf4-dq (QLoRA 4-bit, + double quant.)
 grad_ckpt = False         # recompute activations in backward: less memory, ~30% slower
 compile = ""              # compile each block: "" = on for CUDA, off elsewhere; true | false
@@ -108,9 +94,8 @@ MINIMUM = dict(cutoff_len=2, batch_size=1, micro_batch_size=1, learning_rate=0.0
 
 
 def get_config(argv, recipe=None):
-    """Defaults <- config files, in order <- --key=value (cli.py). recipe(kind) -> {setting: value}
-    replaces defaults that were not given (the demo's own recipe). Returns (cfg, adapter
-    options)."""
+    """Defaults <- config files <- --key=value (cli.py) -> (cfg, adapter options). recipe(kind):
+    {setting: value} in place of the defaults (the demo's)."""
     if "--help" in argv or "-h" in argv:
         configure(argv, DEFAULTS, __doc__)
     try:
@@ -170,13 +155,10 @@ def setup(cfg):
 
 @contextmanager
 def session(cfg):
-    """setup(cfg) for the body of a `with`, and DDP's teardown on every way out of it. After a
-    finished run it first waits for every process (rank 0 may still be writing files): a process
-    that exits while another still holds the process group can die with SIGABRT ("terminate called
-    without an active exception") in gloo's teardown. After an error, no waiting: the other
-    processes may never get there."""
-    rt = setup(cfg)
-    finished = False
+    """setup(cfg) for a `with` body, and DDP's teardown on every way out. A finished run first
+    waits for every process: one that exits while another still holds the group can die with
+    SIGABRT in gloo's teardown. After an error, no waiting: the others may never get there."""
+    rt, finished = setup(cfg), False
     try:
         yield rt
         finished = True
@@ -303,12 +285,10 @@ RESUME_KEYS = ("model", "data", "adapter", "batch_size", "micro_batch_size", "le
 
 
 class Run:
-    """One training run: the settings, the model and the module the loop calls (compiled, DDP),
-    the optimizer, the GradScaler, the step, the best validation loss, and the folder it writes
-    (out: resume.pt and log.jsonl; None: nothing is written). save() writes the adapter whenever
-    validation improves (rank 0 only). fit() is the loop; the demo pretrains its base with it too.
-    AdamW, warmup then linear/cosine decay, gradient accumulation and clipping, autocast (+
-    GradScaler with float16), DDP."""
+    """One training run's state: settings, model and the module the loop calls (compiled, DDP),
+    AdamW, GradScaler (float16), step, best validation loss, and the folder it writes (out:
+    resume.pt, log.jsonl; None: nothing). save() writes the adapter when validation improves.
+    fit() is the loop, for every adapter and for the demo's base."""
 
     def __init__(self, model, train_ex, val_ex, cfg, rt, out=None, save=None):
         self.model, self.train_ex, self.val_ex, self.cfg, self.rt = model, train_ex, val_ex, cfg, rt
