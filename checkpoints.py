@@ -28,23 +28,19 @@ from files import read_json, read_state_dict, unreadable, write_atomic
 from quantize import check_mode, is_projection, is_quantized, quantize_linear
 
 
-def _adapter_names(model):
-    """Parameters that live inside hook slots (anything under a slot attribute), i.e. not base
-    weights."""
-    slots = ("adapter", "post_attn", "post_mlp", "beside_attn", "beside_mlp", "prefix", "prompt")
-    return {n for n, _ in model.named_parameters() if any(part in slots for part in n.split("."))}
-
-
 def save_model(model, path):
     """Write the base model as a Hugging Face folder (config.json + model.safetensors with official
     names) that load_model and transformers both read. Adapter tensors are not base weights and are
-    left out (see adapters.save_adapter, or merge_lora first). Files are written to temporary names,
-    then renamed."""
+    left out (see adapter_io.save_adapter, or adapters.merge first). Files are written to temporary
+    names, then renamed."""
     from safetensors.torch import save
     if is_quantized(model):
         raise ValueError("save_model: this base is quantized; saving it would lose precision for "
                          "good. Save the model loaded without quantize")
-    names = {n for n, _ in model.named_parameters(remove_duplicate=True)} - _adapter_names(model)
+    # the base's tensors are those a freshly built model of this config has: adapters sit in hook
+    # slots that a fresh model leaves empty, so nothing here needs to know their names
+    with torch.device("meta"):
+        names = {n for n, _ in Transformer(model.config).named_parameters()}
     sd = model.state_dict()
     tensors = {hf_name(model.config, n): sd[n].contiguous() for n in names}
     write_atomic(Path(path) / "model.safetensors", save(tensors, metadata={"format": "pt"}))

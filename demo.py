@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+import adapter_io
 import adapters
 import train
 from checkpoints import load_model, save_model
@@ -184,7 +185,7 @@ def compare(cfg, rt, test_rows):
         return load_model(cfg.model, rt.device, rt.dtype, cfg.quantize)
     tok = Tokenizer.from_pretrained(cfg.model)
     base_acc = accuracy(base(), tok, test_rows, rt)
-    acc = accuracy(adapters.load_adapter(base(), cfg.out), tok, test_rows, rt)
+    acc = accuracy(adapter_io.load_adapter(base(), cfg.out), tok, test_rows, rt)
     train.log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
               f"exact match on {len(test_rows)} held-out two-step problems: base "
               f"{100 * base_acc:.1f}% -> {cfg.adapter} {100 * acc:.1f}% "

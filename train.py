@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import adapter_io
 import adapters
 from checkpoints import load_model
 from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, fail,
@@ -483,7 +484,7 @@ def finetune(cfg, options, rt, extra=None):
     extra = dict(template=TEMPLATE_NAME, data=cfg.data, **(extra or {}))
 
     def save():
-        adapters.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
+        adapter_io.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
     try:
         summary = Run(model, train_ex, val_ex, cfg, rt, out=cfg.out, save=save).fit()
     except torch.cuda.OutOfMemoryError:
@@ -599,7 +600,7 @@ def finish_run(model, summary, cfg, rt, save):
     trainable, total = adapters.count_parameters(model)  # as trained
     if adapters.in_training_form(model) and rt.master:
         best = os.path.join(cfg.out, "adapter_model.safetensors")
-        adapters.fill_adapter(model, "default", load_file(best), best)
+        adapter_io.fill_adapter(model, "default", load_file(best), best)
         adapters.finish_adapters(model)
         save()
     best = summary["best_val"]

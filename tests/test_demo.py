@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import adapters
+import adapter_io
 import demo as demo_py
 import train
 from checkpoints import load_model
@@ -61,7 +61,7 @@ def test_demo_end_to_end(demo, capsys):
     # the adapter saved at the last validation (the best: it improved) loads onto a fresh base, same
     # logits
     assert summary["best_val"] == records(root / "lora", "val_loss")[-1]["val_loss"]
-    fresh = adapters.load_adapter(load_model(base), root / "lora")
+    fresh = adapter_io.load_adapter(load_model(base), root / "lora")
     x = torch.tensor([tok.encode("Tom has 3 pens. Then Tom finds 4 more pens.", bos=True)])
     model.eval()
     assert torch.equal(fresh.eval()(x)[0], model(x)[0])
