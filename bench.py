@@ -11,9 +11,9 @@ Speed and memory of adapter training and generation, ours vs Hugging Face + PEFT
 
 The preset is built with random weights (bf16 on CUDA, no download). Without CUDA the default
 model is tiny-llama in fp32: a smoke test, numbers meaningless. --compile: "" = compile each block
-on CUDA (fast.compile_blocks), true/false force it; every run reports its first step's seconds
-(compiling included) apart from the timed steps. Generation uses fast.DecodeStep (a CUDA graph per
-generate call on CUDA); --adapter=lora attaches an unmerged LoRA to it, --adapter=none runs the
+on CUDA (cli.compile_blocks), true/false force it; every run reports its first step's seconds
+(compiling included) apart from the timed steps. Generation uses generate.DecodeStep (a CUDA graph
+per generate call on CUDA); --adapter=lora attaches an unmerged LoRA to it, --adapter=none runs the
 bare base. MFU divides model FLOPs by --peak_tflops (default 989: H100 SXM dense bf16). Training
 FLOPs of a frozen base: forward 2N + backward through activations 2N per token (no weight
 gradients), plus attention.
@@ -29,9 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapters import KINDS, add_adapter, count_parameters, fast_fp32_matmuls
 from files import write_atomic
-from cli import ConfigError, check_choice, configure, device_and_dtype
-import fast
-from fast import compile_blocks, compile_setting
+from cli import (ConfigError, check_choice, compile_blocks, compile_setting, configure,
+                 device_and_dtype)
+from generate import generate
 from model import PRESETS, Config, Transformer
 from quantize import MODES as QUANT_MODES, quantize_model
 
@@ -173,7 +173,7 @@ def bench_generate(cfg, conf, m, device):
     if compile_setting(cfg.compile, device):
         compile_blocks(m)
     idx = torch.randint(3, conf.vocab_size, (cfg.batch, cfg.prompt_len), device=device)
-    return time_generation(cfg, lambda: fast.generate(m, idx, cfg.new_tokens))
+    return time_generation(cfg, lambda: generate(m, idx, cfg.new_tokens))
 
 
 def hf_model(conf, dtype, device):

@@ -86,7 +86,7 @@ def main(argv=None):
         say(rt, f"2/3 fine-tuning: loss per step, validation loss every {cfg.eval_interval} steps "
                 "(the best is kept)")
         model, summary = train.finetune(cfg, options, rt, extra=dict(
-            dataset=os.path.join(data, "test.json"), kind="number"))
+            dataset=os.path.join(data, "test.json"), answer_type="number"))
         say(rt, explain_trainable(cfg.adapter, options, *adapters.count_parameters(model)))
         if rt.master:
             compare(cfg, rt, test_rows)
@@ -172,7 +172,7 @@ def accuracy(model, tok, rows, rt):
     """Exact match of the greedy answers to the template prompts, generated and scored as eval.py
     does."""
     with rt.ctx:
-        return evaluate(model.eval(), tok, rows, "demo", kind="number", max_new_tokens=40,
+        return evaluate(model.eval(), tok, rows, "demo", answer_type="number", max_new_tokens=40,
                         batch_size=50, progress=rt.master)[1]
 
 

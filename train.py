@@ -33,11 +33,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import adapter_io
 import adapters
 from checkpoints import load_model
-from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, fail,
-                 read_args, settle)
+from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, compile_blocks, compile_setting,
+                 configure, device_and_dtype, fail, read_args, settle)
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows
 from data.template import TEMPLATE_NAME, format_example
-from fast import compile_blocks, compile_setting
 from files import check_writable, torch_load, write_atomic
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab

@@ -57,7 +57,8 @@ def test_demo_end_to_end(demo, capsys):
     assert 0 <= accuracy["base_acc"] <= 1 and 0 <= accuracy["adapter_acc"] <= 1
     config = json.load(open(root / "lora" / "adapter_config.json"))
     assert config["kind"] == "lora" and config["extra"]["template"] == "alpaca"
-    assert config["extra"]["dataset"].endswith("test.json") and config["extra"]["kind"] == "number"
+    assert (config["extra"]["dataset"].endswith("test.json")
+            and config["extra"]["answer_type"] == "number")
     # the adapter saved at the last validation (the best: it improved) loads onto a fresh base, same
     # logits
     assert summary["best_val"] == records(root / "lora", "val_loss")[-1]["val_loss"]
