@@ -82,7 +82,9 @@ KIND = Kind(defaults=dict(r=256, d_initial=0.1, projection_prng_key=0, target_mo
 
 
 def register():
-    """Add "vera" to the project's table of kinds, at runtime (adapters.py itself is not
-    changed)."""
-    adapters.KINDS["vera"] = KIND  # train.py's configurator then accepts its options too
+    """Add "vera" to the project's table of kinds, at runtime (adapters.py itself is not changed).
+    The table lives in this Python process only: `python train.py --adapter=vera` starts a new
+    process, which never calls register(), and answers "unknown adapter 'vera'". In a process that
+    called register(), train.main(["--adapter=vera", "--r=16", ...]) trains it, options and all."""
+    adapters.KINDS["vera"] = KIND
 
