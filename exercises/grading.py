@@ -251,7 +251,7 @@ def _check_class(exercise, cls, methods, module, path):
 
 
 # ----------------------------------------------------------------------------- the stub's interface
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stub(exercise):
     return _exec(f"stub_{exercise}", HERE / exercise / "stub.py")
 
