@@ -85,9 +85,10 @@ def load_impl(exercise):
         check_source(exercise, path.read_text(), path)
         module = _exec(f"graded_{exercise}", path)
         check_module(exercise, module, path)
+        return module
     except Refused as e:
-        pytest.fail(str(e), pytrace=False)
-    return module
+        reason = str(e)
+    pytest.fail(reason, pytrace=False)  # outside the except: the message alone, no chained trace
 
 
 def _exec(name, path):

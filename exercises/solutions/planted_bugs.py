@@ -69,6 +69,10 @@ PLANTED = [
     ("lora", "built on the project's LoRA (" + OWN_WORK + ")",
      "class LoRA(nn.Module):", "import adapters  # noqa: E402\n\n\nclass LoRA(adapters.LoRA):",
      ["test_shapes_and_trainable_parameters", "test_accuracy_above_the_bar"]),
+    ("lora", "built on the project's LoRA, found without naming adapters (" + OWN_WORK + ")",
+     "class LoRA(nn.Module):",
+     "class LoRA(next(c for c in nn.Module.__subclasses__() if c.__name__ == 'LoRA')):",
+     ["test_shapes_and_trainable_parameters"]),
     # ---------------------------------------------------------------------------------- 2. VeRA
     ("vera", "b starts at one",
      "torch.zeros(d_out)", "torch.ones(d_out)",
@@ -211,6 +215,10 @@ PLANTED = [
      "def apply_rope(x, cos, sin, interleaved=False):\n"
      "    return model.apply_rope(x, cos, sin, interleaved)\n",
      ["test_angles_match_model", "test_rotation_properties"]),
+    ("rope_kv", "model.py's rope_angles, looked up by a computed name (" + OWN_WORK + ")",
+     "def rope_angles(c, pos):",
+     "rope_angles = getattr(model, 'rope' + '_angles')\n\n\ndef _rope_angles(c, pos):",
+     ["test_angles_match_model"]),
     ("rope_kv", "model.py's extend, inherited (" + OWN_WORK + ")",
      "    def extend(self, valid):", "    def _extend(self, valid):",
      ["test_cache_stores_and_returns"]),
