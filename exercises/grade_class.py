@@ -39,7 +39,8 @@ FIELDS = ["student", "exercise", "test", "outcome", "points", "max_points", "rea
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block: the flag and what is wrong with it
-        sys.exit(f"grade_class.py: error: {message}")
+        print(f"grade_class.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv=None):

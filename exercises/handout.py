@@ -27,7 +27,8 @@ SHORTEST = 30  # a shorter line (`return y`, `import torch`) says nothing of the
 
 
 def fail(message):
-    sys.exit(f"handout.py: error: {message}")
+    print(f"handout.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv=None):
