@@ -42,14 +42,15 @@ ALWAYS_FORBIDDEN = ("solutions", "exercises", "grading", "conftest", "importlib"
                     "sys.modules")
 DYNAMIC = ("__import__", "exec", "eval", "compile")
 # The names each exercise asks for, which the file must define itself; for a class, the methods
-# it must define in its own body (rope_kv's KVCache inherits model.KVCache's plumbing, not these).
+# it must define in its own body (rope_kv's KVCache inherits model.KVCache's plumbing, not these;
+# without its own `layer`, model.py's LayerCache would do the work of yours).
 OWN = {
     "lora": {"LoRA": ("__init__", "forward", "merge", "unmerge")},
     "vera": {"projections": (), "VeRA": ("__init__", "delta", "forward", "merge", "unmerge"),
              "places": (), "make": ()},
     "placement": {"places": (), "measure": ()},
     "rope_kv": {"rope_angles": (), "apply_rope": (), "LayerCache": ("update",),
-                "KVCache": ("__init__", "extend")},
+                "KVCache": ("__init__", "extend", "layer")},
     "scoring": {"extract_fraction": (), "is_correct": ()},
 }
 # super().<method> would run the parent's implementation of a method the file must write
@@ -81,12 +82,12 @@ def load_impl(exercise):
         pytest.fail(f"EXERCISE_IMPL={os.environ.get('EXERCISE_IMPL')!r}: no {path}",
                     pytrace=False)
     try:
-        check_source(exercise, path.read_text(), path)
+        check_source(exercise, path.read_text(encoding="utf-8"), path)
         module = _exec(f"graded_{exercise}", path)
         check_module(exercise, module, path)
         return module
-    except Refused as e:
-        reason = str(e)
+    except (Refused, UnicodeDecodeError) as e:
+        reason = f"{path}: {e}" if isinstance(e, UnicodeDecodeError) else str(e)
     pytest.fail(reason, pytrace=False)  # outside the except: the message alone, no chained trace
 
 
@@ -252,19 +253,20 @@ def _check_class(exercise, cls, methods, module, path):
 
 # ----------------------------------------------------------------------------- the stub's interface
 @functools.cache
-def _stub(exercise):
+def stub(exercise):
+    """The stub as shipped: the interface to keep, and the given code (placement's task)."""
     return _exec(f"stub_{exercise}", HERE / exercise / "stub.py")
 
 
 def _check_interface(exercise, module, path):
     """The stub's functions and classes with the same signatures (the graders call them so), and its
     given values unchanged (the graders read them: placement's LR, VeRA's KIND.defaults, ...)."""
-    stub = _stub(exercise)
-    for name, want in vars(stub).items():
+    given = stub(exercise)
+    for name, want in vars(given).items():
         if name.startswith("_"):
             continue
         got = getattr(module, name, None)
-        if getattr(want, "__module__", None) == stub.__name__ and callable(want):
+        if getattr(want, "__module__", None) == given.__name__ and callable(want):
             if got is None:
                 continue  # the tests that use it say so
             _same_signature(name, want, got, path)

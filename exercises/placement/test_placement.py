@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adapters
-from grading import load_impl
+from grading import load_impl, stub
 
 STEPS = 12
 # The protocol fixes every number, so following it gives the grader's float32 results to the bit
@@ -27,9 +27,10 @@ def measured(impl):
 
 def direct(impl, placement, steps, seed):
     """The protocol of exercises/README.md, run here on the project's series kind (or, for mlp_top,
-    a copy of it placed on the top half): (loss before, loss after, trainable, the places the
-    project chose)."""
-    model, x, y = impl.task(seed)
+    a copy of it placed on the top half), with the stub's task, BOTTLENECK and LR as given (not the
+    submission's copies): (loss before, loss after, trainable, the places the project chose)."""
+    given = stub("placement")
+    model, x, y = given.task(seed)
     n = model.config.n_layer
     kind = adapters.KINDS["series"]
     if placement == "mlp_top":
@@ -38,12 +39,12 @@ def direct(impl, placement, steps, seed):
     adapters.KINDS["grader_series"] = kind
     try:
         torch.manual_seed(seed)
-        adapters.add_adapter(model, "grader_series", bottleneck=impl.BOTTLENECK,
+        adapters.add_adapter(model, "grader_series", bottleneck=given.BOTTLENECK,
                              placement="mlp" if placement == "mlp_top" else placement)
     finally:
         del adapters.KINDS["grader_series"]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=impl.LR, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=given.LR, weight_decay=0.0)
     model.train()
     with torch.no_grad():
         before = model(x, y)[1].item()
@@ -118,7 +119,7 @@ def test_trainable_counts(impl, measured):
 def test_loss_before_is_the_base_loss(impl, measured):
     """A fresh series adapter is the identity, so every placement starts at the base model's
     loss."""
-    base, x, y = impl.task(1)
+    base, x, y = stub("placement").task(1)  # the task as given
     with torch.no_grad():
         want = base(x, y)[1].item()
     for r in measured.values():
