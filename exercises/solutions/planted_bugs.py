@@ -80,6 +80,11 @@ PLANTED = [
     ("vera", "A and B saved with every layer",
      "persistent=False", "persistent=True",
      ["test_A_B_shared_frozen_and_not_saved"]),
+    ("vera", "A and B plain attributes, not buffers (model.to(device) leaves them behind)",
+     'self.register_buffer("A", A, persistent=False)\n'
+     '        self.register_buffer("B", B, persistent=False)',
+     "self.A, self.B = A, B",
+     ["test_A_B_shared_frozen_and_not_saved"]),
     ("vera", "a copy of A and B per layer",
      "@functools.lru_cache(maxsize=None)\n", "",
      ["test_projections_are_peft_s_draw", "test_A_B_shared_frozen_and_not_saved"]),

@@ -92,6 +92,8 @@ def test_A_B_shared_frozen_and_not_saved(vera):
     assert len(As) == 1 and len(Bs) == 1, "every layer must share the one A and the one B"
     assert ms[0].A.shape == (8, 176) and ms[0].B.shape == (64, 8), "sized for the largest target"
     assert not ms[0].A.requires_grad and not ms[0].B.requires_grad
+    assert {"A", "B"} <= {n for n, _ in ms[0].named_buffers()}, \
+        "A and B are buffers: they follow the model to its device"
     keys = adapters.adapter_state(model, "default")
     saved = {k.rsplit(".", 1)[-1] for k in keys}
     assert saved == {"vera_lambda_b", "vera_lambda_d"}, sorted(keys)[:4]
