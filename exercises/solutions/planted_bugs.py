@@ -7,6 +7,8 @@ occurrence), the grading tests that must catch it).
 """
 BF16 = "test_bf16_base"
 OWN_WORK = "refused when loaded: every test fails"
+INIT = "\n    def __init__(self, d_in, d_out, r, alpha, dropout=0.0):\n        super().__init__()"
+SUPER_INIT = INIT.replace("__init__()", "__init__(d_in, d_out, r, alpha, dropout)")  # the project's
 
 PLANTED = [
     # ---------------------------------------------------------------------------------- 1. LoRA
@@ -67,11 +69,17 @@ PLANTED = [
      "dropout=0.0", "dropout=0.1",
      ["test_shapes_and_trainable_parameters"]),
     ("lora", "built on the project's LoRA (" + OWN_WORK + ")",
-     "class LoRA(nn.Module):", "import adapters  # noqa: E402\n\n\nclass LoRA(adapters.LoRA):",
-     ["test_shapes_and_trainable_parameters", "test_accuracy_above_the_bar"]),
-    ("lora", "built on the project's LoRA, found without naming adapters (" + OWN_WORK + ")",
+     "class LoRA(nn.Module):" + INIT,
+     "import adapters  # noqa: E402\n\n\nclass LoRA(adapters.LoRA):" + SUPER_INIT,
+     ["test_shapes_and_trainable_parameters"]),
+    ("lora", "the project's LoRA handed in as it is (" + OWN_WORK + ")",
      "class LoRA(nn.Module):",
-     "class LoRA(next(c for c in nn.Module.__subclasses__() if c.__name__ == 'LoRA')):",
+     "from adapters import LoRA  # noqa: E402\n\n\nclass _Mine(nn.Module):",
+     ["test_shapes_and_trainable_parameters", "test_forward_matches_adapters_lora"]),
+    ("lora", "built on the project's LoRA, found without naming adapters (" + OWN_WORK + ")",
+     "class LoRA(nn.Module):" + INIT,
+     "class LoRA(next(c for c in nn.Module.__subclasses__() if c.__name__ == 'LoRA')):"
+     + SUPER_INIT,
      ["test_shapes_and_trainable_parameters"]),
     # ---------------------------------------------------------------------------------- 2. VeRA
     ("vera", "b starts at one",
