@@ -28,8 +28,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapters import KINDS, add_adapter, count_parameters, fast_fp32_matmuls
-from checkpoints import write_atomic
-from configurator import ConfigError, check_choice, configure, device_and_dtype
+from files import write_atomic
+from cli import ConfigError, check_choice, configure, device_and_dtype
 import fast
 from fast import compile_blocks, compile_setting
 from model import PRESETS, Config, Transformer

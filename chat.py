@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from configurator import DEMO_DIR, ConfigError, configure, device_and_dtype
+from cli import DEMO_DIR, ConfigError, configure, device_and_dtype, fail
 from eval import TEMPLATES, load
 from model import sample
 
@@ -34,9 +34,6 @@ DEFAULTS = dict(
     demo_dir=DEMO_DIR,
 )
 
-
-def fail(msg):
-    raise SystemExit(f"chat.py: error: {msg}")
 
 
 @torch.no_grad()

@@ -17,70 +17,30 @@ goes), so a 7B model's weights are held once. Pickles (.bin, .pth) load with wei
 code in them ever runs.
 """
 import json
-import os
-import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from model import Config, Transformer, _bloom, _gptj, _opt
+from files import read_json, read_state_dict, unreadable, write_atomic
 from quantize import check_mode, is_projection, is_quantized, quantize_linear
-
-
-def write_atomic(path, data):
-    """Write `data` (bytes, text, or a function that writes to a binary file object, e.g.
-    lambda f: torch.save(x, f)) to a temporary file beside `path`, then rename it: a crash or a full
-    disk never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        if callable(data):
-            with open(tmp, "wb") as f:
-                data(f)
-        else:
-            (tmp.write_bytes(data) if isinstance(data, bytes)
-             else tmp.write_text(data, encoding="utf-8"))
-        os.replace(tmp, path)
-    except RuntimeError as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
-        raise OSError(f"{path}: cannot write it ({str(e).splitlines()[0]})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def check_writable(folder, flag):
-    """Before any long work: `folder` (the value of `flag`, e.g. --out) exists or can be made, and
-    takes files. Otherwise one ValueError naming the flag: no run ends with nowhere to write."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"{flag}={folder} is a file, expected a folder (give another {flag})")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise ValueError(f"{flag}={folder}: cannot write there ({e.strerror or e}); "
-                         f"give another {flag}") from None
-
-
-def _adapter_names(model):
-    """Parameters that live inside hook slots (anything under a slot attribute), i.e. not base
-    weights."""
-    slots = ("adapter", "post_attn", "post_mlp", "beside_attn", "beside_mlp", "prefix", "prompt")
-    return {n for n, _ in model.named_parameters() if any(part in slots for part in n.split("."))}
 
 
 def save_model(model, path):
     """Write the base model as a Hugging Face folder (config.json + model.safetensors with official
     names) that load_model and transformers both read. Adapter tensors are not base weights and are
-    left out (see adapters.save_adapter, or merge_lora first). Files are written to temporary names,
-    then renamed."""
+    left out (see adapter_io.save_adapter, or adapters.merge first). Files are written to temporary
+    names, then renamed."""
     from safetensors.torch import save
     if is_quantized(model):
         raise ValueError("save_model: this base is quantized; saving it would lose precision for "
                          "good. Save the model loaded without quantize")
-    names = {n for n, _ in model.named_parameters(remove_duplicate=True)} - _adapter_names(model)
+    # the base's tensors are those a freshly built model of this config has: adapters sit in hook
+    # slots that a fresh model leaves empty, so nothing here needs to know their names
+    with torch.device("meta"):
+        names = {n for n, _ in Transformer(model.config).named_parameters()}
     sd = model.state_dict()
     tensors = {hf_name(model.config, n): sd[n].contiguous() for n in names}
     write_atomic(Path(path) / "model.safetensors", save(tensors, metadata={"format": "pt"}))
@@ -281,55 +241,11 @@ class _Filler:
         return self.model
 
 
-def unreadable(f, why, kind="PyTorch checkpoint"):
-    """The one error for a weight file that cannot be read."""
-    return ValueError(f"{f}: cannot read it ({why}): truncated or not a {kind}; re-download or "
-                      "re-save it")
-
-
-def torch_load(f, map_location="cpu", mmap=True):
-    """Safe pickle load: weights_only never runs code; mmap where the file format allows it (not the
-    pre-1.6 one). A refused, truncated or foreign file is a ValueError that names it."""
-    try:
-        try:
-            return torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
-        except RuntimeError as e:
-            if not mmap or "mmap" not in str(e):
-                raise
-            return torch.load(f, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # no class was refused: the bytes are not a pickle
-            raise unreadable(f, "not a pickle") from None
-        raise ValueError(f"{f}: refused as unsafe: it pickles objects other than tensors and plain "
-                         "containers, and loading them could run code (weights_only=True); "
-                         "re-save its tensors, e.g. as safetensors") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
-        raise unreadable(f, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-
-
-def read_state_dict(f):
-    """{name: tensor} of one .bin/.pth/.pt file, loaded by torch_load, checked to be a dict."""
-    d = torch_load(f)
-    if not isinstance(d, dict):
-        raise ValueError(f"{f}: expected a dict of tensor name -> tensor, got a {type(d).__name__}")
-    return d
-
-
 def check_float(name, t, source):
     """Weights are floating-point tensors: an int, bool or other object is an error, never cast."""
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{source}: {name} is {what}, expected a floating-point tensor")
-
-
-def _read_json(f):
-    try:
-        d = json.loads(Path(f).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{f}: cannot read JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{f}: expected a JSON object, got {type(d).__name__}")
-    return d
 
 
 # numeric fields of config.json and params.json: a string or a fraction there is an error naming it
@@ -344,7 +260,7 @@ FLOAT_FIELDS = {"rms_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta",
 def read_config(f, make):
     """A config file (config.json, params.json) -> make(its dict), with one clear line for a missing
     field or a numeric field of the wrong type."""
-    d = _read_json(f)
+    d = read_json(f)
     for k, v in d.items():
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
         wrong = k in INT_FIELDS and not (number and v == int(v)) or k in FLOAT_FIELDS and not number
@@ -364,7 +280,7 @@ def _hf_files(path):
         if (path / single).exists():
             return [path / single]
         if (path / index).exists():
-            weight_map = _read_json(path / index).get("weight_map")
+            weight_map = read_json(path / index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{path / index}: no 'weight_map' of tensor name -> shard file")
             for name in set(weight_map.values()):  # no "../x", "/abs/x", "sub/x": this folder

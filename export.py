@@ -15,10 +15,12 @@ import os
 import sys
 from pathlib import Path
 
+import adapter_io
 import adapters
 from chat import load_for_tool
-from checkpoints import save_model, write_atomic
-from configurator import DEMO_DIR, ConfigError, check_choice, configure
+from checkpoints import save_model
+from files import write_atomic
+from cli import DEMO_DIR, ConfigError, check_choice, configure, fail
 
 DEFAULTS = dict(
     model="",             # base model folder; "" = the demo's base (<demo_dir>/base)
@@ -32,9 +34,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "encoder.json", "vocab.bpe", "generation_config.json")
 
-
-def fail(msg):
-    raise SystemExit(f"export.py: error: {msg}")
 
 
 def unmergeable(model):
@@ -70,8 +69,8 @@ def main(argv=None):
     out = cfg.out or os.path.join("out", "export", f"{name}-{cfg.format}")
     try:
         if cfg.format == "peft":
-            adapters.save_adapter(model, out, name=adapters.adapter_names(model)[0],
-                                  base_model=model_dir, format="peft")
+            adapter_io.save_adapter(model, out, name=adapters.adapter_names(model)[0],
+                                    base_model=model_dir, format="peft")
         else:
             export_merged(model, model_dir, out)
     except (OSError, ValueError, KeyError) as e:

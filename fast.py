@@ -15,7 +15,7 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from configurator import BOOLS, ConfigError
+from cli import BOOLS, ConfigError
 
 
 def attention_backends(device):

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import adapters
-from checkpoints import write_atomic
-from configurator import DEMO_DIR, ConfigError, configure
+from files import write_atomic
+from cli import DEMO_DIR, ConfigError, configure, fail
 from data.prepare import TEST_REQUIRE, load_rows
 from chat import load_for_tool
 from eval import TEMPLATES
@@ -42,9 +42,6 @@ DEFAULTS = dict(
     demo_dir=DEMO_DIR,
 )
 
-
-def fail(msg):
-    raise SystemExit(f"inspect_adapter.py: error: {msg}")
 
 
 # ------------------------------------------------------------------------------ attention weights

@@ -16,8 +16,8 @@ import os
 import sys
 from xml.sax.saxutils import escape
 
-from checkpoints import write_atomic
-from configurator import DEMO_DIR, ConfigError, configure
+from files import write_atomic
+from cli import DEMO_DIR, ConfigError, configure, fail
 
 DEFAULTS = dict(
     runs=[],              # run folders (comma-separated); [] = each one in --demo_dir with a log
@@ -27,9 +27,6 @@ DEFAULTS = dict(
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 W, H, LEFT, RIGHT, TOP, BOTTOM = 700, 400, 64, 170, 36, 48  # canvas, margins (legend on the right)
 
-
-def fail(msg):
-    raise SystemExit(f"plot.py: error: {msg}")
 
 
 # ------------------------------------------------------------------------------ a tiny SVG chart

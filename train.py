@@ -37,15 +37,17 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import adapter_io
 import adapters
 from data import synthetic
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows, write_json
 from data.template import TEMPLATE_NAME, format_example
 from eval import evaluate
 from fast import compile_blocks, compile_setting
-from checkpoints import check_writable, load_model, save_model, torch_load, write_atomic
-from configurator import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype,
-                          read_args, settle)
+from checkpoints import load_model, save_model
+from files import check_writable, torch_load, write_atomic
+from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, fail,
+                 read_args, settle)
 from model import Config, Transformer
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
@@ -127,9 +129,6 @@ DEMO_BASE = dict(learning_rate=1.5e-3, warmup_steps=50, decay="cosine", batch_si
                  eval_interval=500, resume=False)
 DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, intermediate_size=352)
 
-
-def fail(msg):
-    raise SystemExit(f"train.py: error: {msg}")
 
 
 def get_config(argv):
@@ -738,7 +737,7 @@ def attach_adapter(base, cfg, options, demo, rt, n_train, n_val):
         extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
 
     def save():
-        adapters.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
+        adapter_io.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
     return model, save
 
 
@@ -766,7 +765,7 @@ def finish_run(model, summary, cfg, rt, save):
     trainable, total = adapters.count_parameters(model)  # as trained
     if adapters.in_training_form(model) and rt.master:
         best = os.path.join(cfg.out, "adapter_model.safetensors")
-        adapters.fill_adapter(model, "default", load_file(best), best)
+        adapter_io.fill_adapter(model, "default", load_file(best), best)
         adapters.finish_adapters(model)
         save()
     best = summary["best_val"]
@@ -783,7 +782,7 @@ def compare_on_demo(tok, test_rows, cfg, rt):
     def base():
         return load_model(cfg.model, rt.device, rt.dtype, cfg.quantize)
     base_acc = accuracy(base(), tok, test_rows, rt)
-    tuned = adapters.load_adapter(base(), cfg.out)
+    tuned = adapter_io.load_adapter(base(), cfg.out)
     acc = accuracy(tuned, tok, test_rows, rt)
     log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
         f"exact match on {len(test_rows)} held-out two-step problems: base "

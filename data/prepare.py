@@ -26,7 +26,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoints import check_writable, write_atomic  # noqa: E402
+from checkpoints import write_atomic  # noqa: E402
+from files import check_writable
 from data.scoring import COMMONSENSE, MATH  # noqa: E402
 
 PAPER_TEST_SETS = MATH + COMMONSENSE
@@ -173,7 +174,7 @@ def dedupe(rows):
 
 
 def write_json(path, rows):
-    """Write rows to path atomically (checkpoints.write_atomic: temporary file, then renamed)."""
+    """Write rows to path atomically (files.write_atomic: temporary file, then renamed)."""
     write_atomic(path, json.dumps(rows, ensure_ascii=False, indent=1))
 
 

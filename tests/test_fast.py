@@ -11,7 +11,7 @@ from torch._dynamo.testing import CompileCounter
 import eval as ev
 import model as model_py
 from adapters import add_adapter
-from configurator import ConfigError
+from cli import ConfigError
 import fast
 from fast import DecodeStep, attention_backends, compile_blocks, compile_setting, prefill
 

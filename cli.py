@@ -1,5 +1,6 @@
 """
-The one configurator of train.py, eval.py and bench.py (nanoGPT's configurator.py, typed):
+The command line of every script: nanoGPT's configurator.py, typed, plus the one fail() and the
+one choice of device and dtype:
 
     python train.py [config.py | config.json ...] [--key=value | --key value | --flag] ...
 
@@ -14,6 +15,7 @@ and what was expected; the scripts print it and exit.
 """
 import json
 import os
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -26,6 +28,13 @@ DTYPES = ("", "bfloat16", "float16", "float32")
 
 class ConfigError(ValueError):
     """A setting the user gave is wrong; the message names it and what was expected."""
+
+
+def fail(msg):
+    """Stop the calling script with one line, `<script>.py: error: <msg>`, and no traceback: the
+    script's name is that of the file whose code called fail."""
+    script = os.path.basename(sys._getframe(1).f_globals.get("__file__", "python"))
+    raise SystemExit(f"{script}: error: {msg}")
 
 
 def configure(argv, defaults, doc="", options=None, explain=None):
