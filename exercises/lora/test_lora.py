@@ -217,7 +217,7 @@ def test_bf16_base(with_lora):
     ref = adapters.add_adapter(tiny().to(torch.bfloat16), "lora", r=4, alpha=8, dropout=0.0,
                                target_modules=TARGETS)
     randomize_B(ours)
-    adapters.fill_adapter(ref, "default", adapters.adapter_state(ours, "default"), "the student's")
+    adapter_io.fill_adapter(ref, "default", adapters.adapter_state(ours, "default"), "yours")
     ids = token_ids(ours)
     logits = ours(ids)[0]
     assert logits.dtype == torch.bfloat16

@@ -11,8 +11,8 @@ A and B are sized for the largest adapted linear (d_in_max, d_out_max); a smalle
 top-left block. So a linear costs r + d_out trainable numbers instead of LoRA's r * (d_in + d_out).
 
 Fill in the TODOs, then `register()` makes `adapters.add_adapter(model, "vera", r=16)` work, and
-save_adapter, load_adapter, merge and unmerge with it. Read exercises/README.md (exercise 2), then
-run the grader:
+merge, unmerge and adapter_io's save_adapter and load_adapter with it. Read exercises/README.md
+(exercise 2), then run the grader:
 
     python -m pytest exercises/vera
 """
