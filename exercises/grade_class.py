@@ -49,15 +49,17 @@ def main(argv=None):
                       if p.is_dir() and not p.name.startswith("."))
     jobs = [(s, ex) for s in students for ex in args.exercises]
     with ThreadPoolExecutor(args.jobs) as pool:
-        graded = list(pool.map(lambda job: grade(*job, args.timeout), jobs))
+        graded = list(pool.map(lambda job: grade_safely(*job, args.timeout), jobs))
     rows = [row for g in graded for row in g] + totals(students, graded, args.exercises)
+    print(summary(students, rows, args.exercises))  # first: a CSV that cannot be written loses none
     if args.out:
-        with open(args.out, "w", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-    print(summary(students, rows, args.exercises))
-    if args.out:
+        try:
+            with open(args.out, "w", newline="") as f:
+                writer = csv.DictWriter(f, FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+        except OSError as e:
+            Parser().error(f"--out {args.out}: {e.strerror}")
         print(f"\n{len(rows)} rows written to {args.out}")
 
 
@@ -84,7 +86,20 @@ def parse(argv):
         p.error("--timeout must be more than 0 and --jobs at least 1")
     if args.out and not args.out.parent.resolve().is_dir():
         p.error(f"--out {args.out}: no folder {args.out.parent}")
+    if args.out and not os.access(args.out.parent.resolve(), os.W_OK):
+        p.error(f"--out {args.out}: {args.out.parent} is not writable")
     return args
+
+
+def grade_safely(student_dir, exercise, timeout):
+    """grade(), and 0 with the reason for whatever it did not foresee: one student's file must not
+    stop the grading of the class."""
+    try:
+        return grade(student_dir, exercise, timeout)
+    except Exception as e:
+        return [dict(student=student_dir.name, exercise=exercise, test="TOTAL",
+                     outcome="not graded", points=0, max_points=POINTS[exercise],
+                     reason=f"grade_class.py could not grade it: {type(e).__name__}: {e}")]
 
 
 def grade(student_dir, exercise, timeout):
@@ -95,7 +110,10 @@ def grade(student_dir, exercise, timeout):
         return [dict(total, outcome="missing", points=0, reason=f"no {path.name} handed in")]
     try:
         check_source(exercise, path.read_text(encoding="utf-8"), f"{student}/{path.name}")
-    except (Refused, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        return [dict(total, outcome="refused", points=0,
+                     reason=f"{student}/{path.name}: not UTF-8 text")]
+    except Refused as e:
         return [dict(total, outcome="refused", points=0, reason=one_line(e))]
     tests, failure = run_grader(student_dir.resolve(), exercise, timeout)
     if failure:
@@ -136,10 +154,14 @@ def run_grader(student_dir, exercise, timeout):
 
 
 def read_report(xml):
-    if not xml.exists():
+    """The tests of pytest's JUnit XML; [] when there is none to read (the run died, or the graded
+    code wrote over it)."""
+    try:
+        cases = list(ET.parse(xml).iter("testcase"))
+    except (OSError, ET.ParseError):
         return []
     tests = []
-    for case in ET.parse(xml).iter("testcase"):
+    for case in cases:
         bad = [c for c in case if c.tag in ("failure", "error")]
         skipped = any(c.tag == "skipped" for c in case)
         outcome = "failed" if bad else "skipped" if skipped else "passed"
