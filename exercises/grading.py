@@ -298,7 +298,7 @@ def _given(value):
     if isinstance(value, (bool, int, float, str)):
         return value
     if hasattr(value, "_asdict"):
-        return {k: v for k, v in value._asdict().items() if _given(v) is not None} or None
+        return {k: _given(v) for k, v in value._asdict().items() if _given(v) is not None} or None
     if isinstance(value, (tuple, list)):
         return type(value)(_given(v) for v in value)
     if isinstance(value, dict):
