@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from adapters import (KINDS, add_adapter, adapter_names, adapter_state, adapter_tensors,
-                      default_targets, ia3_targets, remove_adapter, slots)
+                      default_targets, ia3_targets, no_lm_head, remove_adapter, slots)
 from checkpoints import hf_name
 from files import read_json, read_state_dict, unreadable, write_atomic
 from model import Linear
@@ -217,6 +217,8 @@ def _peft_tensors(model, path, config, marker):
     for k, t in _read_tensors(path).items():
         module, _, rest = k.removeprefix("base_model.model.").rpartition("." + marker)
         rest = marker + rest.replace(".default.", ".")  # keys may carry the adapter name
+        if k.removeprefix("base_model.model.").startswith("lm_head."):
+            raise no_lm_head(model.config, path)
         if module not in ours:
             raise KeyError(f"{path}: tensor {k} names no projection of this {model.config.arch} "
                            "model")

@@ -39,8 +39,20 @@ ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.sil
 
 
 def default_targets(config):
+    """LLM-Adapters' LoRA places: q, k, v and the MLP's in and out projections (LLaMA, Llama 3,
+    Qwen2, Mistral: q_proj, k_proj, v_proj, up_proj, down_proj)."""
     qkv = ["query_key_value"] if config.arch == "bloom" else ["q_proj", "k_proj", "v_proj"]
     return qkv + list(LINEAR_NAMES[config.arch][1:])
+
+
+def no_lm_head(config, source):
+    """The one refusal of an adapter on lm_head. Tied (Llama 3.2 1B/3B, Qwen2.5 <= 3B, BLOOM, OPT)
+    it is the input embedding matrix too, so a LoRA merged into it would change the embeddings as
+    well, and untying it would change the model (torchtune refuses it for this reason)."""
+    why = ("it is tied to the input embeddings (tie_embeddings), so a LoRA merged there would "
+           "change them too; untying it would change the model" if config.tie_embeddings
+           else "only the projections inside the blocks have adapter slots")
+    return ValueError(f"{source}: lm_head takes no adapter: {why}")
 
 
 def in_own_dtype(module, fn, x, out_dtype):
@@ -141,6 +153,8 @@ def slots(model):
 def _linears(model, names, option):
     """{module name: Linear} of the projections called `names`; an unknown name is an error listing
     the known."""
+    if "lm_head" in names:
+        raise no_lm_head(model.config, option)
     found = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
     known = sorted({n.rsplit(".", 1)[-1] for n in found})
     unknown = [t for t in names if t not in known]
