@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -33,11 +33,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import adapter_io
 import adapters
 from checkpoints import load_model
-from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, compile_blocks, compile_setting,
-                 configure, device_and_dtype, fail, read_args, settle)
+from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, check_threads, compile_blocks,
+                 compile_setting, configure, device_and_dtype, fail, read_args, settle)
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows
 from data.template import TEMPLATE_NAME, format_example
-from files import check_writable, torch_load, write_atomic
+from files import check_writable, lock, torch_load, write_atomic
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
 
@@ -106,6 +106,10 @@ def get_config(argv, recipe=None):
         defaults = {**DEFAULTS, **(recipe(kind) if recipe else {})}
         cfg, options = settle(given, defaults, lambda _: adapters.KINDS[kind].defaults,
                               explain_option)
+        try:  # typed like the kind's defaults, as in an adapter_config.json (--dropout=abc)
+            adapter_io.check_options(kind, options)
+        except ValueError as e:
+            raise ConfigError(f"--{e}") from None
         check_choice(cfg, "decay", ("linear", "cosine"))
         check_choice(cfg, "dtype", DTYPES)
         check_choice(cfg, "quantize", ("", *QUANT_MODES))
@@ -122,6 +126,7 @@ def check_ranges(cfg):
         if value < low or key == "learning_rate" and value == low:
             bound = "more than" if key == "learning_rate" else "at least"
             raise ConfigError(f"--{key}={value}: expected {bound} {low}")
+    check_threads("threads", cfg.threads)
 
 
 def explain_option(key, given):
@@ -476,10 +481,17 @@ def finetune(cfg, options, rt, extra=None):
     Run.fit, saved with what eval.py needs to score it (+ extra: more of it, from the demo).
     Returns (model, summary)."""
     check_paths(cfg)
-    clear_earlier_run(cfg, rt)
-    base, tok = load_base(cfg, rt)
-    train_ex, val_ex = prepare_data(cfg, tok, rt)
-    model = attach_adapter(base, cfg, options, rt, len(train_ex), len(val_ex))
+    with lock_out(cfg, rt):  # held to the end: a second run into this --out is refused
+        earlier = check_out(cfg, rt)
+        base, tok = load_base(cfg, rt)
+        train_ex, val_ex = prepare_data(cfg, tok, rt)
+        model = attach_adapter(base, cfg, options, rt, len(train_ex), len(val_ex))
+        clear_earlier_run(cfg, rt, earlier)  # only now that the new run has all it needs
+        return train_and_save(model, train_ex, val_ex, cfg, rt, extra)
+
+
+def train_and_save(model, train_ex, val_ex, cfg, rt, extra):
+    """Run.fit with its saves into --out, then the adapter's final form and the summary line."""
     extra = dict(template=TEMPLATE_NAME, data=cfg.data, **(extra or {}))
 
     def save():
@@ -511,22 +523,37 @@ def check_paths(cfg):
 RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "resume.pt", "log.jsonl")
 
 
-def clear_earlier_run(cfg, rt):
-    """--out (default: out/<model folder name>-<adapter>) must take files. A folder holding an
-    earlier run is continued (--resume) or, only when asked to (--overwrite), emptied of that run's
-    files here: no run is lost by mistake."""
+@contextmanager
+def lock_out(cfg, rt):
+    """--out (default: out/<model folder name>-<adapter>) must take files; the first process holds
+    its lock file (files.lock) for the whole run."""
     name = os.path.basename(os.path.normpath(cfg.model))
     cfg.out = cfg.out or os.path.join("out", f"{name}-{cfg.adapter}")
-    try:
-        check_writable(cfg.out, "--out")
-    except ValueError as e:
-        fail(e)
+    with ExitStack() as held:
+        try:
+            check_writable(cfg.out, "--out")
+            if rt.master:
+                held.enter_context(lock(cfg.out, "--out"))
+        except ValueError as e:  # not a folder, read-only, or another run holds it
+            fail(e)
+        yield
+
+
+def check_out(cfg, rt):
+    """A folder holding an earlier run is continued (--resume) or, only when asked to
+    (--overwrite), replaced: no run is lost by mistake. Returns the earlier run's files."""
     if cfg.resume and cfg.overwrite:
         fail("--resume=true continues the run in --out, --overwrite=true replaces it: give one")
     earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
     if earlier and not cfg.resume and not cfg.overwrite:
         fail(f"--out={cfg.out} holds an earlier run ({', '.join(earlier)}): continue it with "
              "--resume=true, replace it with --overwrite=true, or give another --out")
+    return earlier
+
+
+def clear_earlier_run(cfg, rt, earlier):
+    """--overwrite: delete the earlier run's files, once the new run's model, data and adapter are
+    loaded and checked (a new run that cannot start leaves the earlier one whole)."""
     if rt.world > 1:  # every process has looked before rank 0 clears the folder
         dist.barrier()
     if earlier and not cfg.resume and rt.master:  # replaced: none of the earlier run is kept

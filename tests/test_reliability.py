@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -130,6 +131,84 @@ def test_full_disk_inside_torch_save_is_an_os_error(tmp_path):
     with pytest.raises(OSError, match="resume.pt: cannot write it .*PytorchStreamWriter failed"):
         files.write_atomic(tmp_path / "resume.pt", write)
     assert os.listdir(tmp_path) == []
+
+
+def test_overwrite_removes_the_earlier_run_only_once_the_new_one_has_started(base, tmp_path):
+    """--overwrite=true with inputs that fail (data that is not JSON, a model that does not load,
+    an adapter option the model lacks): the new run stops with one line and the earlier run is
+    whole. With good inputs it is replaced, and temporaries that killed writers left go too."""
+    run(base, tmp_path / "out")
+    before = {f: (tmp_path / "out" / f).read_bytes() for f in train.RUN_FILES}
+    (tmp_path / "bad.json").write_text("not json")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("config.json", "tokenizer.model"):
+        (broken / f).write_bytes((base / f).read_bytes())
+    (broken / "model.safetensors").write_bytes(b"x" * 100)
+    for args, data, model, message in (
+            ((), tmp_path / "bad.json", base, "bad.json: not valid JSON"),
+            ((), base / "rows.json", broken, "--model=.*broken: cannot load the checkpoint"),
+            (("--target_modules=nothing",), None, base, "nothing")):
+        with pytest.raises(SystemExit, match=message):
+            run(model, tmp_path / "out", "--overwrite=true", *args, data=data)
+        assert before == {f: (tmp_path / "out" / f).read_bytes() for f in train.RUN_FILES}
+    dead = tmp_path / "out" / ".adapter_model.safetensors.999999999.x.tmp"  # no such pid
+    dead.write_bytes(b"half")
+    run(base, tmp_path / "out", "--overwrite=true", "--learning_rate=1e-2")
+    assert before["adapter_model.safetensors"] != (tmp_path / "out" /
+                                                   "adapter_model.safetensors").read_bytes()
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(train.RUN_FILES)
+
+
+def test_a_second_run_into_the_same_out_is_refused(base, tmp_path):
+    """Two runs into one --out at once: the second is refused naming the first's process; once
+    the first is killed its lock file is taken over."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "train.py", f"--model={base}", f"--data={base / 'rows.json'}",
+            f"--out={out}", "--adapter=lora", "--r=4", "--batch_size=4", "--micro_batch_size=2",
+            "--val_set_size=4", "--max_steps=100000", "--eval_interval=100000", "--threads=1"]
+    first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):  # until it holds the lock (torch's import takes seconds)
+            if (out / files.LOCK).exists() and (out / files.LOCK).read_text().strip():
+                break
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.1)
+        with pytest.raises(SystemExit, match=f"--out={out} is in use by another run "
+                                             f"\\(process {first.pid},"):
+            run(base, out, "--overwrite=true")
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / files.LOCK).read_text().strip() == str(first.pid)  # what kill -9 leaves
+    run(base, out, "--overwrite=true")  # taken over
+    assert not (out / files.LOCK).exists()
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "weight_decay", "grad_clip"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_settings_are_refused_before_training(key, value):
+    """(before: --learning_rate=nan was torch's "Invalid learning rate" traceback, =inf a nan
+    validation loss steps later)"""
+    with pytest.raises(SystemExit, match=f"--{key}={value}: expected a finite number"):
+        train.get_config(["--model=m", f"--{key}={value}"])
+
+
+def test_threads_beyond_the_cpus_are_refused():
+    """(before: --threads=100000 was a segmentation fault)"""
+    with pytest.raises(SystemExit, match="--threads=100000: expected 0 .* to \\d+, this "
+                                         "machine's CPU count"):
+        train.get_config(["--model=m", "--threads=100000"])
+    train.get_config(["--model=m", f"--threads={os.cpu_count()}"])
+
+
+def test_adapter_options_on_the_command_line_are_typed(capsys):
+    """An option's word where a number belongs (before: --dropout=abc was a TypeError in
+    nn.Dropout)."""
+    with pytest.raises(SystemExit, match="--dropout='abc': expected a number"):
+        train.get_config(["--model=m", "--dropout=abc"])
+    cfg, options = train.get_config(["--model=m", "--adapter=parallel", "--scaling=learned"])
+    assert options == {"scaling": "learned"}
 
 
 def test_unreadable_resume_checkpoint(base, tmp_path):
