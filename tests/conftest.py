@@ -393,3 +393,39 @@ def trained_adapter(base_dir, kind, out, **options):
         randomize_(slot, std=0.05)
     adapter_io.save_adapter(model, out, base_model=str(base_dir))
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def train_base(tmp_path_factory):
+    """A checkpoint folder train.py and eval.py take as --model (random weights: the tests of bad
+    input need no good model; one layer, 32 wide: quick), a sentencepiece tokenizer trained on
+    the demo's corpus, and rows.json, a training file of 40 rows."""
+    from checkpoints import save_model
+    from data import synthetic
+    from data.prepare import write_json
+    from model import Config, Transformer
+    from tokenizer import Tokenizer
+    root = tmp_path_factory.mktemp("base")
+    synthetic.train_tokenizer(synthetic.pretrain_corpus(300, seed=0), str(root / "tokenizer"))
+    torch.manual_seed(0)
+    vocab = Tokenizer.from_pretrained(root).vocab_size
+    config = Config("t", vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, intermediate_size=64,
+                    block_size=256)
+    save_model(Transformer(config), root)
+    write_json(root / "rows.json", synthetic.finetune_split(40, 4, seed=1)[0])
+    return root
+
+
+def saved_lora(base_dir, out, **kw):
+    """A LoRA (r=4, as initialised) on the base in base_dir, saved to out (save_adapter's keywords:
+    format="peft", ...); returns out."""
+    import adapter_io
+    import adapters
+    from checkpoints import load_model
+    adapter_io.save_adapter(adapters.add_adapter(load_model(base_dir), "lora", r=4), out, **kw)
+    return out
+
+
+def truncate(f):
+    """Cut file f to half its bytes, as an interrupted download or copy leaves it."""
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])

@@ -13,11 +13,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 import adapter_io as IO
 import adapters as A
 from checkpoints import load_model, save_model
-from conftest import make_hf_checkpoint, tiny_model
+from conftest import make_hf_checkpoint, saved_lora, tiny_model, truncate
 from generate import generate
 from test_adapters import (ALL_FAMILIES, CASES, DORA_IA3, FAMILIES, MLP_OUT, OPTIONS, attached,
                            ids, logits, padded_batch, perturb_, randomize_adapters_, spec, train)
@@ -503,3 +504,111 @@ def test_failed_load_leaves_the_model_as_it_was(tmp_path):
     with pytest.raises(KeyError, match="missing"):
         IO.load_adapter(model, tmp_path)
     assert A.adapter_names(model) == [] and not list(A.slots(model))
+
+
+# -------------------------------------------------- bad input, folders in use (docs/reliability.md)
+@pytest.mark.parametrize("config, message", [
+    ([1, 2], "expected a JSON object, got list"),
+    ({"options": {}}, "missing field.s. kind"),
+    ({"kind": "lora"}, "missing field.s. options"),
+    ({"kind": "lora", "options": [4]}, "'options' is a list, expected a JSON object"),
+])
+def test_bad_adapter_config(train_base, tmp_path, config, message):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {message}"):
+        IO.load_adapter(load_model(train_base), tmp_path)
+
+
+def with_config(path, change):
+    """Rewrite path/adapter_config.json through change(dict) (in place)."""
+    config = json.loads((path / "adapter_config.json").read_text())
+    change(config)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("kind, options, message", [
+    ("lora", dict(alpha="16"), "alpha='16': expected a number"),
+    ("lora", dict(alpha=float("nan")), "alpha=nan: expected a number"),
+    ("lora", dict(r="4"), "r='4': expected an integer"),
+    ("lora", dict(r=4.0), "r=4.0: expected an integer"),
+    ("lora", dict(dropout="abc"), "dropout='abc': expected a number"),
+    ("lora", dict(target_modules="q_proj"), "target_modules='q_proj': expected a list of module "
+                                            "names or null"),
+    ("lora", dict(target_modules=[1, 2]), "target_modules=\\[1, 2\\]: expected a list"),
+    ("prefix", dict(gated="yes"), "gated='yes': expected true or false"),
+    ("parallel", dict(scaling="big"), "scaling='big': expected a number or 'learned'"),
+    ("parallel", dict(placement=1), "placement=1: expected a string"),
+])
+def test_adapter_config_options_of_the_wrong_type(train_base, tmp_path, kind, options, message):
+    """Every option of every kind is typed like its default where adapter_config.json is read
+    (before: "alpha": "16" was a TypeError inside LoRA's forward)."""
+    model = A.add_adapter(load_model(train_base), kind, **{"lora": dict(r=4), "prefix": {},
+                                                           "parallel": dict(bottleneck=4)}[kind])
+    IO.save_adapter(model, tmp_path)
+    IO.load_adapter(load_model(train_base), tmp_path)  # as saved, it loads
+    with_config(tmp_path, lambda c: c["options"].update(options))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {message}"):
+        IO.load_adapter(load_model(train_base), tmp_path)
+    with_config(tmp_path, lambda c: c.update(kind="lorra"))
+    with pytest.raises(ValueError, match="adapter_config.json: kind 'lorra' is not an adapter"):
+        IO.load_adapter(load_model(train_base), tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("r", "8", "field 'r' is '8', expected an integer"),
+    ("lora_alpha", "16", "field 'lora_alpha' is '16', expected a number"),
+    ("use_rslora", "yes", "field 'use_rslora' is 'yes', expected true or false"),
+    ("use_dora", 1, "field 'use_dora' is 1, expected true or false"),
+    ("target_modules", [1], "field 'target_modules' is \\[1\\], expected a list of module names"),
+    ("lora_dropout", [0.1], "field 'lora_dropout' is \\[0.1\\], expected a number"),
+])
+def test_peft_adapter_config_fields_of_the_wrong_type(train_base, tmp_path, field, value, message):
+    path = saved_lora(train_base, tmp_path, format="peft")
+    IO.load_adapter(load_model(train_base), path)
+    with_config(path, lambda c: c.update({field: value}))
+    with pytest.raises(ValueError, match=f"adapter_config.json: {message}"):
+        IO.load_adapter(load_model(train_base), path)
+
+
+def test_damaged_adapter_weights(train_base, tmp_path):
+    path = saved_lora(train_base, tmp_path)
+    truncate(path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="adapter_model.safetensors: cannot read it"):
+        IO.load_adapter(load_model(train_base), path)
+
+
+def test_peft_target_modules_must_match_the_tensors(train_base, tmp_path):
+    path = saved_lora(train_base, tmp_path, format="peft")
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
+    disagree = r"target_modules \['q_proj'\] disagree .*\['down_proj', 'k_proj', 'q_proj'"
+    with pytest.raises(ValueError, match=disagree):
+        IO.load_adapter(load_model(train_base), path)
+
+
+def altered_lora(base, tmp_path, change):
+    """A saved LoRA whose first tensor is replaced by change(tensor); returns (folder, its key)."""
+    path = saved_lora(base, tmp_path)
+    sd = load_file(path / "adapter_model.safetensors")
+    key = next(iter(sd))
+    save_file({**sd, key: change(sd[key])}, path / "adapter_model.safetensors")
+    return path, key
+
+
+def test_integer_adapter_weight_is_refused(train_base, tmp_path):
+    path, key = altered_lora(train_base, tmp_path, lambda t: t.long())
+    with pytest.raises(ValueError, match=f"{key} is torch.int64, this model expects torch.float32"):
+        IO.load_adapter(load_model(train_base), path)
+
+
+def test_failed_load_adapter_leaves_the_model_as_it_was(train_base, tmp_path):
+    path, _ = altered_lora(train_base, tmp_path, lambda t: t[:1])  # a wrong shape
+    model = load_model(train_base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="has shape"):
+        IO.load_adapter(model, path)
+    assert all(p.requires_grad for p in model.parameters()) and model.adapter_configs == {}
+    assert model.state_dict().keys() == state.keys()

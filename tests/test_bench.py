@@ -6,6 +6,7 @@ import json
 import pytest
 
 import bench
+from cli import ConfigError
 
 SMALL = ["--steps=1", "--warmup=0", "--seq_len=16", "--prompt_len=8", "--new_tokens=4"]
 
@@ -61,3 +62,12 @@ def test_ops_counts_the_lean_adapter_path():
     assert 4 <= res["forward_ops_per_call"] <= 7 and res["backward_ops_per_layer"] > 0
     series = bench.main(["--task=ops", "--adapter=series"])["ours"]
     assert 3 <= series["forward_ops_per_layer"] <= 6  # scaling 1.0 multiplies nothing
+
+
+# -------------------------------------------------- bad input, folders in use (docs/reliability.md)
+@pytest.mark.parametrize("flag, message", [("--warmup=-1", "--warmup=-1: must be at least 0"),
+                                           ("--n_layer=-2", "--n_layer=-2: must be at least 0"),
+                                           ("--peak_tflops=0", "--peak_tflops=0.0: must be more")])
+def test_bench_settings_out_of_range(flag, message):
+    with pytest.raises(ConfigError, match=message):
+        bench.parse([flag])

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import trained_adapter
+from conftest import saved_lora, trained_adapter
 
 import chat
 from cli import load
@@ -87,3 +87,17 @@ def test_chat_errors_are_one_line(tiny_dir, tmp_path):
         chat.main([f"--model={tiny_dir}", "--max_new_tokens=0", "--prompt=x"])
     with pytest.raises(SystemExit, match=r"run `python train.py` first"):
         chat.main([f"--demo_dir={tmp_path / 'demo'}", "--prompt=x"])
+
+
+# -------------------------------------------------- bad input, folders in use (docs/reliability.md)
+def test_chat_says_which_adapter_answers(train_base, tmp_path, capsys):
+    """--prompt mode: one line on stderr names the base and the adapter loaded (stdout keeps the
+    answer alone), so a wrong --adapter_dir is seen."""
+    lora = saved_lora(train_base, tmp_path / "lora")
+    chat.main([f"--model={train_base}", f"--adapter_dir={lora}", "--prompt=2 + 3?",
+               "--max_new_tokens=2"])
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == f"{train_base} + {lora}"
+    assert str(lora) not in captured.out
+    chat.main([f"--model={train_base}", "--prompt=2 + 3?", "--max_new_tokens=2"])
+    assert capsys.readouterr().err.splitlines()[0] == f"{train_base} (no adapter)"

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 import adapter_io
 import adapters as A
 from checkpoints import config_from_hf, load_model, meta_config, meta_to_rotate_half, save_model
 from conftest import (FAMILIES, LAYOUTS, left_pad, make_hf_checkpoint, make_hf_model,
-                      make_meta_checkpoint, tiny_model, write_state_dict)
+                      make_meta_checkpoint, tiny_model, truncate, write_state_dict)
 from model import (PRESETS, Config, RopeScaling, Transformer, apply_rope, rope_angles,
                    rope_frequencies)
 
@@ -915,3 +916,190 @@ def test_lora_on_tied_lm_head_refused_with_the_reason(hf_base, tmp_path):
         pm.unload()
     with pytest.raises(ValueError, match=f"{tmp_path}: lm_head takes no adapter: it is tied"):
         adapter_io.load_adapter(load_model(ckpt), tmp_path)
+
+
+# -------------------------------------------------- bad input, folders in use (docs/reliability.md)
+def garbage(f):
+    f.write_bytes(b"not a checkpoint at all" * 4)
+
+
+def empty(f):
+    f.write_bytes(b"")
+
+
+class Unsafe:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def unsafe(f):
+    torch.save({"w": Unsafe()}, f)
+
+
+def a_list(f):
+    torch.save([torch.ones(2)], f)
+
+
+@pytest.mark.parametrize("layout, file", [("safetensors", "model.safetensors"),
+                                          ("bin", "pytorch_model.bin")])
+@pytest.mark.parametrize("damage", [truncate, empty, garbage])
+def test_damaged_weight_files(tmp_path, layout, file, damage):
+    path, _ = make_hf_checkpoint(tmp_path, "llama", layout=layout)
+    damage(path / file)
+    with pytest.raises(ValueError, match=f"{path / file}: cannot read it"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("damage, message", [(unsafe, "refused as unsafe"),
+                                             (a_list, "expected a dict .* got a list")])
+def test_foreign_pickles(tmp_path, damage, message, capsys):
+    path, _ = make_hf_checkpoint(tmp_path, "llama", layout="bin")
+    damage(path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=f"pytorch_model.bin: {message}"):
+        load_model(path)
+    assert "this ran" not in capsys.readouterr().out
+
+
+def test_non_float_weight_is_refused_not_cast(tmp_path):
+    path, _ = make_hf_checkpoint(tmp_path, "llama")
+    sd = load_file(path / "model.safetensors")
+    sd["model.norm.weight"] = sd["model.norm.weight"].long()
+    save_file(sd, path / "model.safetensors")
+    refused = "model.safetensors: norm.weight is torch.int64, expected a floating-point tensor"
+    with pytest.raises(ValueError, match=refused):
+        load_model(path)
+
+
+def test_config_field_of_the_wrong_type_or_missing(tmp_path):
+    path, _ = make_hf_checkpoint(tmp_path, "llama")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "hidden_size": "128"}))
+    with pytest.raises(ValueError, match="config.json: field 'hidden_size' is '128', expected an "):
+        load_model(path)
+    del config["num_hidden_layers"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: missing field 'num_hidden_layers'"):
+        load_model(path)
+
+
+def edited(path, name, **fields):
+    """Rewrite the JSON file path/name with `fields` changed (None = JSON null)."""
+    d = json.loads((path / name).read_text())
+    (path / name).write_text(json.dumps({**d, **fields}))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(hidden_size=None), "field 'hidden_size' is null, which this model type needs"),
+    (dict(intermediate_size=-64), "field 'intermediate_size' is -64, expected an integer of at "
+                                  "least 1"),
+    (dict(num_attention_heads=0), "field 'num_attention_heads' is 0, expected an integer"),
+    (dict(rms_norm_eps=float("nan")), "field 'rms_norm_eps' is nan, expected a number above 0"),
+    (dict(rope_theta=-1.0), "field 'rope_theta' is -1.0, expected a number above 0"),
+    (dict(tie_word_embeddings="yes"), "field 'tie_word_embeddings' is 'yes', expected true or "
+                                      "false"),
+    (dict(rope_scaling="llama3"), "field 'rope_scaling' is 'llama3', expected a JSON object"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": "8"}), "field 'factor' is '8'"),
+    (dict(num_key_value_heads=3), "field 'num_attention_heads' \\(4\\) is not a multiple of "
+                                  "'num_key_value_heads' \\(3\\)"),
+    (dict(head_dim=None, hidden_size=30), "field 'hidden_size' \\(30\\) is not a multiple of "
+                                          "'num_attention_heads' \\(4\\)"),
+    (dict(head_dim=7), "the rotary dimension \\(7, field 'rotary_dim' or 'head_dim'\\) must be "
+                       "even"),
+])
+def test_config_json_fields_are_checked_where_they_are_read(tmp_path, fields, message):
+    """Each class of bad value in config.json: null where a value is needed, a negative or zero
+    count, a non-finite or negative float, a string for a boolean, a nested object that is not
+    one (or holds a bad number), sizes that do not divide. One ValueError naming file and field,
+    not a TypeError/RuntimeError/ZeroDivisionError from torch."""
+    path, _ = make_hf_checkpoint(tmp_path, "llama")
+    load_model(path)  # the checkpoint as written loads: the edit alone is refused
+    edited(path, "config.json", **fields)
+    with pytest.raises(ValueError, match=f"{path / 'config.json'}: {message}"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(n_heads=0), "field 'n_heads' is 0, expected an integer of at least 1"),
+    (dict(dim=None), "field 'dim' is null, which this model type needs"),
+    (dict(multiple_of=-32), "field 'multiple_of' is -32"),
+    (dict(norm_eps="1e-5"), "field 'norm_eps' is '1e-5', expected a number above 0"),
+    (dict(vocab_size=0), "field 'vocab_size' is 0, expected an integer of at least 1"),
+    (dict(n_heads=5), "field 'dim' \\(64\\) is not a multiple of 'n_heads' \\(5\\)"),
+])
+def test_params_json_fields_are_checked_where_they_are_read(tmp_path, fields, message):
+    path = make_meta_checkpoint(tmp_path, make_hf_model("llama"))
+    load_model(path)
+    edited(path, "params.json", **fields)
+    with pytest.raises(ValueError, match=f"{path / 'params.json'}: {message}"):
+        load_model(path)
+
+
+def test_params_json_missing_field(tmp_path):
+    path = make_meta_checkpoint(tmp_path, make_hf_model("llama"))
+    params = json.loads((path / "params.json").read_text())
+    del params["dim"]
+    (path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ValueError, match="params.json: missing field 'dim'"):
+        load_model(path)
+
+
+def test_index_shard_outside_the_folder_is_refused(tmp_path):
+    path, _ = make_hf_checkpoint(tmp_path / "m", "llama", layout="safetensors-sharded")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    shard = path / index["weight_map"][first]
+    (tmp_path / "elsewhere.safetensors").write_bytes(shard.read_bytes())
+    index["weight_map"][first] = "../elsewhere.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"shard '\.\./elsewhere\.safetensors' is not a file name"):
+        load_model(path)
+
+
+def meta_shards(path):
+    return [(f, torch.load(f, weights_only=True)) for f in sorted(path.glob("consolidated.*.pth"))]
+
+
+def test_meta_llama1_per_layer_rope_freqs_are_skipped(tmp_path):
+    hf = make_hf_model("llama")
+    path = make_meta_checkpoint(tmp_path, hf, n_shards=2)
+    plain = {k: v.clone() for k, v in load_model(path).state_dict().items()}  # not file-mapped
+    for f, sd in meta_shards(path):  # as LLaMA-1's consolidated.*.pth files carry them
+        sd.update({f"layers.{i}.attention.inner_attention.rope.freqs": torch.ones(4)
+                   for i in range(2)})
+        torch.save(sd, f)
+    loaded = load_model(path).state_dict()
+    assert loaded.keys() == plain.keys() and all(torch.equal(plain[k], loaded[k]) for k in plain)
+
+
+def test_meta_every_shard_is_checked(tmp_path):
+    path = make_meta_checkpoint(tmp_path, make_hf_model("llama"), n_shards=2)
+    (f, sd), = meta_shards(path)[1:]
+    torch.save({**sd, "layers.0.attention.wz.weight": torch.ones(2)}, f)
+    with pytest.raises(KeyError, match=r"consolidated\.01\.pth: 1 tensors match no LLaMA"):
+        load_model(path)
+    torch.save({**sd, "norm.weight": torch.ones(3)}, f)
+    shape = r"consolidated\.01\.pth: norm\.weight has shape \(3,\), consolidated\.00"
+    with pytest.raises(ValueError, match=shape):
+        load_model(path)
+
+
+def test_meta_shards_must_hold_equal_parts(tmp_path):
+    """Model-parallel shards split a tensor in equal parts: one cut differently is refused by name
+    (before: torch.cat's "Sizes of tensors must match")."""
+    path = make_meta_checkpoint(tmp_path, make_hf_model("llama"), n_shards=2)
+    (f, sd), = meta_shards(path)[1:]
+    torch.save({**sd, "layers.0.attention.wq.weight": sd["layers.0.attention.wq.weight"][:, :-2]},
+               f)
+    with pytest.raises(ValueError, match=r"consolidated\.01\.pth: layers\.0\.attention\.wq\."
+                                         r"weight has shape \(32, 62\), consolidated\.00\.pth "
+                                         r"has \(32, 64\)"):
+        load_model(path)
+
+
+def test_meta_shard_values_must_be_tensors(tmp_path):
+    path = make_meta_checkpoint(tmp_path, make_hf_model("llama"), n_shards=2)
+    (f, sd), = meta_shards(path)[1:]
+    torch.save({**sd, "norm.weight": [1.0] * 64}, f)
+    with pytest.raises(ValueError, match=r"consolidated\.01\.pth: 'norm\.weight' is a list, "
+                                         "expected a tensor"):
+        load_model(path)

@@ -10,6 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data import prepare as P  # noqa: E402
+from data.prepare import write_json  # noqa: E402
 from data.scoring import extract_answer, is_correct  # noqa: E402
 from data.template import (PROMPT_NO_INPUT, PROMPT_WITH_INPUT, TEMPLATE_NAME,  # noqa: E402
                            format_example, format_prompt, response_of)
@@ -187,3 +188,39 @@ def test_real_commonsense_gold_outputs_score_correct():
         rows = P.load_rows(os.path.join(REAL, "dataset", name, "test.json"), P.TEST_REQUIRE)
         assert all(is_correct(name, extract_answer(name, r["output"]), r["answer"])
                    for r in rows), name
+
+
+# -------------------------------------------------- bad input, folders in use (docs/reliability.md)
+def test_prepare_reports_duplicates_and_conflicts(tmp_path):
+    rows = [{"instruction": f"q{i}", "answer": str(i)} for i in range(4)]
+    dataset = tmp_path / "release" / "dataset" / "AddSub"
+    write_json(dataset / "test.json", rows + [rows[1], {"instruction": "q2", "answer": "7"}])
+    report = P.prepare(tmp_path / "release", verbose=False)
+    assert report["duplicates"] == [f"{dataset / 'test.json'}: 1 rows repeat an earlier row "
+                                    "exactly (rows 4); 1 rows ask an earlier question with another "
+                                    "answer (rows 5)"]
+    assert report["test"]["AddSub"] == 6  # reported, kept
+
+
+def test_prepare_command_line_errors(tmp_path, capsys):
+    assert P.main(["--from", str(tmp_path / "nothing")]) == 2
+    assert "prepare.py: error: --from=" in capsys.readouterr().err
+    (tmp_path / "release" / "dataset").mkdir(parents=True)
+    (tmp_path / "file").write_text("x")
+    assert P.main(["--from", str(tmp_path / "release"), "--out", str(tmp_path / "file")]) == 2
+    assert "--out=" in capsys.readouterr().err
+
+
+def test_prepare_never_writes_into_the_release_and_asks_before_writing_over(tmp_path, capsys):
+    release = tmp_path / "release"
+    write_json(release / "dataset" / "AddSub" / "test.json", [{"instruction": "q", "answer": "1"}])
+    released = (release / "dataset" / "AddSub" / "test.json").read_bytes()
+    for out in (release / "dataset", release):
+        assert P.main(["--from", str(release), "--out", str(out), "--overwrite"]) == 2
+        assert "lies in or holds --from=" in capsys.readouterr().err
+    assert (release / "dataset" / "AddSub" / "test.json").read_bytes() == released
+    assert P.main(["--from", str(release), "--out", str(tmp_path / "out")]) == 0
+    assert P.main(["--from", str(release), "--out", str(tmp_path / "out")]) == 2
+    assert "already holds AddSub: replace them with --overwrite" in capsys.readouterr().err
+    assert P.main(["--from", str(release), "--out", str(tmp_path / "out"),
+                         "--overwrite"]) == 0

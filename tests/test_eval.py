@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, sentence, trained_adapter
+from conftest import ROOT, make_hf_checkpoint, sentence, trained_adapter, truncate
 from cli import load
-from data.prepare import DataError
+from data.prepare import DataError, write_json
 from data.template import format_prompt
 from generate import MAX_NEW_TOKENS, STOP_TOKEN, Response
 from model import Config, Transformer
@@ -286,3 +286,28 @@ def test_eval_demo_table_points_to_the_pictures(tiny_dir, tmp_path, capsys):
     (tmp_path / "data" / "test.json").write_text(json.dumps(rows))
     ev.main([f"--demo_dir={tmp_path}", "--max_new_tokens=4", f"--out={tmp_path / 'eval'}"])
     assert "pictures: python plot.py" in capsys.readouterr().err
+
+
+# -------------------------------------------------- bad input, folders in use (docs/reliability.md)
+def test_damaged_model_is_one_line_on_the_command_line(tmp_path):
+    path, _ = make_hf_checkpoint(tmp_path / "m", "llama")
+    truncate(path / "model.safetensors")
+    write_json(tmp_path / "set" / "test.json", [{"instruction": "1 + 1?", "answer": "2"}])
+    argv = [f"--model={path}", f"--dataset={tmp_path / 'set'}", f"--out={tmp_path / 'out'}"]
+    p = subprocess.run([sys.executable, "eval.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"eval.py: error: {path / 'model.safetensors'}: cannot read it")
+
+
+def test_eval_checks_out_before_evaluating_and_reports_duplicates(train_base, tmp_path,
+                                                                  monkeypatch, capsys):
+    rows = [{"instruction": "1 + 1?", "answer": "2"}] * 2
+    write_json(tmp_path / "set" / "test.json", rows)
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(ev, "evaluate",
+                        lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    with pytest.raises(ValueError, match="--out=.*file is a file"):
+        ev.main([f"--model={train_base}", f"--dataset={tmp_path / 'set'}",
+                 f"--out={tmp_path / 'file'}"])
+    assert "1 rows repeat an earlier row exactly (rows 1)" in capsys.readouterr().err

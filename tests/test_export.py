@@ -1,9 +1,11 @@
 """export.py: a merged Hugging Face folder that transformers loads with our logits, the adapter
 alone in PEFT's layout, and refusals of one line."""
+import os
+
 import pytest
 import torch
 
-from conftest import trained_adapter
+from conftest import saved_lora, trained_adapter
 
 import export
 from checkpoints import load_model
@@ -53,3 +55,29 @@ def test_export_refuses_what_cannot_merge(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown setting --adapter; settings: model, "):
         # --adapter is an adapter kind elsewhere (train.py, bench.py): here the folder has its name
         export.main([f"--model={tiny_dir}", f"--adapter={tmp_path / 'series'}"])
+
+
+# -------------------------------------------------- bad input, folders in use (docs/reliability.md)
+def test_export_writes_over_nothing_unless_asked(train_base, tmp_path):
+    lora = saved_lora(train_base, tmp_path / "lora")
+    out = tmp_path / "export"
+    export.main([f"--model={train_base}", f"--adapter_dir={lora}", f"--out={out}", "--format=peft"])
+    before = (out / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=f"--out={out} already holds adapter_config.json, "
+                                         "adapter_model.safetensors: replace them with "
+                                         "--overwrite=true"):
+        export.main([f"--model={train_base}", f"--adapter_dir={lora}", f"--out={out}"])
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    export.main([f"--model={train_base}", f"--adapter_dir={lora}", f"--out={out}",
+                 "--overwrite=true"])
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(out))
+    assert "adapter_config.json" not in os.listdir(out)  # the earlier export's files went
+    load_model(out)
+    weights = (train_base / "model.safetensors").read_bytes()
+    for into in (train_base, train_base / "merged", lora):  # never where its inputs are
+        with pytest.raises(SystemExit, match=f"--out={into} lies in or holds "
+                                             "--(model|adapter_dir)="):
+            export.main([f"--model={train_base}", f"--adapter_dir={lora}", f"--out={into}",
+                         "--overwrite=true"])
+    assert (train_base / "model.safetensors").read_bytes() == weights
+    assert not (train_base / "merged").exists()

@@ -6,10 +6,12 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from conftest import randomize_, tiny_model, trained_adapter
+from conftest import randomize_, saved_lora, tiny_model, trained_adapter
 
 import adapters
 import inspect_adapter
+
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "gptj", "bloom"])
@@ -69,3 +71,36 @@ def test_inspect_command_writes_pictures(tiny_dir, tmp_path, capsys):
         inspect_adapter.main([f"--model={tiny_dir}", "--layer=5"])
     with pytest.raises(SystemExit, match=r"inspect_adapter.py: error: --model=.*nowhere: no such"):
         inspect_adapter.main([f"--model={tmp_path / 'nowhere'}"])
+
+
+# -------------------------------------------------- bad input, folders in use (docs/reliability.md)
+def test_inspect_pictures_have_a_scale_upright_labels_and_the_table_a_heading(train_base, tmp_path,
+                                                                             capsys):
+    lora = saved_lora(train_base, tmp_path / "lora")
+    adapter_svg, attention_svg = inspect_adapter.main(
+        [f"--model={train_base}", f"--adapter_dir={lora}", "--prompt=what is 2 + 3",
+         f"--out={tmp_path}"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"## what the lora adapter in {lora} learned") and "| layer |" in out
+    for picture, size in ((adapter_svg, 26), (attention_svg, 12)):
+        root = ET.parse(picture).getroot()
+        columns = [t for t in root.iter(SVG + "text") if "rotate" in (t.get("transform") or "")]
+        assert columns and all(t.get("transform").endswith("rotate(-90)") for t in columns)
+        xs = sorted({float(t.get("transform").split("(")[1].split()[0]) for t in columns})
+        assert min(b - a for a, b in zip(xs, xs[1:])) >= min(size, 10)  # font size 10: no overlap
+        # the colour scale: a bar of 10 colours from the least to the largest value
+        fills = [r.get("fill") for r in root.iter(SVG + "rect") if r.get("width") == "16"]
+        assert len(fills) % 10 == 0 and fills[0] == inspect_adapter.heat(0, 0, 1)
+        assert fills[9] == inspect_adapter.heat(1, 0, 1) != "rgb(255,255,255)"
+
+
+def test_inspect_checks_out_before_writing(train_base, tmp_path):
+    """An --out that is a file, or under one: one line naming --out (before: FileExistsError)."""
+    (tmp_path / "file").write_text("x")
+    args = [f"--model={train_base}", f"--adapter_dir={saved_lora(train_base, tmp_path / 'lora')}"]
+    with pytest.raises(SystemExit, match=f"--out={tmp_path / 'file'} is a file, expected a "
+                                         "folder"):
+        inspect_adapter.main(args + [f"--out={tmp_path / 'file'}"])
+    with pytest.raises(SystemExit, match=f"--out={tmp_path / 'file' / 'sub'}: cannot write "
+                                         "there"):
+        inspect_adapter.main(args + [f"--out={tmp_path / 'file' / 'sub'}"])

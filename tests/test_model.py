@@ -412,3 +412,17 @@ def test_gradient_checkpointing_same_loss_and_grads(family):
     assert torch.allclose(loss, loss2, atol=1e-6)
     for n in grads:
         assert torch.allclose(grads[n], grads2[n], atol=1e-6), n
+
+
+# -------------------------------------------------- bad input, folders in use (docs/reliability.md)
+def test_a_prompt_past_opts_position_table(train_base):
+    """OPT's learned positions end at max_position_embeddings: a longer input is one ValueError
+    (before: an IndexError on a CPU, a device-side assert on a GPU), with or without a cache."""
+    model = Transformer(Config.from_name("tiny-opt", block_size=16)).eval()
+    model(torch.zeros(1, 16, dtype=torch.long))  # the whole table is usable
+    with pytest.raises(ValueError, match="17 tokens, but tiny-opt has learned positions for 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    cache = model.new_cache(1, 32)
+    model(torch.zeros(1, 16, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="17 tokens"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)

@@ -4,24 +4,28 @@ message. Runs in-process (train.main(argv)) except DDP, which spawns two process
 demo's (demo.build_base), shrunk (2 layers x 64), pretrained for 40 steps once per session; the demo
 itself is tested in test_demo.py."""
 import glob
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import adapter_io
 import adapters
 import cli
 import demo as demo_py
+import files
 import train
 from conftest import ROOT
+from data import prepare
 from data import synthetic
 from data.prepare import write_json
 from data.template import format_prompt
@@ -492,3 +496,194 @@ def test_llama3_chat_template_examples():
 def test_unknown_template_is_refused():
     with pytest.raises(SystemExit, match="--template=chatml: expected one of alpaca, llama3-chat"):
         train.get_config(["--model=x", "--template=chatml"])
+
+
+# -------------------------------------------------- bad input, folders in use (docs/reliability.md)
+def train_run(base, out, *args, data=None):
+    return train.main([f"--model={base}", f"--data={data or base / 'rows.json'}", f"--out={out}",
+                       "--adapter=lora", "--r=4", "--batch_size=4", "--micro_batch_size=2",
+                       "--val_set_size=4", "--max_steps=2", "--eval_interval=2", "--warmup_steps=0",
+                       "--log_interval=1", "--threads=0", *args])
+
+
+def test_a_used_out_is_refused_unless_resumed_or_overwritten(train_base, tmp_path):
+    train_run(train_base, tmp_path)
+    before = {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES}
+    refused = f"--out={tmp_path} holds an earlier run .*--resume=true.*--overwrite=true"
+    with pytest.raises(SystemExit, match=refused):
+        train_run(train_base, tmp_path, "--learning_rate=1e-2")
+    assert before == {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES}  # untouched
+    train_run(train_base, tmp_path, "--resume=true")  # continuing is allowed (nothing left to do)
+    with pytest.raises(SystemExit, match="--resume=true continues .* --overwrite=true replaces"):
+        train_run(train_base, tmp_path, "--resume=true", "--overwrite=true")
+    train_run(train_base, tmp_path, "--learning_rate=1e-2", "--overwrite=true")
+    adapter = "adapter_model.safetensors"
+    assert (tmp_path / adapter).read_bytes() != before[adapter]
+    assert torch.load(tmp_path / "resume.pt", weights_only=True)["config"]["learning_rate"] == 1e-2
+
+
+def test_resume_with_other_adapter_options_is_refused(train_base, tmp_path):
+    train_run(train_base, tmp_path)
+    with pytest.raises(SystemExit, match="--resume: --r=8 differs from the checkpoint's 4"):
+        train_run(train_base, tmp_path, "--resume=true", "--r=8")
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("micro_batch_size", "0", "at least 1"), ("batch_size", "0", "at least 1"),
+    ("eval_interval", "0", "at least 1"), ("log_interval", "0", "at least 1"),
+    ("learning_rate", "-1", "more than 0"), ("learning_rate", "0", "more than 0"),
+    ("val_set_size", "-5", "at least 0"), ("num_epochs", "0", "at least 1"),
+    ("max_steps", "-3", "at least 0"), ("grad_clip", "-1", "at least 0"),
+    ("cutoff_len", "1", "at least 2"), ("demo_base_docs", "100", "at least 201"),
+])
+def test_numeric_settings_out_of_range(key, value, expected):
+    with pytest.raises(SystemExit, match=f"--{key}={value}(\\.0)?: expected {expected}"):
+        train.get_config(["--model=m", f"--{key}={value}"])
+
+
+def test_every_numeric_setting_has_a_range():
+    numeric = {k for k, v in train.DEFAULTS.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric == set(train.MINIMUM)
+
+
+def test_out_that_cannot_take_files(train_base, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="--out=.*file is a file, expected a folder"):
+        train_run(train_base, tmp_path / "file")
+    with pytest.raises(SystemExit, match="--out=.*file/sub: cannot write there"):
+        train_run(train_base, tmp_path / "file" / "sub")
+    read_only = "/sys/nano-llm-adapters-test"  # read-only for everyone, root included
+    if os.path.isdir("/sys"):
+        with pytest.raises(SystemExit, match=f"--out={read_only}: cannot write there"):
+            train_run(train_base, read_only)
+
+
+def test_full_disk_mid_run_is_one_line_and_leaves_no_temporary_file(train_base, tmp_path,
+                                                                     monkeypatch):
+    def full(path, data):  # resume.pt: half of it written, then the disk is full
+        def write(f):
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        files.write_atomic(path, write)
+    monkeypatch.setattr(train, "write_atomic", full)
+    with pytest.raises(SystemExit, match=f"--out={tmp_path}: writing failed .*No space left"):
+        train_run(train_base, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(set(train.RUN_FILES) - {"resume.pt"})
+
+
+def test_overwrite_removes_the_earlier_run_only_once_the_new_one_has_started(train_base, tmp_path):
+    """--overwrite=true with inputs that fail (data that is not JSON, a model that does not load,
+    an adapter option the model lacks): the new run stops with one line and the earlier run is
+    whole. With good inputs it is replaced, and temporaries that killed writers left go too."""
+    train_run(train_base, tmp_path / "out")
+    before = {f: (tmp_path / "out" / f).read_bytes() for f in train.RUN_FILES}
+    (tmp_path / "bad.json").write_text("not json")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("config.json", "tokenizer.model"):
+        (broken / f).write_bytes((train_base / f).read_bytes())
+    (broken / "model.safetensors").write_bytes(b"x" * 100)
+    for args, data, model, message in (
+            ((), tmp_path / "bad.json", train_base, "bad.json: not valid JSON"),
+            ((), train_base / "rows.json", broken, "--model=.*broken: cannot load the checkpoint"),
+            (("--target_modules=nothing",), None, train_base, "nothing")):
+        with pytest.raises(SystemExit, match=message):
+            train_run(model, tmp_path / "out", "--overwrite=true", *args, data=data)
+        assert before == {f: (tmp_path / "out" / f).read_bytes() for f in train.RUN_FILES}
+    dead = tmp_path / "out" / ".adapter_model.safetensors.999999999.x.tmp"  # no such pid
+    dead.write_bytes(b"half")
+    train_run(train_base, tmp_path / "out", "--overwrite=true", "--learning_rate=1e-2")
+    assert before["adapter_model.safetensors"] != (tmp_path / "out" /
+                                                   "adapter_model.safetensors").read_bytes()
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(train.RUN_FILES)
+
+
+def test_a_second_run_into_the_same_out_is_refused(train_base, tmp_path):
+    """Two runs into one --out at once: the second is refused naming the first's process; once
+    the first is killed its lock file is taken over."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "train.py", f"--model={train_base}",
+            f"--data={train_base / 'rows.json'}",
+            f"--out={out}", "--adapter=lora", "--r=4", "--batch_size=4", "--micro_batch_size=2",
+            "--val_set_size=4", "--max_steps=100000", "--eval_interval=100000", "--threads=1"]
+    first = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):  # until it holds the lock (torch's import takes seconds)
+            if (out / files.LOCK).exists() and (out / files.LOCK).read_text().strip():
+                break
+            assert first.poll() is None, first.stderr.read()
+            time.sleep(0.1)
+        with pytest.raises(SystemExit, match=f"--out={out} is in use by another run "
+                                             f"\\(process {first.pid},"):
+            train_run(train_base, out, "--overwrite=true")
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / files.LOCK).read_text().strip() == str(first.pid)  # what kill -9 leaves
+    train_run(train_base, out, "--overwrite=true")  # taken over
+    assert not (out / files.LOCK).exists()
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "weight_decay", "grad_clip"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_settings_are_refused_before_training(key, value):
+    """(before: --learning_rate=nan was torch's "Invalid learning rate" traceback, =inf a nan
+    validation loss steps later)"""
+    with pytest.raises(SystemExit, match=f"--{key}={value}: expected a finite number"):
+        train.get_config(["--model=m", f"--{key}={value}"])
+
+
+def test_threads_beyond_the_cpus_are_refused():
+    """(before: --threads=100000 was a segmentation fault)"""
+    with pytest.raises(SystemExit, match="--threads=100000: expected 0 .* to \\d+, this "
+                                         "machine's CPU count"):
+        train.get_config(["--model=m", "--threads=100000"])
+    train.get_config(["--model=m", f"--threads={os.cpu_count()}"])
+
+
+def test_adapter_options_on_the_command_line_are_typed(capsys):
+    """An option's word where a number belongs (before: --dropout=abc was a TypeError in
+    nn.Dropout)."""
+    with pytest.raises(SystemExit, match="--dropout='abc': expected a number"):
+        train.get_config(["--model=m", "--dropout=abc"])
+    cfg, options = train.get_config(["--model=m", "--adapter=parallel", "--scaling=learned"])
+    assert options == {"scaling": "learned"}
+
+
+def test_unreadable_resume_checkpoint(train_base, tmp_path):
+    train_run(train_base, tmp_path)
+    data = (tmp_path / "resume.pt").read_bytes()
+    (tmp_path / "resume.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit, match=r"--resume: .*resume.pt: cannot read it .*truncated"):
+        train_run(train_base, tmp_path, "--resume=true")
+    torch.save({"step": 1}, tmp_path / "resume.pt")
+    with pytest.raises(SystemExit, match="is not a resume checkpoint written by train.py"):
+        train_run(train_base, tmp_path, "--resume=true")
+
+
+def test_training_rows_are_deduplicated_before_the_validation_split(train_base, tmp_path, capsys):
+    rows = json.loads((train_base / "rows.json").read_text())[:20]
+    write_json(tmp_path / "twice.json", rows + rows)
+    train_run(train_base, tmp_path / "out", data=tmp_path / "twice.json")
+    assert "dropped 20 duplicate rows" in capsys.readouterr().out
+    assert prepare.dedupe(rows + rows[:3]) == (rows, 3)
+
+
+def test_tokenizer_larger_than_the_embedding(train_base, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.model"):
+        (small / f).write_bytes((train_base / f).read_bytes())
+    config = json.loads((small / "config.json").read_text())
+    sd = load_file(small / "model.safetensors")
+    rows = 100  # fewer embedding rows than the tokenizer has ids
+    sd.update({k: v[:rows] for k, v in sd.items()
+               if k in ("model.embed_tokens.weight", "lm_head.weight")})
+    save_file(sd, small / "model.safetensors")
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
+    too_small = f"the tokenizer's ids go up to 3\\d\\d, but the model's embedding has {rows} rows"
+    with pytest.raises(SystemExit, match=f"--model={small}: .*{too_small}"):
+        train_run(small, tmp_path / "out", data=train_base / "rows.json")
+    with pytest.raises(ValueError, match="tokenizer's ids go up to"):
+        cli.load(small, "", "cpu", torch.float32)
