@@ -13,7 +13,8 @@ adapters.KINDS (--r=16 --target_modules=q_proj,v_proj --bottleneck=64 ...); conf
 assignments as in nanoGPT, or a JSON object) come first. --out gets the adapter with the best
 validation loss (adapter_model.safetensors + adapter_config.json), resume.pt and log.jsonl, each
 written to a temporary name and renamed; a --out that holds a run is refused unless --resume=true
-(continue it) or --overwrite=true (replace it).
+(continue it) or --overwrite=true (replace it, once the new run has loaded its inputs), and so is
+a --out another run is writing to (its lock file, <out>/.lock).
 Arrows: demo.py imports this file; this file names demo.py only in main(), to hand it a command
 line without --model.
 """
@@ -484,7 +485,7 @@ def finetune(cfg, options, rt, extra=None):
     Returns (model, summary)."""
     check_paths(cfg)
     with lock_out(cfg, rt):  # held to the end: a second run into this --out is refused
-        earlier = check_out(cfg, rt)
+        earlier = check_out(cfg)
         base, tok = load_base(cfg, rt)
         train_ex, val_ex = prepare_data(cfg, tok, rt)
         model = attach_adapter(base, cfg, options, rt, len(train_ex), len(val_ex))
@@ -541,7 +542,7 @@ def lock_out(cfg, rt):
         yield
 
 
-def check_out(cfg, rt):
+def check_out(cfg):
     """A folder holding an earlier run is continued (--resume) or, only when asked to
     (--overwrite), replaced: no run is lost by mistake. Returns the earlier run's files."""
     if cfg.resume and cfg.overwrite:
