@@ -158,8 +158,9 @@ def loss_chart(logs, styles):
     series = []
     for name, recs in logs.items():
         color, dash = styles[name]
-        train = [(r["step"], r["loss"]) for r in recs if "loss" in r and r["loss"] > 0]
-        val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r and r["val_loss"] > 0]
+        steps = [r for r in recs if "step" in r]
+        train = [(r["step"], r["loss"]) for r in steps if "loss" in r and r["loss"] > 0]
+        val = [(r["step"], r["val_loss"]) for r in steps if "val_loss" in r and r["val_loss"] > 0]
         series.append(dict(name=name, points=train, color=color, cls="loss", dash=dash))
         series.append(dict(name=f"{name} val", points=val, color=color, cls="val", width=2.5,
                            dots=True, legend=False, dash=dash))

@@ -122,6 +122,13 @@ def test_plot_a_kind_keeps_its_colour_when_runs_are_added(tmp_path):
     assert four["lora"][0] == plot.KIND_COLORS["lora"]
 
 
+def test_plot_skips_records_it_cannot_place(tmp_path):
+    """A loss without a step (a record another tool appended) is not drawn, and is no KeyError."""
+    run = plot_run(tmp_path / "lora", "lora", extra=['{"loss": 0.5}', '{"note": "resumed"}'])
+    loss, _ = plot.main([f"--runs={run}", f"--out={tmp_path}"])
+    assert len(polylines(loss, "loss")["lora"]) == 5
+
+
 def test_plot_checks_out_before_writing(tmp_path):
     """An --out that is a file, or under one: one line naming --out (before: FileExistsError)."""
     (tmp_path / "file").write_text("x")
