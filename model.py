@@ -363,6 +363,7 @@ class Transformer(nn.Module):
         self.prompt = None          # hook: prompt tuning
         self.adapter_configs = {}   # adapter name -> {"kind", "options"}: what adapters.py attached
         self.grad_checkpoint = False  # recompute each block in backward (train.py --grad_ckpt)
+        self.loss_chunk = 0  # > 0: the loss this many tokens at a time, never the full logits
         self.apply(self._init_weights)
         self.tie_weights()
 
@@ -381,16 +382,23 @@ class Transformer(nn.Module):
         p = self.embed.weight
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
 
-    def forward(self, idx, targets=None, attention_mask=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, attention_mask=None, cache=None, last_only=False,
+                positions=None):
         """idx (B, T) token ids. targets (B, T): the token that should follow each position (already
         shifted, as in nanoGPT), -100 = ignore. attention_mask: 1 for real tokens, 0 for (left)
         padding, over the cached tokens and idx (with a cache only its last T columns are read: the
         cache keeps the rest; None = all real). cache: a KVCache to extend and attend over.
-        Returns logits (B, T, V) and the loss (or None)."""
+        positions (B, T): packed rows (data/pack.py), each token's position in its own example,
+        0 where an example starts; a token then attends only to the tokens of its example up to
+        itself, and rotary, ALiBi and learned positions count from each example's start.
+        Returns logits (B, T, V) and the loss (or None); with loss_chunk set and targets given,
+        the logits are never made whole: (None, loss)."""
         B, T = idx.shape
         c = self.config
         past = cache.pos if cache is not None else 0
         n_prompt = self.prompt.n_tokens if self.prompt is not None else 0  # soft tokens
+        if positions is not None:
+            self.check_packed(positions, idx, attention_mask, cache, n_prompt)
         seen = past - n_prompt if past else 0  # tokens in the cache (after its soft tokens)
         if attention_mask is not None and attention_mask.shape != (B, seen + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
@@ -409,7 +417,7 @@ class Transformer(nn.Module):
             valid, S = cache.valid, cache.max_len
         # positions count real tokens only: a left-padded row is numbered exactly as it is alone
         key_pos = (valid.long().cumsum(-1) - 1).clamp(min=0) if valid is not None else \
-            torch.arange(S, device=idx.device).expand(B, S)
+            positions if positions is not None else torch.arange(S, device=idx.device).expand(B, S)
         pos = key_pos if slots is None else key_pos[:, slots]
         if self.project_in is not None:
             x = self.project_in(x)
@@ -418,7 +426,9 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         rope = rope_angles(c, pos) if c.pos == "rope" else None
-        mask = self.attention_mask(valid, key_pos, T, S, slots)
+        # packed rows: example k of a row holds the tokens after the k-th restart of the positions
+        example = (positions == 0).cumsum(-1) if positions is not None else None  # (B, T)
+        mask = self.attention_mask(valid, key_pos, T, S, slots, example)
         for i, block in enumerate(self.layers):
             kv = cache.layer(i, slots) if cache is not None else None
             if self.grad_checkpoint and self.training:
@@ -431,6 +441,8 @@ class Transformer(nn.Module):
             x = x[:, n_soft:]  # no logits for the soft tokens
         x = self.norm(x) if self.norm is not None else x
         x = self.project_out(x) if self.project_out is not None else x
+        if targets is not None and self.loss_chunk:
+            return None, chunked_loss(self.lm_head, x, targets, self.loss_chunk)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
@@ -438,11 +450,24 @@ class Transformer(nn.Module):
                                    ignore_index=-100)
         return logits, loss
 
-    def attention_mask(self, valid, key_pos, T, S, slots=None):
+    def check_packed(self, positions, idx, attention_mask, cache, n_prompt):
+        """Packed rows are whole examples side by side: no padding mask, no cache, and no soft
+        prompt (it would sit once in front of the row, seen by its first example only)."""
+        if positions.shape != idx.shape:
+            raise ValueError(f"positions has shape {tuple(positions.shape)}, expected "
+                             f"{tuple(idx.shape)} (one per token)")
+        for given, what in ((attention_mask, "attention_mask"), (cache, "a KV cache"),
+                            (n_prompt or None, "prompt tuning's soft tokens")):
+            if given is not None:
+                raise ValueError(f"packed rows (positions) do not take {what}")
+
+    def attention_mask(self, valid, key_pos, T, S, slots=None, example=None):
         """None when plain causal attention is right (SDPA's fast path); else a (B|1, 1|H, T, S)
         bool mask, or for ALiBi a float bias with -inf where masked. valid (B, S): real keys (None =
-        all); slots (T,): the queries' key slots (None = the last T)."""
-        if valid is None and slots is None and self.config.pos != "alibi" and (T == S or T == 1):
+        all); slots (T,): the queries' key slots (None = the last T); example (B, T): packed rows,
+        the example of each token (T == S), attended to only by its own."""
+        if (valid is None and slots is None and example is None and self.config.pos != "alibi"
+                and (T == S or T == 1)):
             return None
         device = key_pos.device
         k_idx = torch.arange(S, device=device)
@@ -451,6 +476,8 @@ class Transformer(nn.Module):
         if valid is not None:
             # a query always sees itself, so rows of padding never softmax over nothing (NaN)
             mask = mask & valid[:, None, None, :] | (k_idx == q_idx)
+        if example is not None:  # block-diagonal: causal within each example of a packed row
+            mask = mask & (example[:, None, :, None] == example[:, None, None, :])
         if self.config.pos != "alibi":
             return mask
         # ALiBi: softmax is shift-invariant per row, so slope * key position = slope * (key - query)
@@ -486,6 +513,29 @@ class Transformer(nn.Module):
                 break
             logits = step(nxt[:, None])
         return torch.cat(out, dim=1)
+
+
+def chunked_loss(head, x, targets, chunk):
+    """Mean cross-entropy of head(x) against targets (-100 = ignore), the same number as the plain
+    path, `chunk` tokens at a time. x (B, T, C), targets (B, T). Each chunk's logits (chunk, V) are
+    made, reduced to a loss and dropped, and made again in backward (torch.utils.checkpoint): memory
+    holds one chunk's logits, never B x T x V (at Llama 3's 128,256 words, 4096 tokens of fp32
+    logits are 2 GiB). Tokens without a target are dropped before the head: they cost nothing."""
+    x, targets = x.flatten(0, 1), targets.flatten()
+    keep = targets != -100
+    x, targets = x[keep], targets[keep]  # (N, C), (N,)
+    total = x.sum() * 0.0  # fp32 under autocast too; N = 0 gives NaN, as F.cross_entropy does
+    for s in range(0, len(targets), chunk):
+        xs, ts = x[s:s + chunk], targets[s:s + chunk]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, head, xs, ts, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, xs, ts)
+    return total / len(targets)
+
+
+def _chunk_loss(head, x, targets):  # (n, C), (n,) -> summed cross-entropy in fp32
+    return F.cross_entropy(head(x).float(), targets, reduction="sum")
 
 
 def sample(logits, temperature=0.0, top_k=None):
