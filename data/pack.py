@@ -12,11 +12,11 @@ targets are its own ids shifted by one (train.py), so no loss crosses a boundary
 Why one row per micro-batch, not rows of cutoff_len filled first-fit: the micro-batches stay the
 unpacked plan's, so a packed step computes exactly the unpacked step's loss (each micro-batch's mean
 over its target tokens) with the same number of forward passes on every process (FSDP gathers
-weights at each one), and there is no padding at all. Rows of cutoff_len leave the tail of every
-row empty: on math_data.json (GPT-2 BPE, cutoff_len 256, 136 tokens on average) 14% of the slots
-were padding that way, against 0% here (docs/measurements.md). A row holds at most
-micro_batch_size x cutoff_len tokens, the most an unpacked micro-batch holds, so memory is bounded
-as before.
+weights at each one), and there is no padding at all. Rows of cutoff_len leave the tail of most
+rows empty: on math_data.json (GPT-2 BPE, cutoff_len 256, 136 tokens on average) 6% of the slots
+stayed padding that way (first-fit decreasing over each step), against 0% here
+(docs/measurements.md). A row holds at most micro_batch_size x cutoff_len tokens, the most an
+unpacked micro-batch holds, so memory is bounded as before.
 """
 import torch
 
