@@ -9,7 +9,7 @@ Speed and memory of adapter training and generation, ours vs Hugging Face + PEFT
                                # markdown table on stdout, JSON in --out
   python bench.py --task=ops --adapter=lora   # kernels an adapter adds to a training step (CPU)
   python bench.py --lengths=math --pack       # packed rows vs padded ones, real tokens/s of both
-  python bench.py --vocab_size=128256 --loss_chunk=0   # the loss from the full logits (memory)
+  python bench.py --vocab_size=128256 --chunked_loss=false   # the loss from the full logits
   torchrun --nproc_per_node=8 bench.py --fsdp # the base sharded over the processes (FSDP2)
 
 The preset is built with random weights (bf16 on CUDA, no download). Without CUDA the default
@@ -41,7 +41,7 @@ from files import write_atomic
 from cli import ConfigError, check_choice, configure, device_and_dtype
 import fast
 from fast import compile_blocks, compile_setting
-from model import PRESETS, Config, Transformer
+from model import LOSS_CHUNK_LOGITS, PRESETS, Config, Transformer
 from quantize import MODES as QUANT_MODES, quantize_model
 
 DEFAULTS = dict(
@@ -62,7 +62,7 @@ DEFAULTS = dict(
     peak_tflops=989.0,
     n_layer=0,            # 0 = the preset's; fewer layers to fit a quick look
     vocab_size=0,         # 0 = the preset's (32,000 for LLaMA; Llama 3 has 128,256)
-    loss_chunk=1024,      # tokens per chunk of the loss (model.loss_chunk); 0 = the full logits
+    chunked_loss=True,    # the loss in chunks of model.LOSS_CHUNK_LOGITS; false = the full logits
     lengths="",           # "" = every example seq_len tokens; math | demo: lengths drawn from
                           # those datasets' (LENGTHS), cut at seq_len; the batches then padded
     pack=False,           # with --lengths: also time packed rows (data/pack.py), side by side
@@ -105,12 +105,12 @@ SUITE = {
               "real tok/s ≥ padded's", dict(adapter="lora", micro_batch=4, lengths="math",
                                              pack=True)),
     "loss32k": ("LoRA, micro-batch 16, vocab 32,000, full logits", "(the chunked loss's gain)",
-                dict(adapter="lora", micro_batch=16, vocab_size=32000, loss_chunk=0)),
+                dict(adapter="lora", micro_batch=16, vocab_size=32000, chunked_loss=False)),
     "loss32k-chunked": ("LoRA, micro-batch 16, vocab 32,000, loss in chunks",
                         "memory < full logits', tok/s ≥ 0.98×", dict(
                             adapter="lora", micro_batch=16, vocab_size=32000)),
     "loss128k": ("LoRA, micro-batch 16, vocab 128,256, full logits", "(the chunked loss's gain)",
-                 dict(adapter="lora", micro_batch=16, vocab_size=128256, loss_chunk=0)),
+                 dict(adapter="lora", micro_batch=16, vocab_size=128256, chunked_loss=False)),
     "loss128k-chunked": ("LoRA, micro-batch 16, vocab 128,256, loss in chunks",
                          "memory < full logits', tok/s ≥ 0.98×", dict(
                              adapter="lora", micro_batch=16, vocab_size=128256)),
@@ -207,7 +207,8 @@ def train_flops_per_token(cfg, conf, n_params):
 
 def bench_train(cfg, conf, m, device):
     attach(m, cfg.adapter)
-    m.grad_checkpoint, m.loss_chunk = cfg.grad_ckpt, cfg.loss_chunk
+    m.grad_checkpoint = cfg.grad_ckpt
+    m.loss_chunk = LOSS_CHUNK_LOGITS // conf.vocab_size if cfg.chunked_loss else 0
     m.train()
     if compile_setting(cfg.compile, device):
         compile_blocks(m)
@@ -362,8 +363,8 @@ def parse(argv):
     if cfg.pack and cfg.adapter == "prompt":
         raise ConfigError("--pack with --adapter=prompt: the soft tokens would sit once in front of "
                           "a packed row, seen by its first example only")
-    if cfg.loss_chunk < 0 or cfg.vocab_size < 0:
-        raise ConfigError("--loss_chunk and --vocab_size: expected 0 or more")
+    if cfg.vocab_size < 0:
+        raise ConfigError(f"--vocab_size={cfg.vocab_size}: expected 0 (the preset's) or more")
     if cfg.fsdp and (cfg.task != "train" or cfg.quantize or cfg.baseline):
         raise ConfigError("--fsdp: training only, without --quantize and --baseline")
     compile_setting(cfg.compile, "cpu")  # a word it does not know is a ConfigError here

@@ -79,8 +79,8 @@ def test_packed_and_padded_side_by_side():
 
 
 def test_loss_rows_change_only_the_loss():
-    full = bench.main(["--vocab_size=1000", "--loss_chunk=0", *SMALL])
-    chunked = bench.main(["--vocab_size=1000", "--loss_chunk=8", *SMALL])
+    full = bench.main(["--vocab_size=1000", "--chunked_loss=false", *SMALL])
+    chunked = bench.main(["--vocab_size=1000", *SMALL])
     assert full["ours"]["trainable"] == chunked["ours"]["trainable"] and chunked["ours"]["tok_s"]
 
 
