@@ -24,28 +24,24 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from model import Config, Transformer, _bloom, _gptj, _opt
+from model import Config, RopeScaling, Transformer, _bloom, _gptj, _opt
 from files import read_json, read_state_dict, unreadable, write_atomic
 from quantize import check_mode, is_projection, is_quantized, quantize_linear
-
-
-def _adapter_names(model):
-    """Parameters that live inside hook slots (anything under a slot attribute), i.e. not base
-    weights."""
-    slots = ("adapter", "post_attn", "post_mlp", "beside_attn", "beside_mlp", "prefix", "prompt")
-    return {n for n, _ in model.named_parameters() if any(part in slots for part in n.split("."))}
 
 
 def save_model(model, path):
     """Write the base model as a Hugging Face folder (config.json + model.safetensors with official
     names) that load_model and transformers both read. Adapter tensors are not base weights and are
-    left out (see adapters.save_adapter, or merge_lora first). Files are written to temporary names,
-    then renamed."""
+    left out (see adapter_io.save_adapter, or adapters.merge first). Files are written to temporary
+    names, then renamed."""
     from safetensors.torch import save
     if is_quantized(model):
         raise ValueError("save_model: this base is quantized; saving it would lose precision for "
                          "good. Save the model loaded without quantize")
-    names = {n for n, _ in model.named_parameters(remove_duplicate=True)} - _adapter_names(model)
+    # the base's tensors are those a freshly built model of this config has: adapters sit in hook
+    # slots that a fresh model leaves empty, so nothing here needs to know their names
+    with torch.device("meta"):
+        names = {n for n, _ in Transformer(model.config).named_parameters()}
     sd = model.state_dict()
     tensors = {hf_name(model.config, n): sd[n].contiguous() for n in names}
     write_atomic(Path(path) / "model.safetensors", save(tensors, metadata={"format": "pt"}))
@@ -133,13 +129,7 @@ def config_to_hf(c):
     save_pretrained."""
     common = dict(vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings)
     if c.arch == "llama":
-        return dict(common, model_type="llama", architectures=["LlamaForCausalLM"],
-                    hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-                    num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
-                    num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
-                    max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
-                    rope_theta=c.rope_theta, attention_bias=c.attn_bias, mlp_bias=c.mlp_bias,
-                    hidden_act="silu", bos_token_id=1, eos_token_id=2)
+        return dict(common, **_llama_like_to_hf(c))
     if c.arch == "gptj":
         return dict(common, model_type="gptj", architectures=["GPTJForCausalLM"],
                     n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
@@ -159,22 +149,40 @@ def config_to_hf(c):
                 activation_function="relu")
 
 
+def _llama_like_to_hf(c):
+    """The model_type that holds c's maths: Qwen2 for biases on q, k, v alone, Mistral for a
+    window, LLaMA otherwise (its attention_bias covers o_proj too); rotary scaling in the hub's
+    form (rope_scaling beside rope_theta), which transformers 4 and 5 both read."""
+    t = "qwen2" if c.qkv_bias else "mistral" if c.sliding_window else "llama"
+    if t != "llama" and (c.attn_bias or c.mlp_bias):
+        raise ValueError(f"{c.name}: attn_bias / mlp_bias with qkv_bias or sliding_window has no "
+                         "Hugging Face model_type")
+    scaling = c.rope_scaling and dict(rope_type="llama3", **vars(c.rope_scaling))
+    d = dict(model_type=t, architectures=[HF_CLASS[t]],
+             hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+             num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+             num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
+             max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps,
+             rope_theta=c.rope_theta, rope_scaling=scaling, hidden_act="silu")
+    if t == "llama":
+        return dict(d, attention_bias=c.attn_bias, mlp_bias=c.mlp_bias, bos_token_id=1,
+                    eos_token_id=2)
+    if t == "mistral":
+        return dict(d, sliding_window=c.sliding_window)
+    # Qwen2 windows layers max_window_layers.. only: 0 puts the window on every layer
+    return dict(d, use_sliding_window=bool(c.sliding_window),
+                sliding_window=c.sliding_window or None, max_window_layers=0)
+
+
+HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "mistral": "MistralForCausalLM"}
+
+
 def config_from_hf(d, name):
     """Hugging Face config.json dict -> Config."""
     t = d.get("model_type")
-    if t == "llama":
-        if (d.get("rope_scaling")
-                and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) != "default"):
-            raise ValueError(f"{name}: rope_scaling {d['rope_scaling']} is not supported")
-        theta = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return Config(name, arch="llama", vocab_size=d["vocab_size"],
-                      n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
-                      n_kv_head=d.get("num_key_value_heads") or 0, n_embd=d["hidden_size"],
-                      head_dim=d.get("head_dim") or 0, intermediate_size=d["intermediate_size"],
-                      block_size=d.get("max_position_embeddings", 2048),
-                      norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta,
-                      attn_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
-                      tie_embeddings=d.get("tie_word_embeddings", False))
+    if t in HF_CLASS:
+        return _llama_like(d, name, t)
     if t == "gptj":
         return Config(name, **{**_gptj, "vocab_size": d["vocab_size"], "n_layer": d["n_layer"],
                                "n_head": d["n_head"], "n_embd": d["n_embd"],
@@ -208,7 +216,95 @@ def config_from_hf(d, name):
                                "attn_bias": d.get("enable_bias", True),
                                "mlp_bias": d.get("enable_bias", True),
                                "tie_embeddings": d.get("tie_word_embeddings", True)})
-    raise ValueError(f"{name}: model_type {t!r} is not supported (llama, gptj, bloom, opt)")
+    raise ValueError(f"{name}: model_type {t!r} is not supported "
+                     "(llama, qwen2, mistral, gptj, bloom, opt)")
+
+
+# transformers' max_position_embeddings where config.json leaves it out
+HF_CONTEXT = {"llama": 2048, "qwen2": 32768, "mistral": 131072}
+
+
+def _llama_like(d, name, t):
+    """LLaMA, Qwen2 and Mistral: one architecture with the same names and key map. Qwen2 has
+    biases on q, k, v (not o_proj); Mistral a sliding window; LLaMA attention_bias (q, k, v, o)
+    and mlp_bias."""
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{name}: hidden_act {d['hidden_act']!r} is not supported (silu)")
+    theta, scaling = _rope(d, name)
+    return Config(name, arch="llama", vocab_size=d["vocab_size"],
+                  n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
+                  n_kv_head=d.get("num_key_value_heads") or 0, n_embd=d["hidden_size"],
+                  head_dim=d.get("head_dim") or 0, intermediate_size=d["intermediate_size"],
+                  block_size=d.get("max_position_embeddings") or HF_CONTEXT[t],
+                  norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                  attn_bias=t == "llama" and d.get("attention_bias", False),
+                  qkv_bias=t == "qwen2",
+                  mlp_bias=t == "llama" and d.get("mlp_bias", False),
+                  tie_embeddings=d.get("tie_word_embeddings", False),
+                  sliding_window=_window(d, name, t))
+
+
+# the fields of each rope_type; any other type (linear, dynamic, yarn, longrope, ...) is refused
+ROPE_FIELDS = {"default": set(),
+               "llama3": {"factor", "low_freq_factor", "high_freq_factor",
+                          "original_max_position_embeddings"}}
+
+
+def _rope(d, name):
+    """(rope_theta, RopeScaling or None) from either form of config.json: the hub's (rope_scaling
+    beside a top-level rope_theta) or transformers 5's (rope_parameters holding rope_type and
+    rope_theta). As transformers: rope_scaling wins over rope_parameters, and a rope_theta inside
+    over the top-level one."""
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    rope = d.get(key) or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{name}: {key} is {rope!r}, expected a JSON object")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_FIELDS:
+        raise ValueError(f"{name}: {key} has rope_type {kind!r}, which is not supported "
+                         f"({', '.join(ROPE_FIELDS)})")
+    unknown = sorted(set(rope) - ROPE_FIELDS[kind] - {"rope_type", "type", "rope_theta"})
+    if unknown:
+        raise ValueError(f"{name}: {key} field(s) {unknown} are not supported with rope_type "
+                         f"{kind!r}")
+    if d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{name}: partial_rotary_factor {d['partial_rotary_factor']} is not "
+                         "supported (rotary over the whole head)")
+    theta = _number(rope.get("rope_theta", d.get("rope_theta", 10000.0)), "rope_theta", name)
+    if kind == "default":
+        return theta, None
+    # transformers: a top-level original_max_position_embeddings wins, max_position_embeddings is
+    # the last resort
+    old = (d.get("original_max_position_embeddings")
+           or rope.get("original_max_position_embeddings") or d.get("max_position_embeddings"))
+    fields = dict(rope, original_max_position_embeddings=old)
+    return theta, RopeScaling(**{f: _number(fields.get(f), f"{key} {f}", name)
+                                 for f in ROPE_FIELDS[kind]})
+
+
+def _number(v, field, name):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name}: {field} is {v!r}, expected a number")
+    return v
+
+
+def _window(d, name, t):
+    """The sliding window (0 = none). Mistral: sliding_window (null in v0.2 on). Qwen2: only with
+    use_sliding_window, and only on the layers listed as sliding_attention (by default those from
+    max_window_layers on): all of them or none is one window here; a mix is refused."""
+    if t == "mistral":
+        return _number(d.get("sliding_window") or 0, "sliding_window", name)
+    if t == "llama" or not d.get("use_sliding_window") or not d.get("sliding_window"):
+        return 0
+    n, first = d["num_hidden_layers"], d.get("max_window_layers", 28)
+    types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                     for i in range(n)]
+    sliding = [kind == "sliding_attention" for kind in types]
+    if any(sliding) and not all(sliding):
+        raise ValueError(f"{name}: use_sliding_window on {sum(sliding)} of {n} layers "
+                         f"(max_window_layers={first}, layer_types) is not supported: here the "
+                         "window covers every layer or none")
+    return _number(d["sliding_window"], "sliding_window", name) if all(sliding) else 0
 
 
 class _Filler:
@@ -264,9 +360,10 @@ def check_float(name, t, source):
 INT_FIELDS = {"vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "hidden_size", "head_dim", "intermediate_size", "max_position_embeddings", "n_layer",
               "n_head", "n_embd", "n_embed", "n_inner", "n_positions", "rotary_dim", "ffn_dim",
-              "word_embed_proj_dim", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"}
+              "word_embed_proj_dim", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
+              "sliding_window", "max_window_layers", "original_max_position_embeddings"}
 FLOAT_FIELDS = {"rms_norm_eps", "layer_norm_epsilon", "norm_eps", "rope_theta",
-                "ffn_dim_multiplier"}
+                "ffn_dim_multiplier", "partial_rotary_factor"}
 
 
 def read_config(f, make):
@@ -369,21 +466,43 @@ def meta_to_rotate_half(w, n_heads):
     return w.view(n_heads, out // n_heads // 2, 2, d_in).transpose(1, 2).reshape(out, d_in)
 
 
-def meta_config(p, name, vocab_from_weights):
+# params.json fields read here; META_RUNTIME ones size Meta's own inference buffers (no maths).
+# Any other field (vision_*, quantization_args, lora_args, Llama 4's rope_scaling_factor, ...) is
+# refused by name rather than ignored.
+META_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+               "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope"}
+META_RUNTIME = {"max_batch_size", "max_seq_len"}
+
+
+def meta_config(p, name, vocab_from_weights, tied=False):
     """params.json dict -> Config; vocab_size -1 ("take it from the weights") asks
-    vocab_from_weights().
-    LLaMA's SwiGLU width: 2/3 of 4*dim, times the Llama-2 multiplier, rounded up to multiple_of."""
+    vocab_from_weights(); tied: the checkpoint has no output.weight (it reuses the embeddings).
+    LLaMA's SwiGLU width: 2/3 of 4*dim, times the Llama-2 multiplier, rounded up to multiple_of.
+    use_scaled_rope: Llama 3.1's scaling with the constants of Meta's apply_scaling (8, 1, 4,
+    8192)."""
+    unknown = sorted(k for k, v in p.items() if k not in META_FIELDS | META_RUNTIME
+                     and v is not None)
+    if unknown:
+        raise ValueError(f"{name}: params.json field(s) {unknown} are not supported (a LLaMA "
+                         f"text model reads {sorted(META_FIELDS)})")
     dim, multiple = p["dim"], p["multiple_of"]
     hidden = int(2 * 4 * dim / 3)
     if p.get("ffn_dim_multiplier"):
         hidden = int(p["ffn_dim_multiplier"] * hidden)
     hidden = multiple * ((hidden + multiple - 1) // multiple)
     vocab = p.get("vocab_size", -1)
+    scaled = p.get("use_scaled_rope", False)
+    if not isinstance(scaled, bool):
+        raise ValueError(f"{name}: params.json field 'use_scaled_rope' is {scaled!r}, "
+                         "expected true or false")
+    # params.json has no context length: Llama 3.1 / 3.2 131072, Llama 3 (rope_theta) 8192, else
+    # 4096 (Llama 2)
+    context = 131072 if scaled else 8192 if "rope_theta" in p else 4096
     return Config(name, arch="llama", vocab_size=vocab_from_weights() if vocab == -1 else vocab,
                   n_layer=p["n_layers"], n_head=p["n_heads"], n_kv_head=p.get("n_kv_heads") or 0,
-                  n_embd=dim,
-                  intermediate_size=hidden, block_size=4096, norm_eps=p.get("norm_eps", 1e-6),
-                  rope_theta=p.get("rope_theta", 10000.0))
+                  n_embd=dim, intermediate_size=hidden, block_size=context,
+                  norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0),
+                  rope_scaling=RopeScaling() if scaled else None, tie_embeddings=tied)
 
 
 def _load_meta(path, device, dtype, quantize, shard):
@@ -398,12 +517,13 @@ def _load_meta(path, device, dtype, quantize, shard):
     embed = shards[0].get("tok_embeddings.weight")
     if embed is None:
         raise KeyError(f"{files[0]}: tensor tok_embeddings.weight is missing")
+    tied = "output.weight" not in shards[0]  # Llama 3.2 1B / 3B share the embedding matrix
     config = read_config(path / "params.json",
-                         lambda p: meta_config(p, path.name, lambda: embed.shape[0]))
+                         lambda p: meta_config(p, path.name, lambda: embed.shape[0], tied))
     with torch.device("meta"):
         model = Transformer(config)
     filler = _Filler(model, device, dtype, quantize, shard)
-    names = dict(META_NAMES)
+    names = {k: v for k, v in META_NAMES.items() if not (tied and k == "output.weight")}
     for i in range(config.n_layer):
         names.update({f"layers.{i}.{k}": (f"layers.{i}.{v}", d)
                       for k, (v, d) in META_LAYER.items()})

@@ -32,10 +32,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from adapters import KINDS, fast_fp32_matmuls, load_adapter, read_adapter_config
+from adapter_io import load_adapter, read_adapter_config
+from adapters import KINDS, fast_fp32_matmuls
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, describe_duplicates, leakage, load_rows
 from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, get_kind, score
-from data.template import format_prompt, response_of
+from data.template import TEMPLATES, response_of
 from checkpoints import load_model
 from files import check_writable, write_atomic
 import fast
@@ -76,8 +77,6 @@ DATA_DIRS = [os.path.join(ROOT, "data", "out"),
              os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "llm-adapters",
                                            "dataset"))]
 GROUPS = {"math": MATH, "commonsense": COMMONSENSE}
-# name in the adapter's extra.template -> prompt function (train.py's)
-TEMPLATES = {"alpaca": format_prompt}
 
 
 def warn(msg):

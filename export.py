@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import adapter_io
 import adapters
 from chat import load_for_tool
 from checkpoints import save_model
@@ -68,8 +69,8 @@ def main(argv=None):
     out = cfg.out or os.path.join("out", "export", f"{name}-{cfg.format}")
     try:
         if cfg.format == "peft":
-            adapters.save_adapter(model, out, name=adapters.adapter_names(model)[0],
-                                  base_model=model_dir, format="peft")
+            adapter_io.save_adapter(model, out, name=adapters.adapter_names(model)[0],
+                                    base_model=model_dir, format="peft")
         else:
             export_merged(model, model_dir, out)
     except (OSError, ValueError, KeyError) as e:

@@ -1,11 +1,11 @@
 """
 One readable decoder-only Transformer for the model families of LLM-Adapters: LLaMA (1 and 2),
-GPT-J, BLOOM, OPT.
+GPT-J, BLOOM, OPT; and the LLaMA-shaped weights of today: Llama 3.x, Qwen2 / Qwen2.5, Mistral.
 
-The families differ only in fields of `Config` (norm, MLP, positions, residual layout, biases), so
-there is one `Block` and one `Transformer`. Modules carry the official projection names (`q_proj`,
-`up_proj`, `fc_in`, ...) so loading a checkpoint is one explicit key map, and adapters target
-linears by the names users know.
+The families differ only in fields of `Config` (norm, MLP, positions, residual layout, biases,
+rotary scaling, attention window), so there is one `Block` and one `Transformer`. Modules carry
+the official projection names (`q_proj`, `up_proj`, `fc_in`, ...) so loading a checkpoint is one
+explicit key map, and adapters target linears by the names users know.
 
 Hook slots for adapters.py (plain attributes, None = nothing happens; no adapter code is imported):
   Linear.adapter      (x, y, linear) -> y   every projection: its input, output and the layer itself
@@ -34,6 +34,24 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's rotary scaling ("rope_type": "llama3"; Meta's apply_scaling): frequencies whose
+    wavelength exceeds original_max_position_embeddings / low_freq_factor are divided by factor,
+    those shorter than original_max_position_embeddings / high_freq_factor are kept, and the band
+    between is interpolated. Static: it changes the frequencies at every length."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if not (self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor
+                and self.original_max_position_embeddings > 0):
+            raise ValueError(f"{self}: expected factor > 0, 0 < low_freq_factor < "
+                             "high_freq_factor and original_max_position_embeddings > 0")
+
+
 @dataclass
 class Config:
     name: str = "tiny-llama"
@@ -53,15 +71,18 @@ class Config:
     rotary_dim: int = 0            # 0 = the whole head; GPT-J rotates only the first 64 dims
     rope_interleaved: bool = False  # rotate pairs (0,1),(2,3).. (GPT-J), not (i, i+D/2) (HF LLaMA)
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = None  # Llama 3.1 / 3.2; None = plain rotary
     parallel_residual: bool = False  # GPT-J: x + attn(ln(x)) + mlp(ln(x)) with one norm
     post_norm: bool = False        # OPT-350m: normalise after the residual add
     attn_bias: bool = False        # biases on q, k, v and the attention output
+    qkv_bias: bool = False         # Qwen2: biases on q, k, v only (not the attention output)
     mlp_bias: bool = False
     lm_head_bias: bool = False     # GPT-J
     tie_embeddings: bool = False   # BLOOM, OPT
     embed_norm: bool = False       # BLOOM: LayerNorm right after the word embeddings
     embed_dim: int = 0             # OPT-350m: embeddings narrower than n_embd, with project_in/out
     final_norm: bool = True
+    sliding_window: int = 0        # Mistral: a query sees its last sliding_window keys; 0 = all
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -100,6 +121,15 @@ _opt = dict(arch="opt", norm="layernorm", norm_eps=1e-5, mlp="relu", pos="learne
             attn_bias=True, mlp_bias=True, tie_embeddings=True)
 _13b = dict(n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824)
 _6b = dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=16384)
+_70b = dict(n_layer=80, n_head=64, n_kv_head=8, n_embd=8192, intermediate_size=28672)
+# Llama 3: a 128K vocabulary, GQA at every size, theta 5e5; 3.1 and 3.2 add the llama3 scaling
+# (HF's 3.2 configs say factor 32, 3.1's 8: see docs/models.md)
+_llama3 = dict(_llama, vocab_size=128256, n_kv_head=8, intermediate_size=14336, block_size=8192,
+               norm_eps=1e-5, rope_theta=500000.0)
+_llama31 = dict(_llama3, block_size=131072, rope_scaling=RopeScaling())
+_llama32 = dict(_llama31, intermediate_size=8192, tie_embeddings=True,
+                rope_scaling=RopeScaling(factor=32.0))
+_qwen2 = dict(arch="llama", qkv_bias=True, rope_theta=1000000.0)  # norm_eps 1e-6, the default
 PRESETS = {c.name: c for c in [
     Config("llama-7b", **_llama),
     Config("llama-13b", **{**_llama, **_13b}),
@@ -109,18 +139,34 @@ PRESETS = {c.name: c for c in [
                            "intermediate_size": 22016}),
     Config("llama-2-7b", **{**_llama, "block_size": 4096, "norm_eps": 1e-5}),
     Config("llama-2-13b", **{**_llama, **_13b, "block_size": 4096, "norm_eps": 1e-5}),
-    Config("llama-2-70b", **{**_llama, "n_layer": 80, "n_head": 64, "n_kv_head": 8, "n_embd": 8192,
-                             "intermediate_size": 28672, "block_size": 4096, "norm_eps": 1e-5}),
+    Config("llama-2-70b", **{**_llama, **_70b, "block_size": 4096, "norm_eps": 1e-5}),
     Config("gptj-6b", **{**_gptj, **_6b, "n_layer": 28, "n_head": 16}, vocab_size=50400,
            rotary_dim=64),
     Config("bloom-7b1", **{**_bloom, **_6b, "n_layer": 30}, vocab_size=250880),
     Config("opt-6.7b", **_opt, **_6b, vocab_size=50272),
+    Config("llama-3-8b", **_llama3),
+    Config("llama-3.1-8b", **_llama31),
+    Config("llama-3.1-70b", **{**_llama31, **_70b}),
+    Config("llama-3.2-1b", **{**_llama32, "n_layer": 16, "n_embd": 2048}),
+    Config("llama-3.2-3b", **{**_llama32, "n_layer": 28, "n_head": 24, "n_embd": 3072}),
+    Config("qwen2.5-0.5b", **_qwen2, vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2,
+           n_embd=896, intermediate_size=4864, block_size=32768, tie_embeddings=True),
+    Config("qwen2.5-7b", **_qwen2, vocab_size=152064, n_layer=28, n_head=28, n_kv_head=4,
+           n_embd=3584, intermediate_size=18944, block_size=131072),
+    Config("mistral-7b", **{**_llama, "n_kv_head": 8, "intermediate_size": 14336},  # v0.1
+           block_size=32768, norm_eps=1e-5, sliding_window=4096),
     # tiny presets for tests and CPU demos
     Config("tiny-llama"),
     Config("tiny-llama-gqa", n_kv_head=2),
     Config("tiny-gptj", **_gptj, intermediate_size=256, rotary_dim=8),
     Config("tiny-bloom", **_bloom, intermediate_size=256),
     Config("tiny-opt", **_opt, intermediate_size=256, block_size=256),
+    # head_dim 16 at theta 5e5 against 64 positions: the scaling keeps, blends and divides
+    # frequencies; a window of 4 matters at a few tokens
+    Config("tiny-llama3", n_kv_head=2, rope_theta=500000.0,
+           rope_scaling=RopeScaling(original_max_position_embeddings=64)),
+    Config("tiny-qwen2", **_qwen2, n_kv_head=2, tie_embeddings=True),
+    Config("tiny-mistral", n_kv_head=2, sliding_window=4),
 ]}
 
 
@@ -157,11 +203,28 @@ def make_norm(c):
     return nn.LayerNorm(c.n_embd, eps=c.norm_eps)
 
 
+def rope_frequencies(c, device=None):
+    """The rotary_dim/2 angular frequencies theta^(-2i/rotary_dim), fp32, with Llama 3's scaling
+    when c.rope_scaling is set (transformers' _compute_llama3_parameters, Meta's apply_scaling)."""
+    dims = torch.arange(0, c.rotary_dim, 2, device=device).float()
+    inv_freq = 1.0 / c.rope_theta ** (dims / c.rotary_dim)
+    s = c.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    old = s.original_max_position_embeddings
+    # long wavelengths (> old / low_freq_factor) slow down by factor, short ones (< old /
+    # high_freq_factor) stay: positions far beyond the pretraining length look like ones it saw
+    scaled = torch.where(wavelen > old / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled  # the band between: interpolated
+    between = (wavelen >= old / s.high_freq_factor) & (wavelen <= old / s.low_freq_factor)
+    return torch.where(between, blended, scaled)
+
+
 def rope_angles(c, pos):
     """pos (B, T) -> cos, sin (B, 1, T, rotary_dim/2) in fp32, computed on the fly (no buffers)."""
-    dims = torch.arange(0, c.rotary_dim, 2, device=pos.device).float()
-    inv_freq = 1.0 / c.rope_theta ** (dims / c.rotary_dim)
-    angles = pos[..., None].float() * inv_freq
+    angles = pos[..., None].float() * rope_frequencies(c, pos.device)
     return angles.cos()[:, None], angles.sin()[:, None]
 
 
@@ -249,9 +312,10 @@ class Attention(nn.Module):
         if c.arch == "bloom":  # one fused projection, laid out per head as (H, 3, D)
             self.query_key_value = Linear(c.n_embd, 3 * q_dim, bias=c.attn_bias)
         else:
-            self.q_proj = Linear(c.n_embd, q_dim, bias=c.attn_bias)
-            self.k_proj = Linear(c.n_embd, kv_dim, bias=c.attn_bias)
-            self.v_proj = Linear(c.n_embd, kv_dim, bias=c.attn_bias)
+            qkv_bias = c.attn_bias or c.qkv_bias
+            self.q_proj = Linear(c.n_embd, q_dim, bias=qkv_bias)
+            self.k_proj = Linear(c.n_embd, kv_dim, bias=qkv_bias)
+            self.v_proj = Linear(c.n_embd, kv_dim, bias=qkv_bias)
         self.out_name = LINEAR_NAMES[c.arch][0]
         setattr(self, self.out_name, Linear(q_dim, c.n_embd, bias=c.attn_bias))
         self.prefix = None  # hook: prefix tuning
@@ -466,22 +530,29 @@ class Transformer(nn.Module):
         bool mask, or for ALiBi a float bias with -inf where masked. valid (B, S): real keys (None =
         all); slots (T,): the queries' key slots (None = the last T); example (B, T): packed rows,
         the example of each token (T == S), attended to only by its own."""
-        if (valid is None and slots is None and example is None and self.config.pos != "alibi"
-                and (T == S or T == 1)):
+        c = self.config
+        window = c.sliding_window if 0 < c.sliding_window < S else 0  # 0: no key is too old
+        plain = (valid is None and slots is None and example is None and c.pos != "alibi"
+                 and not window)
+        if plain and (T == S or T == 1):
             return None
         device = key_pos.device
         k_idx = torch.arange(S, device=device)
         q_idx = (slots if slots is not None else torch.arange(S - T, S, device=device))[:, None]
         mask = (k_idx <= q_idx)[None, None]  # (1, 1, T, S) causal, in cache coordinates
+        if window:  # Mistral: the last `window` tokens only, counted by position (real tokens,
+            # so a padded row sees what it sees alone); the cached decode step gets it here too
+            q_pos = key_pos[:, slots] if slots is not None else key_pos[:, S - T:]
+            mask = mask & (key_pos[:, None, None, :] > q_pos[:, None, :, None] - window)
         if valid is not None:
             # a query always sees itself, so rows of padding never softmax over nothing (NaN)
             mask = mask & valid[:, None, None, :] | (k_idx == q_idx)
         if example is not None:  # block-diagonal: causal within each example of a packed row
             mask = mask & (example[:, None, :, None] == example[:, None, None, :])
-        if self.config.pos != "alibi":
+        if c.pos != "alibi":
             return mask
         # ALiBi: softmax is shift-invariant per row, so slope * key position = slope * (key - query)
-        slopes = alibi_slopes(self.config.n_head, device)[None, :, None, None]
+        slopes = alibi_slopes(c.n_head, device)[None, :, None, None]
         bias = slopes * key_pos[:, None, None, :].float()
         return bias.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import adapter_io
 import adapters
 from data import synthetic
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows, write_json
@@ -736,7 +737,7 @@ def attach_adapter(base, cfg, options, demo, rt, n_train, n_val):
         extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
 
     def save():
-        adapters.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
+        adapter_io.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
     return model, save
 
 
@@ -764,7 +765,7 @@ def finish_run(model, summary, cfg, rt, save):
     trainable, total = adapters.count_parameters(model)  # as trained
     if adapters.in_training_form(model) and rt.master:
         best = os.path.join(cfg.out, "adapter_model.safetensors")
-        adapters.fill_adapter(model, "default", load_file(best), best)
+        adapter_io.fill_adapter(model, "default", load_file(best), best)
         adapters.finish_adapters(model)
         save()
     best = summary["best_val"]
@@ -781,7 +782,7 @@ def compare_on_demo(tok, test_rows, cfg, rt):
     def base():
         return load_model(cfg.model, rt.device, rt.dtype, cfg.quantize)
     base_acc = accuracy(base(), tok, test_rows, rt)
-    tuned = adapters.load_adapter(base(), cfg.out)
+    tuned = adapter_io.load_adapter(base(), cfg.out)
     acc = accuracy(tuned, tok, test_rows, rt)
     log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
         f"exact match on {len(test_rows)} held-out two-step problems: base "

@@ -16,6 +16,11 @@ Families (the `family` argument everywhere):
     bloom       BloomForCausalLM (ALiBi, tied embeddings)
     opt         OPTForCausalLM, pre-LN (opt-125m style, tied embeddings)
     opt-350m    OPTForCausalLM, post-LN, word_embed_proj_dim 32 < hidden 64 (project_in/out)
+    llama3      LlamaForCausalLM as Llama 3.1: GQA (2 key-value heads), theta 5e5, rope_type llama3
+                against original_max_position_embeddings 64 (its frequencies are kept, blended
+                and divided), intermediate_size 224 (Meta's rule with ffn_dim_multiplier 1.3)
+    qwen2       Qwen2ForCausalLM: biases on q, k, v; tied embeddings; theta 1e6; GQA
+    mistral     MistralForCausalLM: sliding window 8; GQA
 All have hidden 64, 2 layers, 4 heads, vocab 256. Every parameter is randomised (norm weights
 around 1, biases around 0) so that no weight is a no-op and a wrong key map shows up in the logits.
 
@@ -47,14 +52,16 @@ torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `import model` from any test file
 
-FAMILIES = ("llama", "llama-gqa", "gptj", "bloom", "opt", "opt-350m")
+FAMILIES = ("llama", "llama-gqa", "gptj", "bloom", "opt", "opt-350m", "llama3", "qwen2", "mistral")
 LAYOUTS = ("safetensors", "safetensors-sharded", "bin", "bin-sharded")
 VOCAB = 256
 
 # family -> (our Config preset, overrides) for models built without a checkpoint (see tiny_model)
 PRESET_OF = {"llama": ("tiny-llama", {}), "llama-gqa": ("tiny-llama-gqa", {}),
              "gptj": ("tiny-gptj", {}), "bloom": ("tiny-bloom", {}), "opt": ("tiny-opt", {}),
-             "opt-350m": ("tiny-opt", dict(post_norm=True, final_norm=False, embed_dim=32))}
+             "opt-350m": ("tiny-opt", dict(post_norm=True, final_norm=False, embed_dim=32)),
+             "llama3": ("tiny-llama3", {}), "qwen2": ("tiny-qwen2", {}),
+             "mistral": ("tiny-mistral", {})}
 
 
 def tiny_hf_config(family, **overrides):
@@ -68,6 +75,20 @@ def tiny_hf_config(family, **overrides):
         if family == "llama-gqa":
             kw.update(num_key_value_heads=2, intermediate_size=224)
         return tf.LlamaConfig(**{**common, **kw, **overrides})
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=192, max_position_embeddings=128)
+    if family == "llama3":
+        rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position_embeddings=64)
+        return tf.LlamaConfig(**{**common, **small, "intermediate_size": 224, "rms_norm_eps": 1e-5,
+                                 "max_position_embeddings": 1024, "rope_parameters": rope,
+                                 **overrides})
+    if family == "qwen2":
+        return tf.Qwen2Config(**{**common, **small, "tie_word_embeddings": True,
+                                 "rope_parameters": dict(rope_type="default", rope_theta=1e6),
+                                 **overrides})
+    if family == "mistral":
+        return tf.MistralConfig(**{**common, **small, "sliding_window": 8, **overrides})
     if family == "gptj":
         return tf.GPTJConfig(**{**common, "n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8,
                                 "n_inner": 128, "n_positions": 128, **overrides})
@@ -104,7 +125,9 @@ def make_hf_model(family, seed=0, **overrides):
     cfg = tiny_hf_config(family, **overrides)
     cls = {"llama": tf.LlamaForCausalLM, "llama-gqa": tf.LlamaForCausalLM,
            "gptj": tf.GPTJForCausalLM, "bloom": tf.BloomForCausalLM,
-           "opt": tf.OPTForCausalLM, "opt-350m": tf.OPTForCausalLM}[family]
+           "opt": tf.OPTForCausalLM, "opt-350m": tf.OPTForCausalLM,
+           "llama3": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+           "mistral": tf.MistralForCausalLM}[family]
     torch.manual_seed(seed)
     return randomize_(cls(cfg), seed).float().eval()
 

@@ -1,40 +1,49 @@
-"""adapters.py: every kind and placement on tiny models of each family, training, save/load, LoRA
-merge, MoSA sparse split & merge, composition under names, PEFT interop, exact 7B parameter counts,
-error messages, fp32 adapter maths.
+
+
+
+"""adapters.py: the modules, their slots, the KINDS registry and the API. Every kind and placement
+on tiny models of each family: a fresh adapter equals the base bit for bit, the forward is the
+paper's formula (DoRA, gated prefix), training moves only the adapter (each module names its own
+tensors), merge = unmerged (LoRA, DoRA, IA3), MoSA sparse split & merge, composition under names,
+exact 7B parameter counts, error messages, fp32 adapter maths, and docs/adapters.md's worked
+example held equal to the source. Files and PEFT folders: tests/test_adapter_io.py.
 
 Models come from conftest.tiny_model (our tiny presets, every weight randomised so no weight is a
-no-op) and, for PEFT parity, from conftest.make_hf_checkpoint (a transformers model written with
-save_pretrained). peft and transformers are imported inside the tests that need them, so the rest
-of the file stays fast.
+no-op). peft and transformers are imported inside the tests that need them.
 """
-import json
+import ast
+import inspect
 import math
+import re
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import adapter_io as IO
 import adapters as A
-from conftest import left_pad, make_hf_checkpoint, tiny_model
-from checkpoints import load_model
+from conftest import ROOT, left_pad, tiny_model
 from model import Config, Linear, Transformer
 
 # transformers/peft
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 FAMILIES = ("llama", "gptj", "bloom", "opt")
+ALL_FAMILIES = ("llama", "llama-gqa", "gptj", "bloom", "opt")
 MAIN = ("llama", "gptj")  # the families the paper fine-tunes; the costlier tests run on these
-# adapter, post_attn, post_mlp, beside_attn, beside_mlp, prefix, prompt
-SLOT_ATTRS = set(A.SLOT_TYPES)
+
 
 # explicit (non-default) LoRA targets and per-linear parallel targets, by family
 TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "gate_proj"],
            "gptj": ["q_proj", "v_proj", "out_proj", "fc_in"],
            "bloom": ["query_key_value", "dense", "dense_4h_to_h"],
            "opt": ["k_proj", "out_proj", "fc1"]}
+
+
 PER_LINEAR = {"llama": ["up_proj", "down_proj"], "gptj": ["fc_in", "fc_out"],
               "bloom": ["dense_h_to_4h", "dense_4h_to_h"], "opt": ["fc1", "fc2"]}
+
 
 # id -> (kind, options); "TARGETS"/"PER_LINEAR" are replaced by the family's list
 SPECS = {
@@ -60,13 +69,27 @@ SPECS = {
     "prefix-gated-top": ("prefix", dict(num_virtual_tokens=3, gated=True, layers=1)),
     "prompt": ("prompt", dict(num_virtual_tokens=5)),
 }
+
+
 # identity at initialisation: all but the ungated prefix and the prompt
 # (the paper's, without a gate)
 EXACT = [s for s in SPECS if not s.startswith(("prefix", "prompt")) or "gated" in s]
+
+
 SUBSET = ("lora", "series-learned", "parallel-per-linear", "parallel-sparse", "prefix-reparam",
           "prefix-gated", "prompt")
+
+
 # every spec on LLaMA and GPT-J, a representative subset on BLOOM and OPT
 CASES = [(f, s) for f in MAIN for s in SPECS] + [(f, s) for f in ("bloom", "opt") for s in SUBSET]
+
+
+DORA_IA3 = ("dora", "ia3")
+OPTIONS = {"dora": dict(r=4, alpha=8, dropout=0.0), "ia3": {}}  # ia3 on its default targets
+
+
+MLP_OUT = {"llama": "down_proj", "llama-gqa": "down_proj", "gptj": "fc_out",
+           "bloom": "dense_4h_to_h", "opt": "fc2"}
 
 
 def spec(family, sid):
@@ -75,7 +98,7 @@ def spec(family, sid):
     return kind, {k: swap.get(v, v) if isinstance(v, str) else v for k, v in o.items()}
 
 
-# ------------------------------------------------------------------------------------------ helpers
+# ---------------------------------------------------------------------------------------- helpers
 def ids(model, B=2, T=9, seed=0):
     return torch.randint(0, model.config.vocab_size, (B, T),
                          generator=torch.Generator().manual_seed(seed))
@@ -93,18 +116,23 @@ def logits(model, idx, **kw):
     return model(idx, **kw)[0]
 
 
-def in_slot(name):
-    return any(part in SLOT_ATTRS for part in name.split("."))
-
-
 def adapter_params(model):
-    return {n: p for n, p in model.named_parameters() if in_slot(n)}
+    """{name: parameter} of every attached adapter, as its modules name their tensors
+    (adapter_params): the parameters save_adapter writes."""
+    own = own_ids(model)
+    return {n: p for n, p in model.named_parameters() if id(p) in own}
+
+
+def own_ids(model):
+    return {id(t) for name in A.adapter_names(model)
+            for t in A.adapter_state(model, name, keep_vars=True).values()}
 
 
 def base_tensors(model):
     """Every base parameter and buffer, cloned."""
-    out = {n: p.detach().clone() for n, p in model.named_parameters() if not in_slot(n)}
-    out.update({n: b.clone() for n, b in model.named_buffers() if not in_slot(n)})
+    own = own_ids(model)
+    out = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in own}
+    out.update({n: b.clone() for n, b in model.named_buffers() if id(b) not in own})
     return out
 
 
@@ -114,6 +142,22 @@ def randomize_adapters_(model, std=0.1, seed=0):
     g = torch.Generator().manual_seed(seed)
     for _, p in adapter_params(model).items():
         p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@torch.no_grad()
+def perturb_(model, seed=0):
+    """Move every adapter away from its identity start: DoRA's A, B random and m scaled, IA3's l
+    around 1. PEFT's names go on (.default, .weight), hence `in`."""
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        noise = torch.randn(p.shape, generator=g)
+        if "lora_magnitude_vector" in n or "ia3_l" in n:
+            p.mul_(1 + 0.2 * noise)
+        else:
+            p.copy_(0.1 * noise)
     return model
 
 
@@ -135,6 +179,21 @@ def train(model, steps=4, lr=1e-2, B=4, T=12, seed=0):
     model.eval()
     with torch.no_grad():
         losses.append(model(idx[:, :-1], targets=idx[:, 1:])[1].item())
+    return losses
+
+
+def train_steps(model, steps=5, lr=1e-2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, model.config.vocab_size, (4, 13), generator=g)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        _, loss = model(idx[:, :-1], targets=idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
     return losses
 
 
@@ -196,7 +255,24 @@ def dense(split):
     return w
 
 
-# ----------------------------------------------------------------------- identity at initialisation
+def modules(model, cls):
+    return [m for m in model.modules() if isinstance(m, cls)]
+
+
+def adapted_linears(model):
+    """{name: Linear} of every projection that carries an adapter."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, Linear) and m.adapter is not None}
+
+
+def meta_count(preset, kind, **options):
+    with torch.device("meta"):
+        model = Transformer(Config.from_name(preset))
+        A.add_adapter(model, kind, **options)
+    return A.count_parameters(model)
+
+
+# --------------------------------------------------------------------- identity at initialisation
 @pytest.mark.parametrize("sid", EXACT)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fresh_adapter_equals_base_exactly(family, sid):
@@ -214,6 +290,30 @@ def test_fresh_adapter_equals_base_exactly(family, sid):
     assert (logits(model, idx) - base).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", DORA_IA3)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_fresh_dora_ia3_equal_the_base_exactly(family, kind):
+    """m = ||W||_row and B = 0 (DoRA), l = 1 (IA3): the same logits bit for bit, padded or not, in
+    train mode (dropout on) and on a bf16 base."""
+    model = tiny_model(family)
+    idx = ids(model)
+    pidx, pmask = left_pad([torch.arange(3, 10), torch.arange(5, 9)])
+    base, base_pad = logits(model, idx), logits(model, pidx, attention_mask=pmask)
+    A.add_adapter(model, kind, **({"r": 4} if kind == "dora" else {}))  # dora: dropout 0.05
+    assert torch.equal(logits(model, idx), base)
+    assert torch.equal(logits(model, pidx, attention_mask=pmask), base_pad)
+    model.train()
+    assert torch.equal(logits(model, idx), base)
+    model.eval()
+    half = tiny_model(family).to(torch.bfloat16)
+    base16 = logits(half, idx)
+    A.add_adapter(half, kind)
+    assert all(p.dtype == torch.float32 for p in half.parameters() if p.requires_grad)
+    assert torch.equal(logits(half, idx), base16)
+    perturb_(model)  # the adapter is really in the forward path
+    assert (logits(model, idx) - base).abs().max() > 1e-3
+
+
 def test_series_without_residual_replaces_the_sublayer_output():
     # residual=False: the sublayer output y is replaced by s * up(act(down(y))), zero at init, so
     # the model equals the base with its MLP switched off (down_proj zeroed)
@@ -227,7 +327,61 @@ def test_series_without_residual_replaces_the_sublayer_output():
     assert torch.equal(logits(model, idx), logits(no_mlp, idx))
 
 
-# -------------------------------------------------------------------------------- prefix and prompt
+# ----------------------------------------------------------------------------- places and options
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_dora_ia3_default_places(family):
+    """DoRA sits where LoRA does; IA3 on k, v (BLOOM: the fused query_key_value) and the MLP's out
+    projection, which alone is scaled at its input, with PEFT's shapes."""
+    model = tiny_model(family)
+    A.add_adapter(model, "dora", name="d")
+    A.add_adapter(model, "ia3", name="i")
+    places = {n: [m for m in lin.adapter.values()] for n, lin in adapted_linears(model).items()}
+    dora = {n.rsplit(".", 1)[-1] for n, ms in places.items()
+            if any(isinstance(m, A.DoRA) for m in ms)}
+    assert dora == set(A.default_targets(model.config))
+    ia3 = {n.rsplit(".", 1)[-1]: m for n, ms in places.items() for m in ms if isinstance(m, A.IA3)}
+    kv = ["query_key_value"] if family == "bloom" else ["k_proj", "v_proj"]
+    assert sorted(ia3) == sorted(kv + [MLP_OUT[family]])
+    assert {n for n, m in ia3.items() if m.on_input} == {MLP_OUT[family]}
+    for lin in adapted_linears(model).values():
+        if "i" in lin.adapter:
+            m = lin.adapter["i"]
+            assert m.ia3_l.shape == ((1, lin.in_features) if m.on_input else (lin.out_features, 1))
+
+
+@pytest.mark.parametrize("kind", DORA_IA3)
+def test_added_to_a_model_on_another_device(kind):
+    """DoRA reads W when it is built: that must work with the model on another device than torch's
+    default (meta here, standing in for cuda: the adapter is built on the cpu, then moved)."""
+    model = Transformer(Config.from_name("tiny-llama")).to("meta")
+    A.add_adapter(model, kind)
+    assert {p.device.type for p in model.parameters() if p.requires_grad} == {"meta"}
+
+
+def test_ia3_options():
+    model = tiny_model("llama")
+    A.add_adapter(model, "ia3", target_modules=["q_proj", "up_proj", "down_proj"],
+                  feedforward_modules=["up_proj"])
+    got = {n.rsplit(".", 1)[-1]: lin.adapter["default"]
+           for n, lin in adapted_linears(model).items()}
+    assert sorted(got) == ["down_proj", "q_proj", "up_proj"]
+    assert got["up_proj"].ia3_l.shape == (1, 64) and got["q_proj"].ia3_l.shape == (64, 1)
+    assert got["down_proj"].ia3_l.shape == (64, 1)  # not in feedforward_modules: output scaled
+    model = tiny_model("llama")
+    A.add_adapter(model, "ia3", feedforward_modules=[])  # every target scaled at its output
+    assert not any(m.on_input for m in modules(model, A.IA3))
+    with pytest.raises(ValueError, match=r"feedforward_modules=\['up_proj'\]: expected names among "
+                       r"target_modules=\['k_proj', 'v_proj', 'down_proj'\]"):
+        A.add_adapter(tiny_model("llama"), "ia3", feedforward_modules=["up_proj"])
+    unknown = r"target_modules: unknown linear name\(s\) \['fc2'\] for llama"
+    with pytest.raises(ValueError, match=unknown):
+        A.add_adapter(tiny_model("llama"), "ia3", target_modules=["k_proj", "fc2"],
+                      feedforward_modules=[])
+    with pytest.raises(ValueError, match=unknown):
+        A.add_adapter(tiny_model("llama"), "dora", target_modules=["fc2"])
+
+
+# ------------------------------------------------------------------------------ prefix and prompt
 @pytest.mark.parametrize("reparam", [0, 16])
 @pytest.mark.parametrize("family", ["llama", "llama-gqa", "gptj", "bloom", "opt"])
 def test_prefix_key_value_shapes(family, reparam):
@@ -379,7 +533,62 @@ def test_merge_prefix():
     assert torch.equal(logits(model, idx), before)
 
 
-# ------------------------------------------------------------------------------------- trainability
+# --------------------------------------------------------------------------------------- formulas
+@pytest.mark.parametrize("bias", [False, True])
+def test_dora_forward_is_the_paper_formula(bias):
+    """y = m * (W + s B A) x / ||W + s B A||_row + b, written out here apart from adapters.py."""
+    torch.manual_seed(0)
+    lin = Linear(16, 12, bias=bias)
+    dora = A.DoRA(lin, r=3, alpha=6, dropout=0.0)
+    assert torch.equal(dora.lora_magnitude_vector, lin.weight.norm(dim=1))
+    with torch.no_grad():
+        dora.lora_B.weight.normal_()
+        dora.lora_magnitude_vector.mul_(1.5)
+    lin.adapter = dora
+    x = torch.randn(5, 16)
+    W = lin.weight + 2.0 * dora.lora_B.weight @ dora.lora_A.weight  # s = alpha / r = 2
+    want = dora.lora_magnitude_vector * (x @ W.T) / W.norm(dim=1) + (lin.bias if bias else 0)
+    assert (lin(x) - want).abs().max() < 1e-5
+
+
+def test_dora_norm_gets_no_gradient():
+    """DoRA §4.3 (and PEFT): ||W + s B A|| is a constant for the gradient. With the norm frozen by
+    hand, the gradients of A, B and m are the same (with it in the graph, B's would differ)."""
+    torch.manual_seed(0)
+    lin = Linear(8, 6, bias=False)
+    dora = A.DoRA(lin, r=2, alpha=2, dropout=0.0)
+    with torch.no_grad():
+        dora.lora_B.weight.normal_()
+    lin.adapter = dora
+    x = torch.randn(4, 8)
+    lin(x).pow(2).sum().backward()
+    params = (dora.lora_A.weight, dora.lora_B.weight, dora.lora_magnitude_vector)
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    W = lin.weight + dora.lora_B.weight @ dora.lora_A.weight
+    (dora.lora_magnitude_vector * (x @ W.T) / W.norm(dim=1).detach()).pow(2).sum().backward()
+    want = [p.grad for p in params]
+    assert all((g - w).abs().max() < 1e-5 for g, w in zip(got, want))
+
+
+def test_ia3_input_scaling_composes_with_lora():
+    """On one linear, LoRA then IA3-at-the-input: W (x * l) + b + s B A x. IA3 adds W (x * (l - 1))
+    to the y it is handed, so what LoRA added stays (a rescale of y could not reach the input)."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    A.add_adapter(model, "lora", name="lora", r=2, dropout=0.0, target_modules=["down_proj"])
+    A.add_adapter(model, "ia3", name="ia3", target_modules=["down_proj"])
+    perturb_(model)
+    lin = model.layers[0].mlp.down_proj
+    x = torch.randn(3, lin.in_features)
+    lora, ia3 = lin.adapter["lora"], lin.adapter["ia3"]
+    with torch.no_grad():
+        want = F.linear(x * ia3.ia3_l, lin.weight) + F.linear(x, lora.delta())
+        assert (lin(x) - want).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------- trainability
 @pytest.mark.parametrize("family, sid", CASES)
 def test_only_adapters_train(family, sid):
     model = tiny_model(family)
@@ -404,67 +613,41 @@ def test_only_adapters_train(family, sid):
         assert changed == set(before)
 
 
-# ------------------------------------------------------------------------------------ save and load
-@pytest.mark.parametrize("family, sid", CASES)
-def test_save_load_identical_logits(family, sid, tmp_path):
+@pytest.mark.parametrize("kind", DORA_IA3)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_dora_ia3_train_only_the_adapter(family, kind):
     model = tiny_model(family)
-    kind, o = spec(family, sid)
-    A.add_adapter(model, kind, **o)
-    # every tensor non-zero (a sparse run trains only some parts) ...
-    randomize_adapters_(model, std=0.05)
-    train(model, steps=2)  # ... and then trained
-    A.save_adapter(model, tmp_path, base_model="tiny")
-    fresh = A.load_adapter(tiny_model(family), tmp_path).eval()
-    assert fresh.adapter_configs == model.adapter_configs
-    idx = ids(model)
-    _, pidx, pmask = padded_batch(model)
-    assert torch.equal(logits(fresh, idx), logits(model, idx))
-    assert torch.equal(logits(fresh, pidx, attention_mask=pmask),
-                       logits(model, pidx, attention_mask=pmask))
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    A.add_adapter(model, kind, **OPTIONS[kind])
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = train_steps(model)
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), n  # the base is frozen
+        else:
+            assert p.requires_grad and not torch.equal(p, start[n]), n  # every adapter tensor
+    magnitude = "lora_magnitude_vector" if kind == "dora" else "ia3_l"
+    assert any(n.endswith(magnitude) for n in start)
 
 
-def test_adapter_config_json(tmp_path):
-    model = tiny_model("llama-gqa")
-    A.add_adapter(model, "series", name="math", placement="both", bottleneck=16, scaling="learned")
-    extra = {"dataset": "math_10k", "step": 3}
-    A.save_adapter(model, tmp_path, name="math", base_model="yahma/llama-7b-hf", extra=extra)
-    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    c = model.config
-    assert cfg == {
-        "kind": "series", "name": "math", "base_model": "yahma/llama-7b-hf", "extra": extra,
-        "options": {"bottleneck": 16, "reduction": 0, "placement": "both", "non_linearity": "tanh",
-                    "scaling": "learned", "dropout": 0.0, "sparse": 0, "residual": True},
-        "base": {"arch": "llama", "vocab_size": c.vocab_size, "n_layer": 2, "n_head": 4,
-                 "n_kv_head": 2, "n_embd": 64, "head_dim": 16,
-                 "intermediate_size": c.intermediate_size}}
-    from safetensors.torch import load_file
-    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
-    # the adapter's name is not in the keys
-    assert keys == {f"layers.{i}.{s}.{w}" for i in range(2) for s in ("post_attn", "post_mlp")
-                    for w in ("down.weight", "up.weight", "scaling")}
-    # extra is read back, and the name comes from the file unless one is given
-    assert A.read_adapter_config(tmp_path)["extra"]["step"] == 3
-    assert A.adapter_names(A.load_adapter(tiny_model("llama-gqa"), tmp_path)) == ["math"]
-    assert A.adapter_names(
-        A.load_adapter(tiny_model("llama-gqa"), tmp_path, name="other")) == ["other"]
-
-
-def test_loaded_adapter_follows_the_model_mode(tmp_path):
-    # an adapter added to (or loaded into) a model in eval mode must not run its dropout
+@pytest.mark.parametrize("kind", DORA_IA3)
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_dora_ia3_on_a_quantized_base(mode, kind):
+    """QLoRA-style (QDoRA): a quantized W is read dequantized by DoRA's norms and IA3's input scale;
+    a fresh adapter is still the base exactly, and it trains."""
+    from quantize import quantize_model
     model = tiny_model("llama")
-    A.add_adapter(model, "lora", dropout=0.5)
-    randomize_adapters_(model)
-    model.eval()
-    A.save_adapter(model, tmp_path)
-    # from_pretrained-style: base already in eval mode
-    fresh = A.load_adapter(tiny_model("llama"), tmp_path)
-    assert not any(m.training for m in fresh.modules())
+    quantize_model(model, mode)
     idx = ids(model)
-    assert torch.equal(logits(fresh, idx), logits(model, idx))
-    assert torch.equal(fresh.generate(idx, 4), model.generate(idx, 4))
+    base = logits(model, idx)
+    A.add_adapter(model, kind, **OPTIONS[kind])
+    assert torch.equal(logits(model, idx), base)
+    losses = train_steps(model)
+    assert losses[-1] < losses[0]
 
 
-# --------------------------------------------------------------------------------------- LoRA merge
+# ------------------------------------------------------------------------------------------ merge
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merge_lora(family):
     model = tiny_model(family)
@@ -501,7 +684,37 @@ def test_merge_lora(family):
     assert (logits(model, idx) - unmerged).abs().max() < 1e-5
 
 
-# ------------------------------------------------------------------------------- MoSA split & merge
+@pytest.mark.parametrize("kind", DORA_IA3)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_dora_ia3_merge_equals_unmerged_and_unmerge_restores(family, kind):
+    model = perturb_(A.add_adapter(tiny_model(family), kind, **OPTIONS[kind]))
+    model.eval()
+    idx = ids(model)
+    unmerged = logits(model, idx)
+    saved = {n: (m.weight.detach().clone(), m.bias.detach().clone() if m.bias is not None else None)
+             for n, m in model.named_modules() if isinstance(m, Linear)}
+    A.merge(model)
+    targeted = adapted_linears(model)
+    for n, m in model.named_modules():
+        if isinstance(m, Linear):
+            assert torch.equal(m.weight, saved[n][0]) != (n in targeted), n  # just the targets
+    assert all(m.merged for m in modules(model, A.DoRA) + modules(model, A.IA3))
+    merged = logits(model, idx)
+    assert (merged - unmerged).abs().max() < 1e-5  # folded into W (and b), not counted twice
+    A.set_active(model, [])  # the merged weights alone carry the adapter
+    assert (logits(model, idx) - unmerged).abs().max() < 1e-5
+    A.set_active(model, "default")
+    A.unmerge(model)
+    for n, m in model.named_modules():
+        if isinstance(m, Linear):
+            assert (m.weight - saved[n][0]).abs().max() < 1e-6, n
+            if m.bias is not None:
+                assert (m.bias - saved[n][1]).abs().max() < 1e-6, n
+    assert (logits(model, idx) - unmerged).abs().max() < 1e-5
+    assert all(m.merged_norm is None for m in modules(model, A.DoRA))  # nothing left of the merge
+
+
+# ----------------------------------------------------------------------------- MoSA split & merge
 @pytest.mark.parametrize("sid", ["series-sparse", "parallel-sparse", "parallel-per-linear-sparse"])
 def test_sparse_step_trains_only_the_active_part(sid):
     model = tiny_model("llama")
@@ -585,15 +798,15 @@ def test_merge_sparse(sid, tmp_path):
     assert model.adapter_configs["default"]["options"]["sparse"] == 0
     assert torch.equal(logits(model, idx), before)
     assert torch.equal(logits(model, pidx, attention_mask=pmask), before_pad)
-    A.save_adapter(model, tmp_path)
-    fresh = A.load_adapter(tiny_model("llama"), tmp_path).eval()
+    IO.save_adapter(model, tmp_path)
+    fresh = IO.load_adapter(tiny_model("llama"), tmp_path).eval()
     assert not splits(fresh)
     assert torch.equal(logits(fresh, idx), before)
     losses = train(model, steps=2)  # the merged adapter keeps training as a plain one
     assert losses[-1] < losses[0]
 
 
-# ------------------------------------------------------------------------------- composition, names
+# ----------------------------------------------------------------------------- composition, names
 def test_two_named_adapters(tmp_path):
     model = tiny_model("llama")
     idx = ids(model)
@@ -631,18 +844,18 @@ def test_two_named_adapters(tmp_path):
     only_a = logits(model, idx)
     A.set_active(model, ["a", "b"])
     both = logits(model, idx)
-    A.save_adapter(model, tmp_path / "a", name="a")
-    A.save_adapter(model, tmp_path / "b", name="b")
-    fresh = A.load_adapter(tiny_model("llama"), tmp_path / "a").eval()
+    IO.save_adapter(model, tmp_path / "a", name="a")
+    IO.save_adapter(model, tmp_path / "b", name="b")
+    fresh = IO.load_adapter(tiny_model("llama"), tmp_path / "a").eval()
     assert A.adapter_names(fresh) == ["a"] and torch.equal(logits(fresh, idx), only_a)
-    A.load_adapter(fresh, tmp_path / "b").eval()
+    IO.load_adapter(fresh, tmp_path / "b").eval()
     assert torch.equal(logits(fresh, idx), both)
     with pytest.raises(ValueError, match=r"no adapter named \['c'\]; attached: \['a', 'b'\]"):
         A.set_active(model, ["a", "c"])
     with pytest.raises(ValueError, match="already attached"):
         A.add_adapter(model, "prefix", name="a")
     with pytest.raises(ValueError, match="already attached"):
-        A.load_adapter(fresh, tmp_path / "b")
+        IO.load_adapter(fresh, tmp_path / "b")
 
 
 def test_two_prompts_and_two_prefixes_stack():
@@ -664,148 +877,7 @@ def test_two_prompts_and_two_prefixes_stack():
     assert torch.equal(model.generate(idx, 4), greedy_no_cache(model, idx, 4))
 
 
-# ------------------------------------------------------------------------------------- PEFT interop
-PEFT_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                          "down_proj"],
-                "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
-                "bloom": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-                "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
-
-
-def peft_lora(hf_model, seed=0, **config):
-    """A PEFT LoRA on hf_model (wrapped in place) with random lora_B, in eval mode."""
-    import peft
-    model = peft.get_peft_model(hf_model, peft.LoraConfig(task_type="CAUSAL_LM", **config))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
-
-
-def unwrap(peft_model):
-    """Take the LoRA layers out again, so the transformers model can be wrapped anew."""
-    return peft_model.unload()
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_peft_lora_loads_here(family, hf_base, tmp_path):
-    ckpt, hf = hf_base(family)
-    pm = peft_lora(hf, r=4, lora_alpha=12, lora_dropout=0.1, target_modules=PEFT_TARGETS[family])
-    try:
-        idx = ids(hf, B=2, T=7)
-        with torch.no_grad():
-            ref = pm(idx).logits
-        pm.save_pretrained(tmp_path / "st")
-        pm.save_pretrained(tmp_path / "bin", safe_serialization=False)
-    finally:
-        unwrap(pm)
-    assert (tmp_path / "st" / "adapter_model.safetensors").exists()
-    folders = [tmp_path / "st"]
-    if (tmp_path / "bin" / "adapter_model.bin").exists():  # peft still writes .bin when asked
-        folders.append(tmp_path / "bin")
-    for folder in folders:
-        ours = A.load_adapter(load_model(ckpt), folder).eval()
-        o = ours.adapter_configs["default"]["options"]
-        assert (o["r"], o["alpha"], o["dropout"]) == (4, 12, 0.1)
-        assert sorted(o["target_modules"]) == sorted(PEFT_TARGETS[family])
-        assert (logits(ours, idx) - ref).abs().max() < 1e-4, folder.name
-    base = logits(load_model(ckpt), idx)
-    assert (base - ref).abs().max() > 1e-2  # the LoRA matters
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_peft_export_loads_in_peft(family, hf_base, tmp_path):
-    import peft
-    ckpt, hf = hf_base(family)
-    ours = load_model(ckpt)
-    A.add_adapter(ours, "lora", r=8, alpha=16, dropout=0.0)
-    randomize_adapters_(ours, std=0.05)
-    ours.eval()
-    idx = ids(ours, B=2, T=7)
-    want = logits(ours, idx)
-    A.save_adapter(ours, tmp_path, format="peft", base_model="tiny-hf")
-    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 16
-    assert sorted(cfg["target_modules"]) == sorted(A.default_targets(ours.config))
-    pm = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
-    try:
-        with torch.no_grad():
-            got = pm(idx).logits
-    finally:
-        unwrap(pm)
-    assert (got - want).abs().max() < 1e-4
-    assert (logits(load_model(ckpt), idx) - want).abs().max() > 1e-2  # the LoRA matters
-    back = A.load_adapter(load_model(ckpt), tmp_path).eval()  # and our own export loads here
-    assert torch.equal(logits(back, idx), want)
-
-
-def test_peft_rslora_scaling(hf_base, tmp_path):
-    ckpt, hf = hf_base("llama")
-    pm = peft_lora(hf, r=4, lora_alpha=8, use_rslora=True,
-                   target_modules=["q_proj", "v_proj", "down_proj"])
-    try:
-        idx = ids(hf, B=2, T=7)
-        with torch.no_grad():
-            ref = pm(idx).logits
-        pm.save_pretrained(tmp_path)
-    finally:
-        unwrap(pm)
-    ours = A.load_adapter(load_model(ckpt), tmp_path).eval()
-    loras = [m for m in ours.modules() if isinstance(m, A.LoRA)]
-    # alpha/sqrt(r), not alpha/r
-    assert len(loras) == 6 and all(math.isclose(m.scale, 8 / math.sqrt(4)) for m in loras)
-    assert (logits(ours, idx) - ref).abs().max() < 1e-4
-
-
-@pytest.mark.parametrize("family", ["llama", "llama-gqa"])
-def test_peft_adaption_prompt_loads_as_gated_prefix(family, tmp_path):
-    """PEFT's LLaMA-Adapter (adaption_prompt) folder loads as our gated prefix, with the same
-    logits."""
-    import peft
-    ckpt, hf = make_hf_checkpoint(tmp_path / "base", family, seed=3)
-    pm = peft.get_peft_model(hf, peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4,
-                                                           adapter_layers=1))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "adaption_gate" in n:
-                p.fill_(0.8)  # open the zero-initialised gate
-    pm.eval()
-    idx = ids(hf, B=2, T=7)
-    with torch.no_grad():
-        ref = pm(idx).logits
-    pm.save_pretrained(tmp_path / "adapter")
-    ours = A.load_adapter(load_model(ckpt), tmp_path / "adapter").eval()
-    assert ours.adapter_configs["default"]["options"] == dict(num_virtual_tokens=4, reparam=0,
-                                                              gated=True, layers=1)
-    assert attached(ours, "default") == {(f"layers.{ours.config.n_layer - 1}.attn", "prefix")}
-    assert (logits(ours, idx) - ref).abs().max() < 1e-4
-    assert (logits(load_model(ckpt), idx) - ref).abs().max() > 1e-2  # the adapter matters
-
-
-@pytest.mark.parametrize("config, message", [
-    (dict(bias="all"), r"only plain PEFT LoRA \(bias='none'\).*bias=all"),
-])
-def test_peft_unsupported_configs_raise(config, message, hf_base, tmp_path):
-    ckpt, hf = hf_base("llama")
-    pm = peft_lora(hf, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **config)
-    try:
-        pm.save_pretrained(tmp_path)
-    finally:
-        unwrap(pm)
-    with pytest.raises(ValueError, match=message):
-        A.load_adapter(load_model(ckpt), tmp_path)
-
-
-# -------------------------------------------------------------------- exact 7B trainable parameters
-def meta_count(preset, kind, **options):
-    with torch.device("meta"):
-        model = Transformer(Config.from_name(preset))
-        A.add_adapter(model, kind, **options)
-    return A.count_parameters(model)
-
-
+# ------------------------------------------------------------------ exact 7B trainable parameters
 LLAMA_7B_TOTAL = 6_738_415_616  # LLaMA-7B's published parameter count
 
 
@@ -841,7 +913,30 @@ def test_gptj_6b_lora_trainable_count():
                                  + C * V + V)
 
 
-# ------------------------------------------------------------------------------------- clear errors
+def test_llama_7b_dora_ia3_trainable_counts():
+    """LLaMA-7B: 32 layers, n_embd 4096, MLP 11008. DoRA = LoRA (r=32 on q, k, v, up, down) + one
+    magnitude per output row; IA3 = a scale per output of k and v and per input of down."""
+    L, r, C, M = 32, 32, 4096, 11008
+    lora = L * r * (3 * (C + C) + (C + M) + (M + C))
+    assert lora == 56_098_816  # the LoRA row of README's table
+    assert meta_count("llama-7b", "dora", r=32)[0] == lora + L * (3 * C + M + C) == 56_975_360
+    assert meta_count("llama-7b", "ia3") == (L * (C + C + M), 6_738_415_616 + 614_400)
+    assert L * (C + C + M) == 614_400
+
+
+def test_llama_7b_ia3_count_is_pefts():
+    """PEFT's own count on a LLaMA-7B on the meta device (no memory): the same 614,400."""
+    import peft
+    import transformers as tf
+    with torch.device("meta"):
+        hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=32000, hidden_size=4096,
+                                                intermediate_size=11008, num_hidden_layers=32,
+                                                num_attention_heads=32))
+    pm = peft.get_peft_model(hf, peft.IA3Config(task_type="CAUSAL_LM"))
+    assert pm.get_nb_trainable_parameters() == (614_400, 6_738_415_616 + 614_400)
+
+
+# ----------------------------------------------------------------------------------- clear errors
 def test_errors_on_add():
     model = tiny_model("llama")
     with pytest.raises(ValueError,
@@ -869,58 +964,33 @@ def test_errors_on_add():
     assert A.adapter_names(model) == [] and not list(A.slots(model))  # nothing was attached
 
 
-def test_errors_on_save_and_load(tmp_path):
+def test_failed_add_leaves_the_model_as_it_was():
     model = tiny_model("llama")
-    A.add_adapter(model, "series", bottleneck=8)
-    with pytest.raises(ValueError, match="format='peft' writes lora, dora, ia3 adapters only, "
-                                         "'default' is series"):
-        A.save_adapter(model, tmp_path / "peft", format="peft")
-    with pytest.raises(ValueError, match="format='onnx'"):
-        A.save_adapter(model, tmp_path / "x", format="onnx")
-    with pytest.raises(ValueError, match=r"no adapter named 'nope'"):
-        A.save_adapter(model, tmp_path / "x", name="nope")
-    A.save_adapter(model, tmp_path / "ok")
-    # onto another base model: other width, other family
-    with pytest.raises(ValueError, match=r"trained on another base model.*n_embd"):
-        A.load_adapter(tiny_model("llama", n_embd=32), tmp_path / "ok")
-    with pytest.raises(ValueError,
-                       match=r"trained on another base model.*'arch': \('llama', 'gptj'\)"):
-        A.load_adapter(tiny_model("gptj"), tmp_path / "ok")
-    # tensors that do not match the config
-    from safetensors.torch import load_file, save_file
-    state = load_file(tmp_path / "ok" / "adapter_model.safetensors")
-    for case, bad, message in [
-            ("missing", {k: v for k, v in state.items() if k != "layers.1.post_mlp.up.weight"},
-             r"missing \['layers\.1\.post_mlp\.up\.weight'\], unexpected \[\]"),
-            ("unexpected", {**state, "layers.1.post_attn.up.weight": torch.zeros(64, 8)},
-             r"missing \[\], unexpected \['layers\.1\.post_attn\.up\.weight'\]")]:
-        folder = tmp_path / case
-        folder.mkdir()
-        (folder / "adapter_config.json").write_text(
-            (tmp_path / "ok" / "adapter_config.json").read_text())
-        save_file(bad, folder / "adapter_model.safetensors")
-        with pytest.raises(KeyError, match="adapter tensors do not match: " + message):
-            A.load_adapter(tiny_model("llama"), folder)
-    folder = tmp_path / "shape"
-    folder.mkdir()
-    cfg = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())
-    cfg["options"]["bottleneck"] = 4
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    save_file(state, folder / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match=r"has shape \(8, 64\), this model expects \(4, 64\)"):
-        A.load_adapter(tiny_model("llama"), folder)
-    # no adapter_config.json; config but no tensors
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="adapter_config.json: cannot read the adapter config"):
-        A.load_adapter(tiny_model("llama"), tmp_path / "empty")
-    (tmp_path / "empty" / "adapter_config.json").write_text(
-        (tmp_path / "ok" / "adapter_config.json").read_text())
-    with pytest.raises(FileNotFoundError,
-                       match="no adapter_model.safetensors or adapter_model.bin"):
-        A.load_adapter(tiny_model("llama"), tmp_path / "empty")
+    with pytest.raises(ValueError, match="unknown linear name"):
+        A.add_adapter(model, "lora", target_modules=["q_proj", "nope"])
+    assert all(p.requires_grad for p in model.parameters())  # not frozen by the failed call
+    assert A.adapter_names(model) == [] and not list(A.slots(model))
+    with pytest.raises(ValueError, match="sparse=1"):
+        A.add_adapter(model, "series", sparse=1)
 
 
-# ------------------------------------------------------------------------------- fp32 adapter maths
+def test_remove_adapter_restores_the_base():
+    base = tiny_model("gptj").eval()
+    x = torch.randint(0, base.config.vocab_size, (2, 7))
+    ref, _ = base(x)
+    model = A.add_adapter(A.add_adapter(tiny_model("gptj").eval(), "lora", name="a"),
+                          "series", name="b")
+    randomize_adapters_(model)
+    A.remove_adapter(model, "a")
+    assert A.adapter_names(model) == ["b"] and all(lin.adapter is None for lin in model.modules()
+                                                   if isinstance(lin, Linear))
+    A.remove_adapter(model, "b")
+    assert torch.equal(model(x)[0], ref) and not list(A.slots(model))
+    with pytest.raises(ValueError, match="no adapter named"):
+        A.remove_adapter(model, "b")
+
+
+# ----------------------------------------------------------------------------- fp32 adapter maths
 @pytest.mark.parametrize("sid", ["lora", "series-learned", "parallel-both", "parallel-per-linear",
                                  "series-sparse", "prefix-reparam", "prefix-gated", "prompt"])
 def test_bf16_base_fp32_adapters(sid):
@@ -1014,45 +1084,6 @@ def test_fast_fp32_matmuls_only_beside_a_half_precision_cuda_base(device, dtype,
         torch.set_float32_matmul_precision(old)
 
 
-def test_failed_add_leaves_the_model_as_it_was():
-    model = tiny_model("llama")
-    with pytest.raises(ValueError, match="unknown linear name"):
-        A.add_adapter(model, "lora", target_modules=["q_proj", "nope"])
-    assert all(p.requires_grad for p in model.parameters())  # not frozen by the failed call
-    assert A.adapter_names(model) == [] and not list(A.slots(model))
-    with pytest.raises(ValueError, match="sparse=1"):
-        A.add_adapter(model, "series", sparse=1)
-
-
-def test_failed_load_leaves_the_model_as_it_was(tmp_path):
-    from safetensors.torch import load_file, save_file
-    src = A.add_adapter(tiny_model("llama"), "lora", r=4)
-    A.save_adapter(src, tmp_path)
-    state = load_file(tmp_path / "adapter_model.safetensors")
-    state.pop(next(iter(state)))
-    save_file(state, tmp_path / "adapter_model.safetensors")
-    model = tiny_model("llama")
-    with pytest.raises(KeyError, match="missing"):
-        A.load_adapter(model, tmp_path)
-    assert A.adapter_names(model) == [] and not list(A.slots(model))
-
-
-def test_remove_adapter_restores_the_base():
-    base = tiny_model("gptj").eval()
-    x = torch.randint(0, base.config.vocab_size, (2, 7))
-    ref, _ = base(x)
-    model = A.add_adapter(A.add_adapter(tiny_model("gptj").eval(), "lora", name="a"),
-                          "series", name="b")
-    randomize_adapters_(model)
-    A.remove_adapter(model, "a")
-    assert A.adapter_names(model) == ["b"] and all(lin.adapter is None for lin in model.modules()
-                                                   if isinstance(lin, Linear))
-    A.remove_adapter(model, "b")
-    assert torch.equal(model(x)[0], ref) and not list(A.slots(model))
-    with pytest.raises(ValueError, match="no adapter named"):
-        A.remove_adapter(model, "b")
-
-
 @pytest.mark.parametrize("sid", ["lora", "series-mlp", "parallel-per-linear"])
 def test_whole_model_cast_after_add(sid):
     """model.to(bf16) after add_adapter makes the adapters bf16 too; their maths then runs in
@@ -1061,3 +1092,87 @@ def test_whole_model_cast_after_add(sid):
     model = A.add_adapter(tiny_model("llama"), kind, **o).to(torch.bfloat16)
     logits, loss = model(torch.randint(0, 512, (2, 6)), torch.randint(0, 512, (2, 6)))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------------------ the registry: KINDS
+def positional_kind_calls(source):
+    """The Kind(...) calls in `source` that pass a field by position (line numbers)."""
+    return [n.lineno for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)
+            and getattr(n.func, "id", None) == "Kind" and n.args]
+
+
+def test_every_kind_is_a_complete_entry_with_named_fields():
+    """Each KINDS entry is a Kind: its options with their defaults, where it goes, how it is built,
+    and an optional check and finish; adapters.py writes every entry with its field names."""
+    assert A.Kind._fields == ("defaults", "places", "make", "check", "finish")
+    assert list(A.KINDS) == ["lora", "series", "parallel", "prefix", "prompt", "dora", "ia3"]
+    for kind, entry in A.KINDS.items():
+        assert isinstance(entry, A.Kind), kind
+        assert isinstance(entry.defaults, dict) and entry.defaults, kind
+        assert callable(entry.places) and callable(entry.make), kind
+        assert all(f is None or callable(f) for f in (entry.check, entry.finish)), kind
+    # the kinds with a training form to fold after training (MoSA parts, a reparameterised prefix)
+    assert {k for k, e in A.KINDS.items() if e.finish} == {"series", "parallel", "prefix"}
+    source = inspect.getsource(A)
+    assert source.count("] = Kind(defaults=") == len(A.KINDS)
+    assert positional_kind_calls(source) == []
+    assert positional_kind_calls("k = Kind(dict(r=1), places, make)") == [1]  # the check can fail
+
+
+def test_each_kind_sits_beside_its_class():
+    """adapters.py reads kind by kind: each KINDS entry comes after its module class and before the
+    next kind's class."""
+    lines = inspect.getsource(A).splitlines()
+    where = {k: next(i for i, line in enumerate(lines) if line.startswith(f'KINDS["{k}"] ='))
+             for k in A.KINDS}
+    classes = {"lora": A.LoRA, "series": A.Bottleneck, "parallel": A.Bottleneck,
+               "prefix": A.Prefix, "prompt": A.Prompt, "dora": A.DoRA, "ia3": A.IA3}
+    starts = {k: inspect.getsourcelines(c)[1] - 1 for k, c in classes.items()}
+    for kind in A.KINDS:
+        later = [s for s in starts.values() if s > starts[kind]]
+        assert starts[kind] < where[kind] < min(later, default=len(lines)), kind
+
+
+def test_slots_are_found_by_type_not_by_name():
+    """slots() walks the model for Slot modules, so a hook slot under any attribute is found (no
+    file lists the slot names)."""
+    model = A.add_adapter(tiny_model("llama"), "series", bottleneck=4)
+    model.layers[0].extra_slot = A.PostSlot()  # under a name model.py does not have
+    model.layers[0].extra_slot["x"] = nn.Identity()
+    found = {(m, a) for m, a, _ in A.slots(model)}
+    assert ("layers.0", "extra_slot") in found and ("layers.1", "post_mlp") in found
+    assert len(found) == model.config.n_layer + 1
+
+
+# ----------------------------------------------------- docs/adapters.md: the tables and the example
+def docs_section(title):
+    text = (ROOT / "docs" / "adapters.md").read_text()
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_docs_tables_name_every_kind_and_slot():
+    text = (ROOT / "docs" / "adapters.md").read_text()
+    for kind in A.KINDS:
+        assert f"| `{kind}` |" in text, kind
+    for slot in A.SLOT_TYPES:
+        assert f".{slot}`" in text, slot
+
+
+def test_docs_worked_example_is_the_code():
+    """The IA3 class, its helpers and its KINDS entry are in docs/adapters.md verbatim: no drift."""
+    section = docs_section("Adding an adapter")
+    for obj in (A.IA3, A.ia3_targets, A._check_ia3, A._ia3_places, A._make_ia3):
+        assert inspect.getsource(obj).rstrip() in section, obj.__name__
+    entry = re.search(r"^# None: k, v \(BLOOM.*?check=_check_ia3\)\n", inspect.getsource(A),
+                      re.S | re.M)[0]
+    assert entry in section
+
+
+def test_docs_example_test_runs(tmp_path):
+    block = re.search(r"```python\n(import torch, adapters as A.*?)```",
+                      docs_section("Adding an adapter"), re.S)[1]
+    scope = {}
+    exec(compile(block, "docs/adapters.md", "exec"), scope)
+    scope["test_ia3"](tmp_path)

@@ -321,6 +321,7 @@ def test_config_parsing():
 # ----------------------------------------------------------------------------------- adapters, demo
 def test_adapter_template_leakage_and_base_check(tiny_dir, tmp_path, capsys, monkeypatch):
     adapters = pytest.importorskip("adapters")
+    adapter_io = pytest.importorskip("adapter_io")
     monkeypatch.chdir(tmp_path)
     rows = number_rows(3)
     write_set(tmp_path / "gsm8k", rows)
@@ -330,8 +331,8 @@ def test_adapter_template_leakage_and_base_check(tiny_dir, tmp_path, capsys, mon
     adapters.add_adapter(model, "lora", r=2, alpha=4)
     # train.py names the training file "data"
     for name, template in (("mylora", "alpaca"), ("other", "vicuna")):
-        adapters.save_adapter(model, tmp_path / name,
-                              extra={"template": template, "data": str(train)})
+        adapter_io.save_adapter(model, tmp_path / name,
+                                extra={"template": template, "data": str(train)})
     args = [f"--model={tiny_dir}", "--dataset=gsm8k", f"--data_dir={tmp_path}",
             "--max_new_tokens=3"]
     summary = main1(args + ["--adapter=mylora"])
@@ -344,7 +345,7 @@ def test_adapter_template_leakage_and_base_check(tiny_dir, tmp_path, capsys, mon
         ev.main(args + ["--adapter=other"])
     other = Transformer(Config.from_name("tiny-llama", vocab_size=360, n_layer=1))
     adapters.add_adapter(other, "lora", r=2, alpha=4)
-    adapters.save_adapter(other, tmp_path / "wrong")
+    adapter_io.save_adapter(other, tmp_path / "wrong")
     with pytest.raises(ValueError, match="another base model"):
         ev.main(args + ["--adapter=wrong"])
 
@@ -353,6 +354,7 @@ def test_demo_evaluates_the_base_and_every_trained_adapter(tiny_dir, tmp_path, c
     """`python eval.py` after `python train.py --adapter=...` runs: a row for the base, then one per
     adapter."""
     adapters = pytest.importorskip("adapters")
+    adapter_io = pytest.importorskip("adapter_io")
     monkeypatch.chdir(tmp_path)
     demo = tmp_path / "demo"
     shutil.copytree(tiny_dir, demo / "base")
@@ -361,7 +363,7 @@ def test_demo_evaluates_the_base_and_every_trained_adapter(tiny_dir, tmp_path, c
         model = adapters.add_adapter(ev.load(tiny_dir, "", "cpu", torch.float32)[0], kind)
         for p in adapters.adapter_state(model, "default").values():
             p.normal_(0, 0.5)  # trained adapters: each changes the answers
-        adapters.save_adapter(model, demo / kind)
+        adapter_io.save_adapter(model, demo / kind)
     summaries = ev.main(["--max_new_tokens=4", f"--demo_dir={demo}"])
     # adapters in adapters.py's order
     assert list(summaries) == ["base", "base + lora", "base + series"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import adapter_io
 import adapters
 import quantize as Q
 from checkpoints import load_model, save_model
@@ -191,8 +192,8 @@ def test_peft_lora_round_trip_on_a_quantized_base(tmp_path):
     for n, p in model.named_parameters():
         if "lora_B" in n:
             p.data.normal_()
-    adapters.save_adapter(model, tmp_path, format="peft")
-    again = adapters.load_adapter(Q.quantize_model(tiny_model("opt"), "int8"), tmp_path)
+    adapter_io.save_adapter(model, tmp_path, format="peft")
+    again = adapter_io.load_adapter(Q.quantize_model(tiny_model("opt"), "int8"), tmp_path)
     x = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(again(x)[0], model.eval()(x)[0])

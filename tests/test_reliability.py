@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import adapter_io
 import adapters
 import files
 import eval as evaluation
@@ -294,7 +295,7 @@ def test_tokenizer_larger_than_the_embedding(base, tmp_path):
 # --------------------------------------------------------------------------------------- adapters
 def saved_lora(base, tmp_path, **kw):
     model = adapters.add_adapter(load_model(base), "lora", r=4)
-    adapters.save_adapter(model, tmp_path, **kw)
+    adapter_io.save_adapter(model, tmp_path, **kw)
     return tmp_path
 
 
@@ -307,14 +308,14 @@ def saved_lora(base, tmp_path, **kw):
 def test_bad_adapter_config(base, tmp_path, config, message):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"adapter_config.json: {message}"):
-        adapters.load_adapter(load_model(base), tmp_path)
+        adapter_io.load_adapter(load_model(base), tmp_path)
 
 
 def test_damaged_adapter_weights(base, tmp_path):
     path = saved_lora(base, tmp_path)
     truncate(path / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="adapter_model.safetensors: cannot read it"):
-        adapters.load_adapter(load_model(base), path)
+        adapter_io.load_adapter(load_model(base), path)
 
 
 def test_peft_target_modules_must_match_the_tensors(base, tmp_path):
@@ -323,7 +324,7 @@ def test_peft_target_modules_must_match_the_tensors(base, tmp_path):
     (path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
     disagree = r"target_modules \['q_proj'\] disagree .*\['down_proj', 'k_proj', 'q_proj'"
     with pytest.raises(ValueError, match=disagree):
-        adapters.load_adapter(load_model(base), path)
+        adapter_io.load_adapter(load_model(base), path)
 
 
 def altered_lora(base, tmp_path, change):
@@ -338,7 +339,7 @@ def altered_lora(base, tmp_path, change):
 def test_integer_adapter_weight_is_refused(base, tmp_path):
     path, key = altered_lora(base, tmp_path, lambda t: t.long())
     with pytest.raises(ValueError, match=f"{key} is torch.int64, this model expects torch.float32"):
-        adapters.load_adapter(load_model(base), path)
+        adapter_io.load_adapter(load_model(base), path)
 
 
 def test_failed_load_adapter_leaves_the_model_as_it_was(base, tmp_path):
@@ -348,7 +349,7 @@ def test_failed_load_adapter_leaves_the_model_as_it_was(base, tmp_path):
         p.requires_grad_(True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="has shape"):
-        adapters.load_adapter(model, path)
+        adapter_io.load_adapter(model, path)
     assert all(p.requires_grad for p in model.parameters()) and model.adapter_configs == {}
     assert model.state_dict().keys() == state.keys()
 

@@ -10,6 +10,7 @@ import torch
 
 from conftest import randomize_, tiny_model
 
+import adapter_io
 import adapters
 import chat
 import eval as ev
@@ -27,7 +28,7 @@ def trained(base_dir, kind, out, **options):
     torch.manual_seed(1)
     for _, _, slot in adapters.slots(model):
         randomize_(slot, std=0.05)
-    adapters.save_adapter(model, out, base_model=str(base_dir))
+    adapter_io.save_adapter(model, out, base_model=str(base_dir))
     return model.eval()
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import adapter_io
 import adapters
 import train
 from data import synthetic
@@ -83,7 +84,7 @@ def test_demo_end_to_end(demo, capsys):
     # the adapter saved at the last validation (the best: it improved) loads onto a fresh base, same
     # logits
     assert summary["best_val"] == records(root / "lora", "val_loss")[-1]["val_loss"]
-    fresh = adapters.load_adapter(load_model(base), root / "lora")
+    fresh = adapter_io.load_adapter(load_model(base), root / "lora")
     x = torch.tensor([tok.encode("Tom has 3 pens. Then Tom finds 4 more pens.", bos=True)])
     model.eval()
     assert torch.equal(fresh.eval()(x)[0], model(x)[0])
@@ -161,7 +162,7 @@ def test_sparse_and_reparam_adapters_are_merged_at_the_end(demo, rows, tmp_path)
     assert json.load(open(tmp_path / "s" / "adapter_config.json"))["options"]["sparse"] == 0
     assert json.load(open(tmp_path / "p" / "adapter_config.json"))["options"]["reparam"] == 0
     for sub in ("s", "p"):  # the merged adapters load as plain ones
-        adapters.load_adapter(load_model(demo[0] / "base"), tmp_path / sub)
+        adapter_io.load_adapter(load_model(demo[0] / "base"), tmp_path / sub)
 
 
 class Interrupt(Exception):
@@ -346,7 +347,7 @@ def test_ddp_gloo_two_processes_agree_with_one(demo, rows, tmp_path):
     mp.spawn(ddp_worker, args=(port, argv + [f"--out={out}"], tmp_path), nprocs=2)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    fresh = adapters.load_adapter(load_model(demo[0] / "base"), out)  # rank 0 wrote it
+    fresh = adapter_io.load_adapter(load_model(demo[0] / "base"), out)  # rank 0 wrote it
     assert all(torch.equal(t, a[n]) for n, t in fresh.named_parameters() if n in a)
     assert len(records(out)) == 3  # one log, by rank 0
     single, _ = train.main(argv + [f"--out={tmp_path / 'single'}"])
@@ -451,7 +452,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo, rows, tmp_path,
     state = torch.load(tmp_path / "resume.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["trainable"].values())
     monkeypatch.setattr(adapters, "add_adapter", add_adapter)
-    adapters.load_adapter(load_model(demo[0] / "base"), tmp_path)  # the saved adapter still loads
+    adapter_io.load_adapter(load_model(demo[0] / "base"), tmp_path)  # the saved adapter still loads
 
 
 def test_key_space_value_form():

@@ -8,6 +8,7 @@ exactly as they drive theirs.
 import pytest
 import torch
 
+import adapter_io
 import adapters
 from grading import fit, load_impl, tiny, token_ids
 
@@ -141,7 +142,7 @@ def test_model_logits_match_adapters_lora(with_lora):
     adapters.add_adapter(ref, "lora", r=4, alpha=8, dropout=0.0, target_modules=TARGETS)
     randomize_B(ours)
     state = adapters.adapter_state(ours, "default")
-    adapters.fill_adapter(ref, "default", state, "the student's LoRA")
+    adapter_io.fill_adapter(ref, "default", state, "the student's LoRA")
     ids = token_ids(ours)
     torch.testing.assert_close(ours(ids)[0], ref(ids)[0], rtol=1e-5, atol=1e-5)
 
