@@ -18,8 +18,8 @@ lora/dora/ia3/series/parallel model equals the base exactly.
 Adapters live in `Slot`s (named containers) on the model's hook attributes: several can share a
 model under names, be switched with set_active and combined (e.g. lora + series). Their maths runs
 in fp32 even when the base runs in bf16/fp16 or under autocast. sparse=N (MoSA, "split & merge")
-splits a bottleneck's weights into N disjoint random parts that train one per step; merge_sparse
-folds them back into one plain adapter.
+splits a bottleneck's weights into N disjoint random parts that train one per step; join_sparse
+joins them back into one plain adapter ("merge" here means only folding into the base weight).
 
 Each kind is a class beside its helpers and its entry in KINDS (defaults, places, make, check,
 finish). Each adapter module names its own tensors (adapter_params, as torchtune's): adapter_state
@@ -383,9 +383,9 @@ def sparse_step(model, step):
             m.active = k % m.n
 
 
-def merge_sparse(model):
-    """Replace each split weight by the one plain nn.Linear weight its parts make up (MoSA's
-    merge)."""
+def join_sparse(model):
+    """Replace each split weight by the one plain nn.Linear weight its parts make up (what MoSA
+    calls merging; here merge is only the fold into the base weight)."""
     for m in list(model.modules()):
         if isinstance(m, Bottleneck):
             for attr in ("down", "up"):
@@ -404,17 +404,17 @@ _bottleneck = dict(bottleneck=256, reduction=0, placement="mlp", non_linearity="
                    scaling=1.0, dropout=0.0, sparse=0)
 KINDS["series"] = Kind(defaults=dict(_bottleneck, residual=True),
                        places=_bottleneck_places("series"), make=_make_bottleneck,
-                       check=_check_bottleneck, finish=merge_sparse)
+                       check=_check_bottleneck, finish=join_sparse)
 KINDS["parallel"] = Kind(defaults=dict(_bottleneck, per_linear=None),
                          places=_bottleneck_places("parallel"), make=_make_bottleneck,
-                         check=_check_bottleneck, finish=merge_sparse)
+                         check=_check_bottleneck, finish=join_sparse)
 
 
 # ----------------------------------------------------------------------------------------- prefix
 class Prefix(nn.Module):
     """num_virtual_tokens learned keys and values per layer (B, n_kv_head, P, head_dim), without
     rotary as in LLM-Adapters. reparam > 0 produces them from an embedding through an MLP while
-    training (Li & Liang); merge_prefix turns that into plain tensors.
+    training (Li & Liang); compute_prefix turns that into plain tensors.
 
     What a prefix changes in the softmax: its P keys join the sequence's keys in ONE softmax
     (model.py, Attention.forward), so they compete for attention mass. With s_j =
@@ -503,7 +503,7 @@ def _make_prefix(model, owner, slot, o):
     return GatedPrefix(model.config, P) if o["gated"] else Prefix(model.config, P, o["reparam"])
 
 
-def merge_prefix(model):
+def compute_prefix(model):
     """Replace reparameterised prefixes by the plain keys/values their MLP produces (after
     training)."""
     for m in model.modules():
@@ -520,7 +520,7 @@ def merge_prefix(model):
 # only (0 = all)
 KINDS["prefix"] = Kind(defaults=dict(num_virtual_tokens=10, reparam=0, gated=False, layers=0),
                        places=_prefix_places, make=_make_prefix, check=_check_prefix,
-                       finish=merge_prefix)
+                       finish=compute_prefix)
 
 
 # ----------------------------------------------------------------------------------------- prompt
@@ -719,7 +719,7 @@ def add_adapter(model, kind, name="default", **options):
 
 
 def finish_adapters(model):
-    """After training: turn every adapter's training form into its plain one (MoSA parts merged,
+    """After training: turn every adapter's training form into its plain one (MoSA parts joined,
     reparameterised prefixes computed), as each kind's entry says; a no-op for the others."""
     for kind in {cfg["kind"] for cfg in model.adapter_configs.values()}:
         if KINDS[kind].finish is not None:

@@ -14,10 +14,10 @@ Speed and memory of adapter training and generation, ours vs Hugging Face + PEFT
 
 The preset is built with random weights (bf16 on CUDA, no download). Without CUDA the default
 model is tiny-llama in fp32: a smoke test, speed meaningless. --compile: "" = compile each block
-on CUDA (fast.compile_blocks), true/false force it; every run reports its first step's seconds
+on CUDA (cli.compile_blocks), true/false force it; every run reports its first step's seconds
 (compiling included) apart from the timed steps. Peak memory: on CUDA the timed steps' allocated
 high-water mark, on a CPU the process's resident one (ru_maxrss: model building included; the
-suite runs each row in its own process). Generation uses fast.DecodeStep (a CUDA graph per
+suite runs each row in its own process). Generation uses generate.DecodeStep (a CUDA graph per
 generate call on CUDA); --adapter=lora attaches an unmerged LoRA to it, --adapter=none runs the
 bare base. MFU divides model FLOPs by --peak_tflops (default 989: H100 SXM dense bf16). Training
 FLOPs of a frozen base: forward 2N + backward through activations 2N per token (no weight
@@ -38,9 +38,9 @@ import distributed
 from adapters import KINDS, add_adapter, count_parameters, fast_fp32_matmuls
 from data.pack import collate_packed, padding_share
 from files import write_atomic
-from cli import ConfigError, check_choice, configure, device_and_dtype
-import fast
-from fast import compile_blocks, compile_setting
+from cli import (ConfigError, check_choice, compile_blocks, compile_setting, configure,
+                 device_and_dtype)
+from generate import generate
 from model import LOSS_CHUNK_LOGITS, PRESETS, Config, Transformer
 from quantize import MODES as QUANT_MODES, quantize_model
 
@@ -295,7 +295,7 @@ def bench_generate(cfg, conf, m, device):
     if compile_setting(cfg.compile, device):
         compile_blocks(m)
     idx = torch.randint(3, conf.vocab_size, (cfg.batch, cfg.prompt_len), device=device)
-    return time_generation(cfg, lambda: fast.generate(m, idx, cfg.new_tokens))
+    return time_generation(cfg, lambda: generate(m, idx, cfg.new_tokens))
 
 
 def hf_model(conf, dtype, device):

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from model import Config, RopeScaling, Transformer, _bloom, _gptj, _opt
+from model import FAMILIES, Config, RopeScaling, Transformer
 from files import read_json, read_state_dict, unreadable, write_atomic
 from quantize import check_mode, is_projection, is_quantized, quantize_linear
 
@@ -184,8 +184,9 @@ def config_from_hf(d, name):
     if t in HF_CLASS:
         return _llama_like(d, name, t)
     if t == "gptj":
-        return Config(name, **{**_gptj, "vocab_size": d["vocab_size"], "n_layer": d["n_layer"],
-                               "n_head": d["n_head"], "n_embd": d["n_embd"],
+        return Config(name, **{**FAMILIES["gptj"], "vocab_size": d["vocab_size"],
+                               "n_layer": d["n_layer"], "n_head": d["n_head"],
+                               "n_embd": d["n_embd"],
                                "intermediate_size": d.get("n_inner") or 4 * d["n_embd"],
                                "block_size": d.get("n_positions", 2048),
                                "rotary_dim": d.get("rotary_dim") or 0,
@@ -196,7 +197,7 @@ def config_from_hf(d, name):
             raise ValueError(f"{name}: apply_residual_connection_post_layernorm=True "
                              "is not supported")
         h = d.get("hidden_size") or d["n_embed"]
-        return Config(name, **{**_bloom, "vocab_size": d["vocab_size"],
+        return Config(name, **{**FAMILIES["bloom"], "vocab_size": d["vocab_size"],
                                "n_layer": d.get("n_layer") or d["num_hidden_layers"],
                                "n_head": d.get("n_head") or d["num_attention_heads"], "n_embd": h,
                                "intermediate_size": 4 * h,
@@ -206,7 +207,7 @@ def config_from_hf(d, name):
             raise ValueError(f"{name}: activation_function {d['activation_function']!r} "
                              "is not supported (relu)")
         pre = d.get("do_layer_norm_before", True)
-        return Config(name, **{**_opt, "vocab_size": d["vocab_size"],
+        return Config(name, **{**FAMILIES["opt"], "vocab_size": d["vocab_size"],
                                "n_layer": d["num_hidden_layers"],
                                "n_head": d["num_attention_heads"], "n_embd": d["hidden_size"],
                                "intermediate_size": d["ffn_dim"],

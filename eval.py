@@ -4,15 +4,17 @@ format).
 
     python eval.py              # the embedded demo: out/demo/base alone
                                 # and + each adapter trained in out/demo/
-    python eval.py --model=<dir> [--adapter=<dir>] \
+    python eval.py --model=<dir> [--adapter_dir=<dir>] \
                    --dataset=gsm8k|AQuA|...|math|commonsense|path/to/test.json \
                    [--data_dir=<dir>] [--limit=N] [--batch_size=32] [--num_beams=4] [--strict] \
                    [--out=<dir>]
 
 Writes <out>/<dataset>.jsonl (one record per example, in the test file's order) and
 <out>/summary.json, and prints a markdown table in the paper's layout. Unlike LLM-Adapters'
-evaluate.py: batched generation with a KV cache, prompts sorted by length (longest first),
-left-padded with an attention mask.
+evaluate.py: batched generation with a KV cache (generate.py), prompts sorted by length (longest
+first), left-padded with an attention mask. A response ends on any of the tokenizer's stop ids;
+each record says why it ended ("stop": stop_token or max_new_tokens), and the report counts the
+responses cut by --max_new_tokens (an answer cut short is likely scored wrong).
 
 Batch size: a left-padded row is computed as it would be alone (positions count real tokens, padding
 is masked, every batch gets a mask), so predictions do not depend on the batch size; only the
@@ -24,39 +26,34 @@ change, and accuracies to move by a fraction of a point. Use --dtype=float32 for
 match exactly.
 """
 import json
-import math
 import os
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from adapter_io import load_adapter, read_adapter_config
 from adapters import KINDS, fast_fp32_matmuls
+from cli import (DEMO_DIR, DTYPES, ConfigError, compile_blocks, compile_setting, configure,
+                 device_and_dtype, load, template_of)
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, describe_duplicates, leakage, load_rows
-from data.scoring import COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION, get_kind, score
+from data.scoring import ANSWER_TYPES, COMMONSENSE, MATH, NUMBER, OPTION, get_answer_type, score
 from data.template import TEMPLATES, response_of
-from checkpoints import load_model
 from files import check_writable, write_atomic
-import fast
-from fast import DecodeStep, compile_blocks, compile_setting, prefill
-from cli import DEMO_DIR, DTYPES, ConfigError, configure, device_and_dtype
+from generate import MAX_NEW_TOKENS, generate_batch
 from quantize import MODES as QUANT_MODES
-from tokenizer import Tokenizer, check_vocab
 
 # --------------------------------------------------------------------------------------------------
 # defaults; override any with --key=value or --key value (booleans: --strict or --strict=false),
 # as in train.py
 DEFAULTS = dict(
     model="",             # base model folder (Hugging Face or Meta layout); "" = the embedded demo
-    adapter="",           # adapter folder (adapter_config.json); "" = the base alone
-                          # (demo: and + each trained one)
+    adapter_dir="",       # folder of a trained adapter (adapter_config.json); "" = the base
+                          # alone (demo: and + each trained one)
     dataset="",           # a name, a group (math, commonsense), or a path to a test.json
                           # or its folder
     data_dir="",          # folder of <name>/test.json;
                           # "" = data/out, then ../shared/data/llm-adapters/dataset
-    kind="",              # answer kind of a set not known by name:
+    answer_type="",       # how to read the answers of a set not known by name:
                           # number | option | choice1,choice2,...
     limit=0,              # only the first N examples of each set (0 = all)
     batch_size=32,
@@ -101,18 +98,18 @@ def parse_config(argv):
     return cfg
 
 
-def parse_kind(kind):
-    """--kind value -> None (infer), "number", "option" or a list of choice words."""
-    if kind in ("", NUMBER, OPTION):
-        return kind or None
-    choices = [c.strip() for c in kind.split(",") if c.strip()]
+def parse_answer_type(value):
+    """--answer_type value -> None (infer), "number", "option" or a list of choice words."""
+    if value in ("", NUMBER, OPTION):
+        return value or None
+    choices = [c.strip() for c in value.split(",") if c.strip()]
     if len(choices) < 2:
-        raise ValueError(f"--kind={kind}: expected number, option or a comma-separated list of "
-                         "choice words")
+        raise ValueError(f"--answer_type={value}: expected number, option or a comma-separated "
+                         "list of choice words")
     return choices
 
 
-def find_datasets(spec, data_dir=""):
+def find_test_sets(spec, data_dir=""):
     """--dataset value -> [(name, path of its test.json)]. A group skips (with a warning) its sets
     that are missing locally; a single named set that is missing is an error."""
     if os.path.exists(spec) or spec.endswith(".json"):
@@ -124,7 +121,7 @@ def find_datasets(spec, data_dir=""):
                 else base[:-5])
         return [(name, path)]
     dirs = [data_dir] if data_dir else DATA_DIRS
-    known = {n.lower(): n for n in DATASET_KIND}
+    known = {n.lower(): n for n in ANSWER_TYPES}
     names = GROUPS.get(spec.lower(), [known.get(spec.lower(), spec)])
     found = {}
     for name in names:
@@ -134,7 +131,7 @@ def find_datasets(spec, data_dir=""):
     where = " or ".join(dirs)
     if spec.lower() not in GROUPS and not found:
         if spec.lower() not in known:
-            raise ValueError(f"unknown dataset {spec!r}; known: {', '.join(DATASET_KIND)}; groups: "
+            raise ValueError(f"unknown dataset {spec!r}; known: {', '.join(ANSWER_TYPES)}; groups: "
                              f"{', '.join(GROUPS)}; or a path to a test.json (or its folder)")
         raise FileNotFoundError(f"{names[0]}: no {names[0]}/test.json in {where} "
                                 "(see data/prepare.py)")
@@ -149,126 +146,7 @@ def find_datasets(spec, data_dir=""):
 
 
 # --------------------------------------------------------------------------------------------------
-# generation
-
-@torch.no_grad()
-def beam_search(model, idx, attention_mask, max_new_tokens, num_beams, eos_id=None,
-                length_penalty=1.0, return_scores=False):
-    """Batched beam search with a KV cache, as Hugging Face's (early_stopping=False): every step
-    keeps the num_beams best unfinished continuations; a continuation ending in EOS among the
-    num_beams best candidates becomes a hypothesis, scored sum(log p) / len ** length_penalty with
-    len = generated tokens incl. EOS (HF counts the prompt and its padding there, which makes
-    results depend on the batch). An example is done once it has num_beams hypotheses and none of
-    its live beams scores better now; at max_new_tokens the live beams become hypotheses too.
-    idx (B, T) left-padded with attention_mask (B, T). Returns the best continuation of each row, a
-    list of ids without EOS (with return_scores: (score, ids) pairs)."""
-    B, T = idx.shape
-    K = num_beams
-    n_soft = model.prompt.n_tokens if model.prompt is not None else 0
-    cache = model.new_cache(B, T + max_new_tokens + n_soft)
-    logits = prefill(model, cache, idx, attention_mask)
-    cache.repeat(K)  # K beams per example, rows b*K .. b*K+K-1
-    step = DecodeStep(model, cache)
-    logp = F.log_softmax(logits[:, -1].float(), dim=-1).repeat_interleave(K, 0)  # (B*K, V)
-    scores = torch.full((B, K), -math.inf, device=idx.device)
-    scores[:, 0] = 0.0  # at first all K beams of an example are the same: keep one
-    seqs = [[] for _ in range(B * K)]
-    hyps = [[] for _ in range(B)]  # (score, ids)
-    done = [max_new_tokens == 0] * B
-    for n in range(1, max_new_tokens + 1):  # n: generated tokens after this step
-        live = next_beams(scores, logp, seqs, hyps, done, eos_id, n ** length_penalty)
-        if n == max_new_tokens or all(done):
-            break
-        cache.reorder(torch.tensor([row for _, row, _ in live], device=idx.device))
-        seqs = [seqs[row] + [t] for _, row, t in live]
-        scores = torch.tensor([s for s, _, _ in live], device=idx.device).view(B, K)
-        logits = step(torch.tensor([[t] for _, _, t in live], device=idx.device))
-        logp = F.log_softmax(logits[:, -1].float(), dim=-1)
-    for b in range(B):  # at the end the live beams of unfinished examples are hypotheses too
-        if not done[b]:
-            hyps[b] += [(s / n ** length_penalty, seqs[row] + [t])
-                        for s, row, t in live[b * K:(b + 1) * K] if s > -math.inf]
-    best = [max(h, key=lambda x: x[0]) if h else (0.0, []) for h in hyps]
-    return best if return_scores else [ids for _, ids in best]
-
-
-def next_beams(scores, logp, seqs, hyps, done, eos_id, norm):
-    """One step of beam search: from the K beams of each example (scores (B, K), logp (B*K, V))
-    the 2K best candidates; those ending in EOS among the K best become hypotheses (score / norm)
-    in hyps, the others the K new beams. Marks examples done (in `done`).
-    -> [(score, source row, token)] for the B*K new beams; dead beams (done examples, too few
-    candidates) score -inf."""
-    B, K = scores.shape
-    V = logp.size(-1)
-    top, flat = (scores.view(-1, 1) + logp).view(B, K * V).topk(min(2 * K, K * V), dim=1)
-    top, beam, tok = top.tolist(), (flat // V).tolist(), (flat % V).tolist()
-    live = []
-    for b in range(B):
-        keep = []
-        for rank in range(len(top[b]) if not done[b] else 0):
-            s, row, t = top[b][rank], b * K + beam[b][rank], tok[b][rank]
-            if s == -math.inf or len(keep) == K:
-                break
-            if t == eos_id:
-                if rank < K:
-                    hyps[b].append((s / norm, seqs[row]))
-            else:
-                keep.append((s, row, t))
-        keep += [(-math.inf, b * K, 0)] * (K - len(keep))
-        if not done[b]:  # nothing left to explore, or no live beam beats the K best hypotheses
-            worst = sorted(h[0] for h in hyps[b])[-K] if len(hyps[b]) >= K else -math.inf
-            done[b] = keep[0][0] == -math.inf or worst >= keep[0][0] / norm
-        live += keep
-    return live
-
-
-def generate_ids(model, prompt_ids, max_new_tokens, batch_size=32, eos_id=None, pad_id=0,
-                 num_beams=1, length_penalty=1.0, progress=None):
-    """Continuations of token-id prompts (each cut before its first EOS), in the order given.
-    Batches are taken in order of prompt length, longest first, left-padded. progress(done, total)
-    is called after each batch."""
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    device = model.embed.weight.device
-    out = [None] * len(prompt_ids)
-    for start in range(0, len(order), batch_size):
-        batch = [prompt_ids[i] for i in order[start:start + batch_size]]
-        T = max(map(len, batch))
-        idx = torch.tensor([[pad_id] * (T - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in batch], device=device)
-        if num_beams == 1:
-            new = fast.generate(model, idx, max_new_tokens, eos_id=eos_id, attention_mask=mask)
-            new = new[:, T:].tolist()
-        else:
-            new = beam_search(model, idx, mask, max_new_tokens, num_beams, eos_id, length_penalty)
-        for i, ids in zip(order[start:start + batch_size], new):
-            out[i] = ids[:ids.index(eos_id)] if eos_id in ids else ids
-        if progress:
-            progress(min(start + batch_size, len(order)), len(order))
-    return out
-
-
-def generate_batch(model, tok, prompts, max_new_tokens, batch_size=32, num_beams=1,
-                   length_penalty=1.0, progress=None):
-    """Greedy (or beam) responses to text prompts, decoded, in the order given. A prompt that leaves
-    no room for max_new_tokens within the model's block_size is cut from the left (BOS kept), with a
-    warning."""
-    n_soft = model.prompt.n_tokens if model.prompt is not None else 0
-    room = model.config.block_size - max_new_tokens - n_soft
-    bos = getattr(tok, "add_bos", True)
-    if room < 1 + bos:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
-                         f"block_size {model.config.block_size}")
-    ids = [tok.encode(p, bos=bos) for p in prompts]
-    cut = sum(len(x) > room for x in ids)
-    if cut:
-        warn(f"{cut} of {len(ids)} prompts are longer than {room} tokens "
-             f"(block_size {model.config.block_size} - max_new_tokens {max_new_tokens}) "
-             "and were cut from the left")
-        ids = [x if len(x) <= room else x[:bos] + x[len(x) - room + bos:] for x in ids]
-    new = generate_ids(model, ids, max_new_tokens, batch_size, tok.eos_id, tok.pad_id, num_beams,
-                       length_penalty, progress)
-    return [tok.decode(x) for x in new]
-
+# evaluation
 
 def progress_printer(name):
     """progress(done, total) that prints examples/s and the ETA to stderr."""
@@ -282,23 +160,26 @@ def progress_printer(name):
     return progress
 
 
-def evaluate(model, tok, rows, dataset, kind=None, strict=False, template="alpaca",
+def evaluate(model, tok, rows, dataset, answer_type=None, strict=False, template="alpaca",
              max_new_tokens=0, batch_size=32, num_beams=1, length_penalty=1.0, progress=True):
-    """Generate a response to every row and score it. kind: None = from the dataset name, else the
-    labels; max_new_tokens: 0 = the default for the kind (see DEFAULTS).
+    """Generate a response to every row and score it. answer_type: None = from the dataset name,
+    else the labels; max_new_tokens: 0 = the default for the answer type (see DEFAULTS).
     Returns (records, accuracy); records in the rows' order:
-    id, prompt, response, extracted, label, correct."""
-    kind = get_kind(dataset, kind, labels=[r["answer"] for r in rows])
-    max_new_tokens = max_new_tokens or min(32 if isinstance(kind, list) else 256,
+    id, prompt, response, stop (why it ended: stop_token or max_new_tokens), extracted, label,
+    correct."""
+    answer_type = get_answer_type(dataset, answer_type, labels=[r["answer"] for r in rows])
+    max_new_tokens = max_new_tokens or min(32 if isinstance(answer_type, list) else 256,
                                            model.config.block_size // 2)
-    prompts = [TEMPLATES[template](r["instruction"], r.get("input") or "") for r in rows]
-    responses = generate_batch(model, tok, prompts, max_new_tokens, batch_size, num_beams,
+    t = TEMPLATES[template]
+    prompts = [t.text(r["instruction"], r.get("input") or "") for r in rows]
+    ids = [t.encode_prompt(tok, r["instruction"], r.get("input") or "") for r in rows]
+    responses = generate_batch(model, tok, ids, max_new_tokens, batch_size, num_beams,
                                length_penalty, progress_printer(dataset) if progress else None)
     records = []
-    for i, (row, prompt, response) in enumerate(zip(rows, prompts, responses)):
-        pred, correct = score(dataset, response_of(response), row["answer"], kind, strict)
-        records.append(dict(id=i, prompt=prompt, response=response.strip(), extracted=pred,
-                            label=row["answer"], correct=correct))
+    for i, (row, prompt, (text, stop)) in enumerate(zip(rows, prompts, responses)):
+        pred, correct = score(dataset, response_of(text), row["answer"], answer_type, strict)
+        records.append(dict(id=i, prompt=prompt, response=text.strip(), stop=stop,
+                            extracted=pred, label=row["answer"], correct=correct))
     return records, sum(r["correct"] for r in records) / len(records)
 
 
@@ -318,29 +199,13 @@ def markdown_table(table):
     return "\n".join(lines)
 
 
-def load(model_dir, adapter_dir, device, dtype, quantize=""):
-    """(model in eval mode, tokenizer, the adapter config's "extra" dict) for a base folder and
-    optional adapter."""
-    model = load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
-    tok = Tokenizer.from_pretrained(model_dir)
-    check_vocab(tok, model.config.vocab_size, model_dir)
-    extra = {}
-    if adapter_dir:  # the adapter keeps its own dtype (adapters.py runs adapter maths in fp32)
-        model = load_adapter(model, adapter_dir)  # raises for an adapter of another base model
-        extra = read_adapter_config(adapter_dir).get("extra") or {}
-    return model.eval(), tok, extra
-
-
-def run(cfg, adapter_dir, rows, kind, device, dtype, out):
+def run(cfg, adapter_dir, rows, answer_type, device, dtype, out):
     """Evaluate the base model + adapter_dir ("" = none) on every set of rows; write
     <out>/<set>.jsonl and <out>/summary.json. Returns ({set: accuracy}, the summary)."""
     model, tok, extra = load(cfg["model"], adapter_dir, device, dtype, cfg["quantize"])
     if compile_setting(cfg["compile"], device):
-        compile_blocks(model)  # decoding: a CUDA graph of compiled blocks (fast.DecodeStep)
-    template = extra.get("template", "alpaca")
-    if template not in TEMPLATES:
-        raise ValueError(f"{adapter_dir}: unknown prompt template {template!r}; "
-                         f"known: {', '.join(TEMPLATES)}")
+        compile_blocks(model)  # decoding: a CUDA graph of compiled blocks (generate.DecodeStep)
+    template = template_of(extra, adapter_dir).name
     # the adapter's training file (train.py: "data")
     train = extra.get("train_data") or extra.get("data")
     if train and os.path.isfile(train):
@@ -348,12 +213,12 @@ def run(cfg, adapter_dir, rows, kind, device, dtype, out):
             if c["normalized"]:
                 warn(f"{name}: {c['normalized']} of {c['total']} test questions also occur in "
                      f"the adapter's training data {train}")
-    accuracies, n = {}, {}
+    accuracies, n, cut = {}, {}, {}
     for name, data in rows.items():
         t0 = time.time()
         try:
-            records, accuracies[name] = evaluate(model, tok, data, name, kind, cfg["strict"],
-                                                 template, cfg["max_new_tokens"],
+            records, accuracies[name] = evaluate(model, tok, data, name, answer_type,
+                                                 cfg["strict"], template, cfg["max_new_tokens"],
                                                  cfg["batch_size"], cfg["num_beams"],
                                                  cfg["length_penalty"])
         except torch.cuda.OutOfMemoryError as e:
@@ -362,11 +227,13 @@ def run(cfg, adapter_dir, rows, kind, device, dtype, out):
                               f"--num_beams={cfg['num_beams']}: "
                               "lower --batch_size (results do not depend on it)") from e
         n[name] = len(records)
+        cut[name] = sum(r["stop"] == MAX_NEW_TOKENS for r in records)
         write_atomic(os.path.join(out, f"{name}.jsonl"),
                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        print(f"{name}: accuracy {100 * accuracies[name]:.1f}% of {len(records)} "
+        print(f"{name}: accuracy {100 * accuracies[name]:.1f}% of {len(records)}, "
+              f"{cut[name]} cut by max_new_tokens "
               f"({len(records) / (time.time() - t0):.1f} examples/s)", file=sys.stderr)
-    summary = {k: {"accuracy": a, "n": n[k]} for k, a in accuracies.items()}
+    summary = {k: {"accuracy": a, "n": n[k], "cut": cut[k]} for k, a in accuracies.items()}
     summary["average"] = sum(accuracies.values()) / len(accuracies)
     write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out}/summary.json and {len(rows)} JSONL file(s)", file=sys.stderr)
@@ -374,17 +241,17 @@ def run(cfg, adapter_dir, rows, kind, device, dtype, out):
 
 
 def main(argv=None):
-    """Returns {model row name: summary}: one row, or for the demo without --adapter the base and
-    every adapter that train.py left in the demo folder."""
+    """Returns {model row name: summary}: one row, or for the demo without --adapter_dir the base
+    and every adapter that train.py left in the demo folder."""
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    adapter_dirs = [cfg["adapter"]]
+    adapter_dirs = [cfg["adapter_dir"]]
     if not cfg["model"]:  # the embedded demo
         demo = cfg["demo_dir"]
         cfg["model"] = os.path.join(demo, "base")
         test = os.path.join(demo, "data", "test.json")
         trained = [d for d in (os.path.join(demo, k) for k in KINDS)
                    if os.path.isfile(os.path.join(d, "adapter_config.json"))]
-        adapter_dirs = [cfg["adapter"]] if cfg["adapter"] else ["", *trained]
+        adapter_dirs = [cfg["adapter_dir"]] if cfg["adapter_dir"] else ["", *trained]
         needed = [cfg["model"], *filter(None, adapter_dirs)] + ([] if cfg["dataset"] else [test])
         missing = [p for p in needed if not os.path.exists(p)]
         if adapter_dirs == [""]:  # no adapter trained yet
@@ -394,14 +261,15 @@ def main(argv=None):
                                     f"({', '.join(missing)} missing): "
                                     "run `python train.py` first, "
                                     "or pass --model=<dir> --dataset=<name>")
-        datasets = (find_datasets(cfg["dataset"], cfg["data_dir"]) if cfg["dataset"]
+        datasets = (find_test_sets(cfg["dataset"], cfg["data_dir"]) if cfg["dataset"]
                     else [("demo", test)])
     elif not cfg["dataset"]:
-        raise ValueError(f"--dataset is required with --model: a name ({', '.join(DATASET_KIND)}), "
-                         f"a group ({', '.join(GROUPS)}) or a path to a test.json")
+        raise ValueError(f"--dataset is required with --model: a name "
+                         f"({', '.join(ANSWER_TYPES)}), a group ({', '.join(GROUPS)}) or a path "
+                         "to a test.json")
     else:
-        datasets = find_datasets(cfg["dataset"], cfg["data_dir"])
-    kind = parse_kind(cfg["kind"])
+        datasets = find_test_sets(cfg["dataset"], cfg["data_dir"])
+    answer_type = parse_answer_type(cfg["answer_type"])
     rows = {name: load_rows(path, TEST_REQUIRE)[:cfg["limit"] or None] for name, path in datasets}
     for (name, path), data in zip(datasets, rows.values()):
         dup = describe_duplicates(path, data)
@@ -422,7 +290,7 @@ def main(argv=None):
     for out in outs.values():  # before the evaluation, not after it
         check_writable(out, "--out")
     for (row, out), adapter_dir in zip(outs.items(), adapter_dirs):
-        table[row], summaries[row] = run(cfg, adapter_dir, rows, kind, device, dtype, out)
+        table[row], summaries[row] = run(cfg, adapter_dir, rows, answer_type, device, dtype, out)
     print(markdown_table(table))
     # the demo: where its pictures are (plot.py)
     if cfg["model"] == os.path.join(cfg["demo_dir"], "base"):

@@ -1,8 +1,8 @@
 """
 Export a trained adapter for use outside this repository.
 
-    python export.py --model=<base> --adapter=<adapter> --out=<dir>               # merged model
-    python export.py --model=<base> --adapter=<adapter> --out=<dir> --format=peft # adapter alone
+    python export.py --model=<base> --adapter_dir=<adapter> --out=<dir>          # merged model
+    python export.py --model=<base> --adapter_dir=<adapter> --format=peft         # adapter alone
     python export.py        # the demo: out/demo/base + out/demo/lora -> out/export/lora-merged
 
 merged: the adapter is folded into the base weights (W += scale * B A for LoRA; any adapter on a
@@ -17,14 +17,13 @@ from pathlib import Path
 
 import adapter_io
 import adapters
-from chat import load_for_tool
 from checkpoints import save_model
+from cli import DEMO_DIR, ConfigError, check_choice, configure, fail, load_for_tool
 from files import write_atomic
-from cli import DEMO_DIR, ConfigError, check_choice, configure, fail
 
 DEFAULTS = dict(
     model="",             # base model folder; "" = the demo's base (<demo_dir>/base)
-    adapter="",           # adapter folder (ours or PEFT); "" = the demo's lora (<demo_dir>/lora)
+    adapter_dir="",       # folder of a trained adapter (ours or PEFT); "" = the demo's lora
     out="",               # "" = out/export/<adapter folder name>-<format>
     format="merged",      # merged | peft
     demo_dir=DEMO_DIR,
@@ -33,7 +32,6 @@ DEFAULTS = dict(
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "encoder.json", "vocab.bpe", "generation_config.json")
-
 
 
 def unmergeable(model):
@@ -62,9 +60,9 @@ def main(argv=None):
     try:
         cfg, _ = configure(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__)
         check_choice(cfg, "format", ("merged", "peft"))
+        model, _, _, model_dir, adapter_dir = load_for_tool(cfg, need_adapter=True)
     except ConfigError as e:
         fail(e)
-    model, _, _, model_dir, adapter_dir = load_for_tool(cfg, fail, need_adapter=True)
     name = os.path.basename(os.path.normpath(adapter_dir))
     out = cfg.out or os.path.join("out", "export", f"{name}-{cfg.format}")
     try:

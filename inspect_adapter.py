@@ -1,7 +1,7 @@
 """
 Look inside a model: the attention weights of one example, and what an adapter learned.
 
-    python inspect_adapter.py --model=<base> --adapter=<adapter> [--prompt=...] [--layer=-1]
+    python inspect_adapter.py --model=<base> --adapter_dir=<adapter> [--prompt=...] [--layer=-1]
     python inspect_adapter.py              # the demo: out/demo/base + lora, a held-out problem
 
 Prints a table of the adapter, a row per place: LoRA's update dW = scale * B A as its Frobenius
@@ -25,23 +25,20 @@ import torch
 import torch.nn.functional as F
 
 import adapters
-from files import write_atomic
-from cli import DEMO_DIR, ConfigError, configure, fail
+from cli import DEMO_DIR, ConfigError, configure, fail, load_for_tool, template_of
 from data.prepare import TEST_REQUIRE, load_rows
-from chat import load_for_tool
-from eval import TEMPLATES
+from files import write_atomic
 from model import Attention, apply_rope
-from plot import svg, tag
+from svg import svg, tag
 
 DEFAULTS = dict(
     model="",             # base model folder; "" = the demo's base
-    adapter="",           # adapter folder; "" = none with --model, the demo's lora without
+    adapter_dir="",       # folder of a trained adapter; "" = the demo's lora, none with --model
     prompt="",            # the instruction whose attention is drawn; "" = a demo test problem
     layer=-1,             # which layer's attention to draw (negative: from the top)
     out="",               # "" = the adapter folder (or out/inspect for a base alone)
     demo_dir=DEMO_DIR,
 )
-
 
 
 # ------------------------------------------------------------------------------ attention weights
@@ -179,9 +176,10 @@ def attention_grids(weights, tokens, layer):
 def main(argv=None):
     try:
         cfg, _ = configure(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__)
+        model, tok, extra, _, adapter_dir = load_for_tool(cfg)
+        template = template_of(extra, adapter_dir)
     except ConfigError as e:
         fail(e)
-    model, tok, extra, _, adapter_dir = load_for_tool(cfg, fail)
     if not -model.config.n_layer <= cfg.layer < model.config.n_layer:
         fail(f"--layer={cfg.layer}: the model has {model.config.n_layer} layers")
     out = cfg.out or adapter_dir or os.path.join("out", "inspect")
@@ -197,8 +195,7 @@ def main(argv=None):
         test = os.path.join(cfg.demo_dir, "data", "test.json")
         exists = os.path.isfile(test)
         prompt = load_rows(test, TEST_REQUIRE)[0]["instruction"] if exists else "What is 2 + 3?"
-    prompt = TEMPLATES[extra.get("template", "alpaca")](prompt, "")
-    ids = tok.encode(prompt, bos=getattr(tok, "add_bos", True))
+    ids = template.encode_prompt(tok, prompt)
     layer = cfg.layer % model.config.n_layer
     weights, _ = attention_weights(model, torch.tensor([ids]))[layer]
     # labels: a token's text, cut short; "" (BOS, a lone space) shows as "."

@@ -22,7 +22,7 @@ Hook slots for adapters.py (plain attributes, None = nothing happens; no adapter
                       tuning)
 
 Shapes: B batch, T new tokens, S keys (T, or with a KV cache all its slots), C n_embd, H heads,
-D head_dim, V vocab. Speed tricks that are not the model (CUDA graphs, compiling) live in fast.py.
+D head_dim, V vocab. Generation (the decode loop, CUDA graphs) lives in generate.py.
 """
 import math
 from dataclasses import dataclass, replace
@@ -119,6 +119,7 @@ _bloom = dict(arch="bloom", norm="layernorm", norm_eps=1e-5, mlp="gelu", pos="al
               attn_bias=True, mlp_bias=True, tie_embeddings=True, embed_norm=True)
 _opt = dict(arch="opt", norm="layernorm", norm_eps=1e-5, mlp="relu", pos="learned",
             attn_bias=True, mlp_bias=True, tie_embeddings=True)
+FAMILIES = {"llama": _llama, "gptj": _gptj, "bloom": _bloom, "opt": _opt}  # arch -> its fields
 _13b = dict(n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824)
 _6b = dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=16384)
 _70b = dict(n_layer=80, n_head=64, n_kv_head=8, n_embd=8192, intermediate_size=28672)
@@ -268,7 +269,7 @@ class KVCache:
     slots and attends over all max_len slots with a mask, so every one-token step has the same
     shapes and a CUDA graph can replay it. The next slot is kept twice: `pos` in Python (checks,
     the first call) and `next` on the device (read inside the step, so a replayed graph advances
-    it; fast.DecodeStep keeps `pos` in step)."""
+    it; generate.DecodeStep keeps `pos` in step)."""
 
     def __init__(self, c, batch_size, max_len, device, dtype):
         shape = (batch_size, c.n_kv_head, max_len, c.head_dim)
@@ -442,6 +443,9 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def n_soft_tokens(self):  # what the prompt hook prepends: cache slots, but no logits
+        return self.prompt.n_tokens if self.prompt is not None else 0
+
     def new_cache(self, batch_size, max_len):
         p = self.embed.weight
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
@@ -460,7 +464,7 @@ class Transformer(nn.Module):
         B, T = idx.shape
         c = self.config
         past = cache.pos if cache is not None else 0
-        n_prompt = self.prompt.n_tokens if self.prompt is not None else 0  # soft tokens
+        n_prompt = self.n_soft_tokens()
         if positions is not None:
             self.check_packed(positions, idx, attention_mask, cache, n_prompt)
         seen = past - n_prompt if past else 0  # tokens in the cache (after its soft tokens)
@@ -556,35 +560,6 @@ class Transformer(nn.Module):
         bias = slopes * key_pos[:, None, None, :].float()
         return bias.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None,
-                 attention_mask=None, decode_step=None):
-        """Continue idx (B, T) by max_new_tokens with a KV cache: greedy when temperature == 0, else
-        sampled (top_k optional). Left-padded batches need attention_mask. Rows that produced eos_id
-        are filled with eos_id; the loop stops when all have. Returns (B, T + new). A prefill, then
-        one-token steps of fixed shapes over the static cache. decode_step(model, cache) -> step may
-        replace the plain step (fast.generate passes fast.DecodeStep: a CUDA graph on CUDA)."""
-        B, T = idx.shape
-        n_soft = self.prompt.n_tokens if self.prompt is not None else 0
-        cache = self.new_cache(B, T + max_new_tokens + n_soft)
-        logits = self(idx, attention_mask=attention_mask, cache=cache, last_only=True)[0]
-        if decode_step is not None:
-            step = decode_step(self, cache)
-        else:
-            def step(t):
-                return self(t, cache=cache, last_only=True)[0]
-        out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for i in range(max_new_tokens):
-            nxt = sample(logits[:, -1], temperature, top_k)  # (B,)
-            if eos_id is not None:
-                nxt = nxt.masked_fill(done, eos_id)
-                done = done | (nxt == eos_id)
-            out.append(nxt[:, None])
-            if i == max_new_tokens - 1 or (eos_id is not None and done.all()):
-                break
-            logits = step(nxt[:, None])
-        return torch.cat(out, dim=1)
-
 
 # logits per chunk of the loss (train.py, bench.py): 128 MiB in fp32, 1,048 tokens at LLaMA's 32,000
 # words, 261 at Llama 3's 128,256
@@ -646,14 +621,3 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)  # autograd casts each to its input's dtype
         gx, gw, gb = (next(saved) * grad if need else None for need in ctx.grads)
         return gx, gw, gb, None, None, None
-
-
-def sample(logits, temperature=0.0, top_k=None):
-    """logits (B, V) -> next ids (B,)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1)[:, 0]

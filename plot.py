@@ -1,5 +1,5 @@
 """
-Pictures of training runs, drawn as SVG by hand (no plotting library needed; browsers show them).
+Pictures of training runs, drawn as SVG by hand (svg.py; no plotting library needed).
 
     python plot.py                                 # every run in out/demo/ -> loss.svg, results.svg
     python plot.py --runs=out/a,out/b --out=pics   # runs: folders holding train.py's log.jsonl
@@ -16,8 +16,9 @@ import os
 import sys
 from xml.sax.saxutils import escape
 
-from files import write_atomic
 from cli import DEMO_DIR, ConfigError, configure, fail
+from files import write_atomic
+from svg import svg, tag
 
 DEFAULTS = dict(
     runs=[],              # run folders (comma-separated); [] = each one in --demo_dir with a log
@@ -28,24 +29,7 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
 W, H, LEFT, RIGHT, TOP, BOTTOM = 700, 400, 64, 170, 36, 48  # canvas, margins (legend on the right)
 
 
-
 # ------------------------------------------------------------------------------ a tiny SVG chart
-def tag(name, body="", **attrs):
-    """One SVG element: tag("circle", cx=3, r=2) -> <circle cx="3.0" r="2"/>. stroke_width ->
-    stroke-width; class_ -> class. Floats get one decimal: pixels need no more."""
-    values = {k.rstrip("_").replace("_", "-"): f"{v:.1f}" if isinstance(v, float) else v
-              for k, v in attrs.items()}
-    text = " ".join(f'{k}="{v}"' for k, v in values.items())
-    return f"<{name} {text}>{body}</{name}>" if body else f"<{name} {text}/>"
-
-
-def svg(width, height, parts, font_size=12):
-    head = tag("svg", "\n", xmlns="http://www.w3.org/2000/svg", width=width, height=height,
-               font_family="sans-serif", font_size=font_size)[:-len("\n</svg>")]
-    return "\n".join([head, tag("rect", width=width, height=height, fill="white"), *parts,
-                      "</svg>"]) + "\n"
-
-
 def ticks(lo, hi, log):
     """Round tick values within [lo, hi]: 1-2-5 steps, or on a log axis powers of ten (and 2 and
     5 times them when the range spans at most two decades)."""

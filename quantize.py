@@ -237,22 +237,10 @@ def layer_report(weights, mode):
     return nbytes, (err / norm) ** 0.5
 
 
-def report(source):
+def report(model, layers, source):
     """Print, per mode, the bytes of the model (projections packed, everything else in bf16) and
-    the error of its layers. source: a preset (random N(0, 0.02) weights; one layer is quantized
-    for real and counted n_layer times) or a checkpoint folder (its own weights, every layer)."""
-    if source in PRESETS:
-        with torch.device("meta"):
-            model = Transformer(Config.from_name(source))
-        torch.manual_seed(0)
-        layer = {n: torch.randn(m.weight.shape) * 0.02 for n, m in model.layers[0].named_modules()
-                 if is_projection(m)}
-        layers = [layer]
-    else:
-        from checkpoints import load_model  # here: checkpoints imports this file
-        model = load_model(source, dtype=torch.float32)
-        layers = [{n: m.weight for n, m in block.named_modules() if is_projection(m)}
-                  for block in model.layers]
+    the error of its layers. layers: {name: W} of each layer measured (fewer than n_layer: each
+    stands for n_layer / len(layers) layers)."""
     n_layer = model.config.n_layer
     n_proj = sum(w.numel() for w in layers[0].values()) * n_layer
     rest = 2 * (sum(p.numel() for p in model.parameters()) - n_proj)  # bf16
@@ -267,7 +255,26 @@ def report(source):
               f"{sum(errors) / len(errors):.4f}, {max(errors):.4f} |")
 
 
+def preset_layers(name):
+    """A preset on the meta device and one layer of random N(0, 0.02) projections (quantized for
+    real, counted n_layer times)."""
+    with torch.device("meta"):
+        model = Transformer(Config.from_name(name))
+    torch.manual_seed(0)
+    return model, [{n: torch.randn(m.weight.shape) * 0.02
+                    for n, m in model.layers[0].named_modules() if is_projection(m)}]
+
+
 if __name__ == "__main__":
+    # the script (this file as __main__) may load a checkpoint; the library module `quantize`,
+    # which checkpoints imports, never imports checkpoints
+    from checkpoints import load_model
     if len(sys.argv) != 2:
         sys.exit("usage: python quantize.py <preset, e.g. llama-7b> | <checkpoint folder>")
-    report(sys.argv[1])
+    if sys.argv[1] in PRESETS:
+        model, layers = preset_layers(sys.argv[1])
+    else:  # a checkpoint folder: its own weights, every layer
+        model = load_model(sys.argv[1], dtype=torch.float32)
+        layers = [{n: m.weight for n, m in block.named_modules() if is_projection(m)}
+                  for block in model.layers]
+    report(model, layers, sys.argv[1])

@@ -43,11 +43,10 @@ from data import synthetic
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows, write_json
 from data.template import TEMPLATE_NAME, format_example
 from eval import evaluate
-from fast import compile_blocks, compile_setting
 from checkpoints import load_model, save_model
 from files import check_writable, torch_load, write_atomic
-from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, configure, device_and_dtype, fail,
-                 read_args, settle)
+from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, compile_blocks, compile_setting,
+                 configure, device_and_dtype, fail, read_args, settle)
 from model import Config, Transformer
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
@@ -585,7 +584,7 @@ def accuracy(model, tok, rows, rt):
     """Exact match of the greedy answers to the template prompts, generated and scored as eval.py
     does."""
     with rt.ctx:
-        return evaluate(model.eval(), tok, rows, "demo", kind="number", max_new_tokens=40,
+        return evaluate(model.eval(), tok, rows, "demo", answer_type="number", max_new_tokens=40,
                         batch_size=50, progress=rt.master)[1]
 
 
@@ -734,7 +733,7 @@ def attach_adapter(base, cfg, options, demo, rt, n_train, n_val):
                             f"{cfg.eval_interval} steps (the best is kept)")
     extra = dict(template=TEMPLATE_NAME, data=cfg.data)
     if demo:
-        extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), kind="number")
+        extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), answer_type="number")
 
     def save():
         adapter_io.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)

@@ -26,8 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoints import write_atomic  # noqa: E402
-from files import check_writable
+from files import check_writable, write_atomic  # noqa: E402
 from data.scoring import COMMONSENSE, MATH  # noqa: E402
 
 PAPER_TEST_SETS = MATH + COMMONSENSE

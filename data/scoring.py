@@ -27,10 +27,11 @@ whole words (``\\b``), commonsense words match case-insensitively ("True" ->
 "true"), and option letters must stand alone ("Answer: (C)" -> "C").
 Numbers are read the same way in both modes.
 
-Datasets not in ``DATASET_KIND`` (e.g. a folder given by path): pass
-``kind="number" | "option" | [choice, ...]`` explicitly, or pass the test
-set's labels to ``get_kind`` / ``infer_kind`` (all numeric -> "number", all in
-A-E -> "option", all within one known choice list -> that list).
+Datasets not in ``ANSWER_TYPES`` (e.g. a folder given by path): pass
+``answer_type="number" | "option" | [choice, ...]`` explicitly, or pass the test
+set's labels to ``get_answer_type`` / ``infer_answer_type`` (all numeric ->
+"number", all in A-E -> "option", all within one known choice list -> that
+list).
 """
 
 import os
@@ -47,7 +48,7 @@ COMMONSENSE = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande",
                "ARC-Easy", "ARC-Challenge", "openbookqa"]
 
 # dataset name -> "number" | "option" | list of choice words (regex order = list order)
-DATASET_KIND = {
+ANSWER_TYPES = {
     "AddSub": NUMBER, "MultiArith": NUMBER, "SingleEq": NUMBER, "gsm8k": NUMBER,
     "mawps": NUMBER, "SVAMP": NUMBER,
     "AQuA": OPTION,
@@ -61,15 +62,16 @@ DATASET_KIND = {
 }
 
 _NUMBER_RE = re.compile(r"-?\d+\.?\d*")
-_LOWER = {k.lower(): k for k in DATASET_KIND}
+_LOWER = {k.lower(): k for k in ANSWER_TYPES}
 
 
-def _check_kind(kind):
-    if kind in (NUMBER, OPTION):
-        return kind
-    if isinstance(kind, (list, tuple)) and kind and all(isinstance(c, str) and c for c in kind):
-        return list(kind)
-    raise ValueError(f"kind must be 'number', 'option' or a list of choice strings, got {kind!r}")
+def _check_answer_type(t):
+    if t in (NUMBER, OPTION):
+        return t
+    if isinstance(t, (list, tuple)) and t and all(isinstance(c, str) and c for c in t):
+        return list(t)
+    raise ValueError(f"answer_type must be 'number', 'option' or a list of choice strings, "
+                     f"got {t!r}")
 
 
 def _is_number_label(label) -> bool:
@@ -81,36 +83,37 @@ def _is_number_label(label) -> bool:
             and _NUMBER_RE.fullmatch(label.replace(",", "").strip()) is not None)
 
 
-def infer_kind(labels):
-    """Guess a kind from a test set's labels (see module docstring); ValueError if unclear."""
+def infer_answer_type(labels):
+    """Guess the answer type from a test set's labels (see module docstring); ValueError if
+    unclear."""
     labels = list(labels)
     if not labels:
-        raise ValueError("cannot infer the answer kind from an empty label list")
+        raise ValueError("cannot infer the answer type from an empty label list")
     if all(_is_number_label(x) for x in labels):
         return NUMBER
     if all(x in OPTION_LETTERS for x in labels):
         return OPTION
-    for choices in DATASET_KIND.values():
+    for choices in ANSWER_TYPES.values():
         if isinstance(choices, list) and all(x in choices for x in labels):
             return list(choices)
-    raise ValueError("cannot infer the answer kind from labels like "
+    raise ValueError("cannot infer the answer type from labels like "
                      f"{sorted(set(map(str, labels)))[:8]}; "
-                     "pass kind='number' | 'option' | [choices]")
+                     "pass answer_type='number' | 'option' | [choices]")
 
 
-def get_kind(dataset: str, kind=None, labels=None):
-    """The kind for a dataset: explicit ``kind``, else its name (or a path's last
+def get_answer_type(dataset: str, answer_type=None, labels=None):
+    """The answer type of a dataset: explicit ``answer_type``, else its name (or a path's last
     component, case-insensitive), else inferred from ``labels``."""
-    if kind is not None:
-        return _check_kind(kind)
+    if answer_type is not None:
+        return _check_answer_type(answer_type)
     name = os.path.basename(str(dataset).rstrip("/\\"))
-    key = name if name in DATASET_KIND else _LOWER.get(name.lower())
+    key = name if name in ANSWER_TYPES else _LOWER.get(name.lower())
     if key is not None:
-        return DATASET_KIND[key]
+        return ANSWER_TYPES[key]
     if labels is not None:
-        return infer_kind(labels)
-    raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASET_KIND)}. "
-                     "For another dataset pass kind='number' | 'option' | [choices] "
+        return infer_answer_type(labels)
+    raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(ANSWER_TYPES)}. "
+                     "For another dataset pass answer_type='number' | 'option' | [choices] "
                      "(or its labels).")
 
 
@@ -135,26 +138,26 @@ def extract_choice(response: str, choices, strict: bool = False):
     return canon[m.group(0).lower()]
 
 
-def extract_answer(dataset: str, response: str, kind=None, strict: bool = False):
+def extract_answer(dataset: str, response: str, answer_type=None, strict: bool = False):
     """Answer in a generated response: float for number tasks, a choice string
-    otherwise, None when nothing is found. ``kind`` overrides the dataset name."""
-    k = get_kind(dataset, kind)
-    if k == NUMBER:
+    otherwise, None when nothing is found. ``answer_type`` overrides the dataset name."""
+    t = get_answer_type(dataset, answer_type)
+    if t == NUMBER:
         return extract_number(response)
-    return extract_choice(response, OPTION_LETTERS if k == OPTION else k, strict)
+    return extract_choice(response, OPTION_LETTERS if t == OPTION else t, strict)
 
 
-def is_correct(dataset: str, extracted, label, kind=None) -> bool:
+def is_correct(dataset: str, extracted, label, answer_type=None) -> bool:
     """Whether an extracted answer matches the label (None is always wrong).
     Number tasks: |pred - label| <= 0.001, label read as a float after removing commas."""
     if extracted is None:
         return False
-    if get_kind(dataset, kind) == NUMBER:
+    if get_answer_type(dataset, answer_type) == NUMBER:
         return abs(float(extracted) - float(str(label).replace(",", ""))) <= TOLERANCE
     return extracted == label
 
 
-def score(dataset: str, response: str, label, kind=None, strict: bool = False):
+def score(dataset: str, response: str, label, answer_type=None, strict: bool = False):
     """(extracted answer, correct?) for one response."""
-    pred = extract_answer(dataset, response, kind, strict)
-    return pred, is_correct(dataset, pred, label, kind)
+    pred = extract_answer(dataset, response, answer_type, strict)
+    return pred, is_correct(dataset, pred, label, answer_type)

@@ -379,3 +379,17 @@ def tiny_dir(tmp_path_factory):
     model = Transformer(Config.from_name("tiny-llama", vocab_size=360))
     save_model(randomize_(model, seed=0), folder)
     return folder
+
+
+def trained_adapter(base_dir, kind, out, **options):
+    """An adapter of `kind` on the base in base_dir with random (non-zero) weights, saved to out
+    (as train.py leaves it); returns the model with it, in eval mode."""
+    import adapter_io
+    import adapters
+    from checkpoints import load_model
+    model = adapters.add_adapter(load_model(base_dir), kind, **options)
+    torch.manual_seed(1)
+    for _, _, slot in adapters.slots(model):
+        randomize_(slot, std=0.05)
+    adapter_io.save_adapter(model, out, base_model=str(base_dir))
+    return model.eval()

@@ -18,6 +18,7 @@ import adapter_io as IO
 import adapters as A
 from checkpoints import load_model, save_model
 from conftest import make_hf_checkpoint, tiny_model
+from generate import generate
 from test_adapters import (ALL_FAMILIES, CASES, DORA_IA3, FAMILIES, MLP_OUT, OPTIONS, attached,
                            ids, logits, padded_batch, perturb_, randomize_adapters_, spec, train)
 
@@ -97,7 +98,7 @@ def test_loaded_adapter_follows_the_model_mode(tmp_path):
     assert not any(m.training for m in fresh.modules())
     idx = ids(model)
     assert torch.equal(logits(fresh, idx), logits(model, idx))
-    assert torch.equal(fresh.generate(idx, 4), model.generate(idx, 4))
+    assert torch.equal(generate(fresh, idx, 4), generate(model, idx, 4))
 
 
 class Shift(nn.Module):

@@ -4,7 +4,7 @@
 """adapters.py: the modules, their slots, the KINDS registry and the API. Every kind and placement
 on tiny models of each family: a fresh adapter equals the base bit for bit, the forward is the
 paper's formula (DoRA, gated prefix), training moves only the adapter (each module names its own
-tensors), merge = unmerged (LoRA, DoRA, IA3), MoSA sparse split & merge, composition under names,
+tensors), merge = unmerged (LoRA, DoRA, IA3), MoSA sparse split & join, composition under names,
 exact 7B parameter counts, error messages, fp32 adapter maths, and docs/adapters.md's worked
 example held equal to the source. Files and PEFT folders: tests/test_adapter_io.py.
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import adapter_io as IO
 import adapters as A
 from conftest import ROOT, left_pad, tiny_model
+from generate import generate
 from model import Config, Linear, Transformer
 
 # transformers/peft
@@ -409,13 +410,13 @@ def test_prefix_prompt_generation(family, sid):
     model.eval()
     # KV-cache generation == greedy loop of full forwards without cache
     idx = ids(model, B=2, T=5)
-    assert torch.equal(model.generate(idx, 6), greedy_no_cache(model, idx, 6))
+    assert torch.equal(generate(model, idx, 6), greedy_no_cache(model, idx, 6))
     # a left-padded batch == each row alone (with and without the cache)
     seqs, pidx, pmask = padded_batch(model)
-    batched = model.generate(pidx, 5, attention_mask=pmask)
+    batched = generate(model, pidx, 5, attention_mask=pmask)
     assert torch.equal(batched, greedy_no_cache(model, pidx, 5, attention_mask=pmask))
     for i, s in enumerate(seqs):
-        alone = model.generate(s[None], 5)
+        alone = generate(model, s[None], 5)
         assert torch.equal(batched[i, -5:], alone[0, -5:]), f"row {i}"
 
 
@@ -520,13 +521,13 @@ def test_gated_prefix_options_checked():
     model(ids(model))
 
 
-def test_merge_prefix():
+def test_compute_prefix():
     model = tiny_model("llama")
     A.add_adapter(model, "prefix", num_virtual_tokens=4, reparam=16)
     train(model, steps=2)
     idx = ids(model)
     before = logits(model, idx)
-    A.merge_prefix(model)
+    A.compute_prefix(model)
     p = model.layers[0].attn.prefix["default"]
     assert {n for n, _ in p.named_parameters()} == {"key", "value"}
     assert model.adapter_configs["default"]["options"]["reparam"] == 0
@@ -714,7 +715,7 @@ def test_dora_ia3_merge_equals_unmerged_and_unmerge_restores(family, kind):
     assert all(m.merged_norm is None for m in modules(model, A.DoRA))  # nothing left of the merge
 
 
-# ----------------------------------------------------------------------------- MoSA split & merge
+# ------------------------------------------------------------------------------ MoSA split & join
 @pytest.mark.parametrize("sid", ["series-sparse", "parallel-sparse", "parallel-per-linear-sparse"])
 def test_sparse_step_trains_only_the_active_part(sid):
     model = tiny_model("llama")
@@ -776,7 +777,7 @@ def test_sparse_step_is_a_function_of_the_step():
 
 
 @pytest.mark.parametrize("sid", ["series-sparse", "parallel-sparse", "parallel-per-linear-sparse"])
-def test_merge_sparse(sid, tmp_path):
+def test_join_sparse(sid, tmp_path):
     model = tiny_model("llama")
     kind, o = spec("llama", sid)
     A.add_adapter(model, kind, **o)
@@ -786,7 +787,7 @@ def test_merge_sparse(sid, tmp_path):
     before, before_pad = logits(model, idx), logits(model, pidx, attention_mask=pmask)
     shapes = [(b.down.part.shape, b.up.part.shape) for b in model.modules()
               if isinstance(b, A.Bottleneck)]
-    A.merge_sparse(model)
+    A.join_sparse(model)
     assert not splits(model)
     assert not any(".part" in n or ".parts." in n for n in model.state_dict())
     bottlenecks = [b for b in model.modules() if isinstance(b, A.Bottleneck)]
@@ -874,7 +875,7 @@ def test_two_prompts_and_two_prefixes_stack():
     assert model.prompt.n_tokens == 2 and prefix_len(model) == 4
     model.eval()
     idx = ids(model, T=5)
-    assert torch.equal(model.generate(idx, 4), greedy_no_cache(model, idx, 4))
+    assert torch.equal(generate(model, idx, 4), greedy_no_cache(model, idx, 4))
 
 
 # ------------------------------------------------------------------ exact 7B trainable parameters

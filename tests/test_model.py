@@ -1,7 +1,8 @@
-"""model.py: the KV cache (= full forwards, left-padded batches, every family), generation, bf16,
-Config and its presets (exact parameter counts), the rotary scaling and the sliding window, hook
-slots, gradient checkpointing. Parity with transformers checkpoint by checkpoint, and the loader's
-errors, are in test_checkpoints.py. All offline, CPU, fp32 unless stated."""
+"""model.py: the KV cache (= full forwards, left-padded batches, every family; generation itself is
+in test_generate.py), bf16, Config and its presets (exact parameter counts), the rotary scaling and
+the sliding window, hook slots, gradient checkpointing. Parity with transformers checkpoint by
+checkpoint, and the loader's errors, are in test_checkpoints.py. All offline, CPU, fp32 unless
+stated."""
 import copy
 import math
 from dataclasses import replace
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from conftest import FAMILIES, left_pad, tiny_model
 from checkpoints import load_model
+from generate import generate
 from model import PRESETS, Config, RopeScaling, Transformer, apply_rope, rope_angles
 
 TOL = 1e-4  # fp32 parity, max |logit difference|
@@ -120,63 +122,6 @@ def test_kv_cache_overflow_and_bad_mask():
         m(rand_ids(1, 5, vocab=512), attention_mask=torch.ones(1, 3))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generate_batched_equals_one_by_one(family):
-    m = tiny_model(family)
-    seqs, idx, mask = padded_rows((7, 2, 5))
-    T, n_new = idx.size(1), 6
-    out = m.generate(idx, n_new, attention_mask=mask)
-    assert out.shape == (3, T + n_new) and torch.equal(out[:, :T], idx)
-    for i, s in enumerate(seqs):
-        alone = m.generate(s[None], n_new)
-        assert torch.equal(alone, greedy_no_cache(m, s[None], n_new)), (
-            f"{family} row {i}: cache != no cache")
-        assert torch.equal(out[i, T:], alone[0, len(s):]), f"{family} row {i}: batched != alone"
-    assert torch.equal(out, greedy_no_cache(m, idx, n_new, mask))
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_generate_eos_stops_rows(family):
-    m = tiny_model(family)
-    seqs, idx, mask = padded_rows((7, 3, 5))
-    T, n_new = idx.size(1), 8
-    base = m.generate(idx, n_new, attention_mask=mask)[:, T:]
-    eos = int(base[0, 1])  # row 0 stops at its second new token
-    got = m.generate(idx, n_new, attention_mask=mask, eos_id=eos)[:, T:]
-    expect, stop = base.clone(), []
-    for r in range(3):
-        hits = (base[r] == eos).nonzero()
-        if len(hits):
-            expect[r, hits[0, 0]:] = eos
-            stop.append(int(hits[0, 0]) + 1)
-    length = max(stop) if len(stop) == 3 else n_new  # the loop ends once every row has finished
-    assert got.shape == (3, length) and torch.equal(got, expect[:, :length])
-    assert (got[0, 1:] == eos).all()
-    # a lone row that finishes stops the loop early (row 0 emits eos at stop[0] - 1 <= 1)
-    alone = m.generate(seqs[0][None], n_new, eos_id=eos)
-    assert alone.shape == (1, len(seqs[0]) + stop[0]) and int(alone[0, -1]) == eos
-    assert torch.equal(alone[0, len(seqs[0]):], base[0, :stop[0]])
-
-
-def test_generate_sampling():
-    m = tiny_model("llama")
-    idx, mask = left_pad([rand_ids(n, vocab=512, seed=n) for n in (6, 3)])
-    T = idx.size(1)
-    torch.manual_seed(0)
-    a = m.generate(idx, 5, temperature=0.8, top_k=5, attention_mask=mask)
-    torch.manual_seed(0)
-    b = m.generate(idx, 5, temperature=0.8, top_k=5, attention_mask=mask)
-    assert a.shape == (2, T + 5) and torch.equal(a, b)
-    greedy = m.generate(idx, 5, attention_mask=mask)
-    assert torch.equal(m.generate(idx, 5, temperature=1.0, top_k=1, attention_mask=mask), greedy)
-    # sampled first tokens lie in the top k; without top_k (hot) they do not
-    rows = idx[:1].expand(64, -1)
-    top3 = set(ours(m, idx[:1])[0, -1].topk(3).indices.tolist())
-    torch.manual_seed(1)
-    assert set(m.generate(rows, 1, temperature=2.0, top_k=3)[:, -1].tolist()) <= top3
-    assert not set(m.generate(rows, 1, temperature=2.0)[:, -1].tolist()) <= top3
-
-
 # --------------------------------------------------------------------------------------------------
 # 2. bf16
 
@@ -196,10 +141,10 @@ def test_bf16_load_and_autocast(hf_checkpoint, family):
     assert max_diff(l16[real], ref[real]) < 0.05 * scale
     with torch.autocast("cpu", dtype=torch.bfloat16):
         la = ours(m32, idx, attention_mask=mask)
-        out = m32.generate(idx, 3, attention_mask=mask)
+        out = generate(m32, idx, 3, attention_mask=mask)
     assert torch.isfinite(la).all() and max_diff(la[real], ref[real]) < 0.05 * scale
     assert out.shape == (2, idx.size(1) + 3)
-    assert m16.generate(idx, 3, attention_mask=mask).shape == (2, idx.size(1) + 3)
+    assert generate(m16, idx, 3, attention_mask=mask).shape == (2, idx.size(1) + 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,7 +344,7 @@ def test_prefix_slot_generation_with_cache(family):
         blk.attn.prefix = Prefix(m.config)
     seqs, idx, mask = padded_rows((6, 2, 4))
     T = idx.size(1)
-    out = m.generate(idx, 5, attention_mask=mask)
+    out = generate(m, idx, 5, attention_mask=mask)
     assert torch.equal(out, greedy_no_cache(m, idx, 5, mask))
     for i, s in enumerate(seqs):
         assert torch.equal(out[i, T:], greedy_no_cache(m, s[None], 5)[0, len(s):])
@@ -429,10 +374,10 @@ def test_prompt_slot(family):
     m.prompt = Prompt(m.embed, lead)
     seqs, idx, mask = padded_rows((6, 2, 4))
     T = idx.size(1)
-    out = m.generate(idx, 5, attention_mask=mask)
+    out = generate(m, idx, 5, attention_mask=mask)
     assert torch.equal(out, greedy_no_cache(m, idx, 5, mask))
     for i, s in enumerate(seqs):
-        alone = m.generate(s[None], 5)
+        alone = generate(m, s[None], 5)
         assert torch.equal(out[i, T:], alone[0, len(s):])
         assert torch.equal(alone, greedy_no_cache(m, s[None], 5))
 

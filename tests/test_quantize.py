@@ -308,9 +308,9 @@ def test_train_and_eval_take_quantize(tiny_base, tmp_path):
                            "--eval_interval=2", "--threads=0"])
     assert isinstance(model.layers[0].attn.q_proj, Q.QuantLinear)
     assert (tmp_path / "a" / "adapter_model.safetensors").exists()
-    (summary,) = ev.main([base, f"--adapter={tmp_path / 'a'}", "--quantize=nf4", "--kind=number",
-                          f"--dataset={tiny_base / 'test.json'}", "--max_new_tokens=4",
-                          f"--out={tmp_path / 'e'}"]).values()
+    (summary,) = ev.main([base, f"--adapter_dir={tmp_path / 'a'}", "--quantize=nf4",
+                          "--answer_type=number", f"--dataset={tiny_base / 'test.json'}",
+                          "--max_new_tokens=4", f"--out={tmp_path / 'e'}"]).values()
     assert [v["n"] for k, v in summary.items() if k != "average"] == [4]
     with pytest.raises(SystemExit, match=r"--quantize=int4: expected one of '', int8, nf4, nf4-dq"):
         train.main([base, data, "--quantize=int4"])

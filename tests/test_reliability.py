@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import adapter_io
 import adapters
+import cli
 import files
 import eval as evaluation
 import train
@@ -289,7 +290,7 @@ def test_tokenizer_larger_than_the_embedding(base, tmp_path):
     with pytest.raises(SystemExit, match=f"--model={small}: .*{too_small}"):
         run(small, tmp_path / "out", data=base / "rows.json")
     with pytest.raises(ValueError, match="tokenizer's ids go up to"):
-        evaluation.load(small, "", "cpu", torch.float32)
+        cli.load(small, "", "cpu", torch.float32)
 
 
 # --------------------------------------------------------------------------------------- adapters

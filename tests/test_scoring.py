@@ -6,23 +6,23 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.scoring import (COMMONSENSE, DATASET_KIND, MATH, NUMBER, OPTION,  # noqa: E402
-                          extract_answer, get_kind, infer_kind, is_correct, score)
+from data.scoring import (COMMONSENSE, ANSWER_TYPES, MATH, NUMBER, OPTION,  # noqa: E402
+                          extract_answer, get_answer_type, infer_answer_type, is_correct, score)
 
 NUMERIC = ["AddSub", "MultiArith", "SingleEq", "gsm8k", "mawps", "SVAMP"]
 
 
-def test_groups_and_kinds():
+def test_groups_and_answer_types():
     assert MATH == ["AddSub", "MultiArith", "SingleEq", "gsm8k", "AQuA", "mawps", "SVAMP"]
     assert COMMONSENSE == ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande",
                            "ARC-Easy", "ARC-Challenge", "openbookqa"]
     for name in MATH + COMMONSENSE + ["mathqa"]:
-        assert name in DATASET_KIND
-    assert all(DATASET_KIND[n] == NUMBER for n in NUMERIC)
-    assert DATASET_KIND["AQuA"] == OPTION and DATASET_KIND["mathqa"] == OPTION
-    assert DATASET_KIND["boolq"] == ["true", "false"]
+        assert name in ANSWER_TYPES
+    assert all(ANSWER_TYPES[n] == NUMBER for n in NUMERIC)
+    assert ANSWER_TYPES["AQuA"] == OPTION and ANSWER_TYPES["mathqa"] == OPTION
+    assert ANSWER_TYPES["boolq"] == ["true", "false"]
     # as the reference regex
-    assert DATASET_KIND["social_i_qa"] == [f"answer{i}" for i in range(1, 6)]
+    assert ANSWER_TYPES["social_i_qa"] == [f"answer{i}" for i in range(1, 6)]
 
 
 # ---- numbers: remove commas, LAST match of -?\d+\.?\d*, |pred - label| <= 0.001
@@ -118,31 +118,31 @@ def test_commonsense_strict():
     assert extract_answer("boolq", "untrue") == "true"   # reference: no word boundary
 
 
-# ---- dataset names and kinds
+# ---- dataset names and answer types
 def test_unknown_dataset_lists_known():
     with pytest.raises(ValueError) as e:
         extract_answer("nope", "42")
     assert "nope" in str(e.value) and "gsm8k" in str(e.value) and "winogrande" in str(e.value)
 
 
-def test_names_paths_and_explicit_kind():
-    assert get_kind("GSM8K") == NUMBER and get_kind("aqua") == OPTION
-    assert get_kind("data/out/ARC-Easy/") == DATASET_KIND["ARC-Easy"]
-    assert extract_answer("my_set", "so 41, then 42", kind="number") == 42.0
-    assert extract_answer("my_set", "(B)", kind="option") == "B"
-    assert extract_answer("my_set", "yes or no: no", kind=["yes", "no"]) == "yes"
-    assert is_correct("my_set", 42.0, "42", kind="number")
+def test_names_paths_and_explicit_answer_type():
+    assert get_answer_type("GSM8K") == NUMBER and get_answer_type("aqua") == OPTION
+    assert get_answer_type("data/out/ARC-Easy/") == ANSWER_TYPES["ARC-Easy"]
+    assert extract_answer("my_set", "so 41, then 42", answer_type="number") == 42.0
+    assert extract_answer("my_set", "(B)", answer_type="option") == "B"
+    assert extract_answer("my_set", "yes or no: no", answer_type=["yes", "no"]) == "yes"
+    assert is_correct("my_set", 42.0, "42", answer_type="number")
     with pytest.raises(ValueError):
-        get_kind("my_set", kind="letters")
+        get_answer_type("my_set", answer_type="letters")
 
 
-def test_infer_kind_from_labels():
-    assert infer_kind(["4", "1,000", "15.0", 3]) == NUMBER
-    assert infer_kind(["A", "E", "C"]) == OPTION
-    assert infer_kind(["answer1", "answer4"]) == DATASET_KIND["ARC-Easy"]
-    assert infer_kind(["option2", "option1"]) == ["option1", "option2"]
-    assert get_kind("folder/unknown", labels=["true", "false"]) == ["true", "false"]
+def test_infer_answer_type_from_labels():
+    assert infer_answer_type(["4", "1,000", "15.0", 3]) == NUMBER
+    assert infer_answer_type(["A", "E", "C"]) == OPTION
+    assert infer_answer_type(["answer1", "answer4"]) == ANSWER_TYPES["ARC-Easy"]
+    assert infer_answer_type(["option2", "option1"]) == ["option1", "option2"]
+    assert get_answer_type("folder/unknown", labels=["true", "false"]) == ["true", "false"]
     with pytest.raises(ValueError):
-        infer_kind(["maybe", "perhaps"])
+        infer_answer_type(["maybe", "perhaps"])
     with pytest.raises(ValueError):
-        infer_kind([])
+        infer_answer_type([])

@@ -80,7 +80,8 @@ def test_demo_end_to_end(demo, capsys):
     assert 0 <= accuracy["base_acc"] <= 1 and 0 <= accuracy["adapter_acc"] <= 1
     config = json.load(open(root / "lora" / "adapter_config.json"))
     assert config["kind"] == "lora" and config["extra"]["template"] == "alpaca"
-    assert config["extra"]["dataset"].endswith("test.json") and config["extra"]["kind"] == "number"
+    assert (config["extra"]["dataset"].endswith("test.json")
+            and config["extra"]["answer_type"] == "number")
     # the adapter saved at the last validation (the best: it improved) loads onto a fresh base, same
     # logits
     assert summary["best_val"] == records(root / "lora", "val_loss")[-1]["val_loss"]
@@ -462,3 +463,33 @@ def test_key_space_value_form():
     assert train.get_config(["--adapter=parallel", "--bottleneck=64",
                              "--resume=true"])[1] == options
     assert train.get_config(["--resume", "false", "--grad_ckpt"])[0].resume is False
+
+
+def test_thread_picker_keeps_the_faster(monkeypatch, capsys):
+    before = torch.get_num_threads()
+    for slow, fast in ((2, 1), (1, 2)):
+        clock = [0.0]
+
+        def tick():  # each step costs 10 on `slow` threads, 1 on `fast`
+            clock[0] += 10.0 if torch.get_num_threads() == slow else 1.0
+            return clock[0]
+        monkeypatch.setattr(train.time, "perf_counter", tick)
+        picker = train.ThreadPicker(2, every=20, probe=3)
+        try:
+            chosen = []
+            for step in range(45):
+                picker(step)
+                chosen.append(torch.get_num_threads())
+            # probes: 3 steps on one thread, then on two; a thrashing probe stops after one step
+            probe = [1, 1, 1, 2] + ([2, 2] if fast == 2 else [])
+            assert chosen[:len(probe)] == probe
+            after = chosen[len(probe):20] + chosen[20 + len(probe):40]
+            assert set(after) == {fast}
+        finally:
+            torch.set_num_threads(before)
+    assert "step 4: 1 thread(s) from here" in capsys.readouterr().out
+
+
+def test_demo_explains_trainable_against_llama_7b():
+    line = train.explain_trainable("lora", {}, 221184, 1107072)
+    assert "19.98% of this 1.1M toy" in line and "56,098,816" in line and "(0.83%)" in line

@@ -10,6 +10,7 @@ import torch
 
 import adapter_io
 import adapters
+from generate import generate
 from grading import fit, load_impl, tiny, token_ids
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -185,7 +186,7 @@ def test_accuracy_above_the_bar(with_lora):
     test = counting(100, seed=10_000)
 
     def accuracy(m):
-        return (m.generate(test[:, :4], 8)[:, 4:] == test[:, 4:12]).all(1).float().mean().item()
+        return (generate(m, test[:, :4], 8)[:, 4:] == test[:, 4:12]).all(1).float().mean().item()
     assert accuracy(tiny()) < 0.1, "the task must be new to the base"
     acc = accuracy(model)
     assert acc >= 0.9, f"exact match {acc:.0%} on held-out prompts, the bar is 90%"

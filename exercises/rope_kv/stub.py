@@ -11,7 +11,8 @@ and a new token only computes its own. Decoding token by token with the cache mu
 of one full forward pass. model.py's cache is STATIC: allocated once at max_len slots, and every
 call attends over all max_len slots with a mask (`valid`) that hides the slots not yet written and
 the left padding of a batch. So a one-token step has the same shapes at every position (no tensor
-grows by one each step), and on a GPU a CUDA graph recorded once can replay every step (fast.py).
+grows by one each step), and on a GPU a CUDA graph recorded once can replay every step
+(generate.py).
 
 Fill in the TODOs; the grader plugs your functions into model.py in place of its own and compares.
 Read exercises/README.md (exercise 4), then:
@@ -70,7 +71,7 @@ class KVCache(model.KVCache):
     valid. The next free slot is kept twice: `pos`, a Python int (for checks, and the first call),
     and `next`, a 0-dim long tensor on the cache's device. The slots must come from `next`: a
     CUDA graph replays the recorded tensor operations, not Python, so only a tensor advanced inside
-    the step moves on at each replay (fast.DecodeStep then adds 1 to `pos` itself)."""
+    the step moves on at each replay (generate.DecodeStep then adds 1 to `pos` itself)."""
 
     def __init__(self, c, batch_size, max_len, device, dtype):
         """Allocate, zeroed, on `device`: `self.kv`, a list of c.n_layer pairs (k, v), each

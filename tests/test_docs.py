@@ -1,0 +1,80 @@
+"""The README and docs/ name the code as it is: every `module.py: Name.attr`, `module.name`,
+class name and file path they mention exists, so a rename that forgets the prose fails here."""
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MODULES = sorted(p.stem for p in ROOT.glob("*.py")) + ["data." + p.stem for p in
+                                                       (ROOT / "data").glob("*.py")]
+CODE = re.compile(r"`([^`\n]+)`")
+FILE_REF = re.compile(r"^((?:data/)?\w+)\.py: ([A-Za-z_][\w.]*)")       # `model.py: Block.forward`
+DOTTED = re.compile(r"^((?:data\.)?[a-z_]+)\.([A-Za-z_][\w.]*)(?:\(.*\))?$")  # `adapters.merge(...)`
+CLASS = re.compile(r"^([A-Z][a-z]+[A-Z]\w*|[A-Z][a-z]+)$")              # `KVCache`, `LoRA`, `Block`
+PATH = re.compile(r"^((?:tests|docs|data|config|exercises)/[\w./-]+\.(?:py|md|json)|\w+\.py)$")
+DATA_FILE = re.compile(r"\.(safetensors|model|json|jsonl|pth|bin|pt|svg|csv|txt|md)$")
+
+
+def resolve(module, dotted):
+    """module.dotted -> the object; `model.eval` in prose means the model object's method, so a name
+    model.py lacks is looked up on its Transformer too."""
+    mod = importlib.import_module(module.replace("/", "."))
+    for obj in (mod, getattr(mod, "Transformer", None)):
+        try:
+            for part in dotted.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise AttributeError(f"{module}.{dotted}")
+
+
+def references(doc):
+    """(kind, text) for each code span of `doc` that names the project's code."""
+    for span in CODE.findall(doc.read_text(encoding="utf-8")):
+        span = span.strip()
+        if PATH.match(span) and "*" not in span and "<" not in span:
+            yield "path", span
+        elif (m := FILE_REF.match(span)) and m[1].replace("/", ".") in MODULES:
+            yield "code", (m[1], m[2])
+        elif (m := DOTTED.match(span)) and m[1] in MODULES and not DATA_FILE.search(span):
+            yield "code", (m[1], m[2])
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_name_the_docs_mention_exists(doc):
+    missing = []
+    for kind, ref in references(doc):
+        if kind == "path":
+            if not (ROOT / ref).exists():
+                missing.append(ref)
+            continue
+        module, dotted = ref
+        try:
+            resolve(module, dotted)
+        except (AttributeError, ModuleNotFoundError):
+            missing.append(f"{module}.{dotted}")
+    assert not missing, f"{doc.name} names what the code no longer has: {missing}"
+
+
+def test_walkthrough_class_names_exist():
+    """Bare class names in the walkthrough (`Bottleneck`, `KVCache`, ...) are classes of the code."""
+    modules = [importlib.import_module(m) for m in MODULES if not m.startswith(("bench", "setup"))]
+    text = (ROOT / "docs" / "walkthrough.md").read_text(encoding="utf-8")
+    names = {s for s in CODE.findall(text) if CLASS.match(s)} - {"None", "True", "False"}
+    missing = sorted(n for n in names if not any(hasattr(m, n) for m in modules))
+    assert not missing, f"walkthrough.md names classes the code does not have: {missing}"
+
+
+def test_the_checker_can_fail(tmp_path):
+    """The reference finder sees a stale name (so the tests above are not hollow)."""
+    doc = tmp_path / "stale.md"
+    doc.write_text("See `model.py: Transformer.no_such_method`, `adapters.no_such_fn`, `nofile.py`.")
+    refs = list(references(doc))
+    assert ("code", ("model", "Transformer.no_such_method")) in refs
+    assert ("code", ("adapters", "no_such_fn")) in refs and ("path", "nofile.py") in refs
+    with pytest.raises(AttributeError):
+        resolve("model", "Transformer.no_such_method")
