@@ -1,35 +1,28 @@
 r"""
-Fine-tune a LLaMA-family model with an adapter (LoRA, DoRA, IA3, series, parallel, prefix, prompt),
-LLM-Adapters' recipe.
+Fine-tune a LLaMA-family model with an adapter, LLM-Adapters' recipe. Read top to bottom: the
+settings, the batches, Run (one run's state) with Run.fit (the loop), then main() and the steps
+around the loop.
 
-    python train.py --adapter=parallel                      # the embedded demo: CPU, no downloads,
-                                                            # a few minutes
-    python train.py --model=<checkpoint dir> --adapter=lora --data=math_10k.json \
-                    --out=out/llama-7b-lora
-    torchrun --nproc_per_node=4 train.py --model=...        # DistributedDataParallel, the same code
-    python train.py config/x.py --r=16                      # a config file (Python or JSON),
-                                                            # then overrides
+    python train.py --model=<checkpoint dir> --adapter=lora --data=math_10k.json --out=out/x
+    python train.py config/math10k_lora.py --model=<dir>     # a run as a file (config/), overrides
+    torchrun --nproc_per_node=4 train.py --model=...         # DistributedDataParallel, same code
+    python train.py --adapter=parallel                       # no --model: the CPU demo (demo.py)
 
-Every global below is a --key=value setting (type-checked; bools take true/false), and so is every
-option of the chosen adapter in adapters.KINDS (--r=16 --target_modules=q_proj,v_proj,
---bottleneck=64 ...).
-Without --model, the embedded demo: a tiny LLaMA pretrained by train() on synthetic arithmetic
-(data/synthetic.py), cached in <demo_dir>/base/ like any checkpoint, is fine-tuned on a related task
-(<demo_dir>/data/), and the run ends with the exact-match accuracy of the frozen base vs
-base + adapter on the held-out test split.
---out gets the adapter with the best validation loss
-(adapter_model.safetensors + adapter_config.json), resume.pt (for --resume=true) and log.jsonl,
-each written to a temporary name and renamed, so never left half-written.
-A --out that holds a run is refused unless --resume=true (continue it) or --overwrite=true
-(replace it).
+Every global below is a --key=value setting, and so is every option of the chosen adapter kind in
+adapters.KINDS (--r=16 --target_modules=q_proj,v_proj --bottleneck=64 ...); config files (Python
+assignments as in nanoGPT, or a JSON object) come first. --out gets the adapter with the best
+validation loss (adapter_model.safetensors + adapter_config.json), resume.pt and log.jsonl, each
+written to a temporary name and renamed; a --out that holds a run is refused unless --resume=true
+(continue it) or --overwrite=true (replace it).
+Arrows: demo.py imports this file; this file names demo.py only in main(), to hand it a command
+line without --model.
 """
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -39,38 +32,28 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adapter_io
 import adapters
-from data import synthetic
-from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows, write_json
-from data.template import TEMPLATE_NAME, format_example
-from eval import evaluate
-from checkpoints import load_model, save_model
-from files import check_writable, torch_load, write_atomic
+from checkpoints import load_model
 from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, compile_blocks, compile_setting,
                  configure, device_and_dtype, fail, read_args, settle)
-from model import Config, Transformer
+from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows
+from data.template import TEMPLATE_NAME, format_example
+from files import check_writable, torch_load, write_atomic
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
 
-TORCH_THREADS = torch.get_num_threads()  # torch's default, before setup() applies --threads
-
 # --------------------------------------------------------------------------------------------------
 # what to train
-model = ""                # checkpoint folder (Hugging Face or Meta layout, with its tokenizer);
-                          # "" = the demo
+model = ""                # checkpoint folder (HF or Meta layout, + tokenizer); "" = the demo
 data = ""                 # LLM-Adapters JSON rows: instruction, input (optional), output
-out = ""                  # "" = <demo_dir>/<adapter> for the demo,
-                          # out/<model folder name>-<adapter> otherwise
+out = ""                  # "" = out/<model folder name>-<adapter> (the demo: <demo_dir>/<adapter>)
 adapter = "lora"          # a kind of adapters.KINDS: lora dora ia3 series parallel prefix prompt
-resume = False            # continue from <out>/resume.pt,
-                          # to the same losses as an uninterrupted run
+resume = False            # continue from <out>/resume.pt, to an uninterrupted run's losses
 overwrite = False         # replace the run already in --out (else a used --out is refused)
 # LLM-Adapters' recipe
-cutoff_len = 256          # examples are cut to this many tokens (then without EOS),
-                          # as LLM-Adapters does
+cutoff_len = 256          # examples are cut to this many tokens (then without EOS)
 train_on_inputs = True    # false: no loss on the prompt (targets -100)
 group_by_length = True    # micro-batches of examples of similar length: little padding
-batch_size = 16           # examples per optimizer step, in micro-batches (gradient accumulation)
-                          # over all processes
+batch_size = 16           # examples per optimizer step over all processes, in micro-batches
 micro_batch_size = 4
 learning_rate = 3e-4      # AdamW
 weight_decay = 0.0
@@ -78,29 +61,25 @@ warmup_steps = 100        # linear warmup, then decay to 0 at the last step
 decay = "linear"          # linear | cosine
 num_epochs = 3
 max_steps = 0             # > 0: this many optimizer steps instead (the schedule ends there)
-val_set_size = 120        # rows held out for validation;
-                          # the adapter is saved whenever validation loss improves
+val_set_size = 120        # rows held out; the adapter is saved whenever their loss improves
 eval_interval = 200       # steps between validations (each also writes resume.pt)
 grad_clip = 1.0           # 0 = off
 seed = 42
 # system
 device = ""               # cuda | cpu | mps; "" = cuda if available, else cpu
-dtype = ""                # of the frozen base and autocast:
-                          # bfloat16 | float16 (+ GradScaler) | float32; "" = bfloat16 on cuda
-                          # (float16 where bf16 is unsupported), float32 elsewhere
+dtype = ""                # of the frozen base and autocast: bfloat16 | float16 (+ GradScaler)
+                          # | float32; "" = bfloat16 on cuda (else float16), float32 elsewhere
 quantize = ""             # frozen base in int8 | nf4 | nf4-dq (QLoRA 4-bit, + double quant.)
 grad_ckpt = False         # recompute activations in backward: less memory, ~30% slower
 compile = ""              # compile each block: "" = on for CUDA, off elsewhere; true | false
 threads = 0               # CPU threads for torch; 0 = torch's default
 log_interval = 10
-# the embedded demo (no --model)
+# the embedded demo (no --model), run by demo.py
 demo_dir = DEMO_DIR
 demo_n_train = 4000       # two-step training rows (val_set_size of them for validation)
 demo_n_test = 200         # held-out two-step problems for the accuracy comparison
-demo_base_steps = 900     # pretraining steps of the base
-                          # (built once: delete <demo_dir>/base to rebuild)
-demo_base_threads = 0     # CPU threads while pretraining it; 0 = measured: 1 or all cores,
-                          # whichever is faster now, re-checked every 300 steps (ThreadPicker)
+demo_base_steps = 900     # pretraining steps of the base, on one CPU thread so that its weights
+                          # are the same on every machine (built once: delete <demo_dir>/base)
 demo_base_docs = 30000    # documents in its pretraining corpus
 # --------------------------------------------------------------------------------------------------
 # the settings above (lower-case, unlike imported names)
@@ -111,29 +90,12 @@ DEFAULTS = {k: v for k, v in globals().items()
 MINIMUM = dict(cutoff_len=2, batch_size=1, micro_batch_size=1, learning_rate=0.0, weight_decay=0.0,
                warmup_steps=0, num_epochs=1, max_steps=0, val_set_size=0, eval_interval=1,
                grad_clip=0.0, seed=0, threads=0, log_interval=1, demo_n_train=1, demo_n_test=1,
-               demo_base_steps=1, demo_base_threads=0, demo_base_docs=201)
-# The demo fine-tunes a tiny model in ~2 minutes; these replace the recipe's values unless set
-# explicitly. One CPU thread: a second one is faster on an idle machine (--threads=2), but several
-# times slower when the other core is busy, as every small matrix product then waits for both. The
-# base's pretraining (micro-batches of 32, not 4) gains more from a second core, so it measures
-# which is faster (ThreadPicker).
-# A demo run is remade in a minute, so rerunning it replaces the previous one (overwrite).
-DEMO = dict(learning_rate=3e-3, warmup_steps=20, train_on_inputs=False, eval_interval=100,
-            threads=1, overwrite=True)
-DEMO_LR = {"prefix": 2e-1, "prompt": 1e-1,  # a few thousand parameters, far from the base's weights
-           "ia3": 1e-1}  # 2,432 scales: 96.0% at 1e-1, 84.0% at 3e-2
-# Pretraining the demo base, by the same train(): whole documents, mixed lengths in every batch.
-DEMO_BASE = dict(learning_rate=1.5e-3, warmup_steps=50, decay="cosine", batch_size=32,
-                 micro_batch_size=32, train_on_inputs=True, group_by_length=False,
-                 eval_interval=500, resume=False)
-DEMO_MODEL = dict(n_layer=4, n_head=4, n_embd=128, intermediate_size=352)
+               demo_base_steps=1, demo_base_docs=201)
 
 
-
-def get_config(argv):
-    """Defaults <- config files (Python assignments as in nanoGPT, or a JSON object), in order
-    <- --key=value, through configurator.py; without --model, the demo's recipe replaces the
-    defaults it names. Returns (cfg, adapter options)."""
+def get_config(argv, recipe=None):
+    """Defaults <- config files <- --key=value (cli.py) -> (cfg, adapter options). recipe(kind):
+    {setting: value} in place of the defaults (the demo's)."""
     if "--help" in argv or "-h" in argv:
         configure(argv, DEFAULTS, __doc__)
     try:
@@ -141,8 +103,7 @@ def get_config(argv):
         kind = given.get("adapter", adapter)
         if kind not in adapters.KINDS:
             raise ConfigError(f"unknown adapter {kind!r}; adapters: {', '.join(adapters.KINDS)}")
-        defaults = DEFAULTS if given.get("model") else \
-            {**DEFAULTS, **DEMO, "learning_rate": DEMO_LR.get(kind, DEMO["learning_rate"])}
+        defaults = {**DEFAULTS, **(recipe(kind) if recipe else {})}
         cfg, options = settle(given, defaults, lambda _: adapters.KINDS[kind].defaults,
                               explain_option)
         check_choice(cfg, "decay", ("linear", "cosine"))
@@ -192,7 +153,24 @@ def setup(cfg):
                            master=rank == 0)
 
 
+@contextmanager
+def session(cfg):
+    """setup(cfg) for a `with` body, and DDP's teardown on every way out. A finished run first
+    waits for every process: one that exits while another still holds the group can die with
+    SIGABRT in gloo's teardown. After an error, no waiting: the others may never get there."""
+    rt, finished = setup(cfg), False
+    try:
+        yield rt
+        finished = True
+    finally:
+        if rt.world > 1 and dist.is_initialized():
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
 def log(rt, out, record, text):
+    """Print text (first process only), and append record to <out>/log.jsonl (plot.py reads it)."""
     if rt.master:
         print(text, flush=True)
         if out and record:
@@ -259,7 +237,7 @@ def collate(examples, idx, device):
 
 
 # --------------------------------------------------------------------------------------------------
-# the one training loop, for the demo base's pretraining and for every adapter
+# the run: its state on one object, and the loop
 
 
 def get_lr(step, total, cfg):
@@ -288,121 +266,16 @@ def val_loss(model, examples, cfg, rt):
     return (total[0] / total[1]).item()
 
 
-def train(model, train_ex, val_ex, cfg, rt, out=None, save=None, before_step=None):
-    """Train the model's trainable parameters: AdamW, warmup then linear/cosine decay, gradient
-    accumulation and clipping, autocast (+ GradScaler with float16), DDP. Every eval_interval steps
-    and at the end: validation, save() on rank 0 if it improved, and with `out` an atomic resume
-    checkpoint out/resume.pt. A non-finite loss stops the run before anything of its step is applied
-    or written. before_step(step) runs before each step (sparse adapters pick their part there).
-    Returns a summary dict."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                            # one kernel for all parameters on a GPU
-                            fused=rt.device.type == "cuda" or None)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-    compiled = compile_setting(cfg.compile, rt.device)
-    fwd = compile_blocks(model) if compiled else model
-    if rt.world > 1:  # sparse adapters (before_step) leave the parts not picked at a step unused
+def wrap(model, cfg, rt, unused):
+    """The module the loop calls: each block compiled (--compile), then DDP across processes.
+    unused: some trainable parameters get no gradient at a step, which DDP must be told (it then
+    searches the autograd graph after every forward, so only then)."""
+    fwd = compile_blocks(model) if compile_setting(cfg.compile, rt.device) else model
+    if rt.world > 1:
         # buffers never change in training (a quantized base lives in them): no broadcast per step
         fwd = DDP(fwd, device_ids=[rt.device] if rt.device.type == "cuda" else None,
-                  find_unused_parameters=before_step is not None, broadcast_buffers=False)
-    steps_per_epoch = len(epoch_plan(train_ex, cfg, 0, rt))
-    total = cfg.max_steps or cfg.num_epochs * steps_per_epoch
-    path = out and os.path.join(out, "resume.pt")
-    step, best, saved_at, loss = 0, math.inf, None, None
-    if cfg.resume:
-        step, best = load_state(path, model, named, opt, scaler, cfg, rt)
-        saved_at = step
-    elif out and rt.master:
-        open(os.path.join(out, "log.jsonl"), "w").close()
-    model.train()
-    t0, start, plan, tokens = time.time(), step, (None, None), 0
-    while step < total:
-        epoch, i = divmod(step, steps_per_epoch)
-        if plan[0] != epoch:
-            plan = (epoch, epoch_plan(train_ex, cfg, epoch, rt))
-        if before_step is not None:
-            before_step(step)
-        lr = get_lr(step, total, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss, n = forward_backward(fwd, scaler, train_ex, plan[1][i], rt)
-        tokens += n
-        if not math.isfinite(loss):
-            stop(f"loss is {loss} at step {step + 1} (lr {lr:.2e})", out, saved_at)
-        optimizer_step(opt, scaler, params, cfg)
-        step += 1
-        if compiled and step == start + 1:
-            log(rt, None, None, f"first step {time.time() - t0:.1f}s (compiling included)")
-        if step % cfg.log_interval == 0 or step in (start + 1, total):
-            log_progress(rt, out, step, start, total, loss, lr, tokens, time.time() - t0)
-        if step % cfg.eval_interval == 0 or step == total:
-            best = validate(fwd, val_ex, cfg, rt, out, step, best, saved_at, save)
-            if path:
-                save_state(path, model, named, opt, scaler, step, best, cfg, rt)
-                saved_at = step
-    return dict(steps=step, loss=loss, best_val=best if val_ex else None, time_s=time.time() - t0)
-
-
-def forward_backward(fwd, scaler, examples, micro, rt):
-    """One optimizer step's micro-batches, forward and backward; DDP all-reduces the gradients
-    once, after the last one. Returns (the step's loss averaged over the processes, tokens seen
-    by all of them)."""
-    stats = torch.zeros(2, device=rt.device)  # this step's loss, tokens
-    for k, idx in enumerate(micro):
-        x, y = collate(examples, idx, rt.device)
-        if rt.world > 1:
-            fwd.require_backward_grad_sync = k == len(micro) - 1
-        with rt.ctx:
-            loss = fwd(x, y)[1] / len(micro)
-        scaler.scale(loss).backward()
-        n = sum(len(examples[j][0]) for j in idx)
-        stats += torch.stack([loss.detach().float(), torch.tensor(float(n), device=rt.device)])
-    if rt.world > 1:
-        dist.all_reduce(stats)
-        stats[0] /= rt.world
-    return stats[0].item(), int(stats[1].item())
-
-
-def optimizer_step(opt, scaler, params, cfg):
-    if cfg.grad_clip:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-
-
-def log_progress(rt, out, step, start, total, loss, lr, tokens, dt):
-    eta, mem = round(dt / (step - start) * (total - step)), 0
-    if rt.device.type == "cuda":
-        mem = torch.cuda.max_memory_allocated(rt.device) / 2**20
-    log(rt, out, dict(step=step, loss=loss, lr=lr, tok_s=round(tokens / dt), eta_s=eta,
-                      mem_mb=round(mem), time_s=round(dt, 1)),
-        f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {tokens / dt:.0f} tok/s | eta "
-        f"{eta // 60}m{eta % 60:02d}s" + (f" | peak mem {mem:.0f} MiB" if mem else ""))
-
-
-def validate(fwd, val_ex, cfg, rt, out, step, best, saved_at, save):
-    """Validation loss; save() on rank 0 when it improved (always, without validation rows).
-    Returns the best loss so far."""
-    val = val_loss(fwd, val_ex, cfg, rt) if val_ex else None
-    if val is not None and not math.isfinite(val):
-        stop(f"validation loss is {val} at step {step}", out, saved_at)
-    improved = val is None or val < best
-    best = val if improved and val is not None else best
-    if improved and save is not None and rt.master:
-        save()
-    if val is not None:
-        log(rt, out, dict(step=step, val_loss=val), f"step {step}: val loss {val:.4f} " +
-            ("(best" + (", saved)" if save else ")") if improved else f"(best {best:.4f})"))
-    return best
-
-
-def stop(what, out, saved_at):
-    fail(f"{what}: stopped before writing anything of this step. Last good checkpoint: "
-         + (f"{out} (step {saved_at})" if saved_at is not None else "none written yet"))
+                  find_unused_parameters=unused, broadcast_buffers=False)
+    return fwd
 
 
 # what a resumed run must share with the one it continues (the adapter's options are compared too)
@@ -411,55 +284,172 @@ RESUME_KEYS = ("model", "data", "adapter", "batch_size", "micro_batch_size", "le
                "train_on_inputs", "val_set_size")
 
 
-def save_state(path, model, named, opt, scaler, step, best, cfg, rt):
-    """resume.pt: trainable weights, optimizer, GradScaler, step (the schedule is a function of it)
-    and every process's RNG state, with the settings a resumed run must share. Temporary file, then
-    renamed."""
-    rng = {"cpu": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None}
-    rngs = [rng] * rt.world
-    if rt.world > 1:
-        dist.all_gather_object(rngs, rng)
-    if rt.master:
-        config = {k: getattr(cfg, k) for k in RESUME_KEYS}
-        state = dict(step=step, best_val=best, trainable={n: p.detach().cpu() for n, p in named},
-                     rng=rngs, optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                     config=config, options=adapter_options(model))
-        write_atomic(path, lambda f: torch.save(state, f))
+class Run:
+    """One training run's state: settings, model and the module the loop calls (compiled, DDP),
+    AdamW, GradScaler (float16), step, best validation loss, and the folder it writes (out:
+    resume.pt, log.jsonl; None: nothing). save() writes the adapter when validation improves.
+    fit() is the loop, for every adapter and for the demo's base."""
 
+    def __init__(self, model, train_ex, val_ex, cfg, rt, out=None, save=None):
+        self.model, self.train_ex, self.val_ex, self.cfg, self.rt = model, train_ex, val_ex, cfg, rt
+        self.out, self.save = out, save
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate,
+                                     weight_decay=cfg.weight_decay,
+                                     fused=rt.device.type == "cuda" or None)  # one kernel on a GPU
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+        # a sparse (MoSA) adapter trains one part of each split weight a step, the rest get no grad
+        self.sparse = bool((adapter_options(model) or {}).get("sparse"))
+        self.fwd = wrap(model, cfg, rt, unused=self.sparse)
+        self.steps_per_epoch = len(epoch_plan(train_ex, cfg, 0, rt))
+        self.total = cfg.max_steps or cfg.num_epochs * self.steps_per_epoch
+        self.step, self.best, self.saved_at = 0, math.inf, None  # saved_at: step of resume.pt
 
-def load_state(path, model, named, opt, scaler, cfg, rt):
-    """save_state's mirror: restore everything it wrote, after checking that this run continues
-    that one. Returns (step, best validation loss)."""
-    if not os.path.exists(path):
-        fail(f"--resume: no checkpoint {path}")
-    try:
-        state = torch_load(path, map_location=rt.device, mmap=False)
-    except ValueError as e:
-        fail(f"--resume: {e}")
-    keys = {"step", "trainable", "config", "rng", "optimizer"}
-    if not isinstance(state, dict) or not keys <= state.keys():
-        fail(f"--resume: {path} is not a resume checkpoint written by train.py")
-    now = {**{k: getattr(cfg, k) for k in state["config"]}, **(adapter_options(model) or {})}
-    for key, was in {**state["config"], **(state.get("options") or {})}.items():
-        if now.get(key) != was:
-            fail(f"--resume: --{key}={now.get(key)!r} differs from the checkpoint's {was!r}")
-    if sorted(state["trainable"]) != sorted(n for n, _ in named):
-        fail(f"--resume: {path} holds other trainable parameters than this adapter's")
-    with torch.no_grad():
-        for n, p in named:
-            if state["trainable"][n].shape != p.shape:
-                fail(f"--resume: {path} holds {n} of shape {tuple(state['trainable'][n].shape)}, "
-                     f"this adapter's is {tuple(p.shape)}: its options differ from that run's")
-            p.copy_(state["trainable"][n])
-    opt.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    rng = state["rng"][rt.rank if len(state["rng"]) == rt.world else 0]
-    torch.set_rng_state(rng["cpu"].cpu())
-    if rng["cuda"] is not None and rt.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"].cpu())
-    log(rt, None, None, f"resumed from {path} at step {state['step']}")
-    return state["step"], state["best_val"]
+    def fit(self):
+        """Train to self.total steps (from resume.pt with --resume). Returns a summary dict."""
+        cfg, rt = self.cfg, self.rt
+        if cfg.resume:
+            self.load_state()
+        elif self.out and rt.master:
+            open(os.path.join(self.out, "log.jsonl"), "w").close()
+        self.model.train()
+        t0, start, tokens, epoch, loss = time.time(), self.step, 0, None, None
+        while self.step < self.total:
+            # an epoch's batches are a function of (seed, epoch): a resumed run gets the same ones
+            e, i = divmod(self.step, self.steps_per_epoch)
+            if e != epoch:
+                epoch, batches = e, epoch_plan(self.train_ex, cfg, e, rt)
+            micro = batches[i]  # this step's micro-batches, lists of example indices
+            if self.sparse:  # pick the part of each split weight that trains at this step
+                adapters.sparse_step(self.model, self.step)
+            lr = get_lr(self.step, self.total, cfg)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            # forward and backward of each micro-batch: the gradients add up in .grad
+            stats = torch.zeros(2, device=rt.device)  # this step's loss, tokens
+            for k, idx in enumerate(micro):
+                x, y = collate(self.train_ex, idx, rt.device)  # (B, T) ids and targets
+                if rt.world > 1:
+                    # DDP all-reduces the gradients during backward: only needed once the last
+                    # micro-batch has added its share, so the others skip it (what no_sync does)
+                    self.fwd.require_backward_grad_sync = k == len(micro) - 1
+                with rt.ctx:
+                    _, loss = self.fwd(x, y)  # the mean over the targets that are not -100
+                    loss = loss / len(micro)  # the step's loss: the mean over its micro-batches
+                # under float16 the loss is scaled up first, so that small gradients do not
+                # underflow to zero (GradScaler; a no-op in other dtypes)
+                self.scaler.scale(loss).backward()
+                n = float(sum(len(self.train_ex[j][0]) for j in idx))
+                stats += torch.stack([loss.detach().float(), torch.tensor(n, device=rt.device)])
+            if rt.world > 1:  # every process logs, and stops, on the same numbers
+                dist.all_reduce(stats)
+            loss, tokens = stats[0].item() / rt.world, tokens + int(stats[1].item())
+            if not math.isfinite(loss):  # before the update: the last checkpoint stays good
+                self.stop(f"loss is {loss} at step {self.step + 1} (lr {lr:.2e})")
+            if cfg.grad_clip:
+                self.scaler.unscale_(self.opt)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            self.scaler.step(self.opt)  # skipped when float16 gradients overflowed
+            self.scaler.update()
+            # set_to_none: the memory is freed until the next backward, and a part of a sparse
+            # adapter that gets no gradient is left alone by AdamW
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            dt = time.time() - t0
+            if self.step == start + 1 and compile_setting(cfg.compile, rt.device):
+                log(rt, None, None, f"first step {dt:.1f}s (compiling included)")
+            if self.step % cfg.log_interval == 0 or self.step in (start + 1, self.total):
+                eta = round(dt / (self.step - start) * (self.total - self.step))
+                mem = (torch.cuda.max_memory_allocated(rt.device) / 2**20
+                       if rt.device.type == "cuda" else 0)
+                log(rt, self.out, dict(step=self.step, loss=loss, lr=lr, tok_s=round(tokens / dt),
+                                       eta_s=eta, mem_mb=round(mem), time_s=round(dt, 1)),
+                    f"step {self.step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
+                    f"{tokens / dt:.0f} tok/s | eta {eta // 60}m{eta % 60:02d}s"
+                    + (f" | peak mem {mem:.0f} MiB" if mem else ""))
+            if self.step % cfg.eval_interval == 0 or self.step == self.total:
+                self.validate()
+                self.save_state()
+        return dict(steps=self.step, loss=loss, best_val=self.best if self.val_ex else None,
+                    time_s=time.time() - t0)
+
+    def validate(self):
+        """Validation loss; save() on rank 0 when it improved (always, without validation rows)."""
+        val = val_loss(self.fwd, self.val_ex, self.cfg, self.rt) if self.val_ex else None
+        if val is not None and not math.isfinite(val):
+            self.stop(f"validation loss is {val} at step {self.step}")
+        improved = val is None or val < self.best
+        self.best = val if improved and val is not None else self.best
+        if improved and self.save is not None and self.rt.master:
+            self.save()
+        if val is not None:
+            saved = "(best" + (", saved)" if self.save else ")")
+            log(self.rt, self.out, dict(step=self.step, val_loss=val),
+                f"step {self.step}: val loss {val:.4f} "
+                + (saved if improved else f"(best {self.best:.4f})"))
+
+    def stop(self, what):
+        fail(f"{what}: stopped before writing anything of this step. Last good checkpoint: "
+             + (f"{self.out} (step {self.saved_at})" if self.saved_at is not None
+                else "none written yet"))
+
+    def save_state(self):
+        """<out>/resume.pt: trainable weights, optimizer, GradScaler, step (the schedule is a
+        function of it) and every process's RNG state, with the settings a resumed run must share.
+        Temporary file, then renamed."""
+        if not self.out:
+            return
+        rt = self.rt
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None}
+        rngs = [rng] * rt.world
+        if rt.world > 1:
+            dist.all_gather_object(rngs, rng)
+        if rt.master:
+            state = dict(step=self.step, best_val=self.best, rng=rngs,
+                         trainable={n: p.detach().cpu() for n, p in self.named},
+                         optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
+                         config={k: getattr(self.cfg, k) for k in RESUME_KEYS},
+                         options=adapter_options(self.model))
+            write_atomic(os.path.join(self.out, "resume.pt"), lambda f: torch.save(state, f))
+        self.saved_at = self.step
+
+    def load_state(self):
+        """save_state's mirror: restore everything it wrote, after checking that this run
+        continues that one."""
+        path, rt = os.path.join(self.out, "resume.pt"), self.rt
+        if not os.path.exists(path):
+            fail(f"--resume: no checkpoint {path}")
+        try:
+            state = torch_load(path, map_location=rt.device, mmap=False)
+        except ValueError as e:
+            fail(f"--resume: {e}")
+        keys = {"step", "trainable", "config", "rng", "optimizer"}
+        if not isinstance(state, dict) or not keys <= state.keys():
+            fail(f"--resume: {path} is not a resume checkpoint written by train.py")
+        now = {**{k: getattr(self.cfg, k) for k in state["config"]},
+               **(adapter_options(self.model) or {})}
+        for key, was in {**state["config"], **(state.get("options") or {})}.items():
+            if now.get(key) != was:
+                fail(f"--resume: --{key}={now.get(key)!r} differs from the checkpoint's {was!r}")
+        if sorted(state["trainable"]) != sorted(n for n, _ in self.named):
+            fail(f"--resume: {path} holds other trainable parameters than this adapter's")
+        with torch.no_grad():
+            for n, p in self.named:
+                saved = state["trainable"][n]
+                if saved.shape != p.shape:
+                    fail(f"--resume: {path} holds {n} of shape {tuple(saved.shape)}, this "
+                         f"adapter's is {tuple(p.shape)}: its options differ from that run's")
+                p.copy_(saved)
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"][rt.rank if len(state["rng"]) == rt.world else 0]
+        torch.set_rng_state(rng["cpu"].cpu())
+        if rng["cuda"] is not None and rt.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu())
+        log(rt, None, None, f"resumed from {path} at step {state['step']}")
+        self.step, self.best, self.saved_at = state["step"], state["best_val"], state["step"]
 
 
 def adapter_options(model):
@@ -468,170 +458,44 @@ def adapter_options(model):
 
 
 # --------------------------------------------------------------------------------------------------
-# the embedded demo
-
-
-def build_demo_base(path, cfg, rt):
-    """The demo's base model, built in path.tmp and renamed when complete: a sentencepiece tokenizer
-    trained on the synthetic corpus, and a tiny LLaMA pretrained on it by train(); config.json,
-    model.safetensors, tokenizer.model."""
-    t0, tmp = time.time(), path + ".tmp"
-    docs = synthetic.pretrain_corpus(cfg.demo_base_docs, seed=cfg.seed)
-    log(rt, None, None, f"1/3 building the demo base model in {path} (once): a tokenizer, then "
-                        f"pretraining on {len(docs)} synthetic arithmetic documents")
-    if rt.master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        synthetic.train_tokenizer(docs, os.path.join(tmp, "tokenizer"))
-    if rt.world > 1:
-        dist.barrier()
-    tok = Tokenizer.from_pretrained(tmp)
-    torch.manual_seed(cfg.seed)
-    base = Transformer(Config("demo-base", vocab_size=tok.vocab_size, block_size=cfg.cutoff_len,
-                              **DEMO_MODEL))
-    examples = [(ids[:-1], ids[1:]) for ids in (tok.encode(d, bos=True, eos=True) for d in docs)]
-    pcfg = SimpleNamespace(**{**vars(cfg), **DEMO_BASE, "max_steps": cfg.demo_base_steps})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.demo_base_threads or TORCH_THREADS)
-    measure = not cfg.demo_base_threads and TORCH_THREADS > 1
-    try:
-        summary = train(base.to(rt.device), examples[200:], examples[:200], pcfg, rt,
-                        before_step=ThreadPicker(TORCH_THREADS) if measure else None)
-    finally:
-        torch.set_num_threads(threads)
-    if rt.master:
-        save_model(base, tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    if rt.world > 1:
-        dist.barrier()
-    log(rt, None, None,
-        f"demo base model: {sum(p.numel() for p in base.parameters()):,} parameters, "
-        f"pretrained {summary['steps']} steps in {summary['time_s']:.0f}s, "
-        f"val loss {summary['best_val']:.3f}; built in {time.time() - t0:.0f}s")
-
-
-class ThreadPicker:
-    """before_step for the base's pretraining: every `every` steps, time `probe` steps on one thread
-    and `probe` on n, then keep the faster (median step) until the next check. On an idle 2-core
-    machine two threads are faster, but when another job holds a core every small matmul waits for
-    the slower thread: with one core busy, 100 steps took 47 s on one thread, over 11 min on two.
-    So a probe on n threads stops at its first step that takes over twice the slowest on one."""
-
-    def __init__(self, n, every=300, probe=3):
-        self.n, self.every, self.probe = n, every, probe
-        self.times, self.last, self.probing = {1: [], n: []}, None, False
-
-    def __call__(self, step):
-        now, phase = time.perf_counter(), step % self.every
-        if self.probing and phase > 0:  # the step that just ended was a probe
-            self.times[torch.get_num_threads()].append(now - self.last)
-        self.probing = self.probing or phase == 0
-        thrash = self.times[self.n] and self.times[self.n][-1] > 2 * max(self.times[1])
-        if self.probing and (phase == 2 * self.probe or thrash):
-            self.pick(step)
-        elif self.probing:
-            torch.set_num_threads(1 if phase < self.probe else self.n)
-        self.last = time.perf_counter()
-
-    def pick(self, step):
-        median = {n: sorted(t)[len(t) // 2] for n, t in self.times.items()}
-        torch.set_num_threads(min(median, key=median.get))
-        ms = {n: f"{1e3 * t:.0f} ms" for n, t in median.items()}
-        print(f"step {step}: {torch.get_num_threads()} thread(s) from here (a step took {ms[1]} on "
-              f"1 thread, {ms[self.n]} on {self.n})", flush=True)
-        self.times, self.probing = {1: [], self.n: []}, False
-
-
-# rough times of the demo's parts on an idle 2-core CPU (README), for the plan printed up front
-DEMO_ETA_S = dict(base=75, finetune=80, score=15)
-
-
-def demo_plan(cfg, base_cached):
-    """The demo's three steps and the time they take, printed before anything runs."""
-    eta = sum(DEMO_ETA_S.values()) - (DEMO_ETA_S["base"] if base_cached else 0)
-    base = f": cached in {cfg.model}, skipped" if base_cached else f", ~{DEMO_ETA_S['base']} s"
-    return (f"the embedded demo, in 3 steps (about {eta / 60:.1f} min on an idle 2-core CPU, up to "
-            f"twice that on a busy one):\n"
-            f"  1/3 build the tiny base model once (tokenizer + {cfg.demo_base_steps} pretraining "
-            f"steps){base}\n"
-            f"  2/3 fine-tune a {cfg.adapter} adapter on two-step problems, the base frozen, "
-            f"~{DEMO_ETA_S['finetune']} s\n"
-            f"  3/3 score the base and base + {cfg.adapter} on {cfg.demo_n_test} held-out "
-            f"problems, ~{DEMO_ETA_S['score']} s")
-
-
-def on_llama_7b(kind, options):
-    """(trainable, total) of the same adapter on LLaMA-7B, counted on the meta device."""
-    with torch.device("meta"):
-        big = Transformer(Config.from_name("llama-7b"))
-        return adapters.count_parameters(adapters.add_adapter(big, kind, **options))
-
-
-def explain_trainable(kind, options, trainable, total):
-    """Why "% trainable" looks large here: an adapter grows with n_embd, the base with n_embd^2."""
-    here = f"  % trainable = adapter parameters / all parameters: {100 * trainable / total:.2f}%"
-    try:
-        big, big_total = on_llama_7b(kind, options)
-    except (RuntimeError, NotImplementedError, ValueError):  # a kind that must see real weights
-        return here
-    return (f"{here} of this {total / 1e6:.1f}M toy, but the same {kind} on LLaMA-7B trains "
-            f"{big:,} of {big_total:,} ({100 * big / big_total:.2f}%): the base grows faster than "
-            "the adapter")
-
-
-def accuracy(model, tok, rows, rt):
-    """Exact match of the greedy answers to the template prompts, generated and scored as eval.py
-    does."""
-    with rt.ctx:
-        return evaluate(model.eval(), tok, rows, "demo", answer_type="number", max_new_tokens=40,
-                        batch_size=50, progress=rt.master)[1]
-
-
-# --------------------------------------------------------------------------------------------------
+# the steps around the loop
 
 
 def main(argv=None):
-    cfg, options = get_config(sys.argv[1:] if argv is None else argv)
-    rt = setup(cfg)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg, options = get_config(argv)
+    if not cfg.model:  # the embedded demo: its own base and data, this recipe, then a score
+        import demo  # demo.py imports this file: named here only, where the run is handed over
+        return demo.main(argv)
+    with session(cfg) as rt:
+        return finetune(cfg, options, rt)
+
+
+def finetune(cfg, options, rt, extra=None):
+    """The recipe on --model and --data into --out: the adapter on the frozen base, trained by
+    Run.fit, saved with what eval.py needs to score it (+ extra: more of it, from the demo).
+    Returns (model, summary)."""
+    check_paths(cfg)
+    clear_earlier_run(cfg, rt)
+    base, tok = load_base(cfg, rt)
+    train_ex, val_ex = prepare_data(cfg, tok, rt)
+    model = attach_adapter(base, cfg, options, rt, len(train_ex), len(val_ex))
+    extra = dict(template=TEMPLATE_NAME, data=cfg.data, **(extra or {}))
+
+    def save():
+        adapter_io.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
     try:
-        demo = not cfg.model
-        test_rows = prepare_demo(cfg, rt) if demo else None
-        check_paths(cfg)
-        check_out(cfg, demo, rt)
-        base, tok = load_base(cfg, rt)
-        train_ex, val_ex = prepare_data(cfg, tok, rt)
-        model, save = attach_adapter(base, cfg, options, demo, rt, len(train_ex), len(val_ex))
-        summary = run_training(model, train_ex, val_ex, cfg, rt, save)
-        finish_run(model, summary, cfg, rt, save)
-        if demo and rt.master:
-            compare_on_demo(tok, test_rows, cfg, rt)
-    except BaseException:
-        teardown(rt, finished=False)
-        raise
-    teardown(rt, finished=True)
+        summary = Run(model, train_ex, val_ex, cfg, rt, out=cfg.out, save=save).fit()
+    except torch.cuda.OutOfMemoryError:
+        fail(f"out of memory on {rt.device} with --micro_batch_size={cfg.micro_batch_size} and "
+             f"--cutoff_len={cfg.cutoff_len}: lower --micro_batch_size (--batch_size stays, by "
+             "more accumulation steps), or try --grad_ckpt=true, --dtype=bfloat16 or a shorter "
+             f"--cutoff_len. Checkpoints in {cfg.out} are intact")
+    except OSError as e:
+        fail(f"--out={cfg.out}: writing failed ({e}); every file there is whole, from the last "
+             "checkpoint")
+    finish_run(model, summary, cfg, rt, save)
     return model, summary
-
-
-def prepare_demo(cfg, rt):
-    """The demo's base (built once) and data; points --model and --data at them. Returns the test
-    rows."""
-    if cfg.data:
-        fail("--data needs --model (the demo writes its own data)")
-    data = os.path.join(cfg.demo_dir, "data")
-    cfg.model, cfg.data = os.path.join(cfg.demo_dir, "base"), os.path.join(data, "train.json")
-    cached = os.path.exists(os.path.join(cfg.model, "config.json"))
-    log(rt, None, None, demo_plan(cfg, cached))
-    if not cached:
-        build_demo_base(cfg.model, cfg, rt)
-    train_rows, test_rows = synthetic.finetune_split(cfg.demo_n_train, cfg.demo_n_test,
-                                                     seed=cfg.seed)
-    if rt.master:
-        write_json(os.path.join(data, "train.json"), train_rows)
-        write_json(os.path.join(data, "test.json"), test_rows)
-    if rt.world > 1:
-        dist.barrier()
-    return test_rows
 
 
 def check_paths(cfg):
@@ -647,18 +511,17 @@ def check_paths(cfg):
 RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "resume.pt", "log.jsonl")
 
 
-def check_out(cfg, demo, rt):
-    """--out (default: <demo_dir>/<adapter>, or out/<model>-<adapter>) must take files, and a folder
-    holding an earlier run is only continued (--resume) or replaced when asked to (--overwrite):
-    no run is lost by mistake."""
+def clear_earlier_run(cfg, rt):
+    """--out (default: out/<model folder name>-<adapter>) must take files. A folder holding an
+    earlier run is continued (--resume) or, only when asked to (--overwrite), emptied of that run's
+    files here: no run is lost by mistake."""
     name = os.path.basename(os.path.normpath(cfg.model))
-    cfg.out = cfg.out or (os.path.join(cfg.demo_dir, cfg.adapter) if demo else
-                          os.path.join("out", f"{name}-{cfg.adapter}"))
+    cfg.out = cfg.out or os.path.join("out", f"{name}-{cfg.adapter}")
     try:
         check_writable(cfg.out, "--out")
     except ValueError as e:
         fail(e)
-    if cfg.resume and cfg.overwrite and not demo:  # the demo's default is overwrite=True
+    if cfg.resume and cfg.overwrite:
         fail("--resume=true continues the run in --out, --overwrite=true replaces it: give one")
     earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
     if earlier and not cfg.resume and not cfg.overwrite:
@@ -714,9 +577,8 @@ def prepare_data(cfg, tok, rt):
     return train_ex, val_ex
 
 
-def attach_adapter(base, cfg, options, demo, rt, n_train, n_val):
-    """The adapter on the frozen base, and the save() that writes it with what eval.py needs to
-    score it."""
+def attach_adapter(base, cfg, options, rt, n_train, n_val):
+    """The adapter on the frozen base (seeded: the same initial weights on every process)."""
     torch.manual_seed(cfg.seed)
     try:
         model = adapters.add_adapter(base, cfg.adapter, **options)
@@ -727,34 +589,7 @@ def attach_adapter(base, cfg, options, demo, rt, n_train, n_val):
     log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of "
                         f"{total:,} parameters ({100 * trainable / total:.2f}%); {n_train} "
                         f"training, {n_val} validation rows")
-    if demo:
-        log(rt, None, None, explain_trainable(cfg.adapter, options, trainable, total))
-        log(rt, None, None, f"2/3 fine-tuning: loss per step, validation loss every "
-                            f"{cfg.eval_interval} steps (the best is kept)")
-    extra = dict(template=TEMPLATE_NAME, data=cfg.data)
-    if demo:
-        extra.update(dataset=os.path.join(cfg.demo_dir, "data", "test.json"), answer_type="number")
-
-    def save():
-        adapter_io.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
-    return model, save
-
-
-def run_training(model, train_ex, val_ex, cfg, rt, save):
-    """train() into --out, with one clear line for running out of memory or of disk."""
-    sparse = model.adapter_configs["default"]["options"].get("sparse")
-    before_step = (lambda step: adapters.sparse_step(model, step)) if sparse else None
-    try:
-        return train(model, train_ex, val_ex, cfg, rt, out=cfg.out, save=save,
-                     before_step=before_step)
-    except torch.cuda.OutOfMemoryError:
-        fail(f"out of memory on {rt.device} with --micro_batch_size={cfg.micro_batch_size} and "
-             f"--cutoff_len={cfg.cutoff_len}: lower --micro_batch_size (--batch_size stays, by "
-             "more accumulation steps), or try --grad_ckpt=true, --dtype=bfloat16 or a shorter "
-             f"--cutoff_len. Checkpoints in {cfg.out} are intact")
-    except OSError as e:
-        fail(f"--out={cfg.out}: writing failed ({e}); every file there is whole, from the last "
-             "checkpoint")
+    return model
 
 
 def finish_run(model, summary, cfg, rt, save):
@@ -772,35 +607,6 @@ def finish_run(model, summary, cfg, rt, save):
         f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable "
         f"parameters ({100 * trainable / total:.2f}%), best val loss {best and round(best, 4)}; "
         f"adapter in {cfg.out}")
-
-
-def compare_on_demo(tok, test_rows, cfg, rt):
-    """The demo's last step: exact match of the frozen base vs base + the adapter just saved."""
-    print(f"3/3 scoring the base, then base + {cfg.adapter}, on {len(test_rows)} held-out "
-          "problems", flush=True)
-    def base():
-        return load_model(cfg.model, rt.device, rt.dtype, cfg.quantize)
-    base_acc = accuracy(base(), tok, test_rows, rt)
-    tuned = adapter_io.load_adapter(base(), cfg.out)
-    acc = accuracy(tuned, tok, test_rows, rt)
-    log(rt, cfg.out, dict(base_acc=base_acc, adapter_acc=acc),
-        f"exact match on {len(test_rows)} held-out two-step problems: base "
-        f"{100 * base_acc:.1f}% -> {cfg.adapter} {100 * acc:.1f}% "
-        f"({100 * (acc - base_acc):+.1f} points)")
-    print("next: python chat.py --prompt=\"...\" (ask it), python plot.py (pictures of every "
-          "run), python eval.py (all adapters in one table), python inspect_adapter.py (what it "
-          "learned)")
-
-
-def teardown(rt, finished):
-    """End DDP on every path. After a finished run, first wait for every process (rank 0 may still
-    be writing files): a process that exits while another still holds the process group can die
-    with SIGABRT ("terminate called without an active exception") in gloo's teardown. After an
-    error, no waiting: the other processes may never get there."""
-    if rt.world > 1 and dist.is_initialized():
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Synthetic arithmetic data for the embedded demo (`python train.py` without --model), sized for
-what a ~1M-parameter model learns on two CPU cores in a few minutes. Everything is a pure function
-of its seed.
+"""Synthetic arithmetic data for the embedded demo (demo.py: `python train.py` without --model),
+sized for what a ~1M-parameter model learns on one CPU thread in a few minutes. Everything is a pure
+function of its seed.
 
 Word problems about one person's things, with numbers 0..MAX_NUMBER (intermediate results included):
   one step   "Ann has 7 pens. Then Ann finds 5 more pens. How many pens does Ann have now?"

@@ -5,8 +5,9 @@
     EXERCISE_IMPL=some/folder python -m pytest exercises    # some/folder/<exercise>.py
 
 The graders never read the reference solutions: they grade by properties and by comparison with the
-project's own code (model.py, adapters.py, data/scoring.py) or PEFT. An instructor can therefore
-delete exercises/solutions/; EXERCISE_IMPL=solution then skips instead of failing.
+project's own code (model.py, adapters.py, data/scoring.py) or PEFT. The students' copy
+(exercises/handout.py) leaves exercises/solutions/ out; there EXERCISE_IMPL=solution skips.
+A graded file must keep the rules of exercises/README.md, checked as it is loaded (grading.py).
 """
 import sys
 from pathlib import Path

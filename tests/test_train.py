@@ -1,12 +1,15 @@
-"""train.py: the embedded demo end to end (tiny sizes), every adapter kind, resume equivalence, bf16
-autocast, DDP on gloo, and every configuration / input error with its message. Runs in-process
-(train.main(argv)) except DDP, which spawns two processes. The demo base is built once per session,
-shrunk (2 layers x 64) and pretrained for 40 steps."""
+"""train.py: every adapter kind trained by the one loop (Run.fit), resume equivalence, bf16 / fp16
+autocast, DDP on gloo, the run recipes in config/, and every configuration / input error with its
+message. Runs in-process (train.main(argv)) except DDP, which spawns two processes. The base is the
+demo's (demo.build_base), shrunk (2 layers x 64), pretrained for 40 steps once per session; the demo
+itself is tested in test_demo.py."""
+import glob
 import json
 import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +18,10 @@ from safetensors.torch import load_file
 
 import adapter_io
 import adapters
+import cli
+import demo as demo_py
 import train
+from conftest import ROOT
 from data import synthetic
 from data.prepare import write_json
 from data.template import format_prompt
@@ -23,9 +29,6 @@ from checkpoints import load_model
 from tokenizer import Tokenizer
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, intermediate_size=176)
-DEMO_ARGS = ["--demo_base_steps=40", "--demo_base_docs=3000", "--demo_n_train=200",
-             "--demo_n_test=20", "--max_steps=12", "--learning_rate=1e-2", "--warmup_steps=2",
-             "--val_set_size=20", "--eval_interval=6", "--log_interval=1", "--threads=0"]
 
 
 def records(out, key="loss"):
@@ -35,17 +38,14 @@ def records(out, key="loss"):
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    """The embedded demo with reduced sizes: builds the tiny base, writes the data, fine-tunes LoRA,
-    evaluates."""
+    """(root, ...): root/base is the demo's base with reduced sizes, built once."""
     root = tmp_path_factory.mktemp("demo")
-    saved = dict(train.DEMO_MODEL)
-    train.DEMO_MODEL.update(TINY)
-    try:
-        model, summary = train.main([f"--demo_dir={root}", *DEMO_ARGS])
-    finally:
-        train.DEMO_MODEL.clear()
-        train.DEMO_MODEL.update(saved)
-    return root, model, summary
+    cfg, _ = train.get_config(["--demo_base_steps=40", "--demo_base_docs=3000", "--threads=0"],
+                              demo_py.recipe)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(demo_py, "MODEL", TINY)
+        demo_py.build_base(str(root / "base"), cfg, train.setup(cfg))
+    return (root,)
 
 
 @pytest.fixture(scope="session")
@@ -62,44 +62,6 @@ def run(demo, rows, out, *args):
     return train.main([f"--model={demo[0] / 'base'}", f"--data={rows}", f"--out={out}",
                        "--batch_size=8", "--micro_batch_size=4", "--val_set_size=16",
                        "--warmup_steps=0", "--log_interval=1", "--threads=0", *args])
-
-
-def test_demo_end_to_end(demo, capsys):
-    root, model, summary = demo
-    base = root / "base"
-    assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(base))
-    assert not os.path.exists(f"{base}.tmp")
-    tok = Tokenizer.from_pretrained(base)
-    for split in ("train", "test"):
-        data = json.load(open(root / "data" / f"{split}.json"))
-        assert data and set(data[0]) == {"instruction", "input", "output", "answer"}
-        assert all(tok.sp.unk_id() not in tok.encode(r["instruction"] + r["output"]) for r in data)
-    losses = [r["loss"] for r in records(root / "lora")]
-    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
-    accuracy = [r for r in records(root / "lora", "adapter_acc")][0]
-    assert 0 <= accuracy["base_acc"] <= 1 and 0 <= accuracy["adapter_acc"] <= 1
-    config = json.load(open(root / "lora" / "adapter_config.json"))
-    assert config["kind"] == "lora" and config["extra"]["template"] == "alpaca"
-    assert (config["extra"]["dataset"].endswith("test.json")
-            and config["extra"]["answer_type"] == "number")
-    # the adapter saved at the last validation (the best: it improved) loads onto a fresh base, same
-    # logits
-    assert summary["best_val"] == records(root / "lora", "val_loss")[-1]["val_loss"]
-    fresh = adapter_io.load_adapter(load_model(base), root / "lora")
-    x = torch.tensor([tok.encode("Tom has 3 pens. Then Tom finds 4 more pens.", bos=True)])
-    model.eval()
-    assert torch.equal(fresh.eval()(x)[0], model(x)[0])
-
-
-def test_demo_uses_cached_base(demo, capsys):
-    root = demo[0]
-    stamp = os.path.getmtime(root / "base" / "model.safetensors")
-    train.main([f"--demo_dir={root}", *DEMO_ARGS, "--max_steps=1", "--adapter=prompt",
-                "--demo_n_test=4"])
-    out = capsys.readouterr().out
-    assert ("building the demo base" not in out and "trainable of" in out
-            and "exact match on 4" in out)
-    assert os.path.getmtime(root / "base" / "model.safetensors") == stamp
 
 
 @pytest.mark.parametrize("kind", list(adapters.KINDS))
@@ -133,26 +95,6 @@ def test_gated_prefix_from_command_line(demo, rows, tmp_path):
     assert isinstance(gated, adapters.GatedPrefix) and gated.gate.item() != 0
     opts = json.load(open(tmp_path / "adapter_config.json"))["options"]
     assert opts["gated"] is True and opts["layers"] == 1
-
-
-def test_demo_base_pretrains_with_its_own_threads(tmp_path, monkeypatch):
-    seen = []
-
-    def fake_train(model, train_ex, val_ex, cfg, rt, **kw):
-        seen.append((torch.get_num_threads(), cfg.max_steps, cfg.batch_size))
-        return dict(steps=0, best_val=0.0, time_s=0.0)
-    monkeypatch.setattr(train, "train", fake_train)
-    cfg, _ = train.get_config(["--demo_base_threads=3", "--demo_base_docs=3000",
-                               "--demo_base_steps=7"])
-    rt = train.setup(cfg)
-    before = torch.get_num_threads()
-    try:
-        train.build_demo_base(str(tmp_path / "base"), cfg, rt)
-        # the fine-tune's single thread
-        assert seen == [(3, 7, 32)] and torch.get_num_threads() == before == 1
-        assert os.path.exists(tmp_path / "base" / "model.safetensors")
-    finally:
-        torch.set_num_threads(train.TORCH_THREADS)
 
 
 def test_sparse_and_reparam_adapters_are_merged_at_the_end(demo, rows, tmp_path):
@@ -465,31 +407,54 @@ def test_key_space_value_form():
     assert train.get_config(["--resume", "false", "--grad_ckpt"])[0].resume is False
 
 
-def test_thread_picker_keeps_the_faster(monkeypatch, capsys):
-    before = torch.get_num_threads()
-    for slow, fast in ((2, 1), (1, 2)):
-        clock = [0.0]
-
-        def tick():  # each step costs 10 on `slow` threads, 1 on `fast`
-            clock[0] += 10.0 if torch.get_num_threads() == slow else 1.0
-            return clock[0]
-        monkeypatch.setattr(train.time, "perf_counter", tick)
-        picker = train.ThreadPicker(2, every=20, probe=3)
-        try:
-            chosen = []
-            for step in range(45):
-                picker(step)
-                chosen.append(torch.get_num_threads())
-            # probes: 3 steps on one thread, then on two; a thrashing probe stops after one step
-            probe = [1, 1, 1, 2] + ([2, 2] if fast == 2 else [])
-            assert chosen[:len(probe)] == probe
-            after = chosen[len(probe):20] + chosen[20 + len(probe):40]
-            assert set(after) == {fast}
-        finally:
-            torch.set_num_threads(before)
-    assert "step 4: 1 thread(s) from here" in capsys.readouterr().out
+@pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "config" / "*.py"))),
+                         ids=os.path.basename)
+def test_config_recipes_name_only_real_settings(path, tmp_path):
+    """Each run recipe in config/ reads through the configurator with train.py's defaults and its
+    adapter's options: every key is a setting or an option of that kind, of the right type. A
+    misspelt key in a copy is refused."""
+    def options(given):
+        return adapters.KINDS[given.get("adapter", train.adapter)].defaults
+    cfg, opts = cli.configure([path], train.DEFAULTS, options=options)
+    train.check_ranges(cfg)
+    assert cfg.model and cfg.data.endswith(".json") and cfg.out.startswith("out/")
+    assert cfg.batch_size % cfg.micro_batch_size == 0 and cfg.cutoff_len == 256
+    assert opts and set(opts) <= set(adapters.KINDS[cfg.adapter].defaults)
+    assert train.get_config([path])[1] == opts  # and through train.py's own reading
+    text = open(path).read()
+    misspelt = tmp_path / "misspelt.py"
+    misspelt.write_text(text.replace("learning_rate =", "learnin_rate ="))
+    with pytest.raises(cli.ConfigError, match="unknown setting --learnin_rate"):
+        cli.configure([str(misspelt)], train.DEFAULTS, options=options)
 
 
-def test_demo_explains_trainable_against_llama_7b():
-    line = train.explain_trainable("lora", {}, 221184, 1107072)
-    assert "19.98% of this 1.1M toy" in line and "56,098,816" in line and "(0.83%)" in line
+def test_config_recipes_follow_the_paper():
+    read = {os.path.basename(p)[:-3]: train.get_config([p])
+            for p in glob.glob(str(ROOT / "config" / "*.py"))}
+    assert set(read) == {"math10k_lora", "math10k_series", "math10k_parallel", "math10k_prefix",
+                         "commonsense170k_lora"}
+    cfg, lora = read["math10k_lora"]
+    assert (cfg.adapter, lora["r"], lora["alpha"], cfg.learning_rate, cfg.batch_size,
+            cfg.micro_batch_size, cfg.num_epochs) == ("lora", 32, 64, 3e-4, 16, 4, 3)
+    assert lora["target_modules"] == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    for kind in ("series", "parallel"):
+        cfg, opts = read[f"math10k_{kind}"]
+        assert (cfg.adapter, opts["bottleneck"], cfg.learning_rate) == (kind, 256, 3e-4)
+    cfg, prefix = read["math10k_prefix"]
+    assert (prefix["num_virtual_tokens"], cfg.learning_rate) == (10, 3e-2)
+    assert read["commonsense170k_lora"][0].data.endswith("commonsense_170k.json")
+
+
+def test_ddp_is_told_of_unused_parameters_only_for_sparse_adapters(demo, monkeypatch):
+    """find_unused_parameters makes DDP search the autograd graph after every forward; only a
+    sparse (MoSA) adapter leaves trainable parameters without a gradient at a step."""
+    seen = []
+    monkeypatch.setattr(train, "DDP", lambda module, **kw: seen.append(kw) or module)
+    cfg = train.get_config(["--model=x", "--compile=false"])[0]
+    rt = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, rank=0, world=2)
+    examples = [([1, 2, 3], [2, 3, 4])] * 8
+    for kind, options, unused in (("series", dict(sparse=2), True), ("series", {}, False),
+                                  ("lora", {}, False)):
+        model = adapters.add_adapter(load_model(demo[0] / "base"), kind, **options)
+        train.Run(model, examples, [], cfg, rt)
+        assert seen[-1]["find_unused_parameters"] is unused, kind

@@ -62,6 +62,10 @@ def test_init_B_zero_A_random(impl):
     assert torch.count_nonzero(A) == A.numel(), "lora_A must start random (no zero entries)"
     bound = 1 / 64 ** 0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in 64
     assert 0.8 * bound < A.abs().max() <= bound, "lora_A: kaiming uniform, a=sqrt(5)"
+    A = impl.LoRA(256, 8, r=16, alpha=16).lora_A.weight.detach()  # 4,096 draws: the distribution
+    bound = 1 / 256 ** 0.5
+    assert A.abs().max() <= bound and abs(A.mean()) < 0.05 * bound, "lora_A: uniform about 0"
+    assert abs(A.std() / (bound / 3 ** 0.5) - 1) < 0.05, "lora_A: uniform on [-bound, bound]"
 
 
 def test_identity_at_init(with_lora):
@@ -101,6 +105,37 @@ def test_dropout_only_on_the_adapter_input(impl):
     assert torch.equal(m(x, y, lin), y)
 
 
+def orthogonal(n, seed):
+    return torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+def test_dropout_drops_features_of_the_adapter_input(impl):
+    """In training, each feature of x on the adapter's path is dropped with probability p and the
+    kept ones scaled by 1 / (1 - p), as nn.Dropout does: not on A x, not on the update, not never.
+    In eval nothing is dropped. x itself stays as it was: q, k and v read the same x."""
+    torch.manual_seed(0)
+    p = 0.5
+    m = impl.LoRA(16, 16, r=16, alpha=16, dropout=p)  # scale 1
+    A, B = orthogonal(16, 1), orthogonal(16, 2)
+    with torch.no_grad():
+        m.lora_A.weight.copy_(A)
+        m.lora_B.weight.copy_(B)
+    lin = torch.nn.Linear(16, 16)
+    x = torch.randn(64, 16)
+    x_before = x.clone()
+    y = lin(x).detach()
+
+    def seen(training):  # the update is (B A x_seen) per row, so x_seen = (out - y) B A
+        return ((m.train(training)(x, y.clone(), lin) - y) @ B @ A).detach()
+    torch.testing.assert_close(seen(False), x, rtol=1e-4, atol=1e-4, msg="eval: no dropout")
+    s = seen(True)
+    assert torch.equal(x, x_before), "dropout changed x in place: the other projections read x"
+    dropped, kept = s.abs() < 1e-4, (s - x / (1 - p)).abs() < 1e-4
+    assert (dropped | kept).all(), "train: every feature of x dropped, or kept and scaled 1/(1-p)"
+    share = dropped.float().mean().item()
+    assert 0.4 < share < 0.6, f"dropout={p} dropped {share:.0%} of the features"
+
+
 def test_gradients_at_step_0(with_lora):
     """At step 0 the loss gradient must reach B (through A's random projection); A's is zero until B
     moves."""
@@ -134,6 +169,70 @@ def test_merge_equals_unmerged_and_unmerge_restores(with_lora):
     for n, p in model.named_parameters():
         if n in weights:
             torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
+
+
+def test_merge_keeps_the_base_weight(with_lora):
+    """merge changes linear.weight's values in place: the same frozen Parameter, in its dtype. A new
+    Parameter would train (and an optimizer holding the old one would miss it)."""
+    model = with_lora(tiny())
+    randomize_B(model)
+    params, counts = dict(model.named_parameters()), adapters.count_parameters(model)
+    for fold in (adapters.merge, adapters.unmerge):
+        fold(model)
+        now = dict(model.named_parameters())
+        assert now.keys() == params.keys() and all(now[n] is p for n, p in params.items()), \
+            f"{fold.__name__} replaced a parameter"
+        assert adapters.count_parameters(model) == counts, "the trainable count changed"
+        assert all(p.dtype == torch.float32 for p in now.values())
+
+
+def test_merge_and_unmerge_on_their_own(impl):
+    """The module's own merge folds delta() into the layer's weight and marks itself merged, so its
+    forward adds nothing more; unmerge takes delta() out again and the update comes back."""
+    torch.manual_seed(0)
+    m = impl.LoRA(32, 24, r=4, alpha=8).eval()
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    lin = torch.nn.Linear(32, 24).requires_grad_(False)
+    W, x = lin.weight.clone(), torch.randn(5, 32)
+    want = m(x, lin(x), lin).detach()
+    m.merge(lin)
+    torch.testing.assert_close(lin.weight, W + m.delta().detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(m(x, lin(x), lin), want, rtol=1e-5, atol=1e-5)
+    m.unmerge(lin)
+    torch.testing.assert_close(lin.weight, W, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m(x, lin(x), lin), want, rtol=1e-5, atol=1e-5)
+
+
+def close_in_bf16(a, b):
+    """Equal but for bf16's rounding (8 bits of mantissa), which the layers compound: the
+    reference and adapters.LoRA differ by 1% (one rounds the update before adding it)."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item() < 0.03
+
+
+def test_bf16_base(with_lora):
+    """On a bf16 base (add_adapter keeps the adapter in fp32): the update runs in the adapter's
+    dtype and comes back in y's, so the logits are bf16 and equal those with adapters.LoRA; the
+    gradients reach A and B in fp32; merge folds into the bf16 weight in place."""
+    ours = with_lora(tiny().to(torch.bfloat16))
+    ref = adapters.add_adapter(tiny().to(torch.bfloat16), "lora", r=4, alpha=8, dropout=0.0,
+                               target_modules=TARGETS)
+    randomize_B(ours)
+    adapter_io.fill_adapter(ref, "default", adapters.adapter_state(ours, "default"), "yours")
+    ids = token_ids(ours)
+    logits = ours(ids)[0]
+    assert logits.dtype == torch.bfloat16
+    assert close_in_bf16(logits, ref(ids)[0])
+    ours.train()
+    ours(ids[:, :-1], ids[:, 1:])[1].backward()
+    for m in student_modules(ours):
+        assert m.lora_A.weight.grad.dtype == m.lora_B.weight.grad.dtype == torch.float32
+    ours.eval()
+    lin = ours.layers[0].attn.q_proj
+    W = lin.weight
+    adapters.merge(ours)
+    assert lin.weight is W and W.dtype == torch.bfloat16, "merge in place, in the weight's dtype"
+    assert close_in_bf16(ours(ids)[0], logits)
 
 
 def test_model_logits_match_adapters_lora(with_lora):

@@ -47,6 +47,27 @@ def test_interleaved_matches_model(impl):
     torch.testing.assert_close(impl.apply_rope(x, cos, sin, True), want)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_keeps_x_dtype(impl, interleaved):
+    """bf16 queries and keys with fp32 angles: the result is bf16 (attention runs in x's dtype),
+    model.py's within bf16's rounding."""
+    c = M.Config.from_name("tiny-gptj" if interleaved else "tiny-llama")
+    cos, sin = M.rope_angles(c, positions())
+    x = torch.randn(2, 4, 7, 16).bfloat16()
+    got = impl.apply_rope(x, cos, sin, interleaved)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, M.apply_rope(x, cos, sin, interleaved))
+
+
+def test_angles_on_the_device_of_pos(impl):
+    """cos and sin are made where pos lives (on a GPU, a CPU tensor in the step breaks it): on the
+    meta device (shapes, no data), any tensor made elsewhere shows."""
+    c = M.Config.from_name("tiny-llama")
+    cos, sin = impl.rope_angles(c, torch.zeros(2, 3, dtype=torch.long, device="meta"))
+    assert cos.device.type == sin.device.type == "meta"
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (2, 1, 3, 8)
+
+
 def test_rotation_properties(impl):
     """Position 0 changes nothing; norms are kept; q_m . k_n is the same when both positions shift
     by s."""
@@ -107,6 +128,57 @@ def test_cache_stores_and_returns(impl):
     assert cache.pos == 6 and int(cache.next) == 6, "a refused extend changes nothing"
 
 
+def test_slots_come_from_next_not_pos(impl):
+    """A replayed CUDA graph runs the recorded tensor operations, no Python: `pos` stays what it was
+    at the capture and only `next` moves. So extend reads the slots from `next` (here made to
+    disagree with `pos` on purpose), advances it in place and marks `valid` in place (the graph
+    holds those very tensors), and update writes into the cache's own tensors and returns them."""
+    c = M.Config.from_name("tiny-llama")
+    cache = impl.KVCache(c, batch_size=2, max_len=8, device="cpu", dtype=torch.float32)
+    nxt, valid, kv = cache.next, cache.valid, [t for pair in cache.kv for t in pair]
+    cache.extend(torch.ones(2, 3, dtype=torch.bool))
+    cache.next.fill_(5)  # as if two replays had run; pos still says 3
+    slots = cache.extend(torch.tensor([[True], [False]]))
+    assert torch.equal(slots, torch.tensor([5])), "the slots come from next, not from pos"
+    assert cache.next is nxt and int(nxt) == 6, "next advances in place"
+    assert cache.pos == 4, "pos counts the tokens of this call"
+    assert cache.valid is valid and valid[:, 5].tolist() == [True, False]
+    assert not valid[:, 3:5].any() and not valid[:, 6:].any()
+    new = torch.ones(2, c.n_kv_head, 1, c.head_dim)
+    k, v = cache.layer(1, slots).update(new, 2 * new)
+    assert [t for pair in cache.kv for t in pair] == kv, "the cache keeps its tensors"
+    assert k.data_ptr() == kv[2].data_ptr() and v.data_ptr() == kv[3].data_ptr(), \
+        "update returns the cache's own tensors"
+    assert torch.equal(k[:, :, 5], new[:, :, 0]) and torch.equal(v[:, :, 5], 2 * new[:, :, 0])
+    assert torch.count_nonzero(k[:, :, :5]) == 0 and torch.count_nonzero(k[:, :, 6:]) == 0
+
+
+def test_cache_on_its_device_and_dtype(impl):
+    """Every tensor of the cache where it is asked for: the keys and values in `dtype`, valid bool,
+    next a 0-dim long, the slots long, all on `device`. On the meta device (shapes, no data) a
+    tensor made elsewhere shows, and so does reading next into Python. Keys narrower than the cache
+    (autocast) are stored in the cache's dtype."""
+    c = M.Config.from_name("tiny-llama-gqa")
+    meta = impl.KVCache(c, batch_size=2, max_len=6, device="meta", dtype=torch.bfloat16)
+    assert len(meta.kv) == c.n_layer
+    for k, v in meta.kv:
+        for t in (k, v):
+            assert t.device.type == "meta" and t.dtype == torch.bfloat16
+            assert t.shape == (2, c.n_kv_head, 6, c.head_dim)
+    assert meta.valid.device.type == "meta" and meta.valid.dtype == torch.bool
+    assert meta.next.device.type == "meta" and meta.next.dtype == torch.long
+    assert meta.next.dim() == 0
+    slots = meta.extend(torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    assert slots.device.type == "meta" and slots.dtype == torch.long and slots.shape == (3,)
+    assert meta.pos == 3
+    cache = impl.KVCache(c, batch_size=2, max_len=6, device="cpu", dtype=torch.float32)
+    slots = cache.extend(torch.ones(2, 2, dtype=torch.bool))
+    narrow = torch.randn(2, c.n_kv_head, 2, c.head_dim, dtype=torch.bfloat16)
+    k, v = cache.layer(0, slots).update(narrow, narrow)
+    assert k.dtype == v.dtype == torch.float32
+    assert torch.equal(k[:, :, :2], narrow.float()) and torch.equal(v[:, :, :2], narrow.float())
+
+
 def test_cache_marks_valid_slots(impl):
     """A left-padded row: its padding slots are not valid (attention must not see them), its real
     tokens are; the slots are the same for every row."""
@@ -165,3 +237,14 @@ def test_generate_with_your_cache(impl, padded, monkeypatch):
     want = generate(m, ids, max_new_tokens=8, attention_mask=mask)
     monkeypatch.setattr(M, "KVCache", impl.KVCache)
     assert torch.equal(generate(m, ids, max_new_tokens=8, attention_mask=mask), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a CUDA device")
+def test_cuda_graph_replays_your_cache(impl, monkeypatch):
+    """generate on CUDA: two eager steps, one captured as a CUDA graph, then replays. With your
+    cache the tokens are those of model.py's cache in eager steps."""
+    m = tiny("tiny-llama").cuda()
+    ids = token_ids(m, B=3, T=5).cuda()
+    want = generate(m, ids, 12, cuda_graph=False)
+    monkeypatch.setattr(M, "KVCache", impl.KVCache)
+    assert torch.equal(generate(m, ids, 12, cuda_graph=True), want)

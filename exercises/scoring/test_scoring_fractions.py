@@ -32,6 +32,21 @@ CASES = [
     ("answer 2, as 4/0 is undefined", F(2)),            # zero denominator: no answer
     ("x = 7/1", F(7)),
     ("It is 12.", F(12)),                               # a full stop is no decimal point
+    ("0.1", F(1, 10)),                                  # exactly: not float's 0.1000000000000000055
+    ("it is 2.3 now", F(23, 10)),
+    ("-0.35", F(-7, 20)),
+    ("2.50", F(5, 2)),
+    ("3-4", F(-4)),                                     # - right before digits: a sign, as
+    ("from 10-3/4", F(-3, 4)),                          #   data/scoring.py reads "3-4"
+    ("7 - 3/4", F(3, 4)),                               # a - apart from the digits is no sign
+    ("1  1/2", F(1, 2)),                                # two spaces: not a mixed number
+    ("1\n1/2", F(1, 2)),                                # a line break: not a mixed number
+    ("1 2/4", F(3, 2)),                                 # mixed, its fraction reduced
+    ("$\\tfrac{3}{4}$", F(3, 4)),
+    ("-\\tfrac{6}{8}", F(-3, 4)),
+    ("5 then \\frac{1}{0}", F(5)),                      # zero denominator: look further left
+    ("2 1/0", F(2)),
+    ("1,250,000", F(1250000)),
     ("no numbers at all", None),
     ("", None),
 ]
@@ -45,16 +60,17 @@ def test_cases(impl, response, want):
 
 
 def test_agrees_with_data_scoring_on_plain_numbers(impl):
-    """Words, whole numbers, negatives and decimals only: the same answer as extract_number, as an
-    exact value."""
+    """Words, whole numbers, negatives, "3-4" and decimals only: the same answer as extract_number,
+    as an exact value."""
     rng = random.Random(0)
     words = ["so", "the", "answer", "is", "apples", "total", "=", "step", "x", "then"]
     for _ in range(300):
         parts = []
         for _ in range(rng.randint(0, 8)):
             r = rng.random()
-            parts.append(rng.choice(words) if r < 0.5 else str(rng.randint(-999, 999)) if r < 0.8
-                         else f"{rng.randint(0, 99)}.{rng.randint(0, 99):02d}")
+            parts.append(rng.choice(words) if r < 0.4 else str(rng.randint(-999, 999)) if r < 0.6
+                         else f"{rng.randint(0, 99)}-{rng.randint(0, 99)}" if r < 0.7
+                         else f"{rng.randint(-99, 99)}.{rng.randint(0, 10 ** rng.randint(1, 3))}")
         text = rng.choice([" ", ". ", "? "]).join(parts) + rng.choice(["", ".", "!"])
         want, got = extract_number(text), impl.extract_fraction(text)
         assert (got is None) == (want is None), f"{text!r}: {got} vs {want}"
@@ -65,6 +81,8 @@ def test_agrees_with_data_scoring_on_plain_numbers(impl):
     (F(1, 2), "2/4", True), (F(1, 2), "0.5", True), (F(1, 2), F(1, 2), True), (F(3), 3, True),
     (F(-3, 2), "-1 1/2", True), (F(5, 8), "\\frac{5}{8}", True), (F(1250), "1,250", True),
     (F(1, 3), "0.333", False), (F(3, 4), "4/3", False), (None, "1/2", False), (F(0), "0", True),
+    (F(1, 10), "0.1", True), (F(3, 4), "\\tfrac{3}{4}", True), (F(-4), -4, True),
+    (F(3, 2), "1 1/2", True), (F(1, 2), "1  1/2", True), (F(1, 2), "no answer here", False),
 ])
 def test_is_correct(impl, extracted, label, ok):
     assert impl.is_correct(extracted, label) is ok

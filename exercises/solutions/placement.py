@@ -1,5 +1,5 @@
-"""Reference solution of exercise 3 (placement). Instructors: delete exercises/solutions/ before
-handing out."""
+"""Reference solution of exercise 3 (placement). Not in the students' copy: exercises/handout.py
+leaves this folder out."""
 import sys
 from pathlib import Path
 

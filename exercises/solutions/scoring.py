@@ -1,5 +1,5 @@
-"""Reference solution of exercise 5 (fraction answers). Instructors: delete exercises/solutions/
-before handing out."""
+"""Reference solution of exercise 5 (fraction answers). Not in the students' copy:
+exercises/handout.py leaves this folder out."""
 import re
 from fractions import Fraction
 

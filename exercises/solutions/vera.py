@@ -1,5 +1,5 @@
-"""Reference solution of exercise 2 (VeRA). Instructors: delete exercises/solutions/ before handing
-out."""
+"""Reference solution of exercise 2 (VeRA). Not in the students' copy: exercises/handout.py
+leaves this folder out."""
 import functools
 import math
 

@@ -11,8 +11,8 @@ A and B are sized for the largest adapted linear (d_in_max, d_out_max); a smalle
 top-left block. So a linear costs r + d_out trainable numbers instead of LoRA's r * (d_in + d_out).
 
 Fill in the TODOs, then `register()` makes `adapters.add_adapter(model, "vera", r=16)` work, and
-save_adapter, load_adapter, merge and unmerge with it. Read exercises/README.md (exercise 2), then
-run the grader:
+merge, unmerge and adapter_io's save_adapter and load_adapter with it. Read exercises/README.md
+(exercise 2), then run the grader:
 
     python -m pytest exercises/vera
 """
@@ -82,7 +82,9 @@ KIND = Kind(defaults=dict(r=256, d_initial=0.1, projection_prng_key=0, target_mo
 
 
 def register():
-    """Add "vera" to the project's table of kinds, at runtime (adapters.py itself is not
-    changed)."""
-    adapters.KINDS["vera"] = KIND  # train.py's configurator then accepts its options too
+    """Add "vera" to the project's table of kinds, at runtime (adapters.py itself is not changed).
+    The table lives in this Python process only: `python train.py --adapter=vera` starts a new
+    process, which never calls register(), and answers "unknown adapter 'vera'". In a process that
+    called register(), train.main(["--adapter=vera", "--r=16", ...]) trains it, options and all."""
+    adapters.KINDS["vera"] = KIND
 

@@ -9,6 +9,7 @@ import torch
 import adapter_io
 import adapters
 from grading import fit, load_impl, tiny, token_ids
+from model import Linear
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # two shapes: down_proj is (64, 176) on tiny-llama
@@ -65,6 +66,25 @@ def test_registered_kind_attaches_and_counts(vera):
     assert others == []
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-bloom"])
+def test_defaults(vera, preset):
+    """With no options but the kind: KIND's defaults (r 256, d starting at 0.1), and target_modules
+    None means adapters.default_targets of the model's architecture (BLOOM's differ from LLaMA's),
+    A and B sized for the largest of them."""
+    model = adapters.add_adapter(tiny(preset), "vera")
+    names = adapters.default_targets(model.config)
+    want = {n: m for n, m in model.named_modules()
+            if isinstance(m, Linear) and n.rsplit(".", 1)[-1] in names}
+    assert sorted(n for n, _, _ in adapters.slots(model)) == sorted(want)
+    trainable, _ = adapters.count_parameters(model)
+    assert trainable == sum(256 + m.out_features for m in want.values())
+    d_in = max(m.in_features for m in want.values())
+    d_out = max(m.out_features for m in want.values())
+    for m in vera_modules(model):
+        assert m.A.shape == (256, d_in) and m.B.shape == (d_out, 256)
+        assert torch.equal(m.vera_lambda_d, torch.full((256,), 0.1))
+
+
 def test_A_B_shared_frozen_and_not_saved(vera):
     model = adapters.add_adapter(tiny(), "vera", r=8, target_modules=TARGETS)
     ms = vera_modules(model)
@@ -73,6 +93,8 @@ def test_A_B_shared_frozen_and_not_saved(vera):
     assert len(As) == 1 and len(Bs) == 1, "every layer must share the one A and the one B"
     assert ms[0].A.shape == (8, 176) and ms[0].B.shape == (64, 8), "sized for the largest target"
     assert not ms[0].A.requires_grad and not ms[0].B.requires_grad
+    assert {"A", "B"} <= {n for n, _ in ms[0].named_buffers()}, \
+        "A and B are buffers: they follow the model to its device"
     keys = adapters.adapter_state(model, "default")
     saved = {k.rsplit(".", 1)[-1] for k in keys}
     assert saved == {"vera_lambda_b", "vera_lambda_d"}, sorted(keys)[:4]
@@ -120,6 +142,67 @@ def test_merge_equals_unmerged(vera):
     adapters.unmerge(model)
     torch.testing.assert_close(model.layers[0].mlp.down_proj.weight, W, rtol=0, atol=1e-6)
     torch.testing.assert_close(model(ids)[0], unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_keeps_the_base_weight(vera):
+    """merge changes linear.weight's values in place: the same frozen Parameter, in its dtype."""
+    model = adapters.add_adapter(tiny(), "vera", r=8, target_modules=TARGETS)
+    randomize_vectors(model)
+    params, counts = dict(model.named_parameters()), adapters.count_parameters(model)
+    for fold in (adapters.merge, adapters.unmerge):
+        fold(model)
+        now = dict(model.named_parameters())
+        assert now.keys() == params.keys() and all(now[n] is p for n, p in params.items()), \
+            f"{fold.__name__} replaced a parameter"
+        assert adapters.count_parameters(model) == counts, "the trainable count changed"
+        assert all(p.dtype == torch.float32 for p in now.values())
+
+
+def test_merge_and_unmerge_on_their_own(vera):
+    """The module's own merge folds delta() into the layer's weight and marks itself merged, so its
+    forward adds nothing more; unmerge takes delta() out again and the update comes back."""
+    model = adapters.add_adapter(tiny(), "vera", r=8, target_modules=TARGETS)
+    randomize_vectors(model)
+    lin = model.layers[0].mlp.down_proj
+    m = lin.adapter["default"]
+    W, x = lin.weight.clone(), torch.randn(5, 176)
+    want = m(x, x @ W.T, lin).detach()
+    m.merge(lin)
+    torch.testing.assert_close(lin.weight, W + m.delta().detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(m(x, x @ lin.weight.T, lin), want, rtol=1e-5, atol=1e-5)
+    m.unmerge(lin)
+    torch.testing.assert_close(lin.weight, W, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m(x, x @ W.T, lin), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_base(vera):
+    """On a bf16 base (add_adapter keeps the adapter in fp32): the update runs in the adapter's
+    dtype and comes back in y's; the logits are bf16 and, but for bf16's rounding, those of the
+    same model in fp32; the gradients reach the vectors in fp32; merge folds into the bf16 weight
+    in place."""
+    fp32 = adapters.add_adapter(tiny(), "vera", r=8, target_modules=TARGETS)
+    model = adapters.add_adapter(tiny().to(torch.bfloat16), "vera", r=8, target_modules=TARGETS)
+    randomize_vectors(fp32)
+    randomize_vectors(model)
+    ids = token_ids(model)
+    logits = model(ids)[0]
+    assert logits.dtype == torch.bfloat16
+    assert close_in_bf16(logits, fp32(ids)[0])
+    model.train()
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    for m in vera_modules(model):
+        assert m.vera_lambda_b.grad.dtype == m.vera_lambda_d.grad.dtype == torch.float32
+    model.eval()
+    lin = model.layers[0].mlp.down_proj
+    W = lin.weight
+    adapters.merge(model)
+    assert lin.weight is W and W.dtype == torch.bfloat16, "merge in place, in the weight's dtype"
+    assert close_in_bf16(model(ids)[0], logits)
+
+
+def close_in_bf16(a, b):
+    """Equal but for bf16's rounding (8 bits of mantissa), which the layers compound (about 1%)."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item() < 0.03
 
 
 def test_save_and_load(vera, tmp_path):
