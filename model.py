@@ -509,7 +509,8 @@ class Transformer(nn.Module):
             x = x[:, n_soft:]  # no logits for the soft tokens
         x = self.norm(x) if self.norm is not None else x
         x = self.project_out(x) if self.project_out is not None else x
-        if targets is not None and self.loss_chunk:
+        hooked = self.lm_head._forward_hooks or self.lm_head._forward_pre_hooks
+        if targets is not None and self.loss_chunk and not hooked:  # hooks see whole logits
             return None, chunked_loss(self.lm_head, x, targets, self.loss_chunk)
         logits = self.lm_head(x)
         loss = None

@@ -3,17 +3,24 @@ keeps its part, every tensor equal to the one-process load), and an adapter trai
 processes ends where one process ends (fp32). One spawn runs every case, to keep the test short on
 a busy machine; its process group rendezvouses through a file (no port to race for) with a
 timeout, so a hang fails instead of waiting forever."""
+import json
+import os
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
+import adapter_io
 import adapters
 import distributed
+import train
 from checkpoints import load_model
 from conftest import make_hf_checkpoint
+from data import synthetic
+from data.prepare import write_json
 
 FAMILIES = ("llama", "bloom", "opt")  # untied head; tied head and ALiBi; learned positions
 CASES = {"lora": dict(dropout=0.0), "dora": dict(dropout=0.0), "prompt": {},
@@ -30,7 +37,7 @@ def batches(family, step):
     return [(x[:2], y[:2]), (x[2:], y[2:])]
 
 
-def train(model, family, world, rank):
+def train_steps(model, family, world, rank):
     """STEPS AdamW steps; each process runs its half, or one process both halves (accumulated,
     each half's loss / 2: the average that two processes make). -> losses, adapter state."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -69,7 +76,7 @@ def worker(rank, root, cases):
             torch.manual_seed(0)
             distributed.add_adapter(model, kind, **CASES[kind])
             model.loss_chunk = 5  # the head's weight, gathered by the root, read in backward too
-            results[family, kind] = train(model, family, 2, rank)
+            results[family, kind] = train_steps(model, family, 2, rank)
         torch.save(results, root / f"rank{rank}.pt")
         dist.barrier()
     finally:
@@ -114,7 +121,7 @@ def test_two_processes_train_the_adapter_one_process_does(two_processes, family,
     torch.manual_seed(0)
     adapters.add_adapter(model, kind, **CASES[kind])
     model.loss_chunk = 5
-    losses, state = train(model, family, 1, 0)
+    losses, state = train_steps(model, family, 1, 0)
     for r in range(2):
         got_losses, got = ranks[r][family, kind]
         assert got_losses == pytest.approx(losses, rel=1e-6, abs=0)
@@ -124,7 +131,7 @@ def test_two_processes_train_the_adapter_one_process_does(two_processes, family,
     other = load_model(root / family)
     torch.manual_seed(1)
     adapters.add_adapter(other, kind, **CASES[kind])
-    moved = train(other, family, 1, 0)[1]
+    moved = train_steps(other, family, 1, 0)[1]
     assert any(not torch.allclose(moved[n], state[n], atol=1e-4) for n in state)
 
 
@@ -137,3 +144,84 @@ def test_one_process_is_not_distributed(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed.init(torch.device("cpu")) == (0, 1, torch.device("cpu"))
     assert not dist.is_initialized()
+
+
+# ------------------------------------------------------------------------ train.py --fsdp=true
+class Interrupt(Exception):
+    pass
+
+
+def train_worker(rank, port, argv, crash_after):
+    """One of two train.py processes, as torchrun starts them. The rendezvous store is the test's
+    (TORCHELASTIC_USE_AGENT_STORE: the processes join it, none opens a port). crash_after: the
+    step after whose log line both processes stop, as if killed."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_USE_AGENT_STORE="True")
+    torch.set_num_threads(1)
+    log = train.log
+
+    def crash(rt, out, record, text):
+        log(rt, out, record, text)
+        if record and record.get("step") == crash_after and "loss" in record:
+            raise Interrupt
+    train.log = crash
+    try:
+        train.main(argv)
+    except Interrupt:
+        pass
+    finally:
+        train.log = log
+
+
+def spawn_two(argv, crash_after=None):
+    store = dist.TCPStore("127.0.0.1", 0, 3, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=600))
+    mp.spawn(train_worker, args=(store.port, argv, crash_after), nprocs=2)
+
+
+def records(out, key):
+    with open(out / "log.jsonl") as f:
+        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
+
+
+def test_train_fsdp_two_processes_equal_one_resume_included(tiny_dir, tmp_path):
+    """train.py --fsdp=true on two gloo processes, killed after step 3 (resume.pt holds step 2) and
+    resumed: the losses of all four steps, the validation losses and the adapter equal a
+    one-process run's, and it leaves the same files, with the same tensors in them (fp32)."""
+    rows = tmp_path / "rows.json"
+    write_json(rows, synthetic.finetune_split(64, 8, seed=1)[0])
+    argv = [f"--model={tiny_dir}", f"--data={rows}", "--batch_size=8", "--micro_batch_size=2",
+            "--val_set_size=16", "--max_steps=4", "--eval_interval=2", "--adapter=lora",
+            "--dropout=0", "--learning_rate=1e-2", "--log_interval=1", "--threads=0"]
+    two = tmp_path / "two"
+    spawn_two(argv + [f"--out={two}", "--fsdp=true"], crash_after=3)
+    assert torch.load(two / "resume.pt", weights_only=True)["step"] == 2
+    spawn_two(argv + [f"--out={two}", "--fsdp=true", "--resume=true"])
+    one = tmp_path / "one"
+    train.main(argv + [f"--out={one}"])
+    for key in ("loss", "val_loss"):
+        a, b = records(two, key), records(one, key)
+        assert sorted(a) == sorted(b) and [a[s] for s in a] == pytest.approx(
+            [b[s] for s in a], rel=1e-6, abs=0), key
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one)) == sorted(train.RUN_FILES)
+    a, b = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    fresh = adapter_io.load_adapter(load_model(tiny_dir), two)  # the files load as any run's
+    assert adapters.count_parameters(fresh)[0] == sum(t.numel() for t in a.values())
+    assert json.loads((two / "adapter_config.json").read_text()) == \
+        json.loads((one / "adapter_config.json").read_text())
+    ra, rb = (torch.load(d / "resume.pt", weights_only=True) for d in (two, one))
+    assert ra.keys() == rb.keys() and ra["step"] == rb["step"] == 4
+    assert all(torch.allclose(ra["trainable"][k], rb["trainable"][k], atol=1e-6, rtol=0)
+               for k in rb["trainable"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fsdp=true"], "--fsdp=true shards the base over the processes torchrun starts"),
+    (["--pack=true", "--adapter=prompt"], "--pack=true with --adapter=prompt: the soft tokens"),
+])
+def test_train_refuses_what_cannot_run(argv, message, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--model=.", "--data=x.json", *argv])

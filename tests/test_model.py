@@ -487,5 +487,10 @@ def test_chunked_loss_under_bf16_autocast_and_without_targets():
     none = torch.full_like(targets, -100)  # no target at all: NaN, as F.cross_entropy gives
     m.loss_chunk = 4
     assert m(idx, none)[1].isnan() and m.eval()(idx)[1] is None
-    with torch.no_grad():  # evaluation: the same loss without the recomputation
+    with torch.no_grad():  # evaluation: the same loss, no gradient made
         assert torch.allclose(m(idx, targets)[1], ref32, rtol=1e-6)
+    seen = []  # a hook on the head gets the whole logits it expects: the plain path
+    m.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    logits, loss_h = m(idx, targets)
+    assert seen == [logits.shape] == [(3, 11, m.config.vocab_size)]
+    assert torch.allclose(loss_h, ref32, rtol=1e-6)

@@ -1,14 +1,17 @@
 """data/pack.py and the model's packed rows (Transformer.forward(positions=...)): a packed batch
 gives the loss and the adapter gradients of the same examples unpacked, on every family and every
 adapter kind that can be packed; no token sees another example; prompt tuning is refused."""
-import random
+import json
 
 import pytest
 import torch
 
 import adapters
+import train
 from conftest import tiny_model
+from data import synthetic
 from data.pack import collate_packed, padding_share
+from data.prepare import write_json
 
 FAMILIES = ("llama", "llama-gqa", "gptj", "bloom", "opt", "opt-350m")
 
@@ -141,3 +144,30 @@ def test_packed_rows_refuse_what_cannot_be_packed():
         plain(x, positions=pos, attention_mask=torch.ones_like(x))
     with pytest.raises(ValueError, match="positions has shape"):
         plain(x, positions=pos[:, 1:])
+
+
+def test_train_pack_gives_the_unpacked_losses(tiny_dir, tmp_path, monkeypatch):
+    """train.py --pack=true: every step's loss and every validation loss equal the padded run's
+    (fp32), and so does the full-logits loss path (--chunked_loss=false)."""
+    rows = tmp_path / "rows.json"
+    write_json(rows, synthetic.finetune_split(48, 8, seed=2)[0])
+    packed_rows = []
+    monkeypatch.setattr(train, "collate_packed",
+                        lambda *a: packed_rows.append(a[1]) or collate_packed(*a))
+    runs, chunks = {}, {}
+    for name, extra in {"packed": ["--pack=true"], "padded": [],
+                        "full logits": ["--chunked_loss=false"]}.items():
+        model, _ = train.main([f"--model={tiny_dir}", f"--data={rows}", f"--out={tmp_path / name}",
+                    "--batch_size=8", "--micro_batch_size=4", "--val_set_size=8",
+                    "--max_steps=3", "--eval_interval=3", "--adapter=lora", "--dropout=0",
+                    "--learning_rate=1e-2", "--log_interval=1", "--threads=0",
+                    "--train_on_inputs=false", *extra])
+        chunks[name] = model.loss_chunk
+        with open(tmp_path / name / "log.jsonl") as f:
+            runs[name] = [r.get("loss", r.get("val_loss")) for r in map(json.loads, f)
+                          if "loss" in r or "val_loss" in r]
+    assert len(runs["padded"]) == 4
+    assert len(packed_rows) == 3 * 2 and all(len(r) == 4 for r in packed_rows)  # really packed
+    assert chunks["padded"] > 0 and chunks["full logits"] == 0
+    for name in ("packed", "full logits"):
+        assert runs[name] == pytest.approx(runs["padded"], rel=1e-6, abs=0), name
