@@ -40,7 +40,7 @@ from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, compile_blocks, co
                  configure, device_and_dtype, fail, read_args, settle)
 from data.pack import collate_packed
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows
-from data.template import TEMPLATE_NAME, format_example
+from data.template import TEMPLATES
 from files import check_writable, torch_load, write_atomic
 from model import LOSS_CHUNK_LOGITS
 from quantize import MODES as QUANT_MODES
@@ -55,6 +55,7 @@ adapter = "lora"          # a kind of adapters.KINDS: lora dora ia3 series paral
 resume = False            # continue from <out>/resume.pt, to an uninterrupted run's losses
 overwrite = False         # replace the run already in --out (else a used --out is refused)
 # LLM-Adapters' recipe
+template = "alpaca"       # prompt format (data/template.py): alpaca | llama3-chat (instruct models)
 cutoff_len = 256          # examples are cut to this many tokens (then without EOS)
 train_on_inputs = True    # false: no loss on the prompt (targets -100)
 group_by_length = True    # micro-batches of examples of similar length: little padding
@@ -117,6 +118,7 @@ def get_config(argv, recipe=None):
         cfg, options = settle(given, defaults, lambda _: adapters.KINDS[kind].defaults,
                               explain_option)
         check_choice(cfg, "decay", ("linear", "cosine"))
+        check_choice(cfg, "template", tuple(TEMPLATES))
         check_choice(cfg, "dtype", DTYPES)
         check_choice(cfg, "quantize", ("", *QUANT_MODES))
         compile_setting(cfg.compile, "cpu")  # a word it does not know is a ConfigError here
@@ -208,19 +210,19 @@ def log(rt, out, record, text):
 
 
 def tokenize(tok, rows, cfg):
-    """LLM-Adapters' examples: [BOS] prompt + response EOS, cut at cutoff_len (so without EOS); the
+    """LLM-Adapters' examples in --template's encoding (Alpaca: [BOS] prompt + response EOS;
+    llama3-chat: header pieces, the response ending in <|eot_id|>), cut at cutoff_len; the
     targets are the ids shifted by one (nanoGPT style), -100 on the prompt when train_on_inputs is
     false. Returns (examples, number cut, number dropped): a row left without any target (its prompt
     fills cutoff_len) is dropped."""
     examples, n_cut, n_dropped = [], 0, 0
+    template = TEMPLATES[cfg.template]
     for row in rows:
-        prompt, response = format_example(row)
-        ids = tok.encode(prompt + response, bos=tok.add_bos, eos=True)
+        ids, n_prompt = template.encode_example(tok, row)
         n_cut += len(ids) > cfg.cutoff_len
         ids = ids[:cfg.cutoff_len]
         targets = ids[1:]
         if not cfg.train_on_inputs:
-            n_prompt = len(tok.encode(prompt, bos=tok.add_bos))
             targets = [-100] * (n_prompt - 1) + targets[n_prompt - 1:]
         if all(t == -100 for t in targets):
             n_dropped += 1
@@ -517,7 +519,7 @@ def finetune(cfg, options, rt, extra=None):
     base, tok = load_base(cfg, rt)
     train_ex, val_ex = prepare_data(cfg, tok, rt)
     model = attach_adapter(base, cfg, options, rt, len(train_ex), len(val_ex))
-    extra = dict(template=TEMPLATE_NAME, data=cfg.data, **(extra or {}))
+    extra = dict(template=cfg.template, data=cfg.data, **(extra or {}))
 
     def save():
         adapter_io.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)

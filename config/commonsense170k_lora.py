@@ -14,13 +14,10 @@ alpha = 64
 dropout = 0.05
 target_modules = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 learning_rate = 3e-4
-warmup_steps = 100
+# train.py's defaults are LLM-Adapters' recipe: batch 16 (4 micro-batches of 4, accumulated),
+# cutoff 256 tokens, 3 epochs, 100 warmup steps then linear decay, AdamW.
 # tokens per step: 16 examples (4 micro-batches of 4, accumulated) x at most 256 tokens = at most
 # 4,096. About 170,000 rows: an epoch is ~10,600 steps and the run ~32,000.
-batch_size = 16
-micro_batch_size = 4
-cutoff_len = 256
-num_epochs = 3
 val_set_size = 120
 eval_interval = 80
 group_by_length = False

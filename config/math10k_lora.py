@@ -12,13 +12,10 @@ alpha = 64
 dropout = 0.05            # LLM-Adapters' lora_dropout default
 target_modules = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # attention and MLP
 learning_rate = 3e-4
-warmup_steps = 100        # then linear decay to 0, as Hugging Face's Trainer
+# train.py's defaults are LLM-Adapters' recipe: batch 16 (4 micro-batches of 4, accumulated),
+# cutoff 256 tokens, 3 epochs, 100 warmup steps then linear decay, AdamW.
 # tokens per step: 16 examples (4 micro-batches of 4, accumulated) x at most 256 tokens = at most
 # 4,096. math_10k has about 10,000 rows, so an epoch is ~620 steps and the run ~1,850.
-batch_size = 16
-micro_batch_size = 4
-cutoff_len = 256
-num_epochs = 3
 val_set_size = 0          # their LoRA command validates nothing: the last adapter is kept
 eval_interval = 80        # their save_step: resume.pt (and the adapter) every 80 steps
 group_by_length = False   # their default (true here: less padding, other batches)

@@ -12,13 +12,10 @@ placement = "mlp"         # the paper's placement study: best after the MLP. The
                           # puts it before gate_proj and up_proj instead, which the series kind
                           # here does not offer
 learning_rate = 3e-4
-warmup_steps = 100
+# train.py's defaults are LLM-Adapters' recipe: batch 16 (4 micro-batches of 4, accumulated),
+# cutoff 256 tokens, 3 epochs, 100 warmup steps then linear decay, AdamW.
 # tokens per step: 16 examples (4 micro-batches of 4, accumulated) x at most 256 tokens = at most
 # 4,096. math_10k has about 10,000 rows, so an epoch is ~620 steps and the run ~1,850.
-batch_size = 16
-micro_batch_size = 4
-cutoff_len = 256
-num_epochs = 3
 val_set_size = 120        # the best of the validations every 80 steps is kept
 eval_interval = 80
 group_by_length = False   # their default

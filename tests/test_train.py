@@ -458,3 +458,37 @@ def test_ddp_is_told_of_unused_parameters_only_for_sparse_adapters(demo, monkeyp
         model = adapters.add_adapter(load_model(demo[0] / "base"), kind, **options)
         train.Run(model, examples, [], cfg, rt)
         assert seen[-1]["find_unused_parameters"] is unused, kind
+
+
+# ------------------------------------------------------------------------ --template=llama3-chat
+def test_llama3_chat_template_examples():
+    """--template=llama3-chat: the example is Llama 3 Instruct's dialog (llama_models' ChatFormat,
+    the real tokenizer), the loss masked on the prompt and ending on <|eot_id|>, never on the
+    tokenizer's EOS; the Alpaca template encodes the same row otherwise."""
+    llama_models = pytest.importorskip("llama_models")
+    pytest.importorskip("tiktoken")
+    from pathlib import Path
+
+    from llama_models.datatypes import RawMessage
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    from tokenizer import Tokenizer
+    path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    tok = Tokenizer.from_pretrained(path)
+    row = {"instruction": "Add 2 and 3.", "input": "", "output": "The answer is 5"}
+    cfg = SimpleNamespace(template="llama3-chat", cutoff_len=256, train_on_inputs=False)
+    [(ids, targets)], _, _ = train.tokenize(tok, [row], cfg)
+    meta = ChatFormat(MetaTokenizer(path))
+    prompt = meta.encode_dialog_prompt([RawMessage(role="user", content=row["instruction"])]).tokens
+    full = prompt + tok.encode(row["output"]) + [128009]
+    assert ids == full[:-1] and targets[-1] == 128009 and 128001 not in full
+    assert targets[:len(prompt) - 1] == [-100] * (len(prompt) - 1)
+    assert targets[len(prompt) - 1:] == full[len(prompt):]
+    alpaca, _, _ = train.tokenize(tok, [row], SimpleNamespace(**{**vars(cfg), "template": "alpaca"}))
+    assert alpaca[0][0] != ids
+
+
+def test_unknown_template_is_refused():
+    with pytest.raises(SystemExit, match="--template=chatml: expected one of alpaca, llama3-chat"):
+        train.get_config(["--model=x", "--template=chatml"])
