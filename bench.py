@@ -361,8 +361,8 @@ def parse(argv):
     if cfg.pack and not cfg.lengths:
         raise ConfigError("--pack needs --lengths (rows of seq_len tokens have nothing to pack)")
     if cfg.pack and cfg.adapter == "prompt":
-        raise ConfigError("--pack with --adapter=prompt: the soft tokens would sit once in front of "
-                          "a packed row, seen by its first example only")
+        raise ConfigError("--pack with --adapter=prompt: the soft tokens would sit once in front "
+                          "of a packed row, seen by its first example only")
     if cfg.vocab_size < 0:
         raise ConfigError(f"--vocab_size={cfg.vocab_size}: expected 0 (the preset's) or more")
     if cfg.fsdp and (cfg.task != "train" or cfg.quantize or cfg.baseline):

@@ -578,7 +578,8 @@ def chunked_loss(head, x, targets, chunk):
     device = x.device.type  # the head's matmuls in autocast's dtype, as the plain path's
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
         head.weight.dtype
-    return ChunkedCrossEntropy.apply(x, head.weight, head.bias, targets, chunk, dtype) / len(targets)
+    total = ChunkedCrossEntropy.apply(x, head.weight, head.bias, targets, chunk, dtype)
+    return total / len(targets)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

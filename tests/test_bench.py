@@ -69,11 +69,13 @@ def test_cpu_rows_report_peak_resident_memory():
 def test_packed_and_padded_side_by_side():
     """One run times packed rows and padded ones (grouped by length, and in random order) on the
     same examples; packed rows hold no padding, the padded ones some."""
-    res = bench.main(["--lengths=math", "--pack", "--micro_batch=4", *SMALL, "--seq_len=256"])["ours"]
+    res = bench.main(["--lengths=math", "--pack", "--micro_batch=4", *SMALL,
+                      "--seq_len=256"])["ours"]
     assert res["padding"] == 0.0 and res["tok_s"] > 0
     ways = res["compared"]
     assert set(ways) == {"padded, grouped by length", "padded, random order"}
-    assert ways["padded, random order"]["padding"] > ways["padded, grouped by length"]["padding"] > 0
+    random_order, grouped = ways["padded, random order"], ways["padded, grouped by length"]
+    assert random_order["padding"] > grouped["padding"] > 0
     lengths = bench.draw_lengths("math", 3000, 256)
     assert 120 < sum(lengths) / len(lengths) < 150 and max(lengths) <= 256  # math_data's shape
 

@@ -205,7 +205,7 @@ def test_train_fsdp_two_processes_equal_one_resume_included(tiny_dir, tmp_path):
         assert sorted(a) == sorted(b) and [a[s] for s in a] == pytest.approx(
             [b[s] for s in a], rel=1e-6, abs=0), key
     assert sorted(os.listdir(two)) == sorted(os.listdir(one)) == sorted(train.RUN_FILES)
-    a, b = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (two, one))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     fresh = adapter_io.load_adapter(load_model(tiny_dir), two)  # the files load as any run's
     assert adapters.count_parameters(fresh)[0] == sum(t.numel() for t in a.values())
