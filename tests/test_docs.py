@@ -14,22 +14,45 @@ CODE = re.compile(r"`([^`\n]+)`")
 FILE_REF = re.compile(r"^((?:data/)?\w+)\.py: ([A-Za-z_][\w.]*)")       # `model.py: Block.forward`
 DOTTED = re.compile(r"^((?:data\.)?[a-z_]+)\.([A-Za-z_][\w.]*)(?:\(.*\))?$")  # `adapters.merge(...)`
 CLASS = re.compile(r"^([A-Z][a-z]+[A-Z]\w*|[A-Z][a-z]+)$")              # `KVCache`, `LoRA`, `Block`
+CLASS_ATTR = re.compile(r"^([A-Z]\w*)\.([a-z_][\w.]*)(?:\(.*\))?$")         # `Linear.adapter`
 PATH = re.compile(r"^((?:tests|docs|data|config|exercises)/[\w./-]+\.(?:py|md|json)|\w+\.py)$")
 DATA_FILE = re.compile(r"\.(safetensors|model|json|jsonl|pth|bin|pt|svg|csv|txt|md)$")
 
 
+def instances(mod):
+    """For model.py: a tiny model and its submodules, whose hook slots (`Linear.adapter`,
+    `Block.post_attn`, ...) are attributes set in __init__, not on the class."""
+    if not hasattr(mod, "Transformer"):
+        return {}
+    model = mod.Transformer(mod.Config())
+    return {type(m).__name__: m for m in model.modules() if type(m).__module__ == mod.__name__}
+
+
 def resolve(module, dotted):
     """module.dotted -> the object; `model.eval` in prose means the model object's method, so a name
-    model.py lacks is looked up on its Transformer too."""
+    model.py lacks is looked up on its Transformer too, and `Class.slot` on an instance."""
     mod = importlib.import_module(module.replace("/", "."))
-    for obj in (mod, getattr(mod, "Transformer", None)):
+    first, *rest = dotted.split(".")
+    starts = [(mod, dotted.split(".")), (getattr(mod, "Transformer", None), dotted.split("."))]
+    if rest and first in (built := instances(mod)):
+        starts.append((built[first], rest))
+    for obj, parts in starts:
         try:
-            for part in dotted.split("."):
+            for part in parts:
                 obj = getattr(obj, part)
             return obj
         except AttributeError:
             continue
     raise AttributeError(f"{module}.{dotted}")
+
+
+def owner(name):
+    """The project module that defines class `name` (None: not one of ours, e.g. `nn.Module`)."""
+    for module in MODULES:
+        obj = getattr(importlib.import_module(module), name, None)
+        if isinstance(obj, type) and obj.__module__ == module:
+            return module
+    return None
 
 
 def references(doc):
@@ -42,6 +65,8 @@ def references(doc):
             yield "code", (m[1], m[2])
         elif (m := DOTTED.match(span)) and m[1] in MODULES and not DATA_FILE.search(span):
             yield "code", (m[1], m[2])
+        elif (m := CLASS_ATTR.match(span)) and (module := owner(m[1])):
+            yield "code", (module, f"{m[1]}.{m[2]}")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
@@ -72,9 +97,14 @@ def test_walkthrough_class_names_exist():
 def test_the_checker_can_fail(tmp_path):
     """The reference finder sees a stale name (so the tests above are not hollow)."""
     doc = tmp_path / "stale.md"
-    doc.write_text("See `model.py: Transformer.no_such_method`, `adapters.no_such_fn`, `nofile.py`.")
+    doc.write_text("See `model.py: Transformer.no_such_method`, `adapters.no_such_fn`, `nofile.py`, "
+                   "`Block.no_such_slot`.")
     refs = list(references(doc))
     assert ("code", ("model", "Transformer.no_such_method")) in refs
     assert ("code", ("adapters", "no_such_fn")) in refs and ("path", "nofile.py") in refs
+    assert ("code", ("model", "Block.no_such_slot")) in refs
     with pytest.raises(AttributeError):
         resolve("model", "Transformer.no_such_method")
+    with pytest.raises(AttributeError):
+        resolve("model", "Linear.no_such_slot")
+    assert resolve("model", "Linear.adapter") is None  # a slot: set in __init__, empty
