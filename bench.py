@@ -5,34 +5,43 @@ Speed and memory of adapter training and generation, ours vs Hugging Face + PEFT
                   [--baseline]
   python bench.py --task=generate --adapter=none --batch=32 --prompt_len=200 --new_tokens=256
                   [--baseline]
-  python bench.py --suite      # every row of the README's table, one process each: a markdown
-                               # table on stdout, JSON in --out
+  python bench.py --suite      # every row of SUITE (or --suite=lora4,pack4), one process each: a
+                               # markdown table on stdout, JSON in --out
   python bench.py --task=ops --adapter=lora   # kernels an adapter adds to a training step (CPU)
+  python bench.py --lengths=math --pack       # packed rows vs padded ones, real tokens/s of both
+  python bench.py --vocab_size=128256 --chunked_loss=false   # the loss from the full logits
+  torchrun --nproc_per_node=8 bench.py --fsdp # the base sharded over the processes (FSDP2)
 
 The preset is built with random weights (bf16 on CUDA, no download). Without CUDA the default
-model is tiny-llama in fp32: a smoke test, numbers meaningless. --compile: "" = compile each block
+model is tiny-llama in fp32: a smoke test, speed meaningless. --compile: "" = compile each block
 on CUDA (cli.compile_blocks), true/false force it; every run reports its first step's seconds
-(compiling included) apart from the timed steps. Generation uses generate.DecodeStep (a CUDA graph
-per generate call on CUDA); --adapter=lora attaches an unmerged LoRA to it, --adapter=none runs the
+(compiling included) apart from the timed steps. Peak memory: on CUDA the timed steps' allocated
+high-water mark, on a CPU the process's resident one (ru_maxrss: model building included; the
+suite runs each row in its own process). Generation uses generate.DecodeStep (a CUDA graph per
+generate call on CUDA); --adapter=lora attaches an unmerged LoRA to it, --adapter=none runs the
 bare base. MFU divides model FLOPs by --peak_tflops (default 989: H100 SXM dense bf16). Training
 FLOPs of a frozen base: forward 2N + backward through activations 2N per token (no weight
 gradients), plus attention.
 """
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import distributed
 from adapters import KINDS, add_adapter, count_parameters, fast_fp32_matmuls
+from data.pack import collate_packed, padding_share
 from files import write_atomic
 from cli import (ConfigError, check_choice, compile_blocks, compile_setting, configure,
                  device_and_dtype)
 from generate import generate
-from model import PRESETS, Config, Transformer
+from model import LOSS_CHUNK_LOGITS, PRESETS, Config, Transformer
 from quantize import MODES as QUANT_MODES, quantize_model
 
 DEFAULTS = dict(
@@ -52,9 +61,24 @@ DEFAULTS = dict(
     new_tokens=256,
     peak_tflops=989.0,
     n_layer=0,            # 0 = the preset's; fewer layers to fit a quick look
-    suite="",             # all = every row of SUITE, or some of its keys (a,b,...); "" = one run
+    vocab_size=0,         # 0 = the preset's (32,000 for LLaMA; Llama 3 has 128,256)
+    chunked_loss=True,    # the loss in chunks of model.LOSS_CHUNK_LOGITS; false = the full logits
+    lengths="",           # "" = every example seq_len tokens; math | demo: lengths drawn from
+                          # those datasets' (LENGTHS), cut at seq_len; the batches then padded
+    pack=False,           # with --lengths: also time packed rows (data/pack.py), side by side
+    fsdp=False,           # the base sharded over the processes (torchrun; distributed.py)
+    suite="",             # all (or bare --suite) = every row of SUITE, or some keys (a,b,...)
     out="out/bench/suite.json",  # where --suite writes its rows as JSON
 )
+# Example lengths (tokens, after the template, cut at 256) at every 5% quantile, 0% to 100%,
+# measured on the CPU: math = LLM-Adapters' ft-training_set/math_data.json (3,260 rows) with
+# GPT-2's BPE; demo = the embedded demo's 4,000 training rows with its own tokenizer. bench draws
+# lengths between them (inverse CDF), so a GPU machine without the data still gets their shape.
+LENGTHS = {
+    "math": [69, 90, 96, 102, 107, 111, 114, 117, 120, 124, 127, 130, 135, 140, 146, 154, 164,
+             175, 189, 213, 255],
+    "demo": [60, 62, 63, 64, 65, 65, 66, 66, 66, 67, 67, 67, 67, 67, 68, 68, 69, 69, 69, 69, 72],
+}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # issue 13's setting
 
 # the README's table: key -> (work, target, the row's own settings); the rest comes from the
@@ -77,6 +101,21 @@ SUITE = {
                         dict(task="generate", adapter="lora", batch=32, baseline=True)),
     "decode1": ("decode, batch 1, +{new_tokens}", "≥ 150 tok/s (bound ≈ 355 on an H200)",
                 dict(task="generate", adapter="none", batch=1)),
+    "pack4": ("LoRA, micro-batch 4, math lengths: packed vs padded (grouped by length)",
+              "real tok/s ≥ padded's", dict(adapter="lora", micro_batch=4, lengths="math",
+                                             pack=True)),
+    "loss32k": ("LoRA, micro-batch 16, vocab 32,000, full logits", "(the chunked loss's gain)",
+                dict(adapter="lora", micro_batch=16, vocab_size=32000, chunked_loss=False)),
+    "loss32k-chunked": ("LoRA, micro-batch 16, vocab 32,000, loss in chunks",
+                        "memory < full logits', tok/s ≥ 0.98×", dict(
+                            adapter="lora", micro_batch=16, vocab_size=32000)),
+    "loss128k": ("LoRA, micro-batch 16, vocab 128,256, full logits", "(the chunked loss's gain)",
+                 dict(adapter="lora", micro_batch=16, vocab_size=128256, chunked_loss=False)),
+    "loss128k-chunked": ("LoRA, micro-batch 16, vocab 128,256, loss in chunks",
+                         "memory < full logits', tok/s ≥ 0.98×", dict(
+                             adapter="lora", micro_batch=16, vocab_size=128256)),
+    "fsdp": ("LoRA, micro-batch 4, FSDP over every GPU", "tok/s per GPU ≥ 0.8× lora4's",
+             dict(adapter="lora", micro_batch=4, fsdp=True)),
 }
 
 
@@ -104,13 +143,26 @@ def timed(fn, n, n_warmup):
 
 
 def peak_gib():
-    if not torch.cuda.is_available():
-        return None
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    """CUDA: the allocator's high-water mark since the last reset; CPU: the process's resident
+    high-water mark (ru_maxrss, KiB on Linux, bytes on macOS), which nothing resets."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (2**30 if sys.platform == "darwin" else 2**20), 2)
 
 
 def build(cfg, device, dtype):
-    conf = Config.from_name(cfg.model, **({"n_layer": cfg.n_layer} if cfg.n_layer else {}))
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "vocab_size") if getattr(cfg, k)}
+    conf = Config.from_name(cfg.model, **overrides)
+    if cfg.fsdp:  # each process allocates and fills only its part of the base
+        with torch.device("meta"):
+            m = Transformer(conf)
+        m = distributed.shard_base(m, torch.device(device), dtype)
+        torch.manual_seed(dist.get_rank())
+        with torch.no_grad():
+            for p in m.parameters():
+                p.to_local().normal_(0, 0.02)
+        return conf, m, dtype
     with torch.device(device):
         torch.manual_seed(0)
         m = Transformer(conf).to(dtype)
@@ -120,24 +172,32 @@ def build(cfg, device, dtype):
 def attach(m, adapter):
     """The adapter of the run on our model (LoRA on issue 13's linears), unless none."""
     if adapter != "none":
-        add_adapter(m, adapter, **({"target_modules": LORA_TARGETS} if adapter == "lora" else {}))
+        add = distributed.add_adapter if distributed.is_sharded(m) else add_adapter
+        add(m, adapter, **({"target_modules": LORA_TARGETS} if adapter == "lora" else {}))
 
 
-def time_training(cfg, loss_fn, params, device):
-    """First step, warm-up, then `steps` timed optimizer steps of loss_fn() -> loss (bf16 autocast
-    on CUDA). The same for ours and HF+PEFT: AdamW on the trainable parameters.
-    -> (tokens/s, peak GiB, first step s)."""
+def time_training(cfg, loss_fn, params, device, tokens=None):
+    """First step, warm-up, then `steps` timed optimizer steps of loss_fn(step) -> loss (bf16
+    autocast on CUDA). The same for ours and HF+PEFT: AdamW on the trainable parameters; under
+    FSDP the adapter's gradients averaged over the processes. tokens(step): the real tokens of a
+    step (default micro_batch x seq_len). -> (tokens/s of this process, peak GiB, first step s)."""
     opt = torch.optim.AdamW(params, lr=3e-4, fused=device == "cuda")
+    count = tokens or (lambda step: cfg.micro_batch * cfg.seq_len)
+    n = iter(range(10**9))
+    timed_tokens = sum(count(1 + cfg.warmup + i) for i in range(cfg.steps))
 
     def step():
+        i = next(n)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = loss_fn()
+            loss = loss_fn(i)
         loss.backward()
+        if cfg.fsdp:
+            distributed.average_gradients(params, dist.get_world_size())
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     first, dt = timed(step, cfg.steps, cfg.warmup)
-    return cfg.micro_batch * cfg.seq_len * cfg.steps / dt, peak_gib(), first
+    return timed_tokens / dt, peak_gib(), first
 
 
 def train_flops_per_token(cfg, conf, n_params):
@@ -148,16 +208,78 @@ def train_flops_per_token(cfg, conf, n_params):
 def bench_train(cfg, conf, m, device):
     attach(m, cfg.adapter)
     m.grad_checkpoint = cfg.grad_ckpt
+    m.loss_chunk = LOSS_CHUNK_LOGITS // conf.vocab_size if cfg.chunked_loss else 0
     m.train()
     if compile_setting(cfg.compile, device):
         compile_blocks(m)
-    x = torch.randint(0, conf.vocab_size, (cfg.micro_batch, cfg.seq_len), device=device)
     params = [p for p in m.parameters() if p.requires_grad]
-    tok_s, peak, first = time_training(cfg, lambda: m(x, x)[1], params, device)
     trainable, total = count_parameters(m)
+    if cfg.fsdp:  # the count of this process's part: the whole base is world x its base
+        total = trainable + (total - trainable) * dist.get_world_size()
+    if cfg.lengths:
+        return bench_lengths(cfg, conf, m, params, device) | {"trainable": trainable}
+    x = torch.randint(0, conf.vocab_size, (cfg.micro_batch, cfg.seq_len), device=device)
+    tok_s, peak, first = time_training(cfg, lambda _: m(x, x)[1], params, device)
     mfu = tok_s * train_flops_per_token(cfg, conf, total - trainable) / (cfg.peak_tflops * 1e12)
     return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 4),
             "trainable": trainable, "mfu": round(mfu, 3)}
+
+
+def draw_lengths(name, n, cut, seed=0):
+    """n example lengths with the distribution of LENGTHS[name] (linear between its quantiles), cut
+    at `cut` tokens."""
+    q = torch.tensor(LENGTHS[name], dtype=torch.float)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * (len(q) - 1)
+    lo = u.floor().long().clamp(max=len(q) - 2)
+    return (q[lo] + (u - lo) * (q[lo + 1] - q[lo])).round().long().clamp(2, cut).tolist()
+
+
+def bench_lengths(cfg, conf, m, params, device):
+    """Examples of --lengths in micro-batches of micro_batch, padded (one row each, the longest
+    setting the length; grouped by length as train.py does, and in random order), and with --pack
+    packed (one row per micro-batch). Real tokens/s of each, timed one after the other in this
+    process on the same examples."""
+    n_steps = 1 + cfg.warmup + cfg.steps
+    lengths = draw_lengths(cfg.lengths, n_steps * cfg.micro_batch, cfg.seq_len)
+    g = torch.Generator().manual_seed(1)
+    examples = [(ids, ids) for ids in (torch.randint(3, conf.vocab_size, (n,), generator=g).tolist()
+                                       for n in lengths)]
+    mb = cfg.micro_batch
+    random_order = [list(range(s, s + mb)) for s in range(0, len(examples), mb)]
+    by_length = sorted(range(len(examples)), key=lambda i: lengths[i])
+    grouped = [by_length[s:s + mb] for s in range(0, len(examples), mb)]
+    grouped = [grouped[i] for i in torch.randperm(len(grouped), generator=g).tolist()]
+    ways = {"padded, grouped by length": grouped, "padded, random order": random_order}
+    if cfg.pack:
+        ways = {"packed": random_order, **ways}
+    res = {}
+    for way, batches in ways.items():
+        def loss(step, batches=batches, packed=way == "packed"):
+            if packed:
+                x, y, pos = collate_packed(examples, batches[step], device)
+                return m(x, y, positions=pos)[1]
+            x, y = collate_padded(examples, batches[step], device)
+            return m(x, y)[1]
+
+        def real(step, batches=batches):
+            return sum(lengths[i] for i in batches[step])
+        tok_s, peak, first = time_training(cfg, loss, params, device, real)
+        res[way] = {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 4),
+                    "padding": 0.0 if way == "packed" else
+                    round(padding_share(lengths, batches[1 + cfg.warmup:]), 4)}
+    main = res.pop("packed" if cfg.pack else "padded, grouped by length")
+    return main | {"compared": res}
+
+
+def collate_padded(examples, idx, device):
+    """One right-padded row per example (id 0, target -100), as train.py's batches."""
+    T = max(len(examples[i][0]) for i in idx)
+    x = torch.zeros(len(idx), T, dtype=torch.long)
+    y = torch.full((len(idx), T), -100, dtype=torch.long)
+    for r, i in enumerate(idx):
+        ids, targets = examples[i]
+        x[r, :len(ids)], y[r, :len(targets)] = torch.tensor(ids), torch.tensor(targets)
+    return x.to(device), y.to(device)
 
 
 def time_generation(cfg, generate):
@@ -205,7 +327,7 @@ def baseline_train(cfg, conf, dtype, device):
         pm.enable_input_require_grads()
     pm.train()
     x = torch.randint(0, conf.vocab_size, (cfg.micro_batch, cfg.seq_len), device=device)
-    tok_s, peak, first = time_training(cfg, lambda: pm(input_ids=x, labels=x).loss,
+    tok_s, peak, first = time_training(cfg, lambda _: pm(input_ids=x, labels=x).loss,
                                        [p for p in pm.parameters() if p.requires_grad], device)
     return {"tok_s": round(tok_s), "peak_gib": peak, "first_step_s": round(first, 4)}
 
@@ -238,6 +360,18 @@ def parse(argv):
     rows = [] if not cfg.suite or cfg.suite == "all" else cfg.suite.split(",")
     if [r for r in rows if r not in SUITE]:
         raise ConfigError(f"--suite={cfg.suite}: expected all or some of {', '.join(SUITE)}")
+    if cfg.lengths and cfg.lengths not in LENGTHS:
+        raise ConfigError(f"--lengths={cfg.lengths}: expected one of {', '.join(LENGTHS)}, "
+                          "or nothing for rows of seq_len")
+    if cfg.pack and not cfg.lengths:
+        raise ConfigError("--pack needs --lengths (rows of seq_len tokens have nothing to pack)")
+    if cfg.pack and cfg.adapter == "prompt":
+        raise ConfigError("--pack with --adapter=prompt: the soft tokens would sit once in front "
+                          "of a packed row, seen by its first example only")
+    if cfg.vocab_size < 0:
+        raise ConfigError(f"--vocab_size={cfg.vocab_size}: expected 0 (the preset's) or more")
+    if cfg.fsdp and (cfg.task != "train" or cfg.quantize or cfg.baseline):
+        raise ConfigError("--fsdp: training only, without --quantize and --baseline")
     compile_setting(cfg.compile, "cpu")  # a word it does not know is a ConfigError here
     cfg.model = cfg.model or ("llama-7b" if torch.cuda.is_available() else "tiny-llama")
     if cfg.model not in PRESETS:
@@ -287,6 +421,10 @@ def run(cfg):
     if cfg.task == "ops":
         return {"task": "ops", "adapter": cfg.adapter, "ours": count_ops(cfg)}
     device, dtype = device_and_dtype()  # as train.py: bf16 on CUDA (fp16 without bf16), else fp32
+    if cfg.fsdp:
+        rank, world, device = distributed.init(device)
+        if world == 1:
+            raise ConfigError("--fsdp: start bench.py with torchrun --nproc_per_node=N (N > 1)")
     device = device.type
     conf, m, dtype = build(cfg, device, dtype)
     fast_fp32_matmuls(device, dtype)  # as train.py: TF32 for fp32 adapter maths beside bf16
@@ -295,6 +433,9 @@ def run(cfg):
            "torch": torch.__version__, "compiled": compile_setting(cfg.compile, device)}
     res["quantize"] = cfg.quantize
     res["ours"] = (bench_train if cfg.task == "train" else bench_generate)(cfg, conf, m, device)
+    if cfg.fsdp:  # tokens/s per process above; the processes together
+        res["processes"] = dist.get_world_size()
+        res["ours"]["tok_s_all"] = res["ours"]["tok_s"] * res["processes"]
     if cfg.baseline:
         del m
         if device == "cuda":
@@ -325,13 +466,8 @@ def run_suite(cfg, argv):
         work, target, settings = SUITE[key]
         args = common + [f"--{k}={v}" for k, v in settings.items()]
         print(f"bench.py --suite: {key}: {' '.join(args)}", file=sys.stderr, flush=True)
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True,
-                           text=True)
-        lines = p.stdout.strip().splitlines()
-        result = json.loads(lines[-1]) if p.returncode == 0 and lines else \
-            {"error": (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]}
         rows.append({"key": key, "work": work.format(**vars(cfg)), "target": target, "args": args,
-                     "result": result})
+                     "result": run_row(args, settings)})
     table = markdown_table(rows)
     print(table)
     report = {"rows": rows, "table": table}
@@ -340,41 +476,71 @@ def run_suite(cfg, argv):
     return report
 
 
+def run_row(args, settings):
+    """One row in its own process (its own peak memory); FSDP rows under torchrun, one process per
+    GPU, where there are several. -> the row's result."""
+    command = [sys.executable, os.path.abspath(__file__), *args]
+    if settings.get("fsdp"):
+        n = torch.cuda.device_count()
+        if n < 2:
+            return {"skipped": f"FSDP needs more than one GPU; this machine has {n}"}
+        command[1:1] = ["-m", "torch.distributed.run", f"--nproc_per_node={n}"]
+    p = subprocess.run(command, capture_output=True, text=True)
+    lines = p.stdout.strip().splitlines()
+    if p.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"error": (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]}
+
+
 def markdown_table(rows):
     """The suite's rows as the README's table: ours and HF+PEFT side by side, ratio, first step."""
-    def speed(r):
+    def speed(r, label=""):
         if not r or "skipped" in r:
             return "—"
         gib = f", {r['peak_gib']} GiB" if r.get("peak_gib") is not None else ""
+        pad = f", {100 * r['padding']:.1f}% padding" if "padding" in r else ""
         if "tok_s" in r:
-            return f"{r['tok_s']:,} tok/s{gib}"
-        return f"{r['new_tok_s']:,} new tok/s{gib}"
+            return f"{label}{r['tok_s']:,} tok/s{gib}{pad}"
+        return f"{label}{r['new_tok_s']:,} new tok/s{gib}"
 
     lines = ["| work | ours | HF + PEFT | ratio | first step / call (s) | target |",
              "|---|---|---|---|---|---|"]
     for row in rows:
         res = row["result"]
-        if "error" in res:
-            lines.append(f"| {row['work']} | error: {res['error']} | | | | {row['target']} |")
+        if "error" in res or "skipped" in res:
+            why = f"error: {res['error']}" if "error" in res else f"skipped: {res['skipped']}"
+            lines.append(f"| {row['work']} | {why} | | | | {row['target']} |")
             continue
-        ours = res["ours"]
+        ours, other, ratio = res["ours"], speed(res.get("hf_peft")), "—"
+        if "speedup" in res:
+            ratio = f"{res['speedup']}×"
+        elif ours.get("compared"):  # packed vs padded: the reference of the same run
+            way, ref = next(iter(ours["compared"].items()))
+            other, ratio = speed(ref, f"{way}: "), f"{ours['tok_s'] / ref['tok_s']:.2f}×"
         first = ours.get("first_step_s", ours.get("first_call_s"))
-        ratio = f"{res['speedup']}×" if "speedup" in res else "—"
-        lines.append(f"| {row['work']} | {speed(ours)} | {speed(res.get('hf_peft'))} | {ratio} "
-                     f"| {first} | {row['target']} |")
-    device = next((r["result"]["device"] for r in rows if "device" in r["result"]), "?")
-    return "\n".join(lines) + f"\n\n({device}, torch {torch.__version__})"
+        lines.append(f"| {row['work']} | {speed(ours)} | {other} | {ratio} | {first} "
+                     f"| {row['target']} |")
+    done = [r["result"] for r in rows if "device" in r["result"]]
+    device = done[0]["device"] if done else "?"
+    versions = sorted({r["torch"] for r in done}) or ["?"]
+    memory = "peak allocated" if any(r["device"] != "cpu (smoke test)" for r in done) else \
+        "peak resident memory of the row's process"
+    return "\n".join(lines) + f"\n\n({device}, torch {', '.join(versions)}; GiB: {memory})"
 
 
 def main(argv):
+    argv = [a if a != "--suite" or argv[i + 1:] and not argv[i + 1].startswith("--")
+            else "--suite=all" for i, a in enumerate(argv)]  # a bare --suite: all of it
     try:
         cfg = parse(argv)
+        if cfg.suite:
+            return run_suite(cfg, argv)
+        res = run(cfg)
     except ConfigError as e:
         sys.exit(f"bench.py: error: {e}")
-    if cfg.suite:
-        return run_suite(cfg, argv)
-    res = run(cfg)
-    print(json.dumps(res))
+    if not cfg.fsdp or dist.get_rank() == 0:
+        print(json.dumps(res))
+    distributed.teardown(dist.get_world_size() if cfg.fsdp else 1, finished=True)
     return res
 
 

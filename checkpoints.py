@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model import FAMILIES, Config, RopeScaling, Transformer
 from files import read_json, read_state_dict, unreadable, write_atomic
@@ -48,19 +49,21 @@ def save_model(model, path):
     write_atomic(Path(path) / "config.json", json.dumps(config_to_hf(model.config), indent=2))
 
 
-def load_model(path, device=None, dtype=None, quantize=None):
+def load_model(path, device=None, dtype=None, quantize=None, shard=None):
     """Load a Meta LLaMA folder (params.json + consolidated.*.pth) or a Hugging Face folder
     (config.json + safetensors or .bin, sharded or not). Built on the meta device and filled tensor
     by tensor, so the weights are held once; dtype=None keeps the stored dtype. Strict: every
     parameter filled, every tensor used. quantize="int8" | "nf4" | "nf4-dq" packs each projection
-    weight as it is read (quantize.py)."""
+    weight as it is read (quantize.py). shard(meta model) -> that model split over the processes
+    (distributed.py, FSDP2), before any weight is read: each tensor read is then cut to this
+    process's part, so no process ever holds the whole base."""
     path = Path(path)
     if quantize:
         check_mode(quantize)
     if (path / "params.json").exists():
-        return _load_meta(path, device, dtype, quantize)
+        return _load_meta(path, device, dtype, quantize, shard)
     if (path / "config.json").exists():
-        return _load_hf(path, device, dtype, quantize)
+        return _load_hf(path, device, dtype, quantize, shard)
     raise FileNotFoundError(f"{path}: no params.json (Meta LLaMA) or "
                             "config.json (Hugging Face) found")
 
@@ -310,7 +313,8 @@ class _Filler:
     """Puts checkpoint tensors into a model built on the meta device, strictly, one tensor at a
     time."""
 
-    def __init__(self, model, device, dtype, quantize=None):
+    def __init__(self, model, device, dtype, quantize=None, shard=None):
+        model = model if shard is None else shard(model)
         self.model, self.device, self.dtype, self.quantize = model, device, dtype, quantize
         self.params = dict(model.named_parameters())  # tied weights appear once
         self.filled = set()
@@ -326,7 +330,11 @@ class _Filler:
                              f"the config expects {tuple(p.shape)}")
         module, _, leaf = name.rpartition(".")
         owner = self.model.get_submodule(module)
-        if self.quantize and leaf == "weight" and is_projection(owner):  # packed as it is read
+        if isinstance(p, DTensor):  # sharded (FSDP2): this process keeps its part only
+            part = distribute_tensor(t.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+            with torch.no_grad():
+                p.to_local().copy_(part.to_local())
+        elif self.quantize and leaf == "weight" and is_projection(owner):  # packed as it is read
             t = t.to(self.device or "cpu")
             quantize_linear(self.model, module, t, self.quantize, self.dtype)
         else:
@@ -459,11 +467,11 @@ def _iter_tensors(f):
             yield k, sf.get_tensor(k)
 
 
-def _load_hf(path, device, dtype, quantize):
+def _load_hf(path, device, dtype, quantize, shard):
     config = read_config(path / "config.json", lambda d: config_from_hf(d, path.name))
     with torch.device("meta"):
         model = Transformer(config)
-    filler = _Filler(model, device, dtype, quantize)
+    filler = _Filler(model, device, dtype, quantize, shard)
     ours = {hf_name(config, n): n for n in filler.params}
     outer = HF_OUTER.get(config.arch, "")
     for f in _hf_files(path):
@@ -545,7 +553,7 @@ def meta_config(p, name, vocab_from_weights, tied=False):
                   rope_scaling=RopeScaling() if scaled else None, tie_embeddings=tied)
 
 
-def _load_meta(path, device, dtype, quantize):
+def _load_meta(path, device, dtype, quantize, shard):
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{path}: params.json but no consolidated.*.pth shard")
@@ -562,7 +570,7 @@ def _load_meta(path, device, dtype, quantize):
                          lambda p: meta_config(p, path.name, lambda: embed.shape[0], tied))
     with torch.device("meta"):
         model = Transformer(config)
-    filler = _Filler(model, device, dtype, quantize)
+    filler = _Filler(model, device, dtype, quantize, shard)
     names = {k: v for k, v in META_NAMES.items() if not (tied and k == "output.weight")}
     for i in range(config.n_layer):
         names.update({f"layers.{i}.{k}": (f"layers.{i}.{v}", d)

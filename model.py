@@ -428,6 +428,7 @@ class Transformer(nn.Module):
         self.prompt = None          # hook: prompt tuning
         self.adapter_configs = {}   # adapter name -> {"kind", "options"}: what adapters.py attached
         self.grad_checkpoint = False  # recompute each block in backward (train.py --grad_ckpt)
+        self.loss_chunk = 0  # > 0: the loss this many tokens at a time, never the full logits
         self.apply(self._init_weights)
         self.tie_weights()
 
@@ -449,16 +450,23 @@ class Transformer(nn.Module):
         p = self.embed.weight
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
 
-    def forward(self, idx, targets=None, attention_mask=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, attention_mask=None, cache=None, last_only=False,
+                positions=None):
         """idx (B, T) token ids. targets (B, T): the token that should follow each position (already
         shifted, as in nanoGPT), -100 = ignore. attention_mask: 1 for real tokens, 0 for (left)
         padding, over the cached tokens and idx (with a cache only its last T columns are read: the
         cache keeps the rest; None = all real). cache: a KVCache to extend and attend over.
-        Returns logits (B, T, V) and the loss (or None)."""
+        positions (B, T): packed rows (data/pack.py), each token's position in its own example,
+        0 where an example starts; a token then attends only to the tokens of its example up to
+        itself, and rotary, ALiBi and learned positions count from each example's start.
+        Returns logits (B, T, V) and the loss (or None); with loss_chunk set and targets given,
+        the logits are never made whole: (None, loss)."""
         B, T = idx.shape
         c = self.config
         past = cache.pos if cache is not None else 0
         n_prompt = self.n_soft_tokens()
+        if positions is not None:
+            self.check_packed(positions, idx, attention_mask, cache, n_prompt)
         seen = past - n_prompt if past else 0  # tokens in the cache (after its soft tokens)
         if attention_mask is not None and attention_mask.shape != (B, seen + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
@@ -477,7 +485,7 @@ class Transformer(nn.Module):
             valid, S = cache.valid, cache.max_len
         # positions count real tokens only: a left-padded row is numbered exactly as it is alone
         key_pos = (valid.long().cumsum(-1) - 1).clamp(min=0) if valid is not None else \
-            torch.arange(S, device=idx.device).expand(B, S)
+            positions if positions is not None else torch.arange(S, device=idx.device).expand(B, S)
         pos = key_pos if slots is None else key_pos[:, slots]
         if self.project_in is not None:
             x = self.project_in(x)
@@ -489,7 +497,9 @@ class Transformer(nn.Module):
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         rope = rope_angles(c, pos) if c.pos == "rope" else None
-        mask = self.attention_mask(valid, key_pos, T, S, slots)
+        # packed rows: example k of a row holds the tokens after the k-th restart of the positions
+        example = (positions == 0).cumsum(-1) if positions is not None else None  # (B, T)
+        mask = self.attention_mask(valid, key_pos, T, S, slots, example)
         for i, block in enumerate(self.layers):
             kv = cache.layer(i, slots) if cache is not None else None
             if self.grad_checkpoint and self.training:
@@ -502,6 +512,9 @@ class Transformer(nn.Module):
             x = x[:, n_soft:]  # no logits for the soft tokens
         x = self.norm(x) if self.norm is not None else x
         x = self.project_out(x) if self.project_out is not None else x
+        hooked = self.lm_head._forward_hooks or self.lm_head._forward_pre_hooks
+        if targets is not None and self.loss_chunk and not hooked:  # hooks see whole logits
+            return None, chunked_loss(self.lm_head, x, targets, self.loss_chunk)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
@@ -509,13 +522,26 @@ class Transformer(nn.Module):
                                    ignore_index=-100)
         return logits, loss
 
-    def attention_mask(self, valid, key_pos, T, S, slots=None):
+    def check_packed(self, positions, idx, attention_mask, cache, n_prompt):
+        """Packed rows are whole examples side by side: no padding mask, no cache, and no soft
+        prompt (it would sit once in front of the row, seen by its first example only)."""
+        if positions.shape != idx.shape:
+            raise ValueError(f"positions has shape {tuple(positions.shape)}, expected "
+                             f"{tuple(idx.shape)} (one per token)")
+        for given, what in ((attention_mask, "attention_mask"), (cache, "a KV cache"),
+                            (n_prompt or None, "prompt tuning's soft tokens")):
+            if given is not None:
+                raise ValueError(f"packed rows (positions) do not take {what}")
+
+    def attention_mask(self, valid, key_pos, T, S, slots=None, example=None):
         """None when plain causal attention is right (SDPA's fast path); else a (B|1, 1|H, T, S)
         bool mask, or for ALiBi a float bias with -inf where masked. valid (B, S): real keys (None =
-        all); slots (T,): the queries' key slots (None = the last T)."""
+        all); slots (T,): the queries' key slots (None = the last T); example (B, T): packed rows,
+        the example of each token (T == S), attended to only by its own."""
         c = self.config
         window = c.sliding_window if 0 < c.sliding_window < S else 0  # 0: no key is too old
-        plain = valid is None and slots is None and c.pos != "alibi" and not window
+        plain = (valid is None and slots is None and example is None and c.pos != "alibi"
+                 and not window)
         if plain and (T == S or T == 1):
             return None
         device = key_pos.device
@@ -529,9 +555,74 @@ class Transformer(nn.Module):
         if valid is not None:
             # a query always sees itself, so rows of padding never softmax over nothing (NaN)
             mask = mask & valid[:, None, None, :] | (k_idx == q_idx)
+        if example is not None:  # block-diagonal: causal within each example of a packed row
+            mask = mask & (example[:, None, :, None] == example[:, None, None, :])
         if c.pos != "alibi":
             return mask
         # ALiBi: softmax is shift-invariant per row, so slope * key position = slope * (key - query)
         slopes = alibi_slopes(c.n_head, device)[None, :, None, None]
         bias = slopes * key_pos[:, None, None, :].float()
         return bias.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
+
+
+# logits per chunk of the loss (train.py, bench.py): 128 MiB in fp32, 1,048 tokens at LLaMA's 32,000
+# words, 261 at Llama 3's 128,256
+LOSS_CHUNK_LOGITS = 2**25
+
+
+def chunked_loss(head, x, targets, chunk):
+    """Mean cross-entropy of head(x) against targets (-100 = ignore), the plain path's number, from
+    `chunk` tokens' logits at a time: memory holds one chunk's logits (chunk, V), never B x T x V
+    (at Llama 3's 128,256 words, 4096 tokens of fp32 logits are 2 GiB). x (B, T, C), targets
+    (B, T); head: the nn.Linear lm_head. Tokens without a target are dropped before the head."""
+    x, targets = x.flatten(0, 1), targets.flatten()
+    keep = targets != -100
+    x, targets = x[keep], targets[keep]  # (N, C), (N,)
+    device = x.device.type  # the head's matmuls in autocast's dtype, as the plain path's
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
+        head.weight.dtype
+    total = ChunkedCrossEntropy.apply(x, head.weight, head.bias, targets, chunk, dtype)
+    return total / len(targets)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of x W^T + b, a chunk of tokens at a time. The gradients are made in
+    forward, chunk by chunk, while that chunk's logits exist: d(loss)/d(logits) = softmax - one-hot,
+    so for x (softmax - onehot) W, for W (softmax - onehot)^T x. Backward only scales them: nothing
+    is recomputed, so this costs the plain path's matmuls and never holds the whole logits.
+    x (N, C), weight (V, C), bias (V,) or None, targets (N,) -> a scalar (fp32)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, chunk, dtype):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = torch.zeros_like(x) if need_x else None
+        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            for s in range(0, len(targets), chunk):
+                xs, ts = x[s:s + chunk].to(dtype), targets[s:s + chunk]
+                logits = F.linear(xs, w, b).float()  # (n, V)
+                lse = logits.logsumexp(-1)
+                total += (lse - logits.gather(1, ts[:, None])[:, 0]).sum()
+                if not (need_x or need_w or need_b):
+                    continue
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                g[torch.arange(len(ts), device=g.device), ts] -= 1
+                g = g.to(dtype)  # the plain path casts this gradient to the logits' dtype too
+                if need_x:
+                    gx[s:s + chunk] = g @ w
+                if need_w:
+                    gw += g.t() @ xs
+                if need_b:
+                    gb += g.float().sum(0)
+        ctx.save_for_backward(*(t for t in (gx, gw, gb) if t is not None))
+        ctx.grads = need_x, need_w, need_b
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: d(final loss)/d(this sum), e.g. 1/N from the mean
+        saved = iter(ctx.saved_tensors)  # autograd casts each to its input's dtype
+        gx, gw, gb = (next(saved) * grad if need else None for need in ctx.grads)
+        return gx, gw, gb, None, None, None

@@ -6,6 +6,8 @@ around the loop.
     python train.py --model=<checkpoint dir> --adapter=lora --data=math_10k.json --out=out/x
     python train.py config/math10k_lora.py --model=<dir>     # a run as a file (config/), overrides
     torchrun --nproc_per_node=4 train.py --model=...         # DistributedDataParallel, same code
+    torchrun --nproc_per_node=8 train.py --model=... --fsdp=true   # the base sharded (FSDP2);
+                                                  # several machines: distributed.py's docstring
     python train.py --adapter=parallel                       # no --model: the CPU demo (demo.py)
 
 Every global below is a --key=value setting, and so is every option of the chosen adapter kind in
@@ -33,12 +35,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adapter_io
 import adapters
+import distributed
 from checkpoints import load_model
 from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, check_threads, compile_blocks,
                  compile_setting, configure, device_and_dtype, fail, read_args, settle)
+from data.pack import collate_packed
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows
 from data.template import TEMPLATES
 from files import check_writable, lock, torch_load, write_atomic
+from model import LOSS_CHUNK_LOGITS
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
 
@@ -74,6 +79,11 @@ dtype = ""                # of the frozen base and autocast: bfloat16 | float16 
 quantize = ""             # frozen base in int8 | nf4 | nf4-dq (QLoRA 4-bit, + double quant.)
 grad_ckpt = False         # recompute activations in backward: less memory, ~30% slower
 compile = ""              # compile each block: "" = on for CUDA, off elsewhere; true | false
+pack = False              # a micro-batch's examples side by side in one row, no padding
+                          # (data/pack.py); the same losses. Not with --adapter=prompt
+chunked_loss = True       # the loss from chunks of logits, never all of them (model.py)
+fsdp = False              # under torchrun: the frozen base sharded over the processes (FSDP2,
+                          # distributed.py), not whole on each (DDP)
 threads = 0               # CPU threads for torch; 0 = torch's default
 log_interval = 10
 # the embedded demo (no --model), run by demo.py
@@ -118,6 +128,7 @@ def get_config(argv, recipe=None):
         check_choice(cfg, "quantize", ("", *QUANT_MODES))
         compile_setting(cfg.compile, "cpu")  # a word it does not know is a ConfigError here
         check_ranges(cfg)
+        check_scale(cfg)
     except ConfigError as e:
         fail(e)
     return cfg, options
@@ -130,6 +141,20 @@ def check_ranges(cfg):
             bound = "more than" if key == "learning_rate" else "at least"
             raise ConfigError(f"--{key}={value}: expected {bound} {low}")
     check_threads("threads", cfg.threads)
+
+
+def check_scale(cfg):
+    """--pack and --fsdp where they cannot run: refused by name."""
+    if cfg.pack and cfg.adapter == "prompt":
+        raise ConfigError("--pack=true with --adapter=prompt: the soft tokens would sit once in "
+                          "front of a packed row, seen by its first example only")
+    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        raise ConfigError("--fsdp=true shards the base over the processes torchrun starts: run "
+                          "torchrun --nproc_per_node=N train.py ... (N > 1)")
+    if cfg.fsdp and cfg.quantize:
+        raise ConfigError(f"--quantize={cfg.quantize} with --fsdp=true: a quantized base keeps its "
+                          "packed weights in buffers, which FSDP does not shard; give one or the "
+                          "other")
 
 
 def explain_option(key, given):
@@ -263,11 +288,15 @@ def val_loss(model, examples, cfg, rt):
     order, mb = (sorted(range(len(examples)), key=lambda i: len(examples[i][0])),
                  cfg.micro_batch_size)
     total = torch.zeros(2, device=rt.device)
-    for s in range(rt.rank * mb, len(order), rt.world * mb):
-        x, y = collate(examples, order[s:s + mb], rt.device)
+    # as many passes on every process: under FSDP each one gathers weights from all of them
+    end = -(-len(order) // (rt.world * mb)) * rt.world * mb
+    for s in range(rt.rank * mb, end, rt.world * mb):
+        idx = order[s:s + mb]
+        x, y = collate(examples, idx or order[:1], rt.device)  # none left: a pass counting 0
         with rt.ctx:
             loss = model(x, y)[1]
-        total += torch.stack([loss.float() * (y != -100).sum(), (y != -100).sum().float()])
+        if idx:
+            total += torch.stack([loss.float() * (y != -100).sum(), (y != -100).sum().float()])
     if rt.world > 1:
         dist.all_reduce(total)
     model.train()
@@ -275,11 +304,13 @@ def val_loss(model, examples, cfg, rt):
 
 
 def wrap(model, cfg, rt, unused):
-    """The module the loop calls: each block compiled (--compile), then DDP across processes.
-    unused: some trainable parameters get no gradient at a step, which DDP must be told (it then
-    searches the autograd graph after every forward, so only then)."""
+    """The module the loop calls: the loss in chunks (--chunked_loss), each block compiled
+    (--compile), then DDP across processes unless FSDP shards it already. unused: some trainable
+    parameters get no gradient at a step, which DDP must be told (it then searches the autograd
+    graph after every forward, so only then)."""
+    model.loss_chunk = LOSS_CHUNK_LOGITS // model.config.vocab_size if cfg.chunked_loss else 0
     fwd = compile_blocks(model) if compile_setting(cfg.compile, rt.device) else model
-    if rt.world > 1:
+    if rt.world > 1 and not distributed.is_sharded(model):
         # buffers never change in training (a quantized base lives in them): no broadcast per step
         fwd = DDP(fwd, device_ids=[rt.device] if rt.device.type == "cuda" else None,
                   find_unused_parameters=unused, broadcast_buffers=False)
@@ -310,6 +341,7 @@ class Run:
         # a sparse (MoSA) adapter trains one part of each split weight a step, the rest get no grad
         self.sparse = bool((adapter_options(model) or {}).get("sparse"))
         self.fwd = wrap(model, cfg, rt, unused=self.sparse)
+        self.sharded = distributed.is_sharded(model)  # FSDP: the base split over the processes
         self.steps_per_epoch = len(epoch_plan(train_ex, cfg, 0, rt))
         self.total = cfg.max_steps or cfg.num_epochs * self.steps_per_epoch
         self.step, self.best, self.saved_at = 0, math.inf, None  # saved_at: step of resume.pt
@@ -337,19 +369,24 @@ class Run:
             # forward and backward of each micro-batch: the gradients add up in .grad
             stats = torch.zeros(2, device=rt.device)  # this step's loss, tokens
             for k, idx in enumerate(micro):
-                x, y = collate(self.train_ex, idx, rt.device)  # (B, T) ids and targets
-                if rt.world > 1:
+                if cfg.pack:  # (1, T): the examples side by side, positions restarting at each
+                    x, y, pos = collate_packed(self.train_ex, idx, rt.device)
+                else:
+                    (x, y), pos = collate(self.train_ex, idx, rt.device), None  # (B, T)
+                if isinstance(self.fwd, DDP):
                     # DDP all-reduces the gradients during backward: only needed once the last
                     # micro-batch has added its share, so the others skip it (what no_sync does)
                     self.fwd.require_backward_grad_sync = k == len(micro) - 1
                 with rt.ctx:
-                    _, loss = self.fwd(x, y)  # the mean over the targets that are not -100
+                    _, loss = self.fwd(x, y, positions=pos)  # mean over targets not -100
                     loss = loss / len(micro)  # the step's loss: the mean over its micro-batches
                 # under float16 the loss is scaled up first, so that small gradients do not
                 # underflow to zero (GradScaler; a no-op in other dtypes)
                 self.scaler.scale(loss).backward()
                 n = float(sum(len(self.train_ex[j][0]) for j in idx))
                 stats += torch.stack([loss.detach().float(), torch.tensor(n, device=rt.device)])
+            if self.sharded:  # the adapter is whole on every process: average its gradients
+                distributed.average_gradients(self.params, rt.world)
             if rt.world > 1:  # every process logs, and stops, on the same numbers
                 dist.all_reduce(stats)
             loss, tokens = stats[0].item() / rt.world, tokens + int(stats[1].item())
@@ -566,7 +603,8 @@ def clear_earlier_run(cfg, rt, earlier):
 
 def load_base(cfg, rt):
     try:
-        base = load_model(cfg.model, rt.device, rt.dtype, cfg.quantize)
+        load = distributed.load_sharded if cfg.fsdp else load_model
+        base = load(cfg.model, rt.device, rt.dtype, cfg.quantize)
         tok = Tokenizer.from_pretrained(cfg.model)
         check_vocab(tok, base.config.vocab_size, cfg.model)
     except (OSError, ValueError, KeyError) as e:
@@ -611,7 +649,8 @@ def attach_adapter(base, cfg, options, rt, n_train, n_val):
     """The adapter on the frozen base (seeded: the same initial weights on every process)."""
     torch.manual_seed(cfg.seed)
     try:
-        model = adapters.add_adapter(base, cfg.adapter, **options)
+        add = distributed.add_adapter if cfg.fsdp else adapters.add_adapter
+        model = add(base, cfg.adapter, **options)
     except ValueError as e:
         fail(e)
     model.grad_checkpoint = cfg.grad_ckpt

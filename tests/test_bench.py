@@ -2,6 +2,9 @@
 the suite, and bad settings. No timing assertions: speed lives in the printed numbers, not in
 tests."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -39,6 +42,64 @@ def test_suite_runs_rows_in_their_own_processes(tmp_path, capsys):
         assert rows["lora4"]["speedup"] > 0 and table.count("×") >= 1
 
 
+def test_bare_suite_means_all_and_the_footer_names_the_rows_torch(monkeypatch, tmp_path):
+    """`python bench.py --suite`, as the README writes it, runs every row (each in its own process;
+    here the processes are stood in for). The footer gives the torch of the rows, not this one's."""
+    ran = []
+
+    def row(args, settings):
+        ran.append(settings)
+        if settings.get("fsdp"):
+            return {"skipped": "FSDP needs more than one GPU; this machine has 0"}
+        return {"device": "H200", "torch": "2.11.0+cu130", "ours": {"tok_s": 10, "peak_gib": 1.0,
+                                                                    "first_step_s": 1.0}}
+    monkeypatch.setattr(bench, "run_row", row)
+    report = bench.main(["--suite", f"--out={tmp_path / 's.json'}"])
+    assert [r["key"] for r in report["rows"]] == list(bench.SUITE) and len(ran) == len(bench.SUITE)
+    assert report["table"].endswith("(H200, torch 2.11.0+cu130; GiB: peak allocated)")
+    assert "| LoRA, micro-batch 4, FSDP over every GPU | skipped: FSDP needs more than one GPU" \
+        in report["table"]
+    assert bench.main(["--suite", "--steps=1", f"--out={tmp_path / 's.json'}"])["rows"]
+
+
+def test_cpu_rows_report_peak_resident_memory():
+    res = bench.main(["--micro_batch=2", *SMALL])
+    assert 0.05 < res["ours"]["peak_gib"] < 64  # the process's resident high-water mark, in GiB
+
+
+def test_packed_and_padded_side_by_side():
+    """One run times packed rows and padded ones (grouped by length, and in random order) on the
+    same examples; packed rows hold no padding, the padded ones some."""
+    res = bench.main(["--lengths=math", "--pack", "--micro_batch=4", *SMALL,
+                      "--seq_len=256"])["ours"]
+    assert res["padding"] == 0.0 and res["tok_s"] > 0
+    ways = res["compared"]
+    assert set(ways) == {"padded, grouped by length", "padded, random order"}
+    random_order, grouped = ways["padded, random order"], ways["padded, grouped by length"]
+    assert random_order["padding"] > grouped["padding"] > 0
+    lengths = bench.draw_lengths("math", 3000, 256)
+    assert 120 < sum(lengths) / len(lengths) < 150 and max(lengths) <= 256  # math_data's shape
+
+
+def test_loss_rows_change_only_the_loss():
+    full = bench.main(["--vocab_size=1000", "--chunked_loss=false", *SMALL])
+    chunked = bench.main(["--vocab_size=1000", *SMALL])
+    assert full["ours"]["trainable"] == chunked["ours"]["trainable"] and chunked["ours"]["tok_s"]
+
+
+def test_fsdp_row_under_torchrun_on_two_cpu_processes():
+    """The FSDP path of bench.py on gloo: two processes, each its part of the base; rank 0 prints
+    the one JSON line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "bench.py", "--fsdp", "--micro_batch=2", *SMALL],
+                       capture_output=True, text=True, timeout=600, env=env,
+                       cwd=os.path.dirname(os.path.abspath(bench.__file__)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["processes"] == 2 and res["ours"]["tok_s_all"] == 2 * res["ours"]["tok_s"]
+
+
 BAD = {  # one setting -> the start of its one-line error
     "--nope=1": "unknown setting --nope", "--adapter=adalora": "--adapter=adalora: expected one of",
     "--adapter=none": "or none with --task=generate", "--compile=maybe": "--compile=maybe",
@@ -46,6 +107,9 @@ BAD = {  # one setting -> the start of its one-line error
     "--suite=lora5": "--suite=lora5: expected all or some of",
     "--model=llama-8b": "--model=llama-8b: expected a preset",
     "--task=decode": "--task=decode: expected one of train, generate",
+    "--lengths=code": "--lengths=code: expected one of math, demo",
+    "--pack": "--pack needs --lengths",
+    "--fsdp": "--fsdp: start bench.py with torchrun",
 }
 
 
