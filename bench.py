@@ -36,10 +36,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import distributed
 from adapters import KINDS, add_adapter, count_parameters, fast_fp32_matmuls
-from data.pack import collate_packed, padding_share
-from files import write_atomic
+from checkpoints import config_to_hf
 from cli import (ConfigError, check_choice, compile_blocks, compile_setting, configure,
                  device_and_dtype)
+from data.pack import collate_packed, padding_share
+from files import write_atomic
 from generate import generate
 from model import LOSS_CHUNK_LOGITS, PRESETS, Config, Transformer
 from quantize import MODES as QUANT_MODES, quantize_model
@@ -299,15 +300,14 @@ def bench_generate(cfg, conf, m, device):
 
 
 def hf_model(conf, dtype, device):
-    """The same preset as a transformers model (test/benchmark-only dependency)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    hc = LlamaConfig(hidden_size=conf.n_embd, intermediate_size=conf.intermediate_size,
-                     num_hidden_layers=conf.n_layer, num_attention_heads=conf.n_head,
-                     num_key_value_heads=conf.n_kv_head, vocab_size=conf.vocab_size,
-                     max_position_embeddings=conf.block_size, rms_norm_eps=conf.norm_eps)
+    """The same preset as a transformers model (test/benchmark-only dependency), from the
+    config.json our save_model writes: Llama 3's rope scaling, Qwen2's biases, Mistral's window."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    d = config_to_hf(conf)
+    hc = AutoConfig.for_model(**d)
     with torch.device(device):
         torch.manual_seed(0)
-        return LlamaForCausalLM(hc).to(dtype)
+        return AutoModelForCausalLM.from_config(hc).to(dtype)
 
 
 def peft_lora(model):
