@@ -132,8 +132,9 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_readme_gives_grade_class_s_points():
-    sys.path.insert(0, str(ROOT / "exercises"))
+def test_readme_gives_grade_class_s_points(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "exercises"))  # undone after the test: spawned processes
+    # of later tests must find tests/conftest.py, not exercises/conftest.py
     from grade_class import POINTS
     readme = (ROOT / "exercises" / "README.md").read_text()
     table = {m[1]: int(m[2]) for m in re.finditer(r"`(\w+)/stub\.py` \| (\d+) \|", readme)}
@@ -206,7 +207,7 @@ def git(repo, *args):
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
 
 
-def test_handout_has_no_solutions_in_its_history(tmp_path):
+def test_handout_has_no_solutions_in_its_history(tmp_path, monkeypatch):
     out = tmp_path / "handout"
     proc = handout(out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -221,7 +222,7 @@ def test_handout_has_no_solutions_in_its_history(tmp_path):
     if SOLUTIONS.is_dir():
         history = {line[1:].strip() for line in git(out, "log", "--all", "-p").stdout.splitlines()
                    if line.startswith("+")}
-        sys.path.insert(0, str(ROOT / "exercises"))
+        monkeypatch.syspath_prepend(str(ROOT / "exercises"))
         from handout import reference_lines
         secret = reference_lines()
         assert len(secret) > 20

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -24,13 +25,15 @@ import cli
 import demo as demo_py
 import files
 import train
-from conftest import ROOT
 from data import prepare
 from data import synthetic
 from data.prepare import write_json
 from data.template import format_prompt
 from checkpoints import load_model
 from tokenizer import Tokenizer
+
+# the project root, not imported from conftest: DDP's spawned processes re-import this file
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, intermediate_size=176)
 
@@ -471,7 +474,6 @@ def test_llama3_chat_template_examples():
     tokenizer's EOS; the Alpaca template encodes the same row otherwise."""
     llama_models = pytest.importorskip("llama_models")
     pytest.importorskip("tiktoken")
-    from pathlib import Path
 
     from llama_models.datatypes import RawMessage
     from llama_models.llama3.chat_format import ChatFormat
