@@ -1,8 +1,9 @@
 """distributed.py: FSDP2 over two gloo processes on the CPU. The base loads sharded (each process
-keeps its part, every tensor equal to the one-process load), and an adapter trained over two
-processes ends where one process ends (fp32). One spawn runs every case, to keep the test short on
-a busy machine; its process group rendezvouses through a file (no port to race for) with a
-timeout, so a hang fails instead of waiting forever."""
+keeps its part, every tensor equal to the one-process load), an adapter trained over two processes
+ends where one process ends (fp32), and so does train.py --fsdp=true, killed and resumed. One spawn
+runs every library case, to keep the test short on a busy machine. No port is raced for: the
+library spawn rendezvouses through a file, train.py's processes join a store this test holds; and
+the process group has a timeout, so a hang fails instead of waiting forever."""
 import json
 import os
 from datetime import timedelta
@@ -18,7 +19,6 @@ import adapters
 import distributed
 import train
 from checkpoints import load_model
-from conftest import make_hf_checkpoint
 from data import synthetic
 from data.prepare import write_json
 
@@ -87,6 +87,9 @@ def worker(rank, root, cases):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
+    # imported here: the spawned processes import this file, and another test may have put an
+    # exercises/conftest.py before tests/ on the path they inherit
+    from conftest import make_hf_checkpoint
     root = tmp_path_factory.mktemp("fsdp")
     for family in FAMILIES:
         make_hf_checkpoint(root / family, family, layout="safetensors-sharded")
