@@ -39,7 +39,7 @@ from adapters import KINDS, add_adapter, count_parameters, fast_fp32_matmuls
 from checkpoints import config_to_hf
 from cli import (ConfigError, check_choice, compile_blocks, compile_setting, configure,
                  device_and_dtype)
-from data.pack import collate_packed, padding_share
+from data.pack import collate_packed, collate_padded, padding_share
 from files import write_atomic
 from generate import generate
 from model import LOSS_CHUNK_LOGITS, PRESETS, Config, Transformer
@@ -270,17 +270,6 @@ def bench_lengths(cfg, conf, m, params, device):
                     round(padding_share(lengths, batches[1 + cfg.warmup:]), 4)}
     main = res.pop("packed" if cfg.pack else "padded, grouped by length")
     return main | {"compared": res}
-
-
-def collate_padded(examples, idx, device):
-    """One right-padded row per example (id 0, target -100), as train.py's batches."""
-    T = max(len(examples[i][0]) for i in idx)
-    x = torch.zeros(len(idx), T, dtype=torch.long)
-    y = torch.full((len(idx), T), -100, dtype=torch.long)
-    for r, i in enumerate(idx):
-        ids, targets = examples[i]
-        x[r, :len(ids)], y[r, :len(targets)] = torch.tensor(ids), torch.tensor(targets)
-    return x.to(device), y.to(device)
 
 
 def time_generation(cfg, generate):

@@ -39,7 +39,7 @@ import distributed
 from checkpoints import load_model
 from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, check_threads, compile_blocks,
                  compile_setting, configure, device_and_dtype, fail, read_args, settle)
-from data.pack import collate_packed
+from data.pack import collate_packed, collate_padded
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows
 from data.template import TEMPLATES
 from files import check_writable, lock, torch_load, write_atomic
@@ -257,18 +257,6 @@ def epoch_plan(examples, cfg, epoch, rt):
     return [micro[s:s + accum] for s in range(0, len(micro), accum)]
 
 
-def collate(examples, idx, device):
-    """Right-padded (x, y): padding is id 0 with target -100, and causal attention hides it from the
-    real tokens."""
-    T = max(len(examples[i][0]) for i in idx)
-    x, y = (torch.zeros(len(idx), T, dtype=torch.long),
-            torch.full((len(idx), T), -100, dtype=torch.long))
-    for r, i in enumerate(idx):
-        ids, targets = examples[i]
-        x[r, :len(ids)], y[r, :len(targets)] = torch.tensor(ids), torch.tensor(targets)
-    return x.to(device), y.to(device)
-
-
 # --------------------------------------------------------------------------------------------------
 # the run: its state on one object, and the loop
 
@@ -292,7 +280,7 @@ def val_loss(model, examples, cfg, rt):
     end = -(-len(order) // (rt.world * mb)) * rt.world * mb
     for s in range(rt.rank * mb, end, rt.world * mb):
         idx = order[s:s + mb]
-        x, y = collate(examples, idx or order[:1], rt.device)  # none left: a pass counting 0
+        x, y = collate_padded(examples, idx or order[:1], rt.device)  # none left: a pass counting 0
         with rt.ctx:
             loss = model(x, y)[1]
         if idx:
@@ -372,7 +360,7 @@ class Run:
                 if cfg.pack:  # (1, T): the examples side by side, positions restarting at each
                     x, y, pos = collate_packed(self.train_ex, idx, rt.device)
                 else:
-                    (x, y), pos = collate(self.train_ex, idx, rt.device), None  # (B, T)
+                    (x, y), pos = collate_padded(self.train_ex, idx, rt.device), None  # (B, T)
                 if isinstance(self.fwd, DDP):
                     # DDP all-reduces the gradients during backward: only needed once the last
                     # micro-batch has added its share, so the others skip it (what no_sync does)

@@ -21,6 +21,18 @@ unpacked micro-batch holds, so memory is bounded as before.
 import torch
 
 
+def collate_padded(examples, idx, device):
+    """The examples idx -> right-padded x, y (B, T): padding is id 0 with target -100, and causal
+    attention hides it from the real tokens (the unpacked batches)."""
+    T = max(len(examples[i][0]) for i in idx)
+    x, y = (torch.zeros(len(idx), T, dtype=torch.long),
+            torch.full((len(idx), T), -100, dtype=torch.long))
+    for r, i in enumerate(idx):
+        ids, targets = examples[i]
+        x[r, :len(ids)], y[r, :len(targets)] = torch.tensor(ids), torch.tensor(targets)
+    return x.to(device), y.to(device)
+
+
 def collate_packed(examples, idx, device):
     """The examples idx ((ids, targets) pairs) -> x, y, positions (1, T): their ids and targets
     side by side, each example's positions 0, 1, ..."""

@@ -10,7 +10,7 @@ import adapters
 import train
 from conftest import tiny_model
 from data import synthetic
-from data.pack import collate_packed, padding_share
+from data.pack import collate_packed, collate_padded, padding_share
 from data.prepare import write_json
 
 FAMILIES = ("llama", "llama-gqa", "gptj", "bloom", "opt", "opt-350m")
@@ -27,17 +27,6 @@ def make_examples(lengths, seed=0, vocab=256, prompt=0):
         targets[:min(prompt, n - 1)] = [-100] * min(prompt, n - 1)
         out.append((ids[:-1], targets))
     return out
-
-
-def collate_padded(examples, idx):
-    """The unpacked reference: one right-padded row per example (id 0, target -100)."""
-    T = max(len(examples[i][0]) for i in idx)
-    x = torch.zeros(len(idx), T, dtype=torch.long)
-    y = torch.full((len(idx), T), -100, dtype=torch.long)
-    for r, i in enumerate(idx):
-        ids, targets = examples[i]
-        x[r, :len(ids)], y[r, :len(targets)] = torch.tensor(ids), torch.tensor(targets)
-    return x, y
 
 
 def loss_and_grads(model, *batch, positions=None):
@@ -85,7 +74,7 @@ def test_packed_equals_unpacked_loss_and_adapter_gradients(family):
     ex = make_examples([7, 3, 12, 5, 9, 2, 6], seed=2, prompt=2)
     x, y, pos = collate_packed(ex, range(len(ex)), "cpu")
     loss_p, grads_p = loss_and_grads(model, x, y, positions=pos)
-    loss_u, grads_u = loss_and_grads(model, *collate_padded(ex, range(len(ex))))
+    loss_u, grads_u = loss_and_grads(model, *collate_padded(ex, range(len(ex)), "cpu"))
     assert torch.allclose(loss_p, loss_u, atol=0, rtol=1e-6)
     assert grads_p.keys() == grads_u.keys()
     for n in grads_p:
@@ -108,7 +97,7 @@ def test_every_adapter_kind_packs(name):
     ex = make_examples([6, 4, 9, 3, 8], seed=3)
     x, y, pos = collate_packed(ex, range(5), "cpu")
     loss_p, grads_p = loss_and_grads(model, x, y, positions=pos)
-    loss_u, grads_u = loss_and_grads(model, *collate_padded(ex, range(5)))
+    loss_u, grads_u = loss_and_grads(model, *collate_padded(ex, range(5), "cpu"))
     assert torch.allclose(loss_p, loss_u, atol=0, rtol=1e-6)
     for n in grads_p:
         assert torch.allclose(grads_p[n], grads_u[n], atol=1e-6, rtol=1e-5), n
