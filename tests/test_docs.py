@@ -14,6 +14,7 @@ CODE = re.compile(r"`([^`\n]+)`")
 FILE_REF = re.compile(r"^((?:data/)?\w+)\.py: ([A-Za-z_][\w.]*)")       # `model.py: Block.forward`
 DOTTED = re.compile(r"^((?:data\.)?[a-z_]+)\.([A-Za-z_][\w.]*)(?:\(.*\))?$")  # `adapters.merge(...)`
 CLASS = re.compile(r"^([A-Z][a-z]+[A-Z]\w*|[A-Z][a-z]+)$")              # `KVCache`, `LoRA`, `Block`
+TEST_REF = re.compile(r"^(tests/\w+\.py)::(\w+)")                        # `tests/x.py::test_y`
 CLASS_ATTR = re.compile(r"^([A-Z]\w*)\.([a-z_][\w.]*)(?:\(.*\))?$")         # `Linear.adapter`
 PATH = re.compile(r"^((?:tests|docs|data|config|exercises)/[\w./-]+\.(?:py|md|json)|\w+\.py)$")
 DATA_FILE = re.compile(r"\.(safetensors|model|json|jsonl|pth|bin|pt|svg|csv|txt|md)$")
@@ -59,7 +60,9 @@ def references(doc):
     """(kind, text) for each code span of `doc` that names the project's code."""
     for span in CODE.findall(doc.read_text(encoding="utf-8")):
         span = span.strip()
-        if PATH.match(span) and "*" not in span and "<" not in span:
+        if m := TEST_REF.match(span):
+            yield "test", (m[1], m[2])
+        elif PATH.match(span) and "*" not in span and "<" not in span:
             yield "path", span
         elif (m := FILE_REF.match(span)) and m[1].replace("/", ".") in MODULES:
             yield "code", (m[1], m[2])
@@ -76,6 +79,12 @@ def test_every_name_the_docs_mention_exists(doc):
         if kind == "path":
             if not (ROOT / ref).exists():
                 missing.append(ref)
+            continue
+        if kind == "test":
+            path, name = ref
+            source = (ROOT / path).read_text() if (ROOT / path).exists() else ""
+            if not re.search(rf"^def {name}\(", source, re.M):
+                missing.append(f"{path}::{name}")
             continue
         module, dotted = ref
         try:
@@ -98,11 +107,12 @@ def test_the_checker_can_fail(tmp_path):
     """The reference finder sees a stale name (so the tests above are not hollow)."""
     doc = tmp_path / "stale.md"
     doc.write_text("See `model.py: Transformer.no_such_method`, `adapters.no_such_fn`, `nofile.py`, "
-                   "`Block.no_such_slot`.")
+                   "`Block.no_such_slot`, `tests/test_docs.py::test_no_such_test`.")
     refs = list(references(doc))
     assert ("code", ("model", "Transformer.no_such_method")) in refs
     assert ("code", ("adapters", "no_such_fn")) in refs and ("path", "nofile.py") in refs
     assert ("code", ("model", "Block.no_such_slot")) in refs
+    assert ("test", ("tests/test_docs.py", "test_no_such_test")) in refs
     with pytest.raises(AttributeError):
         resolve("model", "Transformer.no_such_method")
     with pytest.raises(AttributeError):
