@@ -26,6 +26,7 @@ DEFAULTS = dict(
     adapter_dir="",       # folder of a trained adapter; "" = the demo's lora, none with --model
     prompt="",            # the instruction; "" = ask interactively
     input="",             # optional context, the template's "### Input:" part
+    template="",          # alpaca | llama3-chat; "" = the adapter's, Alpaca for a bare base
     max_new_tokens=256,
     temperature=0.0,      # 0 = greedy
     top_k=0,              # 0 = all tokens (with --temperature > 0)
@@ -75,7 +76,7 @@ def main(argv=None):
             raise ConfigError("--max_new_tokens must be at least 1, --temperature and --top_k 0 "
                               "or more")
         model, tok, extra, model_dir, adapter_dir = load_for_tool(cfg, device, dtype)
-        template = template_of(extra, adapter_dir)
+        template = template_of(extra, adapter_dir, cfg.template)
     except ConfigError as e:
         fail(e)
     torch.manual_seed(cfg.seed)

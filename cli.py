@@ -243,11 +243,16 @@ def load_for_tool(cfg, device="cpu", dtype=None, need_adapter=False):
         raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else e) from None
 
 
-def template_of(extra, adapter_dir=""):
-    """The prompt template (data/template.py) named in an adapter's extra settings, Alpaca when
-    none is; a name not known here is a ConfigError naming the adapter folder."""
-    name = extra.get("template", TEMPLATE_NAME)
+def template_of(extra, adapter_dir="", given=""):
+    """The prompt template (data/template.py): --template as `given`, else the one named in an
+    adapter's extra settings, Alpaca when none is. A name not known here, or a --template other
+    than the one the adapter was trained with, is a ConfigError naming it."""
+    recorded = extra.get("template") if adapter_dir else None
+    if given and recorded and given != recorded:
+        raise ConfigError(f"--template={given}, but {adapter_dir} was trained with the {recorded} "
+                          "template (leave --template out to use it)")
+    name = given or recorded or TEMPLATE_NAME
     if name not in TEMPLATES:
-        raise ConfigError(f"{adapter_dir}: unknown prompt template {name!r}; "
-                          f"known: {', '.join(TEMPLATES)}")
+        where = f"--template={name}" if given else f"{adapter_dir}: prompt template {name!r}"
+        raise ConfigError(f"{where}: expected one of {', '.join(TEMPLATES)}")
     return TEMPLATES[name]

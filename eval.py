@@ -53,6 +53,7 @@ DEFAULTS = dict(
                           # or its folder
     data_dir="",          # folder of <name>/test.json;
                           # "" = data/out, then ../shared/data/llm-adapters/dataset
+    template="",          # alpaca | llama3-chat; "" = the adapter's, Alpaca for a bare base
     answer_type="",       # how to read the answers of a set not known by name:
                           # number | option | choice1,choice2,...
     limit=0,              # only the first N examples of each set (0 = all)
@@ -205,7 +206,7 @@ def run(cfg, adapter_dir, rows, answer_type, device, dtype, out):
     model, tok, extra = load(cfg["model"], adapter_dir, device, dtype, cfg["quantize"])
     if compile_setting(cfg["compile"], device):
         compile_blocks(model)  # decoding: a CUDA graph of compiled blocks (generate.DecodeStep)
-    template = template_of(extra, adapter_dir).name
+    template = template_of(extra, adapter_dir, cfg["template"]).name
     # the adapter's training file (train.py: "data")
     train = extra.get("train_data") or extra.get("data")
     if train and os.path.isfile(train):

@@ -60,3 +60,20 @@ def test_a_config_file_that_fails_is_one_line_naming_it(tmp_path, text, message)
     (tmp_path / "run.py").write_text(text + "\n")
     with pytest.raises(cli.ConfigError, match=f"run.py: cannot read the config file \\({message}"):
         cli.configure([str(tmp_path / "run.py")], {"learning_rate": 3e-4})
+
+
+def test_template_of_the_flag_the_adapter_and_the_default():
+    """--template picks the prompt format for a bare base; an adapter's recorded template is used
+    when the flag is absent, and a flag that contradicts it is refused by name."""
+    from data.template import TEMPLATES
+    assert cli.template_of({}, "") is TEMPLATES["alpaca"]
+    assert cli.template_of({}, "", "llama3-chat") is TEMPLATES["llama3-chat"]
+    chat = {"template": "llama3-chat"}
+    assert cli.template_of(chat, "out/a") is TEMPLATES["llama3-chat"]
+    assert cli.template_of(chat, "out/a", "llama3-chat") is TEMPLATES["llama3-chat"]
+    with pytest.raises(cli.ConfigError, match="--template=alpaca, but out/a was trained with"):
+        cli.template_of(chat, "out/a", "alpaca")
+    with pytest.raises(cli.ConfigError, match="--template=chatml: expected one of alpaca"):
+        cli.template_of({}, "", "chatml")
+    with pytest.raises(cli.ConfigError, match="out/b: prompt template 'vicuna'"):
+        cli.template_of({"template": "vicuna"}, "out/b")
