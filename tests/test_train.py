@@ -179,7 +179,7 @@ def test_resumed_sparse_run_merges_the_best_adapter_of_the_first_run(demo, rows,
 def test_out_of_memory_gives_a_hint(demo, rows, tmp_path, monkeypatch):
     def oom(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(train, "collate", oom)
+    monkeypatch.setattr(train, "collate_padded", oom)
     with pytest.raises(SystemExit, match=r"out of memory on cpu with --micro_batch_size=4 "
                                          r".*lower --micro_batch_size"):
         run(demo, rows, tmp_path)
