@@ -253,6 +253,7 @@ def template_of(extra, adapter_dir="", given=""):
                           "template (leave --template out to use it)")
     name = given or recorded or TEMPLATE_NAME
     if name not in TEMPLATES:
-        where = f"--template={name}" if given else f"{adapter_dir}: prompt template {name!r}"
-        raise ConfigError(f"{where}: expected one of {', '.join(TEMPLATES)}")
+        where = (f"--template={name}:" if given
+                 else f"{adapter_dir}: unknown prompt template {name!r};")
+        raise ConfigError(f"{where} known: {', '.join(TEMPLATES)}")
     return TEMPLATES[name]

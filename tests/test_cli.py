@@ -73,7 +73,7 @@ def test_template_of_the_flag_the_adapter_and_the_default():
     assert cli.template_of(chat, "out/a", "llama3-chat") is TEMPLATES["llama3-chat"]
     with pytest.raises(cli.ConfigError, match="--template=alpaca, but out/a was trained with"):
         cli.template_of(chat, "out/a", "alpaca")
-    with pytest.raises(cli.ConfigError, match="--template=chatml: expected one of alpaca"):
+    with pytest.raises(cli.ConfigError, match="--template=chatml: known: alpaca, llama3-chat"):
         cli.template_of({}, "", "chatml")
-    with pytest.raises(cli.ConfigError, match="out/b: prompt template 'vicuna'"):
+    with pytest.raises(cli.ConfigError, match="out/b: unknown prompt template 'vicuna'; known: alpaca"):
         cli.template_of({"template": "vicuna"}, "out/b")
