@@ -38,7 +38,7 @@ from cli import (DEMO_DIR, DTYPES, ConfigError, compile_blocks, compile_setting,
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, describe_duplicates, leakage, load_rows
 from data.scoring import ANSWER_TYPES, COMMONSENSE, MATH, NUMBER, OPTION, get_answer_type, score
 from data.template import TEMPLATES, response_of
-from files import check_writable, write_atomic
+from files import check_unused, check_writable, write_atomic
 from generate import MAX_NEW_TOKENS, generate_batch
 from quantize import MODES as QUANT_MODES
 
@@ -68,8 +68,11 @@ DEFAULTS = dict(
     device="",            # "" = cuda if available, else cpu
     compile="",           # compile each block: "" = on for CUDA, off elsewhere; true | false
     out="",               # "" = out/eval/<adapter name, or base model name>
+    overwrite=False,      # replace the results already in --out (else a used --out is refused;
+                          # the demo, without --model, replaces its own)
     demo_dir=DEMO_DIR,    # where train.py's embedded demo lives (without --model)
 )
+RESULT_FILES = ["summary.json"]  # and <set>.jsonl: what a run writes into --out
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATA_DIRS = [os.path.join(ROOT, "data", "out"),
              os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "llm-adapters",
@@ -288,8 +291,11 @@ def main(argv=None):
         else:
             # out/eval/<adapter or model name>; several rows get one such folder each inside --out
             outs[row] = os.path.join(cfg["out"] or os.path.join("out", "eval"), names[-1])
+    demo = cfg["model"] == os.path.join(cfg["demo_dir"], "base")
     for out in outs.values():  # before the evaluation, not after it
         check_writable(out, "--out")
+        check_unused(out, "--out", cfg["overwrite"] or demo, RESULT_FILES + [f"{name}.jsonl"
+                                                                          for name in rows])
     for (row, out), adapter_dir in zip(outs.items(), adapter_dirs):
         table[row], summaries[row] = run(cfg, adapter_dir, rows, answer_type, device, dtype, out)
     print(markdown_table(table))

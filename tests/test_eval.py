@@ -91,7 +91,7 @@ def test_main_writes_jsonl_summary_and_table(tiny_dir, tmp_path, capsys):
     out = tmp_path / "res"
     for path, name in ((nums, "numbers"), (opts.parent, "letters")):  # a test.json or its folder
         summary = main1([f"--model={tiny_dir}", f"--dataset={path}", f"--out={out}",
-                         "--max_new_tokens=6", "--batch_size=3"])
+                         "--max_new_tokens=6", "--batch_size=3", "--overwrite=true"])
         rows = json.loads((tmp_path / "data" / name / "test.json").read_text())
         assert list(summary) == [name, "average"] and summary[name]["n"] == len(rows)
         assert json.loads((out / "summary.json").read_text()) == summary
@@ -311,3 +311,17 @@ def test_eval_checks_out_before_evaluating_and_reports_duplicates(train_base, tm
         ev.main([f"--model={train_base}", f"--dataset={tmp_path / 'set'}",
                  f"--out={tmp_path / 'file'}"])
     assert "1 rows repeat an earlier row exactly (rows 1)" in capsys.readouterr().err
+
+
+def test_a_used_out_is_refused_unless_overwrite(tiny_dir, tmp_path):
+    """eval.py writes over no earlier results: a --out holding summary.json or a set's .jsonl is
+    refused before anything is evaluated, unless --overwrite=true."""
+    nums = write_set(tmp_path / "data" / "numbers", number_rows(3))
+    args = [f"--model={tiny_dir}", f"--dataset={nums}", "--max_new_tokens=4",
+            f"--out={tmp_path / 'ev'}"]
+    main1(args)
+    before = (tmp_path / "ev" / "summary.json").read_text()
+    with pytest.raises(ValueError, match="already holds numbers.jsonl, summary.json.*--overwrite"):
+        main1(args)
+    assert (tmp_path / "ev" / "summary.json").read_text() == before
+    main1(args + ["--overwrite=true"])
