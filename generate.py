@@ -52,7 +52,14 @@ def sample(logits, temperature=0.0, top_k=None):
 
 
 def new_cache(model, batch_size, prompt_len, max_new_tokens):
-    """A KV cache with a slot for every prompt token, new token and soft token (prompt tuning)."""
+    """A KV cache with a slot for every prompt token, new token and soft token (prompt tuning).
+    Learned positions (OPT) end at block_size: a request that could pass the table is refused here,
+    up front, since a CUDA-graph step replays without the forward's own check."""
+    c = model.config
+    if c.pos == "learned" and prompt_len + max_new_tokens > c.block_size:
+        raise ValueError(f"{prompt_len} prompt + {max_new_tokens} new tokens, but {c.name} has "
+                         f"learned positions for {c.block_size} (max_position_embeddings): shorten "
+                         "the input or ask for fewer new tokens")
     return model.new_cache(batch_size, prompt_len + max_new_tokens + model.n_soft_tokens())
 
 

@@ -582,3 +582,13 @@ def test_soft_tokens_take_cache_slots():
     cache = G.new_cache(m, 1, 5, 4)
     assert cache.max_len == 5 + 4 + 3
     assert generate(m, idx, 4).shape == (1, 9)
+
+
+def test_learned_positions_are_checked_before_decoding():
+    """OPT's table ends at block_size: generate refuses a request that could pass it before any
+    step runs (a CUDA-graph replay would skip the forward's own check); one that fits runs."""
+    m = Transformer(Config.from_name("tiny-opt", block_size=16)).eval()
+    idx = torch.zeros(1, 10, dtype=torch.long)
+    assert generate(m, idx, 6).shape == (1, 16)
+    with pytest.raises(ValueError, match="10 prompt \\+ 7 new tokens, but tiny-opt has learned"):
+        generate(m, idx, 7)
