@@ -80,7 +80,7 @@ LENGTHS = {
              175, 189, 213, 255],
     "demo": [60, 62, 63, 64, 65, 65, 66, 66, 66, 67, 67, 67, 67, 67, 68, 68, 69, 69, 69, 69, 72],
 }
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # issue 13's setting
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the LoRA targets of the speed table
 
 # the README's table: key -> (work, target, the row's own settings); the rest comes from the
 # command line (the work's {names} are filled from the settings)
@@ -171,7 +171,7 @@ def build(cfg, device, dtype):
 
 
 def attach(m, adapter):
-    """The adapter of the run on our model (LoRA on issue 13's linears), unless none."""
+    """The adapter of the run on our model (LoRA on LORA_TARGETS), unless none."""
     if adapter != "none":
         add = distributed.add_adapter if distributed.is_sharded(m) else add_adapter
         add(m, adapter, **({"target_modules": LORA_TARGETS} if adapter == "lora" else {}))

@@ -335,6 +335,22 @@ def token_ids(model, B=2, T=9, seed=0):
     return torch.randint(0, model.config.vocab_size, (B, T), generator=g)
 
 
+def assert_merge_keeps_parameters(model):
+    """adapters.merge, then unmerge: the same Parameter objects stay (none replaced by a new
+    trainable one), the trainable count does not change, and the adapter stays fp32."""
+    import torch
+
+    import adapters
+    params, counts = dict(model.named_parameters()), adapters.count_parameters(model)
+    for fold in (adapters.merge, adapters.unmerge):
+        fold(model)
+        now = dict(model.named_parameters())
+        assert now.keys() == params.keys() and all(now[n] is p for n, p in params.items()), \
+            f"{fold.__name__} replaced a parameter"
+        assert adapters.count_parameters(model) == counts, "the trainable count changed"
+        assert all(p.dtype == torch.float32 for p in now.values())
+
+
 def fit(model, steps, lr, seed=0):
     """`steps` AdamW steps (no weight decay) on one batch of random tokens, in train mode, on the
     trainable parameters only. Returns the loss before each step."""
