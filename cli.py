@@ -32,7 +32,7 @@ from data.template import TEMPLATE_NAME, TEMPLATES
 from tokenizer import Tokenizer, check_vocab
 
 BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-# the embedded demo's folder: base/, data/, one folder per adapter (train.py, eval.py)
+# the embedded demo's folder: base/, data/, one folder per adapter (demo.py, eval.py, tools)
 DEMO_DIR = "out/demo"
 DTYPES = ("", "bfloat16", "float16", "float32")
 

@@ -15,6 +15,9 @@ thread, and the fine-tune runs on one by RECIPE (threads=1). On two threads some
 reductions add their terms in another order, which changes the base's weights in their last bits,
 and 900 steps later its validation loss and the adapters' scores.
 
+Its own settings (SETTINGS: --demo_dir, --demo_n_test, ...) go on train.py's command line with
+the others; with --model they are unknown settings, since they would change nothing.
+
 Arrows: demo.py imports train.py (get_config, session, Run, finetune); train.py names this file
 only in its main(), to hand over a command line without --model.
 """
@@ -31,13 +34,24 @@ import adapter_io
 import adapters
 import train
 from checkpoints import load_model, save_model
-from cli import fail
+from cli import DEMO_DIR, ConfigError, fail
 from data import synthetic
 from data.prepare import write_json
 from eval import evaluate
 from model import Config, Transformer
 from tokenizer import Tokenizer
 
+# the demo's settings, beside train.py's (python train.py --demo_n_test=50)
+SETTINGS = dict(
+    demo_dir=DEMO_DIR,    # its base/, data/ and one folder per adapter
+    demo_n_train=4000,    # two-step training rows (val_set_size of them for validation)
+    demo_n_test=200,      # held-out two-step problems for the accuracy comparison
+    demo_base_steps=900,  # pretraining steps of the base, on one CPU thread so that its weights
+                          # are the same on every machine (built once: delete <demo_dir>/base)
+    demo_base_docs=30000,  # documents in its pretraining corpus
+)
+# their smallest values (train.check_ranges); the base holds out 200 of its documents for validation
+MINIMUM = dict(demo_n_train=1, demo_n_test=1, demo_base_steps=1, demo_base_docs=201)
 # The demo fine-tunes a tiny model in ~2 minutes; these replace train.py's defaults unless set
 # explicitly. One CPU thread: the same numbers everywhere (above), and on a busy 2-core machine two
 # threads are several times slower, as every small matrix product then waits for the slower one.
@@ -60,9 +74,19 @@ def recipe(kind):
     return {**RECIPE, "learning_rate": LR.get(kind, RECIPE["learning_rate"])}
 
 
+def get_config(argv):
+    """train.get_config with the demo's settings and recipe -> (cfg, adapter options)."""
+    cfg, options = train.get_config(argv, recipe, SETTINGS)
+    try:
+        train.check_ranges(cfg, MINIMUM)
+    except ConfigError as e:
+        fail(e)
+    return cfg, options
+
+
 def main(argv=None):
     """The demo's three steps: the base (built once), the fine-tune, the score."""
-    cfg, options = train.get_config(sys.argv[1:] if argv is None else argv, recipe)
+    cfg, options = get_config(sys.argv[1:] if argv is None else argv)
     if cfg.model:
         fail(f"--model={cfg.model}: the demo builds its own base (train.py takes --model)")
     if cfg.data:

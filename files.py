@@ -80,19 +80,23 @@ def check_writable(folder, flag):
                          f"give another {flag}") from None
 
 
-def check_unused(folder, flag, overwrite, names=None):
-    """A tool that writes a folder writes over nothing it was not asked to: `folder` (the value of
-    `flag`) must hold none of `names` (None: no file at all), unless overwrite. Returns the files
-    found (the ones the writer may replace)."""
+def check_unused(folder, flag, overwrite, names=None, resume=None):
+    """A writer writes over nothing it was not asked to: `folder` (the value of `flag`) must hold
+    none of `names` (None: no file at all), unless overwrite. resume (train.py's --resume, None
+    elsewhere): the files are an earlier run, which --resume=true may also continue. Returns the
+    files found (the ones the writer may replace)."""
     if not os.path.isdir(folder):
         return []
     found = sorted(f for f in os.listdir(folder) if not f.startswith(".")
                    and (f in names if names is not None else True))
-    if found and not overwrite:
-        raise ValueError(f"{flag}={folder} already holds {', '.join(found[:6])}"
-                         f"{', ...' if len(found) > 6 else ''}: replace them with "
+    if not found or overwrite or resume:
+        return found
+    listed = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+    if resume is None:
+        raise ValueError(f"{flag}={folder} already holds {listed}: replace them with "
                          f"--overwrite=true, or give another {flag}")
-    return found
+    raise ValueError(f"{flag}={folder} holds an earlier run ({listed}): continue it with "
+                     f"--resume=true, replace it with --overwrite=true, or give another {flag}")
 
 
 def check_outside(out, flag, inputs):
@@ -215,3 +219,9 @@ def read_jsonl(f):
                              f"{type(d).__name__}")
         records.append(d)
     return records
+
+
+def append_jsonl(f, record):
+    """Append one JSON object to file `f` as a line (read_jsonl reads them back)."""
+    with open(f, "a", encoding="utf-8") as out:
+        out.write(json.dumps(record) + "\n")

@@ -18,9 +18,8 @@ written to a temporary name and renamed; a --out that holds a run is refused unl
 (continue it) or --overwrite=true (replace it, once the new run has loaded its inputs), and so is
 a --out another run is writing to (its lock file, <out>/.lock).
 Arrows: demo.py imports this file; this file names demo.py only in main(), to hand it a command
-line without --model.
+line without --model (the demo's own settings, --demo_*, are demo.py's).
 """
-import json
 import math
 import os
 import sys
@@ -37,12 +36,12 @@ import adapter_io
 import adapters
 import distributed
 from checkpoints import load_model
-from cli import (DEMO_DIR, DTYPES, ConfigError, check_choice, check_threads, compile_blocks,
-                 compile_setting, configure, device_and_dtype, fail, read_args, settle)
+from cli import (DTYPES, ConfigError, check_choice, check_threads, compile_blocks, compile_setting,
+                 configure, device_and_dtype, fail, read_args, settle)
 from data.pack import collate_packed, collate_padded
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows
 from data.template import TEMPLATES
-from files import check_writable, lock, torch_load, write_atomic
+from files import append_jsonl, check_unused, check_writable, lock, torch_load, write_atomic
 from model import LOSS_CHUNK_LOGITS
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
@@ -86,38 +85,31 @@ fsdp = False              # under torchrun: the frozen base sharded over the pro
                           # distributed.py), not whole on each (DDP)
 threads = 0               # CPU threads for torch; 0 = torch's default
 log_interval = 10
-# the embedded demo (no --model), run by demo.py
-demo_dir = DEMO_DIR
-demo_n_train = 4000       # two-step training rows (val_set_size of them for validation)
-demo_n_test = 200         # held-out two-step problems for the accuracy comparison
-demo_base_steps = 900     # pretraining steps of the base, on one CPU thread so that its weights
-                          # are the same on every machine (built once: delete <demo_dir>/base)
-demo_base_docs = 30000    # documents in its pretraining corpus
 # --------------------------------------------------------------------------------------------------
 # the settings above (lower-case, unlike imported names)
 DEFAULTS = {k: v for k, v in globals().items()
             if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 # The smallest allowed value of every numeric setting, checked in one place (check_ranges);
-# learning_rate must exceed its 0. The demo base holds out 200 of its documents for validation.
+# learning_rate must exceed its 0.
 MINIMUM = dict(cutoff_len=2, batch_size=1, micro_batch_size=1, learning_rate=0.0, weight_decay=0.0,
                warmup_steps=0, num_epochs=1, max_steps=0, val_set_size=0, eval_interval=1,
-               grad_clip=0.0, seed=0, threads=0, log_interval=1, demo_n_train=1, demo_n_test=1,
-               demo_base_steps=1, demo_base_docs=201)
+               grad_clip=0.0, seed=0, threads=0, log_interval=1)
 
 
-def get_config(argv, recipe=None):
-    """Defaults <- config files <- --key=value (cli.py) -> (cfg, adapter options). recipe(kind):
-    {setting: value} in place of the defaults (the demo's)."""
+def get_config(argv, recipe=None, more=None):
+    """Defaults <- config files <- --key=value (cli.py) -> (cfg, adapter options). more: settings
+    beyond these ({key: default}, the demo's); recipe(kind): {setting: value} in place of the
+    defaults (the demo's)."""
+    defaults = {**DEFAULTS, **(more or {})}
     if "--help" in argv or "-h" in argv:
-        configure(argv, DEFAULTS, __doc__)
+        configure(argv, defaults, __doc__)
     try:
-        given = read_args(argv, DEFAULTS)
+        given = read_args(argv, defaults)
         kind = given.get("adapter", adapter)
         if kind not in adapters.KINDS:
             raise ConfigError(f"unknown adapter {kind!r}; adapters: {', '.join(adapters.KINDS)}")
-        defaults = {**DEFAULTS, **(recipe(kind) if recipe else {})}
-        cfg, options = settle(given, defaults, lambda _: adapters.KINDS[kind].defaults,
-                              explain_option)
+        cfg, options = settle(given, {**defaults, **(recipe(kind) if recipe else {})},
+                              lambda _: adapters.KINDS[kind].defaults, explain_option)
         try:  # typed like the kind's defaults, as in an adapter_config.json (--dropout=abc)
             adapter_io.check_options(kind, options)
         except ValueError as e:
@@ -128,19 +120,19 @@ def get_config(argv, recipe=None):
         check_choice(cfg, "quantize", ("", *QUANT_MODES))
         compile_setting(cfg.compile, "cpu")  # a word it does not know is a ConfigError here
         check_ranges(cfg)
+        check_threads("threads", cfg.threads)
         check_scale(cfg)
     except ConfigError as e:
         fail(e)
     return cfg, options
 
 
-def check_ranges(cfg):
-    for key, low in MINIMUM.items():
+def check_ranges(cfg, minimum=MINIMUM):
+    for key, low in minimum.items():
         value = getattr(cfg, key)
         if value < low or key == "learning_rate" and value == low:
             bound = "more than" if key == "learning_rate" else "at least"
             raise ConfigError(f"--{key}={value}: expected {bound} {low}")
-    check_threads("threads", cfg.threads)
 
 
 def check_scale(cfg):
@@ -167,17 +159,13 @@ def explain_option(key, given):
 
 
 def setup(cfg):
-    """Device, dtype, autocast context and DDP (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)."""
+    """Device, dtype, autocast context and the processes torchrun started (RANK, LOCAL_RANK and
+    WORLD_SIZE; distributed.init)."""
     try:
         device, dt = device_and_dtype(cfg.device, cfg.dtype)
     except ConfigError as e:
         fail(e)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
-            torch.cuda.set_device(device)
+    rank, world, device = distributed.init(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = nullcontext() if dt == torch.float32 else torch.autocast(device.type, dtype=dt)
@@ -188,18 +176,14 @@ def setup(cfg):
 
 @contextmanager
 def session(cfg):
-    """setup(cfg) for a `with` body, and DDP's teardown on every way out. A finished run first
-    waits for every process: one that exits while another still holds the group can die with
-    SIGABRT in gloo's teardown. After an error, no waiting: the others may never get there."""
+    """setup(cfg) for a `with` body, and the process group ended on every way out
+    (distributed.teardown: a finished run first waits for every process, a failed one not)."""
     rt, finished = setup(cfg), False
     try:
         yield rt
         finished = True
     finally:
-        if rt.world > 1 and dist.is_initialized():
-            if finished:
-                dist.barrier()
-            dist.destroy_process_group()
+        distributed.teardown(rt.world, finished)
 
 
 def log(rt, out, record, text):
@@ -207,12 +191,37 @@ def log(rt, out, record, text):
     if rt.master:
         print(text, flush=True)
         if out and record:
-            with open(os.path.join(out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(os.path.join(out, "log.jsonl"), record)
 
 
 # --------------------------------------------------------------------------------------------------
 # data: rows -> examples (input ids, targets) -> micro-batches
+
+
+def prepare_data(cfg, tok, rt):
+    """--data -> (training, validation) examples: rows validated, exact duplicates dropped (so that
+    no validation row is also trained on), a seeded split, tokenized."""
+    try:
+        rows = load_rows(cfg.data, TRAIN_REQUIRE)
+    except (DataError, OSError) as e:
+        fail(e)
+    rows, n_dup = dedupe(rows)
+    if n_dup:
+        log(rt, None, None, f"{cfg.data}: dropped {n_dup} duplicate rows (same instruction, input "
+                            "and output)")
+    if len(rows) <= cfg.val_set_size:
+        fail(f"{cfg.data}: {len(rows)} rows" + (" without duplicates" if n_dup else "") +
+             f", not more than --val_set_size={cfg.val_set_size}")
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_val = cfg.val_set_size
+    train_ex, n_cut, n_dropped = tokenize(tok, [rows[i] for i in perm[n_val:]], cfg)
+    val_ex = tokenize(tok, [rows[i] for i in perm[:n_val]], cfg)[0]
+    if n_cut or n_dropped:
+        log(rt, None, None, f"{n_cut} training rows cut at --cutoff_len={cfg.cutoff_len} tokens, "
+                            f"{n_dropped} dropped (nothing left to learn)")
+    if not train_ex:
+        fail(f"{cfg.data}: no training example left")
+    return train_ex, val_ex
 
 
 def tokenize(tok, rows, cfg):
@@ -313,13 +322,13 @@ RESUME_KEYS = ("model", "data", "adapter", "batch_size", "micro_batch_size", "le
 
 class Run:
     """One training run's state: settings, model and the module the loop calls (compiled, DDP),
-    AdamW, GradScaler (float16), step, best validation loss, and the folder it writes (out:
-    resume.pt, log.jsonl; None: nothing). save() writes the adapter when validation improves.
-    fit() is the loop, for every adapter and for the demo's base."""
+    AdamW, GradScaler (float16), step, best validation loss, and the folder it writes (out: the
+    adapter whenever validation improves, with `extra` in its config, resume.pt, log.jsonl; None:
+    nothing). fit() is the loop, for every adapter and for the demo's base."""
 
-    def __init__(self, model, train_ex, val_ex, cfg, rt, out=None, save=None):
+    def __init__(self, model, train_ex, val_ex, cfg, rt, out=None, extra=None):
         self.model, self.train_ex, self.val_ex, self.cfg, self.rt = model, train_ex, val_ex, cfg, rt
-        self.out, self.save = out, save
+        self.out, self.extra = out, extra
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate,
@@ -339,8 +348,6 @@ class Run:
         cfg, rt = self.cfg, self.rt
         if cfg.resume:
             self.load_state()
-        elif self.out and rt.master:
-            open(os.path.join(self.out, "log.jsonl"), "w").close()
         self.model.train()
         t0, start, tokens, epoch, loss = time.time(), self.step, 0, None, None
         while self.step < self.total:
@@ -408,19 +415,24 @@ class Run:
                     time_s=time.time() - t0)
 
     def validate(self):
-        """Validation loss; save() on rank 0 when it improved (always, without validation rows)."""
+        """Validation loss; the adapter saved by rank 0 when it improved (always, without validation
+        rows)."""
         val = val_loss(self.fwd, self.val_ex, self.cfg, self.rt) if self.val_ex else None
         if val is not None and not math.isfinite(val):
             self.stop(f"validation loss is {val} at step {self.step}")
         improved = val is None or val < self.best
         self.best = val if improved and val is not None else self.best
-        if improved and self.save is not None and self.rt.master:
+        if improved and self.out and self.rt.master:
             self.save()
         if val is not None:
-            saved = "(best" + (", saved)" if self.save else ")")
+            saved = "(best" + (", saved)" if self.out else ")")
             log(self.rt, self.out, dict(step=self.step, val_loss=val),
                 f"step {self.step}: val loss {val:.4f} "
                 + (saved if improved else f"(best {self.best:.4f})"))
+
+    def save(self):
+        """The adapter into out, with what eval.py needs to score it (extra: template, data...)."""
+        adapter_io.save_adapter(self.model, self.out, base_model=self.cfg.model, extra=self.extra)
 
     def stop(self, what):
         fail(f"{what}: stopped before writing anything of this step. Last good checkpoint: "
@@ -484,6 +496,22 @@ class Run:
         log(rt, None, None, f"resumed from {path} at step {state['step']}")
         self.step, self.best, self.saved_at = state["step"], state["best_val"], state["step"]
 
+    def finish(self, summary):
+        """After fit: sparse (MoSA) and reparameterised prefix adapters train in a form folded into
+        a plain adapter at the end: the best one, saved in training form (also by a run this one
+        resumed), folded and saved again. Then the summary line."""
+        trainable, total = adapters.count_parameters(self.model)  # as trained
+        if adapters.in_training_form(self.model) and self.rt.master:
+            best = os.path.join(self.out, "adapter_model.safetensors")
+            adapter_io.fill_adapter(self.model, "default", load_file(best), best)
+            adapters.finish_adapters(self.model)
+            self.save()
+        best = summary["best_val"]
+        log(self.rt, self.out, dict(summary=summary, trainable=trainable, total=total),
+            f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable "
+            f"parameters ({100 * trainable / total:.2f}%), best val loss "
+            f"{best and round(best, 4)}; adapter in {self.out}")
+
 
 def adapter_options(model):
     """The options of the adapter being trained (None while pretraining the demo base)."""
@@ -496,55 +524,65 @@ def adapter_options(model):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg, options = get_config(argv)
-    if not cfg.model:  # the embedded demo: its own base and data, this recipe, then a score
+    if not names_a_model(argv):  # the embedded demo: its own base and data, this recipe, a score
         import demo  # demo.py imports this file: named here only, where the run is handed over
         return demo.main(argv)
+    cfg, options = get_config(argv)
     with session(cfg) as rt:
         return finetune(cfg, options, rt)
+
+
+def names_a_model(argv):
+    """Whether argv (its config files included) gives a --model, read before the settings are
+    checked: a run without one is the demo's, which has settings of its own (--demo_n_test=...)."""
+    try:
+        return bool(read_args([a for a in argv if a not in ("--help", "-h")], DEFAULTS)
+                    .get("model"))
+    except ConfigError as e:
+        fail(e)
 
 
 def finetune(cfg, options, rt, extra=None):
     """The recipe on --model and --data into --out: the adapter on the frozen base, trained by
     Run.fit, saved with what eval.py needs to score it (+ extra: more of it, from the demo).
     Returns (model, summary)."""
-    check_paths(cfg)
-    with lock_out(cfg, rt):  # held to the end: a second run into this --out is refused
-        earlier = check_out(cfg)
+    check_inputs(cfg)
+    name = os.path.basename(os.path.normpath(cfg.model))
+    cfg.out = cfg.out or os.path.join("out", f"{name}-{cfg.adapter}")
+    with claim_out(cfg, rt) as earlier:  # held to the end: a second run into this --out is refused
         base, tok = load_base(cfg, rt)
         train_ex, val_ex = prepare_data(cfg, tok, rt)
-        model = attach_adapter(base, cfg, options, rt, len(train_ex), len(val_ex))
+        model = attach_adapter(base, cfg, options)
+        trainable, total = adapters.count_parameters(model)
+        log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of "
+                            f"{total:,} parameters ({100 * trainable / total:.2f}%); "
+                            f"{len(train_ex)} training, {len(val_ex)} validation rows")
         clear_earlier_run(cfg, rt, earlier)  # only now that the new run has all it needs
-        return train_and_save(model, train_ex, val_ex, cfg, rt, extra)
+        run = Run(model, train_ex, val_ex, cfg, rt, out=cfg.out,
+                  extra=dict(template=cfg.template, data=cfg.data, **(extra or {})))
+        try:
+            summary = run.fit()
+        except torch.cuda.OutOfMemoryError:
+            fail(f"out of memory on {rt.device} with --micro_batch_size={cfg.micro_batch_size} "
+                 f"and --cutoff_len={cfg.cutoff_len}: lower --micro_batch_size (--batch_size "
+                 "stays, by more accumulation steps), or try --grad_ckpt=true, --dtype=bfloat16 "
+                 f"or a shorter --cutoff_len. Checkpoints in {cfg.out} are intact")
+        except OSError as e:
+            fail(f"--out={cfg.out}: writing failed ({e}); every file there is whole, from the "
+                 "last checkpoint")
+        run.finish(summary)
+        return model, summary
 
 
-def train_and_save(model, train_ex, val_ex, cfg, rt, extra):
-    """Run.fit with its saves into --out, then the adapter's final form and the summary line."""
-    extra = dict(template=cfg.template, data=cfg.data, **(extra or {}))
-
-    def save():
-        adapter_io.save_adapter(model, cfg.out, base_model=cfg.model, extra=extra)
-    try:
-        summary = Run(model, train_ex, val_ex, cfg, rt, out=cfg.out, save=save).fit()
-    except torch.cuda.OutOfMemoryError:
-        fail(f"out of memory on {rt.device} with --micro_batch_size={cfg.micro_batch_size} and "
-             f"--cutoff_len={cfg.cutoff_len}: lower --micro_batch_size (--batch_size stays, by "
-             "more accumulation steps), or try --grad_ckpt=true, --dtype=bfloat16 or a shorter "
-             f"--cutoff_len. Checkpoints in {cfg.out} are intact")
-    except OSError as e:
-        fail(f"--out={cfg.out}: writing failed ({e}); every file there is whole, from the last "
-             "checkpoint")
-    finish_run(model, summary, cfg, rt, save)
-    return model, summary
-
-
-def check_paths(cfg):
+def check_inputs(cfg):
     if not os.path.isdir(cfg.model):
         fail(f"--model={cfg.model}: no such folder")
     if not cfg.data:
         fail("--data is required with --model (a JSON file of instruction/input/output rows)")
     if not os.path.isfile(cfg.data):
         fail(f"--data={cfg.data}: no such file")
+    if cfg.resume and cfg.overwrite:
+        fail("--resume=true continues the run in --out, --overwrite=true replaces it: give one")
 
 
 # what a run leaves in --out
@@ -552,31 +590,19 @@ RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "resume.pt", "l
 
 
 @contextmanager
-def lock_out(cfg, rt):
-    """--out (default: out/<model folder name>-<adapter>) must take files; the first process holds
-    its lock file (files.lock) for the whole run."""
-    name = os.path.basename(os.path.normpath(cfg.model))
-    cfg.out = cfg.out or os.path.join("out", f"{name}-{cfg.adapter}")
+def claim_out(cfg, rt):
+    """--out must take files, and hold no earlier run unless --resume=true continues it or
+    --overwrite=true replaces it (files.check_unused): no run is lost by mistake. The first process
+    holds its lock file (files.lock) for the whole run. Yields the earlier run's files."""
     with ExitStack() as held:
         try:
             check_writable(cfg.out, "--out")
             if rt.master:
                 held.enter_context(lock(cfg.out, "--out"))
-        except ValueError as e:  # not a folder, read-only, or another run holds it
+            earlier = check_unused(cfg.out, "--out", cfg.overwrite, RUN_FILES, resume=cfg.resume)
+        except ValueError as e:  # not a folder, read-only, in use by another run, or used
             fail(e)
-        yield
-
-
-def check_out(cfg):
-    """A folder holding an earlier run is continued (--resume) or, only when asked to
-    (--overwrite), replaced: no run is lost by mistake. Returns the earlier run's files."""
-    if cfg.resume and cfg.overwrite:
-        fail("--resume=true continues the run in --out, --overwrite=true replaces it: give one")
-    earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
-    if earlier and not cfg.resume and not cfg.overwrite:
-        fail(f"--out={cfg.out} holds an earlier run ({', '.join(earlier)}): continue it with "
-             "--resume=true, replace it with --overwrite=true, or give another --out")
-    return earlier
+        yield earlier
 
 
 def clear_earlier_run(cfg, rt, earlier):
@@ -607,33 +633,7 @@ def load_base(cfg, rt):
     return base, tok
 
 
-def prepare_data(cfg, tok, rt):
-    """--data -> (training, validation) examples: rows validated, exact duplicates dropped (so that
-    no validation row is also trained on), a seeded split, tokenized."""
-    try:
-        rows = load_rows(cfg.data, TRAIN_REQUIRE)
-    except (DataError, OSError) as e:
-        fail(e)
-    rows, n_dup = dedupe(rows)
-    if n_dup:
-        log(rt, None, None, f"{cfg.data}: dropped {n_dup} duplicate rows (same instruction, input "
-                            "and output)")
-    if len(rows) <= cfg.val_set_size:
-        fail(f"{cfg.data}: {len(rows)} rows" + (" without duplicates" if n_dup else "") +
-             f", not more than --val_set_size={cfg.val_set_size}")
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_val = cfg.val_set_size
-    train_ex, n_cut, n_dropped = tokenize(tok, [rows[i] for i in perm[n_val:]], cfg)
-    val_ex = tokenize(tok, [rows[i] for i in perm[:n_val]], cfg)[0]
-    if n_cut or n_dropped:
-        log(rt, None, None, f"{n_cut} training rows cut at --cutoff_len={cfg.cutoff_len} tokens, "
-                            f"{n_dropped} dropped (nothing left to learn)")
-    if not train_ex:
-        fail(f"{cfg.data}: no training example left")
-    return train_ex, val_ex
-
-
-def attach_adapter(base, cfg, options, rt, n_train, n_val):
+def attach_adapter(base, cfg, options):
     """The adapter on the frozen base (seeded: the same initial weights on every process)."""
     torch.manual_seed(cfg.seed)
     try:
@@ -642,28 +642,7 @@ def attach_adapter(base, cfg, options, rt, n_train, n_val):
     except ValueError as e:
         fail(e)
     model.grad_checkpoint = cfg.grad_ckpt
-    trainable, total = adapters.count_parameters(model)
-    log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of "
-                        f"{total:,} parameters ({100 * trainable / total:.2f}%); {n_train} "
-                        f"training, {n_val} validation rows")
     return model
-
-
-def finish_run(model, summary, cfg, rt, save):
-    """Sparse (MoSA) and reparameterised prefix adapters train in a form folded into a plain adapter
-    at the end: the best one, saved in training form (also by a run this one resumed). Then the
-    summary line."""
-    trainable, total = adapters.count_parameters(model)  # as trained
-    if adapters.in_training_form(model) and rt.master:
-        best = os.path.join(cfg.out, "adapter_model.safetensors")
-        adapter_io.fill_adapter(model, "default", load_file(best), best)
-        adapters.finish_adapters(model)
-        save()
-    best = summary["best_val"]
-    log(rt, cfg.out, dict(summary=summary, trainable=trainable, total=total),
-        f"done: {summary['steps']} steps in {summary['time_s']:.0f}s, {trainable:,} trainable "
-        f"parameters ({100 * trainable / total:.2f}%), best val loss {best and round(best, 4)}; "
-        f"adapter in {cfg.out}")
 
 
 if __name__ == "__main__":

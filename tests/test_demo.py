@@ -82,10 +82,40 @@ def test_demo_uses_cached_base(demo, capsys):
 def test_demo_recipe_replaces_only_the_defaults_not_given(demo):
     """Without --model the demo's recipe (and its learning rate per kind) replaces train.py's
     defaults; a setting given on the command line wins."""
-    cfg = train.get_config(["--adapter=prefix"], demo_py.recipe)[0]
+    cfg = demo_py.get_config(["--adapter=prefix"])[0]
     assert (cfg.learning_rate, cfg.threads, cfg.train_on_inputs) == (2e-1, 1, False)
-    cfg = train.get_config(["--adapter=prefix", "--learning_rate=1e-3"], demo_py.recipe)[0]
+    cfg = demo_py.get_config(["--adapter=prefix", "--learning_rate=1e-3"])[0]
     assert cfg.learning_rate == 1e-3 and train.get_config([])[0].learning_rate == 3e-4
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("demo_base_docs", "100", "at least 201"), ("demo_n_test", "0", "at least 1"),
+    ("demo_n_train", "-1", "at least 1"), ("demo_base_steps", "0", "at least 1")])
+def test_demo_settings_out_of_range(key, value, expected):
+    """The demo's settings are checked as train.py's are, on train.py's command line too."""
+    with pytest.raises(SystemExit, match=f"--{key}={value}: expected {expected}"):
+        demo_py.get_config([f"--{key}={value}"])
+    with pytest.raises(SystemExit, match=f"--{key}={value}: expected {expected}"):
+        train.main([f"--{key}={value}"])
+
+
+def test_every_demo_setting_has_a_range_and_only_the_demo_takes_them():
+    numeric = {k for k, v in demo_py.SETTINGS.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric == set(demo_py.MINIMUM) and not set(demo_py.SETTINGS) & set(train.DEFAULTS)
+    assert demo_py.get_config(["--demo_n_test=7"])[0].demo_n_test == 7
+    with pytest.raises(SystemExit, match="unknown setting --demo_n_test"):
+        train.get_config(["--model=m", "--demo_n_test=7"])
+
+
+def test_help_lists_the_demo_settings_without_model(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0 and "--demo_n_test=200" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.main(["--model=m", "--help"])
+    out = capsys.readouterr().out
+    assert "--learning_rate=0.0003" in out and "--demo_n_test" not in out
 
 
 def test_demo_refuses_a_model_of_its_own(tmp_path):
@@ -98,8 +128,8 @@ def test_demo_refuses_a_model_of_its_own(tmp_path):
 def build(tmp_path, name, caller_threads, steps=6):
     """A small base build (tokenizer + a few pretraining steps) started with caller_threads set.
     Returns its weights and the thread counts its training steps ran on."""
-    cfg, _ = train.get_config([f"--demo_base_steps={steps}", "--demo_base_docs=3000",
-                               "--threads=0"], demo_py.recipe)
+    cfg, _ = demo_py.get_config([f"--demo_base_steps={steps}", "--demo_base_docs=3000",
+                                 "--threads=0"])
     seen, fit = [], train.Run.fit
 
     def spy(run):
@@ -142,7 +172,7 @@ def test_demo_explains_trainable_against_llama_7b():
 
 
 def test_demo_plan_names_the_steps():
-    cfg = train.get_config(["--adapter=series"], demo_py.recipe)[0]
+    cfg = demo_py.get_config(["--adapter=series"])[0]
     cfg.model = "out/demo/base"
     fresh, cached = demo_py.plan(cfg, False), demo_py.plan(cfg, True)
     assert "1/3 build the tiny base" in fresh and "on one thread" in fresh

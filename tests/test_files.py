@@ -138,6 +138,15 @@ def test_check_unused_and_check_outside(tmp_path):
                                          "with --overwrite=true"):
         files.check_unused(tmp_path / "out", "--out", False)
     assert files.check_unused(tmp_path / "out", "--out", True) == ["config.json"]
+    # a run's folder (train.py): --resume=true may continue it too, and the refusal says so
+    run = ("adapter_model.safetensors", "resume.pt")
+    (tmp_path / "out" / "resume.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"--out=.*out holds an earlier run \(resume.pt\): "
+                                         "continue it with --resume=true, replace it with "
+                                         "--overwrite=true"):
+        files.check_unused(tmp_path / "out", "--out", False, run, resume=False)
+    assert files.check_unused(tmp_path / "out", "--out", False, run, resume=True) == ["resume.pt"]
+    assert files.check_unused(tmp_path / "out", "--out", True, run, resume=False) == ["resume.pt"]
     model = tmp_path / "model"
     for out in (model, model / "sub", tmp_path):
         with pytest.raises(ValueError, match="lies in or holds --model="):
@@ -218,3 +227,7 @@ def test_read_json_and_jsonl(tmp_path):
             files.read_jsonl(log)
     with pytest.raises(ValueError, match="nothing.jsonl: cannot read it"):
         files.read_jsonl(tmp_path / "nothing.jsonl")
+    log.write_text("")
+    for record in ({"step": 1, "loss": 0.5}, {"summary": {"steps": 1}}):
+        files.append_jsonl(log, record)
+    assert files.read_jsonl(log) == [{"step": 1, "loss": 0.5}, {"summary": {"steps": 1}}]

@@ -47,8 +47,7 @@ def records(out, key="loss"):
 def demo(tmp_path_factory):
     """(root, ...): root/base is the demo's base with reduced sizes, built once."""
     root = tmp_path_factory.mktemp("demo")
-    cfg, _ = train.get_config(["--demo_base_steps=40", "--demo_base_docs=3000", "--threads=0"],
-                              demo_py.recipe)
+    cfg, _ = demo_py.get_config(["--demo_base_steps=40", "--demo_base_docs=3000", "--threads=0"])
     with pytest.MonkeyPatch.context() as m:
         m.setattr(demo_py, "MODEL", TINY)
         demo_py.build_base(str(root / "base"), cfg, train.setup(cfg))
@@ -330,6 +329,17 @@ def test_config_errors(argv, message):
         train.main(argv)
 
 
+def test_a_model_in_a_config_file_is_no_demo(tmp_path):
+    """main() hands a run without --model to the demo before reading the settings: a --model given
+    by a config file counts, and the demo's settings are unknown to a run with a model."""
+    (tmp_path / "run.py").write_text(f"model = {str(tmp_path / 'nothing')!r}\n")
+    with pytest.raises(SystemExit, match="train.py: error: --model=.*nothing: no such folder"):
+        train.main([str(tmp_path / "run.py"), "--data=x.json"])
+    with pytest.raises(SystemExit, match="unknown setting --demo_n_test"):
+        train.main(["--model=m", "--demo_n_test=4"])
+    assert train.get_config(["--model=m"])[0].model == "m"
+
+
 def test_command_line_error_exits_with_the_message():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     p = subprocess.run([sys.executable, "train.py", "--adapter=series", "--r=8"], cwd=root,
@@ -491,7 +501,8 @@ def test_llama3_chat_template_examples():
     assert ids == full[:-1] and targets[-1] == 128009 and 128001 not in full
     assert targets[:len(prompt) - 1] == [-100] * (len(prompt) - 1)
     assert targets[len(prompt) - 1:] == full[len(prompt):]
-    alpaca, _, _ = train.tokenize(tok, [row], SimpleNamespace(**{**vars(cfg), "template": "alpaca"}))
+    alpaca, _, _ = train.tokenize(tok, [row],
+                                  SimpleNamespace(**{**vars(cfg), "template": "alpaca"}))
     assert alpaca[0][0] != ids
 
 
@@ -536,7 +547,7 @@ def test_resume_with_other_adapter_options_is_refused(train_base, tmp_path):
     ("learning_rate", "-1", "more than 0"), ("learning_rate", "0", "more than 0"),
     ("val_set_size", "-5", "at least 0"), ("num_epochs", "0", "at least 1"),
     ("max_steps", "-3", "at least 0"), ("grad_clip", "-1", "at least 0"),
-    ("cutoff_len", "1", "at least 2"), ("demo_base_docs", "100", "at least 201"),
+    ("cutoff_len", "1", "at least 2"),
 ])
 def test_numeric_settings_out_of_range(key, value, expected):
     with pytest.raises(SystemExit, match=f"--{key}={value}(\\.0)?: expected {expected}"):
