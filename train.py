@@ -97,9 +97,9 @@ MINIMUM = dict(cutoff_len=2, batch_size=1, micro_batch_size=1, learning_rate=0.0
 
 
 def get_config(argv, recipe=None, more=None):
-    """Defaults <- config files <- --key=value (cli.py) -> (cfg, adapter options). more: settings
-    beyond these ({key: default}, the demo's); recipe(kind): {setting: value} in place of the
-    defaults (the demo's)."""
+    """Defaults <- config files <- --key=value (cli.py) -> (cfg, adapter options). The demo's, from
+    demo.py: more, {key: default} of settings beyond these; recipe(kind), {setting: value} in place
+    of the defaults."""
     defaults = {**DEFAULTS, **(more or {})}
     if "--help" in argv or "-h" in argv:
         configure(argv, defaults, __doc__)
