@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import PRESETS, Config, Linear, Transformer
+from model import Linear, Transformer
+from presets import PRESETS, Config
 
 MODES = ("int8", "nf4", "nf4-dq")
 BLOCK = 64         # weights per NF4 absmax (QLoRA)
