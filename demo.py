@@ -38,7 +38,8 @@ from cli import DEMO_DIR, ConfigError, fail
 from data import synthetic
 from data.prepare import write_json
 from eval import evaluate
-from model import Config, Transformer
+from model import Transformer
+from presets import Config
 from tokenizer import Tokenizer
 
 # the demo's settings, beside train.py's (python train.py --demo_n_test=50)
