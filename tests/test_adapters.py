@@ -19,7 +19,6 @@ import re
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import adapter_io as IO

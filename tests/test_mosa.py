@@ -119,7 +119,8 @@ def test_join_sparse(sid, tmp_path):
 
 
 def test_join_sparse_replaces_a_split_under_any_attribute():
-    """join_sparse finds a Split by its type wherever it sits, not only as a Bottleneck's down/up."""
+    """join_sparse finds a Split by its type wherever it sits, not only as a Bottleneck's
+    down/up."""
     model = tiny_model("llama")
     w = torch.randn(6, 4)
     model.layers[0].extra = split = Split(w, 3)
