@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LINEAR_NAMES, Linear
+from model import Linear
 from mosa import Split, join_sparse
+from presets import LINEAR_NAMES
 from quantize import QuantLinear, is_quantized
 from slots import attach, detach, find_linears, slots
 

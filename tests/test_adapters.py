@@ -25,8 +25,9 @@ import adapter_io as IO
 import adapters as A
 from conftest import ROOT, left_pad, tiny_model
 from generate import generate
-from model import Config, Linear, Transformer
+from model import Linear, Transformer
 from mosa import sparse_step
+from presets import Config
 from slots import SLOT_TYPES, slots
 
 # transformers/peft
