@@ -21,20 +21,17 @@ adapters that need W. Embeddings, norms, lm_head and biases stay in the compute 
   quantize_model(model, mode)                  every projection of a model in memory, in place
   checkpoints.load_model(path, quantize=mode)  each projection packed as it is read: the
                                                full-precision model never exists in memory
-  python quantize.py llama-7b | <folder>       bytes of the model in each mode, error of each layer
+  python quant_report.py --model=llama-7b      bytes of a model in each mode, error of each layer
 
 Merging an adapter into a quantized W (adapters.merge) and saving a quantized base
 (checkpoints.save_model) are refused: the adapter's update would be rounded away, the original
 weights lost. Load the base without quantize for those.
 """
-import os
-import sys
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import PRESETS, Config, Linear, Transformer
+from model import Linear
 
 MODES = ("int8", "nf4", "nf4-dq")
 BLOCK = 64         # weights per NF4 absmax (QLoRA)
@@ -223,65 +220,3 @@ def model_bytes(model):
     """Bytes of all parameters and buffers (packed weights included), tied weights counted once."""
     tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-# --------------------------------------------------------------------------------- the report
-def layer_report(weights, mode):
-    """{name: W} of one layer -> (bytes of the packed weights, relative Frobenius error of the
-    layer: sqrt(sum ||W - dequantize(quantize(W))||^2 / sum ||W||^2) over its projections)."""
-    nbytes, err, norm = 0, 0.0, 0.0
-    for w in weights.values():
-        q = quantize(w, mode)
-        nbytes += sum(t.numel() * t.element_size() for t in q.values())
-        err += (dequantize(q, mode, w.shape, torch.float32) - w.float()).square().sum().item()
-        norm += w.float().square().sum().item()
-    return nbytes, (err / norm) ** 0.5
-
-
-def report(model, layers, source):
-    """Print, per mode, the bytes of the model (projections packed, everything else in bf16) and
-    the error of its layers. layers: {name: W} of each layer measured (fewer than n_layer: each
-    stands for n_layer / len(layers) layers)."""
-    n_layer = model.config.n_layer
-    n_proj = sum(w.numel() for w in layers[0].values()) * n_layer
-    rest = 2 * (sum(p.numel() for p in model.parameters()) - n_proj)  # bf16
-    print(f"{source}: {n_proj + rest // 2:,} parameters, {n_proj:,} in projections")
-    print("| mode | bytes | bits per projection weight | relative error per layer (mean, max) |")
-    print(f"| bf16 | {2 * n_proj + rest:,} | 16 | 0 |")
-    for mode in MODES:
-        per_layer = [layer_report(w, mode) for w in layers]
-        nbytes = sum(b for b, _ in per_layer) * n_layer // len(layers)
-        errors = [e for _, e in per_layer]
-        print(f"| {mode} | {nbytes + rest:,} | {8 * nbytes / n_proj:.3f} | "
-              f"{sum(errors) / len(errors):.4f}, {max(errors):.4f} |")
-
-
-def preset_layers(name):
-    """A preset on the meta device and one layer of random N(0, 0.02) projections (quantized for
-    real, counted n_layer times)."""
-    with torch.device("meta"):
-        model = Transformer(Config.from_name(name))
-    torch.manual_seed(0)
-    return model, [{n: torch.randn(m.weight.shape) * 0.02
-                    for n, m in model.layers[0].named_modules() if is_projection(m)}]
-
-
-if __name__ == "__main__":
-    # the script (this file as __main__) may load a checkpoint; the library module `quantize`,
-    # which checkpoints imports, never imports checkpoints
-    from checkpoints import load_model
-    if len(sys.argv) != 2:
-        sys.exit("usage: python quantize.py <preset, e.g. llama-7b> | <checkpoint folder>")
-    if sys.argv[1] not in PRESETS and not os.path.isdir(sys.argv[1]):
-        sys.exit(f"quantize.py: error: {sys.argv[1]}: neither a preset ({', '.join(PRESETS)}) "
-                 "nor a checkpoint folder")
-    try:
-        if sys.argv[1] in PRESETS:
-            model, layers = preset_layers(sys.argv[1])
-        else:  # a checkpoint folder: its own weights, every layer
-            model = load_model(sys.argv[1], dtype=torch.float32)
-            layers = [{n: m.weight for n, m in block.named_modules() if is_projection(m)}
-                      for block in model.layers]
-    except (OSError, ValueError, KeyError) as e:  # a checkpoint that does not load: one line
-        sys.exit(f"quantize.py: error: {e.args[0] if isinstance(e, KeyError) else e}")
-    report(model, layers, sys.argv[1])

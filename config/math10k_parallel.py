@@ -6,8 +6,8 @@ model = "llama-7b-hf"     # yahma/llama-7b-hf, the paper's base: your folder wit
 data = "data/out/train/math_10k.json"
 out = "out/llama-7b-math10k-parallel"
 adapter = "parallel"      # 247,463,936 trainable parameters (3.54%)
-bottleneck = 256          # the paper's best bottleneck size (their bottleneck_size default)
-non_linearity = "tanh"    # their default
+bottleneck = 256          # the paper's best bottleneck size (their bottleneck_size default),
+                          # tanh between down and up: the kind's default and theirs
 per_linear = ["up_proj", "down_proj"]  # their command: a bottleneck beside each of these linears
 learning_rate = 3e-4
 # train.py's defaults are LLM-Adapters' recipe: batch 16 (4 micro-batches of 4, accumulated),

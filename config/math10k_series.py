@@ -6,8 +6,8 @@ model = "llama-7b-hf"     # yahma/llama-7b-hf, the paper's base: your folder wit
 data = "data/out/train/math_10k.json"
 out = "out/llama-7b-math10k-series"
 adapter = "series"        # 67,108,864 trainable parameters (0.99%)
-bottleneck = 256          # the paper's best bottleneck size (their bottleneck_size default)
-non_linearity = "tanh"    # their default
+bottleneck = 256          # the paper's best bottleneck size (their bottleneck_size default),
+                          # tanh between down and up: the kind's default and theirs
 placement = "mlp"         # the paper's placement study: best after the MLP. Their released command
                           # puts it before gate_proj and up_proj instead, which the series kind
                           # here does not offer
