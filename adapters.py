@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LINEAR_NAMES, Linear
+from model import Linear
+from presets import LINEAR_NAMES
 from quantize import QuantLinear, is_quantized
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}

@@ -47,7 +47,9 @@ from data.pack import collate_packed, collate_padded, padding_share
 from data.template import format_example
 from files import write_atomic
 from generate import generate
-from model import LOSS_CHUNK_LOGITS, PRESETS, Config, Transformer
+from loss import LOSS_CHUNK_LOGITS
+from model import Transformer
+from presets import PRESETS, Config
 from quantize import MODES as QUANT_MODES, quantize_model
 from tokenizer import Tokenizer
 
@@ -72,7 +74,7 @@ DEFAULTS = dict(
     peak_tflops=989.0,
     n_layer=0,            # 0 = the preset's; fewer layers to fit a quick look
     vocab_size=0,         # 0 = the preset's (32,000 for LLaMA; Llama 3 has 128,256)
-    chunked_loss=True,    # the loss in chunks of model.LOSS_CHUNK_LOGITS; false = the full logits
+    chunked_loss=True,    # the loss in chunks of loss.LOSS_CHUNK_LOGITS; false = the full logits
     lengths="",           # "" = every example seq_len tokens; math | demo: lengths drawn from
                           # those datasets' (LENGTHS), cut at seq_len; the batches then padded
     pack=False,           # with --lengths: also time packed rows (data/pack.py), side by side

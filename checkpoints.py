@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from model import FAMILIES, Config, RopeScaling, Transformer
 from files import read_json, read_state_dict, unreadable, write_atomic
+from model import Transformer
+from presets import FAMILIES, Config, RopeScaling
 from quantize import check_mode, is_projection, is_quantized, quantize_linear
 
 

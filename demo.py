@@ -35,7 +35,8 @@ from cli import fail
 from data import synthetic
 from data.prepare import write_json
 from eval import evaluate
-from model import Config, Transformer
+from model import Transformer
+from presets import Config
 from tokenizer import Tokenizer
 
 # The demo fine-tunes a tiny model in ~2 minutes; these replace train.py's defaults unless set

@@ -5,7 +5,8 @@ GPT-J, BLOOM, OPT; and the LLaMA-shaped weights of today: Llama 3.x, Qwen2 / Qwe
 The families differ only in fields of `Config` (norm, MLP, positions, residual layout, biases,
 rotary scaling, attention window), so there is one `Block` and one `Transformer`. Modules carry
 the official projection names (`q_proj`, `up_proj`, `fc_in`, ...) so loading a checkpoint is one
-explicit key map, and adapters target linears by the names users know.
+explicit key map, and adapters target linears by the names users know. `Config`, the family
+fields and the named presets live in presets.py; the loss in chunks (`loss_chunk`) in loss.py.
 
 Hook slots for adapters.py (plain attributes, None = nothing happens; no adapter code is imported):
   Linear.adapter      (x, y, linear) -> y   every projection: its input, output and the layer itself
@@ -25,7 +26,6 @@ Shapes: B batch, T new tokens, S keys (T, or with a KV cache all its slots), C n
 D head_dim, V vocab. Generation (the decode loop, CUDA graphs) lives in generate.py.
 """
 import math
-from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -33,142 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """Llama 3.1's rotary scaling ("rope_type": "llama3"; Meta's apply_scaling): frequencies whose
-    wavelength exceeds original_max_position_embeddings / low_freq_factor are divided by factor,
-    those shorter than original_max_position_embeddings / high_freq_factor are kept, and the band
-    between is interpolated. Static: it changes the frequencies at every length."""
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-    def __post_init__(self):
-        if not (self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor
-                and self.original_max_position_embeddings > 0):
-            raise ValueError(f"{self}: expected factor > 0, 0 < low_freq_factor < "
-                             "high_freq_factor and original_max_position_embeddings > 0")
-
-
-@dataclass
-class Config:
-    name: str = "tiny-llama"
-    arch: str = "llama"            # llama|gptj|bloom|opt: picks projection names and the key map
-    vocab_size: int = 512
-    n_layer: int = 2
-    n_head: int = 4
-    n_kv_head: int = 0             # 0 = n_head; fewer = grouped-query attention (Llama-2 70B)
-    n_embd: int = 64
-    head_dim: int = 0              # 0 = n_embd // n_head
-    intermediate_size: int = 176
-    block_size: int = 2048         # longest sequence the model is meant for (OPT's position table)
-    norm: str = "rmsnorm"          # rmsnorm | layernorm
-    norm_eps: float = 1e-6
-    mlp: str = "swiglu"            # swiglu | gelu (tanh approximation) | relu
-    pos: str = "rope"              # rope | alibi | learned
-    rotary_dim: int = 0            # 0 = the whole head; GPT-J rotates only the first 64 dims
-    rope_interleaved: bool = False  # rotate pairs (0,1),(2,3).. (GPT-J), not (i, i+D/2) (HF LLaMA)
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling = None  # Llama 3.1 / 3.2; None = plain rotary
-    parallel_residual: bool = False  # GPT-J: x + attn(ln(x)) + mlp(ln(x)) with one norm
-    post_norm: bool = False        # OPT-350m: normalise after the residual add
-    attn_bias: bool = False        # biases on q, k, v and the attention output
-    qkv_bias: bool = False         # Qwen2: biases on q, k, v only (not the attention output)
-    mlp_bias: bool = False
-    lm_head_bias: bool = False     # GPT-J
-    tie_embeddings: bool = False   # BLOOM, OPT
-    embed_norm: bool = False       # BLOOM: LayerNorm right after the word embeddings
-    embed_dim: int = 0             # OPT-350m: embeddings narrower than n_embd, with project_in/out
-    final_norm: bool = True
-    sliding_window: int = 0        # Mistral: a query sees its last sliding_window keys; 0 = all
-
-    def __post_init__(self):
-        self.n_kv_head = self.n_kv_head or self.n_head
-        self.head_dim = self.head_dim or self.n_embd // self.n_head
-        self.embed_dim = self.embed_dim or self.n_embd
-        self.rotary_dim = self.rotary_dim or self.head_dim
-        for f, ok in (("arch", LINEAR_NAMES), ("norm", ("rmsnorm", "layernorm")),
-                      ("mlp", ("swiglu", "gelu", "relu")), ("pos", ("rope", "alibi", "learned"))):
-            if getattr(self, f) not in ok:
-                raise ValueError(f"Config.{f}={getattr(self, f)!r}: expected one of {sorted(ok)}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"Config: n_head={self.n_head} is not a multiple of "
-                             f"n_kv_head={self.n_kv_head}")
-
-    @classmethod
-    def from_name(cls, name, **overrides):
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
-
-
-# Official projection names of each family: (attention output, MLP in, MLP out). LLaMA adds
-# gate_proj, BLOOM fuses q, k and v into query_key_value.
-LINEAR_NAMES = {"llama": ("o_proj", "up_proj", "down_proj"),
-                "gptj": ("out_proj", "fc_in", "fc_out"),
-                "opt": ("out_proj", "fc1", "fc2"),
-                "bloom": ("dense", "dense_h_to_4h", "dense_4h_to_h")}
-
-_llama = dict(arch="llama", vocab_size=32000, n_layer=32, n_head=32, n_embd=4096,
-              intermediate_size=11008)
-_gptj = dict(arch="gptj", norm="layernorm", norm_eps=1e-5, mlp="gelu", rope_interleaved=True,
-             parallel_residual=True, mlp_bias=True, lm_head_bias=True)
-_bloom = dict(arch="bloom", norm="layernorm", norm_eps=1e-5, mlp="gelu", pos="alibi",
-              attn_bias=True, mlp_bias=True, tie_embeddings=True, embed_norm=True)
-_opt = dict(arch="opt", norm="layernorm", norm_eps=1e-5, mlp="relu", pos="learned",
-            attn_bias=True, mlp_bias=True, tie_embeddings=True)
-FAMILIES = {"llama": _llama, "gptj": _gptj, "bloom": _bloom, "opt": _opt}  # arch -> its fields
-_13b = dict(n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824)
-_6b = dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=16384)
-_70b = dict(n_layer=80, n_head=64, n_kv_head=8, n_embd=8192, intermediate_size=28672)
-# Llama 3: a 128K vocabulary, GQA at every size, theta 5e5; 3.1 and 3.2 add the llama3 scaling
-# (HF's 3.2 configs say factor 32, 3.1's 8: see docs/models.md)
-_llama3 = dict(_llama, vocab_size=128256, n_kv_head=8, intermediate_size=14336, block_size=8192,
-               norm_eps=1e-5, rope_theta=500000.0)
-_llama31 = dict(_llama3, block_size=131072, rope_scaling=RopeScaling())
-_llama32 = dict(_llama31, intermediate_size=8192, tie_embeddings=True,
-                rope_scaling=RopeScaling(factor=32.0))
-_qwen2 = dict(arch="llama", qkv_bias=True, rope_theta=1000000.0)  # norm_eps 1e-6, the default
-PRESETS = {c.name: c for c in [
-    Config("llama-7b", **_llama),
-    Config("llama-13b", **{**_llama, **_13b}),
-    Config("llama-30b", **{**_llama, "n_layer": 60, "n_head": 52, "n_embd": 6656,
-                           "intermediate_size": 17920}),
-    Config("llama-65b", **{**_llama, "n_layer": 80, "n_head": 64, "n_embd": 8192,
-                           "intermediate_size": 22016}),
-    Config("llama-2-7b", **{**_llama, "block_size": 4096, "norm_eps": 1e-5}),
-    Config("llama-2-13b", **{**_llama, **_13b, "block_size": 4096, "norm_eps": 1e-5}),
-    Config("llama-2-70b", **{**_llama, **_70b, "block_size": 4096, "norm_eps": 1e-5}),
-    Config("gptj-6b", **{**_gptj, **_6b, "n_layer": 28, "n_head": 16}, vocab_size=50400,
-           rotary_dim=64),
-    Config("bloom-7b1", **{**_bloom, **_6b, "n_layer": 30}, vocab_size=250880),
-    Config("opt-6.7b", **_opt, **_6b, vocab_size=50272),
-    Config("llama-3-8b", **_llama3),
-    Config("llama-3.1-8b", **_llama31),
-    Config("llama-3.1-70b", **{**_llama31, **_70b}),
-    Config("llama-3.2-1b", **{**_llama32, "n_layer": 16, "n_embd": 2048}),
-    Config("llama-3.2-3b", **{**_llama32, "n_layer": 28, "n_head": 24, "n_embd": 3072}),
-    Config("qwen2.5-0.5b", **_qwen2, vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2,
-           n_embd=896, intermediate_size=4864, block_size=32768, tie_embeddings=True),
-    Config("qwen2.5-7b", **_qwen2, vocab_size=152064, n_layer=28, n_head=28, n_kv_head=4,
-           n_embd=3584, intermediate_size=18944, block_size=131072),
-    Config("mistral-7b", **{**_llama, "n_kv_head": 8, "intermediate_size": 14336},  # v0.1
-           block_size=32768, norm_eps=1e-5, sliding_window=4096),
-    # tiny presets for tests and CPU demos
-    Config("tiny-llama"),
-    Config("tiny-llama-gqa", n_kv_head=2),
-    Config("tiny-gptj", **_gptj, intermediate_size=256, rotary_dim=8),
-    Config("tiny-bloom", **_bloom, intermediate_size=256),
-    Config("tiny-opt", **_opt, intermediate_size=256, block_size=256),
-    # head_dim 16 at theta 5e5 against 64 positions: the scaling keeps, blends and divides
-    # frequencies; a window of 4 matters at a few tokens
-    Config("tiny-llama3", n_kv_head=2, rope_theta=500000.0,
-           rope_scaling=RopeScaling(original_max_position_embeddings=64)),
-    Config("tiny-qwen2", **_qwen2, n_kv_head=2, tie_embeddings=True),
-    Config("tiny-mistral", n_kv_head=2, sliding_window=4),
-]}
+from loss import chunked_loss
+from presets import LINEAR_NAMES, Config
 
 
 class Linear(nn.Linear):
@@ -412,7 +278,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: Config):
         super().__init__()
         c = self.config = config
         self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
@@ -461,45 +327,17 @@ class Transformer(nn.Module):
         itself, and rotary, ALiBi and learned positions count from each example's start.
         Returns logits (B, T, V) and the loss (or None); with loss_chunk set and targets given,
         the logits are never made whole: (None, loss)."""
-        B, T = idx.shape
-        c = self.config
-        past = cache.pos if cache is not None else 0
-        n_prompt = self.n_soft_tokens()
-        if positions is not None:
-            self.check_packed(positions, idx, attention_mask, cache, n_prompt)
-        seen = past - n_prompt if past else 0  # tokens in the cache (after its soft tokens)
-        if attention_mask is not None and attention_mask.shape != (B, seen + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                             f"expected {(B, seen + T)}")
-        x = self.embed(idx)
-        new = attention_mask[:, seen:].bool() if attention_mask is not None else None  # real tokens
-        n_soft = n_prompt if past == 0 else 0  # soft tokens to prepend now: on the first call
-        if n_soft:  # soft tokens lead the sequence and are always visible
-            x = self.prompt(x)
-            T += n_soft
-            new = F.pad(new, (n_soft, 0), value=True) if new is not None else None
-        if cache is None:  # the keys are these T tokens
-            valid, slots, S = new, None, T
-        else:  # the keys are all of the cache's slots
-            slots = cache.extend(new if new is not None else idx.new_ones(B, T, dtype=torch.bool))
-            valid, S = cache.valid, cache.max_len
-        # positions count real tokens only: a left-padded row is numbered exactly as it is alone
-        key_pos = (valid.long().cumsum(-1) - 1).clamp(min=0) if valid is not None else \
-            positions if positions is not None else torch.arange(S, device=idx.device).expand(B, S)
-        pos = key_pos if slots is None else key_pos[:, slots]
+        n_soft, pos, mask, slots = self.place_tokens(idx, attention_mask, cache, positions)
+        x = self.embed(idx)  # (B, T, embed_dim)
+        if n_soft:
+            x = self.prompt(x)  # (B, n_soft + T, embed_dim)
         if self.project_in is not None:
             x = self.project_in(x)
         if self.pos_embed is not None:
-            if past + T > c.block_size:  # learned positions (OPT): the table ends at block_size
-                raise ValueError(f"{past + T} tokens, but {c.name} has learned positions for "
-                                 f"{c.block_size} (max_position_embeddings): shorten the input")
             x = x + self.pos_embed(pos + 2)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        rope = rope_angles(c, pos) if c.pos == "rope" else None
-        # packed rows: example k of a row holds the tokens after the k-th restart of the positions
-        example = (positions == 0).cumsum(-1) if positions is not None else None  # (B, T)
-        mask = self.attention_mask(valid, key_pos, T, S, slots, example)
+        rope = rope_angles(self.config, pos) if self.config.pos == "rope" else None
         for i, block in enumerate(self.layers):
             kv = cache.layer(i, slots) if cache is not None else None
             if self.grad_checkpoint and self.training:
@@ -521,6 +359,45 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                    ignore_index=-100)
         return logits, loss
+
+    def place_tokens(self, idx, attention_mask, cache, positions):
+        """Where this call's tokens sit, once the inputs' shapes are checked. Returns n_soft, the
+        soft tokens to prepend now (on the first call only); pos (B, n_soft + T), each token's
+        position (rotary, learned positions); the mask over the S keys (Transformer.attention_mask,
+        None = plain causal); slots (n_soft + T,), the cache slots the tokens are written to (None
+        without a cache: the keys are these tokens). Extends the cache."""
+        B, T = idx.shape
+        c = self.config
+        past = cache.pos if cache is not None else 0
+        n_prompt = self.n_soft_tokens()
+        if positions is not None:
+            self.check_packed(positions, idx, attention_mask, cache, n_prompt)
+        seen = past - n_prompt if past else 0  # tokens in the cache (after its soft tokens)
+        if attention_mask is not None and attention_mask.shape != (B, seen + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"expected {(B, seen + T)}")
+        new = attention_mask[:, seen:].bool() if attention_mask is not None else None  # real tokens
+        n_soft = n_prompt if past == 0 else 0  # soft tokens to prepend now: on the first call
+        if n_soft:  # soft tokens lead the sequence and are always visible
+            T += n_soft
+            new = F.pad(new, (n_soft, 0), value=True) if new is not None else None
+        if cache is None:  # the keys are these T tokens
+            valid, slots, S = new, None, T
+        else:  # the keys are all of the cache's slots
+            slots = cache.extend(new if new is not None else idx.new_ones(B, T, dtype=torch.bool))
+            valid, S = cache.valid, cache.max_len
+        # positions count real tokens only: a left-padded row is numbered exactly as it is alone
+        key_pos = (valid.long().cumsum(-1) - 1).clamp(min=0) if valid is not None else \
+            positions if positions is not None else torch.arange(S, device=idx.device).expand(B, S)
+        pos = key_pos if slots is None else key_pos[:, slots]
+        if self.pos_embed is not None and past + T > c.block_size:
+            # learned positions (OPT): the table ends at block_size
+            raise ValueError(f"{past + T} tokens, but {c.name} has learned positions for "
+                             f"{c.block_size} (max_position_embeddings): shorten the input")
+        # packed rows: example k of a row holds the tokens after the k-th restart of the positions
+        example = (positions == 0).cumsum(-1) if positions is not None else None  # (B, T)
+        mask = self.attention_mask(valid, key_pos, T, S, slots, example)
+        return n_soft, pos, mask, slots
 
     def check_packed(self, positions, idx, attention_mask, cache, n_prompt):
         """Packed rows are whole examples side by side: no padding mask, no cache, and no soft
@@ -563,66 +440,3 @@ class Transformer(nn.Module):
         slopes = alibi_slopes(c.n_head, device)[None, :, None, None]
         bias = slopes * key_pos[:, None, None, :].float()
         return bias.masked_fill(~mask, float("-inf"))  # (B, H, T, S)
-
-
-# logits per chunk of the loss (train.py, bench.py): 128 MiB in fp32, 1,048 tokens at LLaMA's 32,000
-# words, 261 at Llama 3's 128,256
-LOSS_CHUNK_LOGITS = 2**25
-
-
-def chunked_loss(head, x, targets, chunk):
-    """Mean cross-entropy of head(x) against targets (-100 = ignore), the plain path's number, from
-    `chunk` tokens' logits at a time: memory holds one chunk's logits (chunk, V), never B x T x V
-    (at Llama 3's 128,256 words, 4096 tokens of fp32 logits are 2 GiB). x (B, T, C), targets
-    (B, T); head: the nn.Linear lm_head. Tokens without a target are dropped before the head."""
-    x, targets = x.flatten(0, 1), targets.flatten()
-    keep = targets != -100
-    x, targets = x[keep], targets[keep]  # (N, C), (N,)
-    device = x.device.type  # the head's matmuls in autocast's dtype, as the plain path's
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
-        head.weight.dtype
-    total = ChunkedCrossEntropy.apply(x, head.weight, head.bias, targets, chunk, dtype)
-    return total / len(targets)
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of x W^T + b, a chunk of tokens at a time. The gradients are made in
-    forward, chunk by chunk, while that chunk's logits exist: d(loss)/d(logits) = softmax - one-hot,
-    so for x (softmax - onehot) W, for W (softmax - onehot)^T x. Backward only scales them: nothing
-    is recomputed, so this costs the plain path's matmuls and never holds the whole logits.
-    x (N, C), weight (V, C), bias (V,) or None, targets (N,) -> a scalar (fp32)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, targets, chunk, dtype):
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = torch.zeros_like(x) if need_x else None
-        gw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        gb = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        total = torch.zeros((), device=x.device)
-        with torch.autocast(x.device.type, enabled=False):
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            for s in range(0, len(targets), chunk):
-                xs, ts = x[s:s + chunk].to(dtype), targets[s:s + chunk]
-                logits = F.linear(xs, w, b).float()  # (n, V)
-                lse = logits.logsumexp(-1)
-                total += (lse - logits.gather(1, ts[:, None])[:, 0]).sum()
-                if not (need_x or need_w or need_b):
-                    continue
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-                g[torch.arange(len(ts), device=g.device), ts] -= 1
-                g = g.to(dtype)  # the plain path casts this gradient to the logits' dtype too
-                if need_x:
-                    gx[s:s + chunk] = g @ w
-                if need_w:
-                    gw += g.t() @ xs
-                if need_b:
-                    gb += g.float().sum(0)
-        ctx.save_for_backward(*(t for t in (gx, gw, gb) if t is not None))
-        ctx.grads = need_x, need_w, need_b
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):  # grad: d(final loss)/d(this sum), e.g. 1/N from the mean
-        saved = iter(ctx.saved_tensors)  # autograd casts each to its input's dtype
-        gx, gw, gb = (next(saved) * grad if need else None for need in ctx.grads)
-        return gx, gw, gb, None, None, None

@@ -16,7 +16,8 @@ import torch
 
 from checkpoints import load_model
 from cli import ConfigError, configure, fail
-from model import PRESETS, Config, Transformer
+from model import Transformer
+from presets import PRESETS, Config
 from quantize import MODES, dequantize, is_projection, quantize
 
 DEFAULTS = dict(model="llama-7b")  # a preset name or a checkpoint folder

@@ -43,7 +43,7 @@ from data.pack import collate_packed, collate_padded
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows
 from data.template import TEMPLATES
 from files import check_writable, lock, torch_load, write_atomic
-from model import LOSS_CHUNK_LOGITS
+from loss import LOSS_CHUNK_LOGITS
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
 

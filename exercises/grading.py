@@ -324,7 +324,8 @@ def randomize(model, seed=0, std=0.1):
 def tiny(name="tiny-llama", seed=0, **overrides):
     """A randomised fp32 model of a tiny preset (2 layers, n_embd 64), in eval mode."""
     import torch
-    from model import Config, Transformer
+    from model import Transformer
+    from presets import Config
     torch.manual_seed(seed)
     return randomize(Transformer(Config.from_name(name, **overrides)), seed)
 

@@ -294,7 +294,8 @@ def make_meta_checkpoint(path, hf_model, n_shards=1, multiple_of=32, ffn_dim_mul
 def tiny_model(family, seed=0, **overrides):
     """Our model.Transformer for a family, built from the tiny presets (no checkpoint), randomised,
     fp32, eval."""
-    from model import Config, Transformer
+    from model import Transformer
+    from presets import Config
     preset, kw = PRESET_OF[family]
     torch.manual_seed(seed)
     return randomize_(Transformer(Config.from_name(preset, **{**kw, **overrides})), seed).eval()
@@ -363,7 +364,8 @@ def tiny_dir(tmp_path_factory):
     tokenizer.model (eval, tools tests)."""
     from checkpoints import save_model
     from data.template import format_prompt
-    from model import Config, Transformer
+    from model import Transformer
+    from presets import Config
     spm = pytest.importorskip("sentencepiece")
     rng = random.Random(0)
     lines = [format_prompt(sentence(rng, 3, 20) + f" {rng.randint(0, 999)}?")
@@ -403,7 +405,8 @@ def train_base(tmp_path_factory):
     from checkpoints import save_model
     from data import synthetic
     from data.prepare import write_json
-    from model import Config, Transformer
+    from model import Transformer
+    from presets import Config
     from tokenizer import Tokenizer
     root = tmp_path_factory.mktemp("base")
     synthetic.train_tokenizer(synthetic.pretrain_corpus(300, seed=0), str(root / "tokenizer"))

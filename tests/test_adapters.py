@@ -25,7 +25,8 @@ import adapter_io as IO
 import adapters as A
 from conftest import ROOT, left_pad, tiny_model
 from generate import generate
-from model import Config, Linear, Transformer
+from model import Linear, Transformer
+from presets import Config
 
 # transformers/peft
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

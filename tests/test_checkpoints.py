@@ -27,8 +27,8 @@ import adapters as A
 from checkpoints import config_from_hf, load_model, meta_config, meta_to_rotate_half, save_model
 from conftest import (FAMILIES, LAYOUTS, left_pad, make_hf_checkpoint, make_hf_model,
                       make_meta_checkpoint, tiny_model, truncate, write_state_dict)
-from model import (PRESETS, Config, RopeScaling, Transformer, apply_rope, rope_angles,
-                   rope_frequencies)
+from model import Transformer, apply_rope, rope_angles, rope_frequencies
+from presets import PRESETS, Config, RopeScaling
 
 # transformers/peft
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

@@ -17,7 +17,8 @@ from cli import load
 from data.prepare import DataError, write_json
 from data.template import format_prompt
 from generate import MAX_NEW_TOKENS, STOP_TOKEN, Response
-from model import Config, Transformer
+from model import Transformer
+from presets import Config
 
 import eval as ev
 

@@ -20,7 +20,8 @@ from cli import ConfigError, compile_blocks, compile_setting, load
 from data.template import format_prompt
 from generate import (MAX_NEW_TOKENS, STOP_TOKEN, DecodeStep, Response, attention_backends,
                       beam_search, generate, generate_batch, generate_ids, prefill)
-from model import Config, Transformer
+from model import Transformer
+from presets import Config
 
 FAMILIES = ("llama", "llama-gqa", "gptj", "bloom", "opt")
 ADAPTERS = {"base": None, "lora": dict(r=4, alpha=8, dropout=0.0),
@@ -258,7 +259,7 @@ def test_decode_step_reads_no_tensor_values_in_python(family, kind):
     # fails on the meta device, which holds no values: prefill and the step must run there
     preset = {"llama-gqa": "tiny-llama-gqa"}.get(family, f"tiny-{family}")
     with torch.device("meta"):
-        m = model_py.Transformer(model_py.Config.from_name(preset)).eval()
+        m = Transformer(Config.from_name(preset)).eval()
     if ADAPTERS[kind] is not None:
         add_adapter(m, "prefix" if kind == "gated" else kind, **ADAPTERS[kind]).to("meta")
     cache, idx = m.new_cache(2, 12), torch.zeros(2, 5, dtype=torch.long, device="meta")

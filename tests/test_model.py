@@ -1,8 +1,8 @@
 """model.py: the KV cache (= full forwards, left-padded batches, every family; generation itself is
-in test_generate.py), bf16, Config and its presets (exact parameter counts), the rotary scaling and
-the sliding window, hook slots, gradient checkpointing. Parity with transformers checkpoint by
-checkpoint, and the loader's errors, are in test_checkpoints.py. All offline, CPU, fp32 unless
-stated."""
+in test_generate.py), bf16, the sliding window, hook slots, gradient checkpointing, the inputs'
+checks. Parity with transformers checkpoint by checkpoint, and the loader's errors, are in
+test_checkpoints.py; Config and its presets in test_presets.py, the loss in chunks in
+test_loss.py. All offline, CPU, fp32 unless stated."""
 import copy
 import math
 from dataclasses import replace
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from conftest import FAMILIES, left_pad, tiny_model
 from checkpoints import load_model
 from generate import generate
-from model import PRESETS, Config, RopeScaling, Transformer, apply_rope, rope_angles
+from model import Transformer, apply_rope, rope_angles
+from presets import Config
 
 TOL = 1e-4  # fp32 parity, max |logit difference|
 
@@ -148,64 +149,7 @@ def test_bf16_load_and_autocast(hf_checkpoint, family):
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. Config
-
-
-def test_error_config_values():
-    with pytest.raises(ValueError, match="unknown model preset 'llama-8b'"):
-        Config.from_name("llama-8b")
-    with pytest.raises(ValueError, match="not a multiple of n_kv_head"):
-        Config(n_head=4, n_kv_head=3)
-    with pytest.raises(ValueError, match="Config.norm='batchnorm'"):
-        Config(norm="batchnorm")
-    with pytest.raises(ValueError, match="0 < low_freq_factor < high_freq_factor"):
-        RopeScaling(low_freq_factor=4.0)  # the blended band would divide by zero
-
-
-# --------------------------------------------------------------------------------------------------
-# 4. Presets
-
-
-PRESET_PARAMS = {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320,
-                 "llama-30b": 32_528_943_616,
-                 "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320,
-                 "llama-2-70b": 68_976_648_192,
-                 "gptj-6b": 6_050_882_784, "bloom-7b1": 7_069_016_064, "opt-6.7b": 6_658_473_984,
-                 # published counts; test_checkpoints.py also builds transformers' own models
-                 "llama-3-8b": 8_030_261_248, "llama-3.1-8b": 8_030_261_248,
-                 "llama-3.1-70b": 70_553_706_496, "llama-3.2-1b": 1_235_814_400,
-                 "llama-3.2-3b": 3_212_749_824, "qwen2.5-0.5b": 494_032_768,
-                 "qwen2.5-7b": 7_615_616_512, "mistral-7b": 7_241_732_096}
-
-
-def n_params(config):
-    with torch.device("meta"):
-        return sum(p.numel() for p in Transformer(config).parameters())  # tied weights counted once
-
-
-def test_preset_parameter_counts_full_build():
-    assert n_params(Config.from_name("llama-7b")) == PRESET_PARAMS["llama-7b"]
-
-
-@pytest.mark.parametrize("name", PRESET_PARAMS)
-def test_preset_parameter_counts(name):
-    """Layers are identical, so the count is P(1 layer) + (n_layer - 1) * (P(2) - P(1)): cheap on
-    meta (the full build of every preset costs seconds of module construction); llama-7b is also
-    built in full above."""
-    c = Config.from_name(name)
-    p1, p2 = n_params(replace(c, n_layer=1)), n_params(replace(c, n_layer=2))
-    assert p1 + (c.n_layer - 1) * (p2 - p1) == PRESET_PARAMS[name]
-
-
-def test_tiny_presets_build_and_run():
-    for name, c in PRESETS.items():
-        if name.startswith("tiny"):
-            m = Transformer(c)
-            assert ours(m, rand_ids(1, 4, vocab=c.vocab_size)).shape == (1, 4, c.vocab_size)
-
-
-# --------------------------------------------------------------------------------------------------
-# 5. Hook slots
+# 3. Hook slots
 
 
 class Lora(nn.Module):
@@ -383,7 +327,7 @@ def test_prompt_slot(family):
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. Gradient checkpointing
+# 4. Gradient checkpointing
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "gptj", "bloom", "opt-350m"])
@@ -426,85 +370,3 @@ def test_a_prompt_past_opts_position_table(train_base):
     model(torch.zeros(1, 16, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="17 tokens"):
         model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
-
-
-# --------------------------------------------------------------------------------------------------
-# 11. The loss in chunks (Transformer.loss_chunk): never the full logits
-
-
-class MostLogits(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the most rows of logits (a tensor whose last dimension is the vocabulary) that any op
-    made, in forward and backward."""
-
-    def __init__(self, vocab_size):
-        super().__init__()
-        self.vocab_size, self.rows = vocab_size, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dim() > 1 and t.size(-1) == self.vocab_size:
-                self.rows = max(self.rows, t.numel() // self.vocab_size)
-        return out
-
-
-def loss_and_grads(m, idx, targets, chunk, dtype=None):
-    m.zero_grad(set_to_none=True)
-    m.loss_chunk = chunk
-    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits, loss = m(idx, targets=targets)
-    loss.backward()
-    return logits, loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
-                                   if p.grad is not None}
-
-
-@pytest.mark.parametrize("family", ["llama", "gptj", "bloom", "opt-350m"])
-def test_chunked_loss_equals_the_full_logits_loss(family):
-    """Every parameter trains (the tied embeddings of BLOOM and OPT get the head's gradient too,
-    GPT-J's lm_head bias its own). Targets with -100: a prompt, a row with none at all. The chunked
-    path returns no logits and never makes a tensor of B x T x V (the reference path does)."""
-    m = tiny_model(family).train()
-    idx = rand_ids(4 * 40, vocab=256, seed=3).view(4, 40)  # more tokens than n_embd (64)
-    targets = torch.roll(idx, -1, 1)
-    targets[:, :4] = -100
-    targets[2] = -100  # a row without a target
-    with MostLogits(m.config.vocab_size) as full:
-        logits, loss, grads = loss_and_grads(m, idx, targets, 0)
-    assert full.rows == idx.numel()  # the reference holds the whole logits
-    with MostLogits(m.config.vocab_size) as chunked:
-        none, loss_c, grads_c = loss_and_grads(m, idx, targets, 5)
-    # what remains is the head's weight seen as (n_embd, V) in its gradient's matmul
-    assert none is None and chunked.rows == m.config.embed_dim < idx.numel() / 2
-    assert torch.allclose(loss, loss_c, atol=0, rtol=1e-6)
-    assert grads.keys() == grads_c.keys() and ("lm_head.bias" in grads) == (family == "gptj")
-    for n in grads:
-        assert torch.allclose(grads[n], grads_c[n], atol=1e-6, rtol=1e-5), n
-    _, loss_1, grads_1 = loss_and_grads(m, idx, targets, idx.numel())  # one chunk: no recompute
-    assert torch.allclose(loss, loss_1, atol=0, rtol=1e-6)
-    assert all(torch.allclose(grads[n], grads_1[n], atol=1e-6, rtol=1e-5) for n in grads)
-
-
-def test_chunked_loss_under_bf16_autocast_and_without_targets():
-    m = tiny_model("llama").train()
-    idx = rand_ids(3 * 11, vocab=256, seed=4).view(3, 11)
-    targets = torch.roll(idx, -1, 1)
-    targets[0, :6] = -100
-    _, loss, grads = loss_and_grads(m, idx, targets, 0, torch.bfloat16)
-    _, loss_c, grads_c = loss_and_grads(m, idx, targets, 4, torch.bfloat16)
-    _, ref32, grads32 = loss_and_grads(m, idx, targets, 0)
-    assert torch.allclose(loss, loss_c, rtol=1e-5) and not torch.allclose(loss, ref32, rtol=1e-5)
-    for n in grads:  # bf16 rounds differently along the way: as near fp32 as the plain path
-        def error(g):
-            return ((g - grads32[n]).norm() / grads32[n].norm()).item()
-        assert 1e-3 < error(grads[n]) < 0.05 and error(grads_c[n]) < 1.25 * error(grads[n]), n
-        assert error(grads[n] - grads_c[n] + grads32[n]) < 0.02, n
-    none = torch.full_like(targets, -100)  # no target at all: NaN, as F.cross_entropy gives
-    m.loss_chunk = 4
-    assert m(idx, none)[1].isnan() and m.eval()(idx)[1] is None
-    with torch.no_grad():  # evaluation: the same loss, no gradient made
-        assert torch.allclose(m(idx, targets)[1], ref32, rtol=1e-6)
-    seen = []  # a hook on the head gets the whole logits it expects: the plain path
-    m.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
-    logits, loss_h = m(idx, targets)
-    assert seen == [logits.shape] == [(3, 11, m.config.vocab_size)]
-    assert torch.allclose(loss_h, ref32, rtol=1e-6)

@@ -17,7 +17,8 @@ import adapters
 import quantize as Q
 from checkpoints import load_model, save_model
 from conftest import ROOT, tiny_model
-from model import Config, Linear, Transformer
+from model import Linear, Transformer
+from presets import Config
 
 # QLoRA (Dettmers et al. 2023), Appendix E / bitsandbytes' create_normal_map: the 16 NF4 values
 PAPER_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

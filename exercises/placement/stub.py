@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the project root, to run this
 import adapters  # noqa: E402
-from model import Config, Transformer  # noqa: E402
+from model import Transformer  # noqa: E402
+from presets import Config  # noqa: E402
 
 PLACEMENTS = ("attn", "mlp", "both", "mlp_top")
 BOTTLENECK, LR = 8, 3e-2

@@ -62,14 +62,16 @@ def direct(impl, placement, steps, seed):
 @pytest.mark.parametrize("n_layer", [2, 3])
 @pytest.mark.parametrize("placement", ["attn", "mlp", "both"])
 def test_places_match_the_project(impl, placement, n_layer):
-    from model import Config, Transformer
+    from model import Transformer
+    from presets import Config
     model = Transformer(Config.from_name("tiny-llama", n_layer=n_layer))
     want = adapters.KINDS["series"].places(model, dict(placement=placement))
     assert list(impl.places(model, placement)) == want
 
 
 def test_places_mlp_top(impl):
-    from model import Config, Transformer
+    from model import Transformer
+    from presets import Config
     model = Transformer(Config.from_name("tiny-llama", n_layer=5))
     want = [("layers.3", "post_mlp"), ("layers.4", "post_mlp")]
     assert list(impl.places(model, "mlp_top")) == want

@@ -60,13 +60,13 @@ class LayerCache(NamedTuple):
 
 class KVCache(model.KVCache):
     """Static keys and values of every layer, allocated once, and which slots hold a real token.
-    model.py's Transformer.forward uses it so (read it):
+    model.py's Transformer uses it so (read place_tokens, then forward):
 
         slots = cache.extend(valid)        # valid (B, T): which of the T new tokens are real
         ... cache.valid, cache.max_len     # the attention mask over all max_len key slots
         kv = cache.layer(i, slots)         # block i: k, v = kv.update(k, v) -> the whole cache
 
-    and reads `cache.pos` (how many slots are used) before it. Every call writes its T tokens at
+    and reads `cache.pos` (how many slots are used) before extend. Every call writes its T tokens at
     the next T free slots, whatever the padding: a left-padded row simply has slots marked not
     valid. The next free slot is kept twice: `pos`, a Python int (for checks, and the first call),
     and `next`, a 0-dim long tensor on the cache's device. The slots must come from `next`: a

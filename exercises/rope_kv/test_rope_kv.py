@@ -7,6 +7,7 @@ import torch
 import model as M
 from generate import generate
 from grading import load_impl, tiny, token_ids
+from presets import Config
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def positions(B=2, T=7, seed=0):
 
 @pytest.mark.parametrize("overrides", [{}, dict(rotary_dim=8, rope_theta=500.0)])
 def test_angles_match_model(impl, overrides):
-    c = M.Config.from_name("tiny-llama", **overrides)
+    c = Config.from_name("tiny-llama", **overrides)
     pos = positions()
     cos, sin = impl.rope_angles(c, pos)
     want_cos, want_sin = M.rope_angles(c, pos)
@@ -32,7 +33,7 @@ def test_angles_match_model(impl, overrides):
 
 @pytest.mark.parametrize("rotary_dim", [16, 8])
 def test_rotate_half_matches_model(impl, rotary_dim):
-    c = M.Config.from_name("tiny-llama", rotary_dim=rotary_dim)  # head_dim 16: all, or the first 8
+    c = Config.from_name("tiny-llama", rotary_dim=rotary_dim)  # head_dim 16: all, or the first 8
     cos, sin = M.rope_angles(c, positions())
     x = torch.randn(2, 4, 7, 16)
     want = M.apply_rope(x, cos, sin, False)
@@ -40,7 +41,7 @@ def test_rotate_half_matches_model(impl, rotary_dim):
 
 
 def test_interleaved_matches_model(impl):
-    c = M.Config.from_name("tiny-gptj")  # rotary_dim 8 of head_dim 16, pairs (2i, 2i+1)
+    c = Config.from_name("tiny-gptj")  # rotary_dim 8 of head_dim 16, pairs (2i, 2i+1)
     cos, sin = M.rope_angles(c, positions())
     x = torch.randn(2, 4, 7, 16)
     want = M.apply_rope(x, cos, sin, True)
@@ -51,7 +52,7 @@ def test_interleaved_matches_model(impl):
 def test_rope_keeps_x_dtype(impl, interleaved):
     """bf16 queries and keys with fp32 angles: the result is bf16 (attention runs in x's dtype),
     model.py's within bf16's rounding."""
-    c = M.Config.from_name("tiny-gptj" if interleaved else "tiny-llama")
+    c = Config.from_name("tiny-gptj" if interleaved else "tiny-llama")
     cos, sin = M.rope_angles(c, positions())
     x = torch.randn(2, 4, 7, 16).bfloat16()
     got = impl.apply_rope(x, cos, sin, interleaved)
@@ -62,7 +63,7 @@ def test_rope_keeps_x_dtype(impl, interleaved):
 def test_angles_on_the_device_of_pos(impl):
     """cos and sin are made where pos lives (on a GPU, a CPU tensor in the step breaks it): on the
     meta device (shapes, no data), any tensor made elsewhere shows."""
-    c = M.Config.from_name("tiny-llama")
+    c = Config.from_name("tiny-llama")
     cos, sin = impl.rope_angles(c, torch.zeros(2, 3, dtype=torch.long, device="meta"))
     assert cos.device.type == sin.device.type == "meta"
     assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (2, 1, 3, 8)
@@ -71,7 +72,7 @@ def test_angles_on_the_device_of_pos(impl):
 def test_rotation_properties(impl):
     """Position 0 changes nothing; norms are kept; q_m . k_n is the same when both positions shift
     by s."""
-    c = M.Config.from_name("tiny-llama")
+    c = Config.from_name("tiny-llama")
     q, k = torch.randn(2, 1, 1, 1, 16, dtype=torch.float64)
 
     def rot(x, p):
@@ -98,7 +99,7 @@ def test_model_logits_with_your_rope(impl, preset, monkeypatch):
 def test_cache_stores_and_returns(impl):
     """extend hands out the next slots and counts them (pos, next); update writes at those slots
     only, per layer, and returns the whole static cache (max_len slots: fixed shapes every step)."""
-    c = M.Config.from_name("tiny-llama-gqa")  # 2 key/value heads
+    c = Config.from_name("tiny-llama-gqa")  # 2 key/value heads
     cache = impl.KVCache(c, batch_size=2, max_len=6, device="cpu", dtype=torch.float32)
     assert cache.pos == 0 and cache.max_len == 6
     assert torch.is_tensor(cache.next) and cache.next.dim() == 0 and int(cache.next) == 0
@@ -133,7 +134,7 @@ def test_slots_come_from_next_not_pos(impl):
     at the capture and only `next` moves. So extend reads the slots from `next` (here made to
     disagree with `pos` on purpose), advances it in place and marks `valid` in place (the graph
     holds those very tensors), and update writes into the cache's own tensors and returns them."""
-    c = M.Config.from_name("tiny-llama")
+    c = Config.from_name("tiny-llama")
     cache = impl.KVCache(c, batch_size=2, max_len=8, device="cpu", dtype=torch.float32)
     nxt, valid, kv = cache.next, cache.valid, [t for pair in cache.kv for t in pair]
     cache.extend(torch.ones(2, 3, dtype=torch.bool))
@@ -158,7 +159,7 @@ def test_cache_on_its_device_and_dtype(impl):
     next a 0-dim long, the slots long, all on `device`. On the meta device (shapes, no data) a
     tensor made elsewhere shows, and so does reading next into Python. Keys narrower than the cache
     (autocast) are stored in the cache's dtype."""
-    c = M.Config.from_name("tiny-llama-gqa")
+    c = Config.from_name("tiny-llama-gqa")
     meta = impl.KVCache(c, batch_size=2, max_len=6, device="meta", dtype=torch.bfloat16)
     assert len(meta.kv) == c.n_layer
     for k, v in meta.kv:
@@ -182,7 +183,7 @@ def test_cache_on_its_device_and_dtype(impl):
 def test_cache_marks_valid_slots(impl):
     """A left-padded row: its padding slots are not valid (attention must not see them), its real
     tokens are; the slots are the same for every row."""
-    c = M.Config.from_name("tiny-llama")
+    c = Config.from_name("tiny-llama")
     cache = impl.KVCache(c, batch_size=2, max_len=7, device="cpu", dtype=torch.float32)
     prompt = torch.tensor([[False, False, True, True], [True, True, True, True]])
     assert torch.equal(cache.extend(prompt), torch.arange(4))
