@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from adapters import (KINDS, add_adapter, adapter_names, adapter_state, adapter_tensors,
-                      default_targets, ia3_targets, no_lm_head, remove_adapter, slots)
+                      default_targets, ia3_targets, remove_adapter)
 from checkpoints import hf_name
 from files import read_json, read_state_dict, unreadable, write_atomic
 from model import Linear
+from slots import no_lm_head, slots
 
 
 def _base_identity(c):

@@ -15,11 +15,11 @@ The adapter families of LLM-Adapters on the hook slots of model.py, side by side
 
 Every adapter's last projection starts at zero (ia3's scales at one), so a fresh
 lora/dora/ia3/series/parallel model equals the base exactly.
-Adapters live in `Slot`s (named containers) on the model's hook attributes: several can share a
-model under names, be switched with set_active and combined (e.g. lora + series). Their maths runs
-in fp32 even when the base runs in bf16/fp16 or under autocast. sparse=N (MoSA, "split & merge")
-splits a bottleneck's weights into N disjoint random parts that train one per step; join_sparse
-joins them back into one plain adapter ("merge" here means only folding into the base weight).
+Adapters live in slots (slots.py: named containers on the model's hook attributes): several can
+share a model under names, be switched with set_active and combined (e.g. lora + series). Their
+maths runs in fp32 even when the base runs in bf16/fp16 or under autocast. sparse=N on a bottleneck
+is MoSA's split (mosa.py): N disjoint random parts that train one per step, joined back into one
+plain adapter after training ("merge" here means only folding into the base weight).
 
 Each kind is a class beside its helpers and its entry in KINDS (defaults, places, make, check,
 finish). Each adapter module names its own tensors (adapter_params, as torchtune's): adapter_state
@@ -33,8 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import Linear
+from mosa import Split, join_sparse
 from presets import LINEAR_NAMES
 from quantize import QuantLinear, is_quantized
+from slots import attach, detach, find_linears, slots
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 
@@ -44,16 +46,6 @@ def default_targets(config):
     Qwen2, Mistral: q_proj, k_proj, v_proj, up_proj, down_proj)."""
     qkv = ["query_key_value"] if config.arch == "bloom" else ["q_proj", "k_proj", "v_proj"]
     return qkv + list(LINEAR_NAMES[config.arch][1:])
-
-
-def no_lm_head(config, source):
-    """The one refusal of an adapter on lm_head. Tied (Llama 3.2 1B/3B, Qwen2.5 <= 3B, BLOOM, OPT)
-    it is the input embedding matrix too, so a LoRA merged into it would change the embeddings as
-    well, and untying it would change the model (torchtune refuses it for this reason)."""
-    why = ("it is tied to the input embeddings (tie_embeddings), so a LoRA merged there would "
-           "change them too; untying it would change the model" if config.tie_embeddings
-           else "only the projections inside the blocks have adapter slots")
-    return ValueError(f"{source}: lm_head takes no adapter: {why}")
 
 
 def in_own_dtype(module, fn, x, out_dtype):
@@ -71,98 +63,6 @@ def fast_fp32_matmuls(device, base_dtype):
     it."""
     if torch.device(device).type == "cuda" and base_dtype != torch.float32:
         torch.set_float32_matmul_precision("high")
-
-
-# -------------------------------------------------------- slots: named adapters on one hook point
-class Slot(nn.ModuleDict):
-    """The adapters sharing one hook slot, by name; only the names in `active` run, in the order
-    they were added."""
-
-    def __init__(self):
-        super().__init__()
-        self.active = set()
-
-    def running(self):
-        return [m for name, m in self.items() if name in self.active]
-
-
-class LinearSlot(Slot):  # Linear.adapter: (x, y, linear) -> y
-    def forward(self, x, y, linear):
-        for m in self.running():
-            y = m(x, y, linear)
-        return y
-
-
-class PostSlot(Slot):  # Block.post_attn / post_mlp: y -> y
-    def forward(self, y):
-        for m in self.running():
-            y = m(y)
-        return y
-
-
-class BesideSlot(Slot):  # Block.beside_attn / beside_mlp: h -> what to add
-    def forward(self, h):
-        return sum(m(h) for m in self.running())
-
-
-class PrefixSlot(Slot):  # Attention.prefix: (x, qkv) -> (k, v, gate), or None when nothing runs
-    def forward(self, x, qkv):
-        kvs = [m(x, qkv) for m in self.running()]
-        if any(gate is not None for _, _, gate in kvs):
-            if len(kvs) > 1:
-                names = ", ".join(n for n in self if n in self.active)
-                raise ValueError(f"a gated prefix cannot run beside other prefixes ({names}); "
-                                 "pick one with set_active")
-            return kvs[0]
-        return ((torch.cat([k for k, _, _ in kvs], 2), torch.cat([v for _, v, _ in kvs], 2), None)
-                if kvs else None)
-
-
-class PromptSlot(Slot):  # Transformer.prompt: (B, T, C) -> (B, n_tokens + T, C)
-    @property
-    def n_tokens(self):
-        return sum(m.n_tokens for m in self.running())
-
-    def forward(self, x):
-        for m in reversed(self.running()):  # the first added ends up first
-            x = m(x)
-        return x
-
-
-SLOT_TYPES = {"adapter": LinearSlot, "post_attn": PostSlot, "post_mlp": PostSlot,
-              "beside_attn": BesideSlot, "beside_mlp": BesideSlot, "prefix": PrefixSlot,
-              "prompt": PromptSlot}
-
-
-def _attach(owner, slot, name, module):
-    if getattr(owner, slot) is None:
-        # new modules follow the model's mode
-        setattr(owner, slot, SLOT_TYPES[slot]().train(owner.training))
-    s = getattr(owner, slot)
-    s[name] = module
-    s.active.add(name)
-
-
-def slots(model):
-    """(module name, slot attribute, Slot) for every filled hook slot of the model."""
-    for path, s in model.named_modules():
-        if isinstance(s, Slot):
-            mname, _, attr = path.rpartition(".")
-            yield mname, attr, s
-
-
-def _linears(model, names, option):
-    """{module name: Linear} of the projections called `names`; an unknown name is an error listing
-    the known."""
-    if "lm_head" in names:
-        raise no_lm_head(model.config, option)
-    found = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
-    known = sorted({n.rsplit(".", 1)[-1] for n in found})
-    unknown = [t for t in names if t not in known]
-    if unknown:
-        raise ValueError(f"{option}: unknown linear name(s) {unknown} for {model.config.arch}; "
-                         f"known: {known}")
-    return {n: m for n, m in found.items() if n.rsplit(".", 1)[-1] in names}
 
 
 # -------------------------------------------------------------------- the kinds: one entry per kind
@@ -249,9 +149,8 @@ class LoRA(nn.Module):
 
 
 def _lora_places(model, o):
-    return [(n, "adapter")
-            for n in _linears(model, o["target_modules"] or default_targets(model.config),
-                              "target_modules")]
+    names = o["target_modules"] or default_targets(model.config)
+    return [(n, "adapter") for n in find_linears(model, names, "target_modules")]
 
 
 def _make_lora(model, lin, slot, o):
@@ -262,33 +161,8 @@ _lora = dict(r=32, alpha=64, dropout=0.05, target_modules=None)  # None = q,k,v 
 KINDS["lora"] = Kind(defaults=_lora, places=_lora_places, make=_make_lora)
 
 
-# --------------------------------------------------- series and parallel: bottlenecks, MoSA split
+# ------------------------------------- series and parallel: bottlenecks (MoSA's split: mosa.py)
 PLACEMENTS = {"mlp": ("mlp",), "attn": ("attn",), "both": ("attn", "mlp")}
-
-
-class Split(nn.Module):
-    """MoSA: one weight split into n disjoint random parts, each its own parameter, so an optimizer
-    step on one part cannot move the others. While training, only the `active` part runs, scaled by
-    n so the expected weight is the full one (as inverted dropout); in eval all parts together are
-    the weight."""
-
-    def __init__(self, w, n):
-        super().__init__()
-        self.n, self.active = n, None
-        self.register_buffer("part", (torch.randperm(w.numel()) % n).view(w.shape).to(torch.uint8))
-        self.parts = nn.ParameterList(nn.Parameter(w[self.part == k].clone()) for k in range(n))
-
-    def adapter_params(self):  # the partition too: it says which entry each part holds
-        return ["part", *(f"parts.{k}" for k in range(self.n))]
-
-    @property
-    def weight(self):
-        w = torch.zeros(self.part.shape, dtype=self.parts[0].dtype, device=self.part.device)
-        if self.training and self.active is not None:
-            return w.masked_scatter(self.part == self.active, self.parts[self.active] * self.n)
-        for k in range(self.n):
-            w = w.masked_scatter(self.part == k, self.parts[k])
-        return w
 
 
 class Bottleneck(nn.Module):
@@ -323,10 +197,12 @@ class Bottleneck(nn.Module):
         self.scaling = nn.Parameter(torch.ones(())) if scaling == "learned" else float(scaling)
 
     def adapter_params(self):
-        own = ["scaling"] if isinstance(self.scaling, nn.Parameter) else []
-        return own + [f"{w}.{n}" for w in ("down", "up") for n in
-                      (getattr(self, w).adapter_params() if isinstance(getattr(self, w), Split)
-                       else ["weight"])]
+        names = ["scaling"] if isinstance(self.scaling, nn.Parameter) else []
+        for w in ("down", "up"):  # a Split names its parts (mosa.py), a plain Linear its weight
+            m = getattr(self, w)
+            inner = m.adapter_params() if isinstance(m, Split) else ["weight"]
+            names += [f"{w}.{n}" for n in inner]
+        return names
 
     def branch(self, x):
         z = F.linear(self.act(F.linear(self.dropout(x), self.down.weight)), self.up.weight)
@@ -344,7 +220,7 @@ class Bottleneck(nn.Module):
 def _bottleneck_places(kind):
     def places(model, o):
         if o.get("per_linear"):
-            return [(n, "adapter") for n in _linears(model, o["per_linear"], "per_linear")]
+            return [(n, "adapter") for n in find_linears(model, o["per_linear"], "per_linear")]
         where = "post_" if kind == "series" else "beside_"
         return [(f"layers.{i}", where + sub) for i in range(model.config.n_layer)
                 for sub in PLACEMENTS[o["placement"]]]
@@ -370,35 +246,6 @@ def _check_bottleneck(o, c):
     if o["sparse"] != 0 and not 2 <= o["sparse"] < 256:
         raise ValueError(f"sparse={o['sparse']}: "
                          "expected 0 (off) or a number of parts from 2 to 255")
-
-
-def sparse_step(model, step):
-    """Pick the part of every sparse (MoSA) adapter that trains at this optimizer step: random, but
-    a function of the step so a resumed run picks the same. Parts that did not run get no gradient
-    (None), so the optimizer must zero grads with set_to_none=True (PyTorch's default) for AdamW
-    to leave them untouched."""
-    splits = [m for m in model.modules() if isinstance(m, Split)]
-    if splits:
-        k = int(torch.randint(splits[0].n, (), generator=torch.Generator().manual_seed(step)))
-        for m in splits:
-            m.active = k % m.n
-
-
-def join_sparse(model):
-    """Replace each split weight by the one plain nn.Linear weight its parts make up (what MoSA
-    calls merging; here merge is only the fold into the base weight)."""
-    for m in list(model.modules()):
-        if isinstance(m, Bottleneck):
-            for attr in ("down", "up"):
-                split = getattr(m, attr)
-                if isinstance(split, Split):
-                    w = split.eval().weight.detach()
-                    lin = nn.Linear(w.size(1), w.size(0), bias=False, device=w.device)
-                    lin.weight = nn.Parameter(w, requires_grad=split.parts[0].requires_grad)
-                    setattr(m, attr, lin)
-    for cfg in model.adapter_configs.values():
-        if cfg["options"].get("sparse"):
-            cfg["options"] = {**cfg["options"], "sparse": 0}
 
 
 _bottleneck = dict(bottleneck=256, reduction=0, placement="mlp", non_linearity="tanh",
@@ -438,13 +285,17 @@ class Prefix(nn.Module):
             self.key = nn.Parameter(torch.randn(self.shape) * 0.02)
             self.value = nn.Parameter(torch.randn(self.shape) * 0.02)
 
+    @property
+    def reparameterised(self):  # until compute_prefix: keys and values come out of the MLP
+        return not hasattr(self, "key")
+
     def adapter_params(self):
-        if hasattr(self, "key"):
+        if not self.reparameterised:
             return ["key", "value"]
         return ["embedding", *(f"mlp.{n}" for n, _ in self.mlp.named_parameters())]
 
     def kv(self):
-        if hasattr(self, "key"):
+        if not self.reparameterised:
             return self.key, self.value
         with torch.autocast(self.embedding.device.type, enabled=False):
             k, v = self.mlp(self.embedding).chunk(2, dim=-1)  # (P, Hkv*D) each
@@ -508,7 +359,7 @@ def compute_prefix(model):
     """Replace reparameterised prefixes by the plain keys/values their MLP produces (after
     training)."""
     for m in model.modules():
-        if isinstance(m, Prefix) and not hasattr(m, "key"):
+        if isinstance(m, Prefix) and m.reparameterised:
             k, v = (t.detach().clone() for t in m.kv())
             del m.embedding, m.mlp
             m.key, m.value = nn.Parameter(k), nn.Parameter(v)
@@ -671,11 +522,12 @@ def _check_ia3(o, c):
 
 def _ia3_places(model, o):
     targets = ia3_targets(model.config, o)[0]
-    return [(n, "adapter") for n in _linears(model, targets, "target_modules")]
+    return [(n, "adapter") for n in find_linears(model, targets, "target_modules")]
 
 
 def _make_ia3(model, owner, slot, o):
-    feedforward = _linears(model, ia3_targets(model.config, o)[1], "feedforward_modules").values()
+    ff = ia3_targets(model.config, o)[1]
+    feedforward = find_linears(model, ff, "feedforward_modules").values()
     return IA3(owner, on_input=any(owner is m for m in feedforward))
 
 
@@ -703,8 +555,10 @@ def add_adapter(model, kind, name="default", **options):
             raise ValueError(f"{k}={o[k]!r}: expected a positive integer")
     if entry.check is not None:
         entry.check(o, model.config)
-    new = [(owner, slot, entry.make(model, owner, slot, o))
-           for owner, slot in ((model.get_submodule(n), s) for n, s in entry.places(model, o))]
+    new = []  # (owner module, slot, adapter module): all built before anything is attached
+    for mname, slot in entry.places(model, o):
+        owner = model.get_submodule(mname)
+        new.append((owner, slot, entry.make(model, owner, slot, o)))
     for _, _, module in new:  # names its tensors, or fails now rather than at the save
         adapter_tensors(module)
     in_slots = {id(p) for _, _, s in slots(model) for p in s.parameters()}
@@ -713,8 +567,8 @@ def add_adapter(model, kind, name="default", **options):
             p.requires_grad_(False)
     device = model.embed.weight.device
     for owner, slot, module in new:
-        _attach(owner, slot, name,
-                module.to(device=device, dtype=torch.float32).train(model.training))
+        attach(owner, slot, name,
+               module.to(device=device, dtype=torch.float32).train(model.training))
     model.adapter_configs[name] = {"kind": kind, "options": o}
     return model
 
@@ -730,7 +584,7 @@ def finish_adapters(model):
 def in_training_form(model):
     """True while some adapter is in a form that finish_adapters folds (MoSA parts, a
     reparameterised prefix)."""
-    return any(isinstance(m, Split) or isinstance(m, Prefix) and not hasattr(m, "key")
+    return any(isinstance(m, Split) or isinstance(m, Prefix) and m.reparameterised
                for m in model.modules())
 
 
@@ -742,12 +596,7 @@ def remove_adapter(model, name):
     """Detach adapter `name` from every slot (empty slots go back to None)."""
     if name not in model.adapter_configs:
         raise ValueError(f"no adapter named {name!r}; attached: {adapter_names(model)}")
-    for mname, attr, s in list(slots(model)):
-        if name in s:
-            del s[name]
-            s.active.discard(name)
-            if not len(s):
-                setattr(model.get_submodule(mname), attr, None)
+    detach(model, name)
     del model.adapter_configs[name]
 
 

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 import adapters
 from checkpoints import load_model
+from slots import slots
 
 
 def init(device, timeout_s=1800):
@@ -77,7 +78,7 @@ def add_adapter(model, kind, **options):
         adapters.add_adapter(model, kind, **options)
     finally:
         model.reshard()
-    for _, _, slot in adapters.slots(model):
+    for _, _, slot in slots(model):
         for module in slot.modules():
             for name, p in module._parameters.items():
                 if isinstance(p, DTensor):

@@ -23,6 +23,7 @@ import adapters
 from checkpoints import save_model
 from cli import DEMO_DIR, ConfigError, check_choice, configure, fail, load_for_tool
 from files import check_outside, check_unused, check_writable, write_atomic
+from slots import slots
 
 DEFAULTS = dict(
     model="",             # base model folder; "" = the demo's base (<demo_dir>/base)
@@ -43,7 +44,7 @@ EXPORT_FILES = ("config.json", "model.safetensors", "adapter_config.json",
 
 def unmergeable(model):
     """Kinds of the attached adapters with no fold into W (off the projections, or no merge)."""
-    names = {n for _, _, slot in adapters.slots(model) for n, m in slot.items()
+    names = {n for _, _, slot in slots(model) for n, m in slot.items()
              if not hasattr(m, "merge")}
     return sorted({model.adapter_configs[n]["kind"] for n in names})
 

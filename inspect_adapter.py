@@ -29,6 +29,7 @@ from cli import DEMO_DIR, ConfigError, configure, fail, load_for_tool, template_
 from data.prepare import TEST_REQUIRE, load_rows
 from files import check_writable, write_atomic
 from model import Attention, apply_rope
+from slots import slots
 from svg import svg, tag
 
 DEFAULTS = dict(
@@ -81,7 +82,7 @@ def attention_weights(model, idx, attention_mask=None):
 def adapter_summary(model):
     """Rows (layer, place, quantity, value) for every adapter module on the model's hook slots."""
     rows = []
-    for owner_name, attr, slot in adapters.slots(model):
+    for owner_name, attr, slot in slots(model):
         owner = model.get_submodule(owner_name)
         parts = owner_name.split(".")
         layer = int(parts[1]) if parts[0] == "layers" else -1

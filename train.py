@@ -44,6 +44,7 @@ from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows
 from data.template import TEMPLATES
 from files import check_writable, lock, torch_load, write_atomic
 from loss import LOSS_CHUNK_LOGITS
+from mosa import sparse_step
 from quantize import MODES as QUANT_MODES
 from tokenizer import Tokenizer, check_vocab
 
@@ -350,7 +351,7 @@ class Run:
                 epoch, batches = e, epoch_plan(self.train_ex, cfg, e, rt)
             micro = batches[i]  # this step's micro-batches, lists of example indices
             if self.sparse:  # pick the part of each split weight that trains at this step
-                adapters.sparse_step(self.model, self.step)
+                sparse_step(self.model, self.step)
             lr = get_lr(self.step, self.total, cfg)
             for group in self.opt.param_groups:
                 group["lr"] = lr

@@ -31,7 +31,7 @@ FORBIDDEN = {
     "lora": ("adapters", "peft"),
     "vera": ("peft",),
     "placement": ("adapters.PLACEMENTS", "adapters._bottleneck_places", "adapters.KINDS[].places",
-                  "adapters.slots"),
+                  "slots.slots"),
     "rope_kv": ("model.rope_angles", "model.apply_rope", "model.LayerCache",
                 "model.KVCache.__init__", "model.KVCache.extend", "transformers"),
     "scoring": (),

@@ -389,9 +389,10 @@ def trained_adapter(base_dir, kind, out, **options):
     import adapter_io
     import adapters
     from checkpoints import load_model
+    from slots import slots
     model = adapters.add_adapter(load_model(base_dir), kind, **options)
     torch.manual_seed(1)
-    for _, _, slot in adapters.slots(model):
+    for _, _, slot in slots(model):
         randomize_(slot, std=0.05)
     adapter_io.save_adapter(model, out, base_model=str(base_dir))
     return model.eval()

@@ -20,6 +20,7 @@ import adapters as A
 from checkpoints import load_model, save_model
 from conftest import make_hf_checkpoint, saved_lora, tiny_model, truncate
 from generate import generate
+from slots import find_linears, slots
 from test_adapters import (ALL_FAMILIES, CASES, DORA_IA3, FAMILIES, MLP_OUT, OPTIONS, attached,
                            ids, logits, padded_batch, perturb_, randomize_adapters_, spec, train)
 
@@ -122,7 +123,7 @@ class Shift(nn.Module):
 
 
 SHIFT = A.Kind(defaults=dict(target_modules=["v_proj"]),
-               places=lambda model, o: [(n, "adapter") for n in A._linears(
+               places=lambda model, o: [(n, "adapter") for n in find_linears(
                    model, o["target_modules"], "target_modules")],
                make=lambda model, owner, slot, o: Shift(owner))
 
@@ -165,7 +166,7 @@ def test_a_parameter_left_out_of_adapter_params_is_refused_when_added(shift, mon
     with pytest.raises(ValueError, match=r"Shift.adapter_params\(\) leaves out its parameter\(s\) "
                                          r"\['d'\]: they would not be saved"):
         A.add_adapter(model, "shift")
-    assert A.adapter_names(model) == [] and not list(A.slots(model))
+    assert A.adapter_names(model) == [] and not list(slots(model))
     assert all(p.requires_grad for p in model.parameters())  # not frozen by the failed call
     monkeypatch.setattr(Shift, "adapter_params", lambda self: ["d", "nothing"])
     with pytest.raises(ValueError, match=r"Shift.adapter_params\(\) names 'nothing', which is not"):
@@ -503,7 +504,7 @@ def test_failed_load_leaves_the_model_as_it_was(tmp_path):
     model = tiny_model("llama")
     with pytest.raises(KeyError, match="missing"):
         IO.load_adapter(model, tmp_path)
-    assert A.adapter_names(model) == [] and not list(A.slots(model))
+    assert A.adapter_names(model) == [] and not list(slots(model))
 
 
 # -------------------------------------------------- bad input, folders in use (docs/reliability.md)

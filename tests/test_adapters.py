@@ -4,9 +4,10 @@
 """adapters.py: the modules, their slots, the KINDS registry and the API. Every kind and placement
 on tiny models of each family: a fresh adapter equals the base bit for bit, the forward is the
 paper's formula (DoRA, gated prefix), training moves only the adapter (each module names its own
-tensors), merge = unmerged (LoRA, DoRA, IA3), MoSA sparse split & join, composition under names,
-exact 7B parameter counts, error messages, fp32 adapter maths, and docs/adapters.md's worked
-example held equal to the source. Files and PEFT folders: tests/test_adapter_io.py.
+tensors), merge = unmerged (LoRA, DoRA, IA3), composition under names, exact 7B parameter counts,
+error messages, fp32 adapter maths, and docs/adapters.md's worked example held equal to the
+source. Files and PEFT folders: tests/test_adapter_io.py; MoSA's split: tests/test_mosa.py; the
+slots themselves: tests/test_slots.py.
 
 Models come from conftest.tiny_model (our tiny presets, every weight randomised so no weight is a
 no-op). peft and transformers are imported inside the tests that need them.
@@ -18,7 +19,6 @@ import re
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import adapter_io as IO
@@ -26,7 +26,9 @@ import adapters as A
 from conftest import ROOT, left_pad, tiny_model
 from generate import generate
 from model import Linear, Transformer
+from mosa import sparse_step
 from presets import Config
+from slots import SLOT_TYPES, slots
 
 # transformers/peft
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -172,7 +174,7 @@ def train(model, steps=4, lr=1e-2, B=4, T=12, seed=0):
     model.train()
     losses = []
     for step in range(steps):
-        A.sparse_step(model, step)
+        sparse_step(model, step)
         _, loss = model(idx[:, :-1], targets=idx[:, 1:])
         opt.zero_grad()
         loss.backward()
@@ -212,7 +214,7 @@ def greedy_no_cache(model, idx, n, attention_mask=None):
 
 def attached(model, name):
     """{(module name, slot attribute)} where adapter `name` sits."""
-    return {(m, a) for m, a, s in A.slots(model) if name in s}
+    return {(m, a) for m, a, s in slots(model) if name in s}
 
 
 def expected_places(model, kind, o):
@@ -242,19 +244,6 @@ def prefix_len(model):
     """How many prefix keys the first layer's attention gets now."""
     att = model.layers[0].attn
     return att.prefix(torch.zeros(2, 1, model.config.n_embd), att.qkv)[0].shape[2]
-
-
-def splits(model):
-    return [m for m in model.modules() if isinstance(m, A.Split)]
-
-
-def dense(split):
-    """The full weight a Split stands for, rebuilt from its parts (independently of
-    Split.weight)."""
-    w = torch.zeros(split.part.shape)
-    for k, p in enumerate(split.parts):
-        w[split.part == k] = p.detach()
-    return w
 
 
 def modules(model, cls):
@@ -716,98 +705,6 @@ def test_dora_ia3_merge_equals_unmerged_and_unmerge_restores(family, kind):
     assert all(m.merged_norm is None for m in modules(model, A.DoRA))  # nothing left of the merge
 
 
-# ------------------------------------------------------------------------------ MoSA split & join
-@pytest.mark.parametrize("sid", ["series-sparse", "parallel-sparse", "parallel-per-linear-sparse"])
-def test_sparse_step_trains_only_the_active_part(sid):
-    model = tiny_model("llama")
-    kind, o = spec("llama", sid)
-    A.add_adapter(model, kind, **{**o, "sparse": 4})
-    sp = splits(model)
-    assert sp and all(s.n == 4 for s in sp)
-    for s in sp:  # disjoint parts that cover the weight, of (almost) equal size
-        counts = torch.bincount(s.part.flatten().long(), minlength=4)
-        assert counts.sum() == s.part.numel() and counts.max() - counts.min() <= 1
-        assert [p.numel() for p in s.parts] == counts.tolist()
-    idx = ids(model, B=4, T=12)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    ups = {id(b.up) for b in model.modules() if isinstance(b, A.Bottleneck)}
-    seen = set()
-    for step in range(4):
-        A.sparse_step(model, step)
-        active = sp[0].active
-        seen.add(active)
-        assert all(s.active == active for s in sp)
-        before = [dense(s) for s in sp]
-        # training runs only the active part, scaled by n (as inverted dropout)
-        for s, w in zip(sp, before):
-            assert torch.equal(s.weight, torch.where(s.part == active, w * 4, torch.zeros(())))
-        _, loss = model(idx[:, :-1], targets=idx[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        for s, w in zip(sp, before):
-            changed = dense(s) != w
-            assert not (changed & (s.part != active)).any(), (
-                f"step {step}: entries outside part {active} moved")
-            if step > 0 or id(s) in ups:  # (down gets no gradient while up is still zero)
-                assert changed.any(), f"step {step}: the active part did not train"
-    assert len(seen) > 1
-    model.eval()  # in eval all parts together are the weight
-    assert all(torch.equal(s.weight, dense(s)) for s in sp)
-
-
-def test_sparse_step_is_a_function_of_the_step():
-    a, b = tiny_model("llama"), tiny_model("llama")
-    for m in (a, b):
-        A.add_adapter(m, "parallel", bottleneck=8, sparse=4)
-    picks = []
-    for step in range(12):
-        # the global RNG must not matter (a resumed run has another state)
-        torch.manual_seed(1000 + step)
-        A.sparse_step(a, step)
-        torch.manual_seed(7)
-        A.sparse_step(b, step)
-        assert splits(a)[0].active == splits(b)[0].active
-        picks.append(splits(a)[0].active)
-    assert len(set(picks)) > 1 and all(0 <= k < 4 for k in picks)
-    c = tiny_model("llama")
-    A.add_adapter(c, "parallel", bottleneck=8, sparse=4)
-    A.sparse_step(c, 5)  # resuming at step 5 picks what the uninterrupted run picked at step 5
-    assert splits(c)[0].active == picks[5]
-
-
-@pytest.mark.parametrize("sid", ["series-sparse", "parallel-sparse", "parallel-per-linear-sparse"])
-def test_join_sparse(sid, tmp_path):
-    model = tiny_model("llama")
-    kind, o = spec("llama", sid)
-    A.add_adapter(model, kind, **o)
-    train(model, steps=6)
-    idx = ids(model)
-    _, pidx, pmask = padded_batch(model)
-    before, before_pad = logits(model, idx), logits(model, pidx, attention_mask=pmask)
-    shapes = [(b.down.part.shape, b.up.part.shape) for b in model.modules()
-              if isinstance(b, A.Bottleneck)]
-    A.join_sparse(model)
-    assert not splits(model)
-    assert not any(".part" in n or ".parts." in n for n in model.state_dict())
-    bottlenecks = [b for b in model.modules() if isinstance(b, A.Bottleneck)]
-    for b, (down, up) in zip(bottlenecks, shapes):
-        assert type(b.down) is nn.Linear and type(b.up) is nn.Linear
-        assert b.down.bias is None and b.up.bias is None
-        assert (b.down.weight.shape, b.up.weight.shape) == (down, up) and down[0] == up[1] == 16
-        assert b.down.weight.requires_grad and b.up.weight.requires_grad
-    assert model.adapter_configs["default"]["options"]["sparse"] == 0
-    assert torch.equal(logits(model, idx), before)
-    assert torch.equal(logits(model, pidx, attention_mask=pmask), before_pad)
-    IO.save_adapter(model, tmp_path)
-    fresh = IO.load_adapter(tiny_model("llama"), tmp_path).eval()
-    assert not splits(fresh)
-    assert torch.equal(logits(fresh, idx), before)
-    losses = train(model, steps=2)  # the merged adapter keeps training as a plain one
-    assert losses[-1] < losses[0]
-
-
 # ----------------------------------------------------------------------------- composition, names
 def test_two_named_adapters(tmp_path):
     model = tiny_model("llama")
@@ -818,7 +715,7 @@ def test_two_named_adapters(tmp_path):
     only_a = logits(model.eval(), idx)
     A.add_adapter(model, "series", name="b", bottleneck=8)
     with torch.no_grad():  # give b a non-zero branch
-        for _, _, s in A.slots(model):
+        for _, _, s in slots(model):
             if "b" in s:
                 s["b"].up.weight.normal_(0, 0.1)
     model.eval()
@@ -963,7 +860,7 @@ def test_errors_on_add():
         A.add_adapter(model, "series", scaling="big")
     with pytest.raises(ValueError, match="r=0: expected a positive integer"):
         A.add_adapter(model, "lora", r=0)
-    assert A.adapter_names(model) == [] and not list(A.slots(model))  # nothing was attached
+    assert A.adapter_names(model) == [] and not list(slots(model))  # nothing was attached
 
 
 def test_failed_add_leaves_the_model_as_it_was():
@@ -971,7 +868,7 @@ def test_failed_add_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match="unknown linear name"):
         A.add_adapter(model, "lora", target_modules=["q_proj", "nope"])
     assert all(p.requires_grad for p in model.parameters())  # not frozen by the failed call
-    assert A.adapter_names(model) == [] and not list(A.slots(model))
+    assert A.adapter_names(model) == [] and not list(slots(model))
     with pytest.raises(ValueError, match="sparse=1"):
         A.add_adapter(model, "series", sparse=1)
 
@@ -987,7 +884,7 @@ def test_remove_adapter_restores_the_base():
     assert A.adapter_names(model) == ["b"] and all(lin.adapter is None for lin in model.modules()
                                                    if isinstance(lin, Linear))
     A.remove_adapter(model, "b")
-    assert torch.equal(model(x)[0], ref) and not list(A.slots(model))
+    assert torch.equal(model(x)[0], ref) and not list(slots(model))
     with pytest.raises(ValueError, match="no adapter named"):
         A.remove_adapter(model, "b")
 
@@ -1010,7 +907,7 @@ def test_bf16_base_fp32_adapters(sid):
     if sid in EXACT:
         assert torch.equal(out, base)
     model.train()
-    A.sparse_step(model, 0)
+    sparse_step(model, 0)
     _, loss = model(idx[:, :-1], targets=idx[:, 1:])
     loss.backward()
     grads = [p.grad for p in params.values() if p.grad is not None]
@@ -1135,17 +1032,6 @@ def test_each_kind_sits_beside_its_class():
         assert starts[kind] < where[kind] < min(later, default=len(lines)), kind
 
 
-def test_slots_are_found_by_type_not_by_name():
-    """slots() walks the model for Slot modules, so a hook slot under any attribute is found (no
-    file lists the slot names)."""
-    model = A.add_adapter(tiny_model("llama"), "series", bottleneck=4)
-    model.layers[0].extra_slot = A.PostSlot()  # under a name model.py does not have
-    model.layers[0].extra_slot["x"] = nn.Identity()
-    found = {(m, a) for m, a, _ in A.slots(model)}
-    assert ("layers.0", "extra_slot") in found and ("layers.1", "post_mlp") in found
-    assert len(found) == model.config.n_layer + 1
-
-
 # ----------------------------------------------------- docs/adapters.md: the tables and the example
 def docs_section(title):
     text = (ROOT / "docs" / "adapters.md").read_text()
@@ -1158,7 +1044,7 @@ def test_docs_tables_name_every_kind_and_slot():
     text = (ROOT / "docs" / "adapters.md").read_text()
     for kind in A.KINDS:
         assert f"| `{kind}` |" in text, kind
-    for slot in A.SLOT_TYPES:
+    for slot in SLOT_TYPES:
         assert f".{slot}`" in text, slot
 
 

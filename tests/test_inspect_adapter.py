@@ -10,6 +10,7 @@ from conftest import randomize_, saved_lora, tiny_model, trained_adapter
 
 import adapters
 import inspect_adapter
+from slots import slots
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -18,7 +19,7 @@ SVG = "{http://www.w3.org/2000/svg}"
 def test_attention_weights_times_values_is_the_fused_output(family):
     qkv = ["query_key_value"] if family == "bloom" else ["q_proj", "k_proj", "v_proj"]
     model = adapters.add_adapter(tiny_model(family), "lora", r=4, target_modules=qkv)
-    for _, _, slot in adapters.slots(model):
+    for _, _, slot in slots(model):
         randomize_(slot, std=0.05)  # the adapter on q/k/v must be part of the recomputed weights
     model.eval()
     outs = []  # what each output projection receives: the fused SDPA output, heads side by side

@@ -12,6 +12,7 @@ import adapter_io
 import adapters
 from generate import generate
 from grading import assert_merge_keeps_parameters, fit, load_impl, tiny, token_ids
+from slots import slots
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -36,7 +37,7 @@ def with_lora(impl, monkeypatch):
 
 
 def student_modules(model):
-    return [s["default"] for _, _, s in adapters.slots(model)]
+    return [s["default"] for _, _, s in slots(model)]
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import adapters
 from adapters import Kind
+from slots import find_linears
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +53,7 @@ class VeRA(nn.Module):
 
 def _targets(model, o):
     names = o["target_modules"] or adapters.default_targets(model.config)
-    return adapters._linears(model, names, "target_modules")
+    return find_linears(model, names, "target_modules")
 
 
 def places(model, o):

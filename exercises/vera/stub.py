@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: F401
 
 import adapters
 from adapters import Kind
+from slots import find_linears  # noqa: F401 (you may need it)
 
 
 def projections(seed, r, d_in, d_out):
@@ -68,7 +69,7 @@ class VeRA(nn.Module):
 def places(model, o):
     """[(module name, "adapter")] for every Linear named in o["target_modules"] (None:
     adapters.default_targets)."""
-    raise NotImplementedError("places")  # TODO: adapters._linears finds them by name
+    raise NotImplementedError("places")  # TODO: find_linears finds them by name
 
 
 def make(model, owner, slot, o):

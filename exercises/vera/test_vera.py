@@ -10,6 +10,7 @@ import adapter_io
 import adapters
 from grading import assert_merge_keeps_parameters, fit, load_impl, tiny, token_ids
 from model import Linear
+from slots import slots
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # two shapes: down_proj is (64, 176) on tiny-llama
@@ -29,7 +30,7 @@ def vera(impl):
 
 
 def vera_modules(model):
-    return [s["default"] for _, _, s in adapters.slots(model)]
+    return [s["default"] for _, _, s in slots(model)]
 
 
 @torch.no_grad()
@@ -57,7 +58,7 @@ def test_projections_are_peft_s_draw(impl):
 def test_registered_kind_attaches_and_counts(vera):
     model = adapters.add_adapter(tiny(), "vera", r=8, target_modules=TARGETS)
     assert model.adapter_configs["default"]["kind"] == "vera"
-    places = sorted(n for n, _, _ in adapters.slots(model))
+    places = sorted(n for n, _, _ in slots(model))
     assert places == sorted(f"layers.{i}.{sub}.{t}" for i in range(2) for sub, t in
                             (("attn", "q_proj"), ("attn", "v_proj"), ("mlp", "down_proj")))
     trainable, _ = adapters.count_parameters(model)
@@ -75,7 +76,7 @@ def test_defaults(vera, preset):
     names = adapters.default_targets(model.config)
     want = {n: m for n, m in model.named_modules()
             if isinstance(m, Linear) and n.rsplit(".", 1)[-1] in names}
-    assert sorted(n for n, _, _ in adapters.slots(model)) == sorted(want)
+    assert sorted(n for n, _, _ in slots(model)) == sorted(want)
     trainable, _ = adapters.count_parameters(model)
     assert trainable == sum(256 + m.out_features for m in want.values())
     d_in = max(m.in_features for m in want.values())
