@@ -8,6 +8,7 @@ Speed and memory of adapter training and generation, ours vs Hugging Face + PEFT
   python bench.py --suite      # every row of SUITE (or --suite=lora4,pack4), one process each: a
                                # markdown table on stdout, JSON in --out
   python bench.py --task=ops --adapter=lora   # kernels an adapter adds to a training step (CPU)
+  python bench.py --suite=tokenizer [--tokenizer=path/to/tokenizer.model]   # our BPE vs tiktoken
   python bench.py --lengths=math --pack       # packed rows vs padded ones, real tokens/s of both
   python bench.py --vocab_size=128256 --chunked_loss=false   # the loss from the full logits
   torchrun --nproc_per_node=8 bench.py --fsdp # the base sharded over the processes (FSDP2)
@@ -25,10 +26,12 @@ gradients), plus attention.
 """
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,21 +39,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import distributed
 from adapters import KINDS, add_adapter, count_parameters, fast_fp32_matmuls
+from bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL, BPETokenizer
 from checkpoints import config_to_hf
 from cli import (ConfigError, check_choice, compile_blocks, compile_setting, configure,
                  device_and_dtype)
 from data.pack import collate_packed, collate_padded, padding_share
+from data.template import format_example
 from files import write_atomic
 from generate import generate
 from loss import LOSS_CHUNK_LOGITS
 from model import Transformer
 from presets import PRESETS, Config
 from quantize import MODES as QUANT_MODES, quantize_model
+from tokenizer import Tokenizer
 
 DEFAULTS = dict(
     model="",             # a preset; "" = llama-7b on CUDA, tiny-llama elsewhere
     adapter="lora",       # an adapter kind; none = the bare base (generation only)
     task="train",         # train | generate | ops (kernels the adapter adds, counted on the CPU)
+                          # | tokenizer (our BPE vs tiktoken, encoding Alpaca rows on the CPU)
+    tokenizer="",         # --task=tokenizer: a tiktoken-format tokenizer.model; "" = Llama 3's
+                          # (llama_models, requirements-dev.txt)
     micro_batch=4,
     seq_len=256,
     steps=10,
@@ -119,6 +128,8 @@ SUITE = {
                              adapter="lora", micro_batch=16, vocab_size=128256)),
     "fsdp": ("LoRA, micro-batch 4, FSDP over every GPU", "tok/s per GPU ≥ 0.8× lora4's",
              dict(adapter="lora", micro_batch=4, fsdp=True)),
+    "tokenizer": ("encode 10,000 Alpaca rows, Llama 3's tokenizer.model (CPU)",
+                  "ids = tiktoken's; ≥ 0.4× its tok/s", dict(task="tokenizer")),
 }
 
 
@@ -335,7 +346,7 @@ def baseline_generate(cfg, conf, dtype, device):
 
 def parse(argv):
     cfg = configure(argv, DEFAULTS, __doc__)[0]
-    check_choice(cfg, "task", ("train", "generate", "ops"))
+    check_choice(cfg, "task", ("train", "generate", "ops", "tokenizer"))
     check_choice(cfg, "quantize", ("", *QUANT_MODES))
     if cfg.adapter not in (*KINDS, "none") or cfg.adapter == "none" and cfg.task == "train":
         raise ConfigError(f"--adapter={cfg.adapter}: expected one of {', '.join(KINDS)}"
@@ -363,6 +374,8 @@ def parse(argv):
         raise ConfigError(f"--vocab_size={cfg.vocab_size}: expected 0 (the preset's) or more")
     if cfg.fsdp and (cfg.task != "train" or cfg.quantize or cfg.baseline):
         raise ConfigError("--fsdp: training only, without --quantize and --baseline")
+    if cfg.tokenizer and cfg.task != "tokenizer":
+        raise ConfigError(f"--tokenizer={cfg.tokenizer}: only with --task=tokenizer")
     compile_setting(cfg.compile, "cpu")  # a word it does not know is a ConfigError here
     cfg.model = cfg.model or ("llama-7b" if torch.cuda.is_available() else "tiny-llama")
     if cfg.model not in PRESETS:
@@ -407,10 +420,95 @@ def count_ops(cfg):
     return res
 
 
+# LLM-Adapters' data beside this repository: the tokenizer row's texts when it is there
+LLM_ADAPTERS = Path(__file__).resolve().parent.parent / "shared/data/llm-adapters"
+
+
+def tokenizer_rows(n=10_000, seed=0, root=LLM_ADAPTERS):
+    """n texts as train.py tokenizes them (Alpaca prompt + response): the math training rows and
+    then the test sets of LLM-Adapters' data when present, else generated rows of the same length
+    (about 400 characters of instruction + output). -> (texts, where they are from)"""
+    root = Path(root)
+    files = [root / "ft-training_set/math_data.json", *sorted(root.glob("dataset/*/test.json"))]
+    rows = [r for f in files if f.is_file() for r in json.loads(f.read_text())][:n]
+    source = f"rows of {root}"
+    if len(rows) < n:
+        source = f"generated rows (found {len(rows)} real rows under {root})"
+        rng = random.Random(seed)
+        words = ("the a of and to apples has each more than total how many left buys sells "
+                 "Janet's ducks eggs day dollars per week answer is so we need first then").split()
+        rows = [{"instruction": " ".join(rng.choice(words + [str(rng.randint(0, 999))])
+                                         for _ in range(rng.randint(15, 60))) + "?",
+                 "output": " ".join(rng.choice(words + [f"{rng.randint(0, 99)} * 3 = "])
+                                    for _ in range(rng.randint(20, 60)))} for _ in range(n)]
+    return ["".join(format_example(r)) for r in rows], source
+
+
+def bench_tokenizer(cfg):
+    """Our BPE against tiktoken on the same tiktoken-format tokenizer.model (Llama 3's unless
+    --tokenizer names another) and texts: both printed on stderr, as a row of the suite returned
+    (tok/s: tokens encoded per second; load seconds apart)."""
+    path = cfg.tokenizer
+    if not path:
+        try:
+            import llama_models  # test-only package that ships Llama 3's tokenizer.model
+        except ImportError:
+            raise ConfigError("--tokenizer: none given, and llama_models, whose Llama 3 "
+                              "tokenizer.model is the default, is not installed "
+                              "(pip install -r requirements-dev.txt)") from None
+        path = Path(llama_models.__file__).parent / "llama3/tokenizer.model"
+    t0 = time.perf_counter()
+    try:
+        tok = Tokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # a TokenizerError names the file and what was expected
+        raise ConfigError(f"--tokenizer: {e}") from None
+    t1 = time.perf_counter()
+    if not (isinstance(tok, BPETokenizer) and tok.ranks is None):  # ranks None: a tiktoken file
+        raise ConfigError(f"--tokenizer={path}: expected a tiktoken-format tokenizer.model "
+                          "(Llama 3's), the one file both tokenizers read")
+    texts, source = tokenizer_rows()
+    print(f"{len(texts)} {source}, mean {sum(map(len, texts)) / len(texts):.0f} characters",
+          file=sys.stderr)
+    t2 = time.perf_counter()
+    ours = [tok.encode(t) for t in texts]
+    t3 = time.perf_counter()
+    n_tokens = sum(map(len, ours))
+    print(f"ours     (pure Python): load {t1 - t0:5.2f} s, encode {t3 - t2:5.2f} s "
+          f"({len(texts) / (t3 - t2):,.0f} rows/s; {n_tokens:,} tokens)", file=sys.stderr)
+    res = {"task": "tokenizer", "tokenizer": str(path), "rows": len(texts), "source": source,
+           "ours": {"tokens": n_tokens, "load_s": round(t1 - t0, 3),
+                    "encode_s": round(t3 - t2, 3), "tok_s": round(n_tokens / (t3 - t2))}}
+    try:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+    except ImportError:
+        print("tiktoken: not installed (pip install tiktoken) - nothing to compare with",
+              file=sys.stderr)
+        return res
+    t0 = time.perf_counter()
+    ref = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN,
+                            mergeable_ranks=load_tiktoken_bpe(str(path)),
+                            special_tokens={t: tok.special[t] for t in LLAMA3_SPECIAL})
+    t1 = time.perf_counter()
+    theirs = [ref.encode_ordinary(t) for t in texts]
+    t2 = time.perf_counter()
+    same = ours == theirs
+    print(f"tiktoken {tiktoken.__version__:<11}: load {t1 - t0:5.2f} s, encode {t2 - t1:5.2f} s "
+          f"({len(texts) / (t2 - t1):,.0f} rows/s); same ids: {same}", file=sys.stderr)
+    res["ours"]["compared"] = {f"tiktoken {tiktoken.__version__}": {
+        "load_s": round(t1 - t0, 3), "encode_s": round(t2 - t1, 3),
+        "tok_s": round(sum(map(len, theirs)) / (t2 - t1))}}
+    if not same:  # a speed of other ids means nothing: the row is an error
+        res["error"] = "our ids differ from tiktoken's"
+    return res
+
+
 def run(cfg):
     """One row: ours (and with --baseline, HF+PEFT) on one piece of work -> a dict of results."""
     if cfg.task == "ops":
         return {"task": "ops", "adapter": cfg.adapter, "ours": count_ops(cfg)}
+    if cfg.task == "tokenizer":
+        return bench_tokenizer(cfg)
     device, dtype = device_and_dtype()  # as train.py: bf16 on CUDA (fp16 without bf16), else fp32
     if cfg.fsdp:
         rank, world, device = distributed.init(device)
@@ -508,7 +606,7 @@ def markdown_table(rows):
         elif ours.get("compared"):  # packed vs padded: the reference of the same run
             way, ref = next(iter(ours["compared"].items()))
             other, ratio = speed(ref, f"{way}: "), f"{ours['tok_s'] / ref['tok_s']:.2f}×"
-        first = ours.get("first_step_s", ours.get("first_call_s"))
+        first = ours.get("first_step_s", ours.get("first_call_s", ours.get("load_s")))
         lines.append(f"| {row['work']} | {speed(ours)} | {other} | {ratio} | {first} "
                      f"| {row['target']} |")
     done = [r["result"] for r in rows if "device" in r["result"]]

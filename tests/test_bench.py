@@ -110,6 +110,7 @@ BAD = {  # one setting -> the start of its one-line error
     "--lengths=code": "--lengths=code: expected one of math, demo",
     "--pack": "--pack needs --lengths",
     "--fsdp": "--fsdp: start bench.py with torchrun",
+    "--tokenizer=x": "--tokenizer=x: only with --task=tokenizer",
 }
 
 
@@ -126,6 +127,51 @@ def test_ops_counts_the_lean_adapter_path():
     assert 4 <= res["forward_ops_per_call"] <= 7 and res["backward_ops_per_layer"] > 0
     series = bench.main(["--task=ops", "--adapter=series"])["ours"]
     assert 3 <= series["forward_ops_per_layer"] <= 6  # scaling 1.0 multiplies nothing
+
+
+# ---- the tokenizer row: our BPE against tiktoken (docs/tokenizers.md) ----------------------------
+
+
+def test_tokenizer_row_gives_tiktokens_ids(capsys):
+    """Llama 3's tokenizer.model, 10,000 Alpaca rows: ours and tiktoken's ids equal, both timed."""
+    pytest.importorskip("llama_models")
+    pytest.importorskip("tiktoken")
+    res = bench.main(["--task=tokenizer"])
+    ours = res["ours"]
+    (way, theirs), = ours["compared"].items()
+    assert "error" not in res and way.startswith("tiktoken ") and res["rows"] == 10_000
+    assert ours["tok_s"] > 0 and theirs["tok_s"] > 0 and ours["tokens"] > 100_000
+    assert "same ids: True" in capsys.readouterr().err
+
+
+def test_tokenizer_rows_without_the_data(tmp_path):
+    """Without LLM-Adapters' data the rows are generated, of the real rows' length; with it, they
+    are its rows in the Alpaca template."""
+    texts, source = bench.tokenizer_rows(200, root=tmp_path)
+    assert len(texts) == 200 and source.startswith("generated rows (found 0 real rows")
+    assert all("### Response:" in t for t in texts) and 200 < sum(map(len, texts)) / 200 < 800
+    (tmp_path / "ft-training_set").mkdir()
+    rows = [{"instruction": f"Q{i}?", "input": "", "output": f"A{i}"} for i in range(3)]
+    (tmp_path / "ft-training_set/math_data.json").write_text(json.dumps(rows))
+    texts, source = bench.tokenizer_rows(3, root=tmp_path)
+    assert source == f"rows of {tmp_path}" and "Q2?" in texts[2] and texts[2].endswith("A2")
+
+
+def test_tokenizer_row_errors_are_one_line(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    run = subprocess.run([sys.executable, "bench.py", "--task=tokenizer",
+                          f"--tokenizer={tmp_path / 'tokenizer.model'}"],
+                         cwd=os.path.dirname(os.path.abspath(bench.__file__)),
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().count("\n") == 0 and "tokenizer.model: empty file" in run.stderr
+    # a BPE that tiktoken cannot read (vocab.json + merges.txt): refused by name
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2,
+                                                     "<|endoftext|>": 3}))
+    (tmp_path / "merges.txt").write_text("a b\n")
+    (tmp_path / "tokenizer.model").unlink()
+    with pytest.raises(SystemExit, match=r"expected a tiktoken-format tokenizer\.model"):
+        bench.main(["--task=tokenizer", f"--tokenizer={tmp_path}"])
 
 
 # -------------------------------------------------- bad input, folders in use (docs/reliability.md)
