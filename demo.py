@@ -18,8 +18,9 @@ and 900 steps later its validation loss and the adapters' scores.
 Its own settings (SETTINGS: --demo_dir, --demo_n_test, ...) go on train.py's command line with
 the others; with --model they are unknown settings, since they would change nothing.
 
-Arrows: demo.py imports train.py (get_config, session, Run, finetune); train.py names this file
-only in its main(), to hand over a command line without --model.
+Arrows: demo.py imports train.py (get_config, check_ranges, Run, finetune, log) and
+distributed.py (session); train.py names this file only in its main(), to hand over a command line
+without --model.
 """
 import os
 import shutil
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 import adapter_io
 import adapters
+import distributed
 import train
 from checkpoints import load_model, save_model
 from cli import DEMO_DIR, ConfigError, fail
@@ -96,7 +98,7 @@ def main(argv=None):
     cfg.model, cfg.data = os.path.join(cfg.demo_dir, "base"), os.path.join(data, "train.json")
     cfg.out = cfg.out or os.path.join(cfg.demo_dir, cfg.adapter)
     cfg.overwrite = cfg.overwrite and not cfg.resume  # RECIPE's overwrite gives way to --resume
-    with train.session(cfg) as rt:
+    with distributed.session(cfg.device, cfg.dtype, cfg.threads) as rt:
         cached = os.path.exists(os.path.join(cfg.model, "config.json"))
         say(rt, plan(cfg, cached))
         if not cached:

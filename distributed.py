@@ -17,10 +17,16 @@ process: it is a few MB (sharding it would save nothing), its gradients are aver
 (average_gradients, as DDP does), and so its optimizer state, resume.pt and
 adapter_model.safetensors are exactly those of a one-process run. On a CPU the processes talk
 over gloo (tests/test_distributed.py runs two); on GPUs over NCCL.
+
+Every run starts here: `with session(device, dtype, threads) as rt:` gives what all of a process's
+steps share (rt: device, dtype, the autocast context, rank, world, master), and ends the process
+group on every way out.
 """
 import os
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -31,7 +37,36 @@ from torch.distributed.tensor import DTensor
 
 import adapters
 from checkpoints import load_model
+from cli import ConfigError, device_and_dtype, fail
 from slots import slots
+
+
+def setup(device="", dtype="", threads=0):
+    """--device, --dtype, --threads -> rt: device, dtype, autocast context and the processes
+    torchrun started (RANK, LOCAL_RANK and WORLD_SIZE; init)."""
+    try:
+        device, dtype = device_and_dtype(device, dtype)
+    except ConfigError as e:
+        fail(e)
+    rank, world, device = init(device)
+    if threads:
+        torch.set_num_threads(threads)
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    adapters.fast_fp32_matmuls(device, dtype)
+    return SimpleNamespace(device=device, dtype=dtype, ctx=ctx, rank=rank, world=world,
+                           master=rank == 0)
+
+
+@contextmanager
+def session(device="", dtype="", threads=0):
+    """setup(...) for a `with` body, and the process group ended on every way out (teardown: a
+    finished run first waits for every process, a failed one not)."""
+    rt, finished = setup(device, dtype, threads), False
+    try:
+        yield rt
+        finished = True
+    finally:
+        teardown(rt.world, finished)
 
 
 def init(device, timeout_s=1800):

@@ -24,8 +24,6 @@ import math
 import os
 import sys
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -37,14 +35,17 @@ import adapters
 import distributed
 from checkpoints import load_model
 from cli import (DTYPES, ConfigError, check_choice, check_threads, compile_blocks, compile_setting,
-                 configure, device_and_dtype, fail, read_args, settle)
+                 configure, fail, read_args, settle)
+from data.examples import deal, micro_batches, tokenize
 from data.pack import collate_packed, collate_padded
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows
 from data.template import TEMPLATES
-from files import append_jsonl, check_unused, check_writable, lock, torch_load, write_atomic
+from files import append_jsonl
 from loss import LOSS_CHUNK_LOGITS
 from mosa import sparse_step
 from quantize import MODES as QUANT_MODES
+from run_files import (RESUME_KEYS, claim_out, clear_earlier_run, read_state, restore_rng,
+                       rng_states, write_state)
 from tokenizer import Tokenizer, check_vocab
 
 # --------------------------------------------------------------------------------------------------
@@ -159,34 +160,6 @@ def explain_option(key, given):
                        f"{kind} options: {', '.join(adapters.KINDS[kind].defaults)}")
 
 
-def setup(cfg):
-    """Device, dtype, autocast context and the processes torchrun started (RANK, LOCAL_RANK and
-    WORLD_SIZE; distributed.init)."""
-    try:
-        device, dt = device_and_dtype(cfg.device, cfg.dtype)
-    except ConfigError as e:
-        fail(e)
-    rank, world, device = distributed.init(device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    ctx = nullcontext() if dt == torch.float32 else torch.autocast(device.type, dtype=dt)
-    adapters.fast_fp32_matmuls(device, dt)
-    return SimpleNamespace(device=device, dtype=dt, ctx=ctx, rank=rank, world=world,
-                           master=rank == 0)
-
-
-@contextmanager
-def session(cfg):
-    """setup(cfg) for a `with` body, and the process group ended on every way out
-    (distributed.teardown: a finished run first waits for every process, a failed one not)."""
-    rt, finished = setup(cfg), False
-    try:
-        yield rt
-        finished = True
-    finally:
-        distributed.teardown(rt.world, finished)
-
-
 def log(rt, out, record, text):
     """Print text (first process only), and append record to <out>/log.jsonl (plot.py reads it)."""
     if rt.master:
@@ -196,7 +169,7 @@ def log(rt, out, record, text):
 
 
 # --------------------------------------------------------------------------------------------------
-# data: rows -> examples (input ids, targets) -> micro-batches
+# data: rows -> examples (input ids, targets) -> micro-batches (data/examples.py)
 
 
 def prepare_data(cfg, tok, rt):
@@ -215,56 +188,17 @@ def prepare_data(cfg, tok, rt):
              f", not more than --val_set_size={cfg.val_set_size}")
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_val = cfg.val_set_size
-    train_ex, n_cut, n_dropped = tokenize(tok, [rows[i] for i in perm[n_val:]], cfg)
-    val_ex = tokenize(tok, [rows[i] for i in perm[:n_val]], cfg)[0]
+
+    def examples(rows):  # -> (examples, number cut, number dropped)
+        return tokenize(tok, rows, cfg.template, cfg.cutoff_len, cfg.train_on_inputs)
+    train_ex, n_cut, n_dropped = examples([rows[i] for i in perm[n_val:]])
+    val_ex = examples([rows[i] for i in perm[:n_val]])[0]
     if n_cut or n_dropped:
         log(rt, None, None, f"{n_cut} training rows cut at --cutoff_len={cfg.cutoff_len} tokens, "
                             f"{n_dropped} dropped (nothing left to learn)")
     if not train_ex:
         fail(f"{cfg.data}: no training example left")
     return train_ex, val_ex
-
-
-def tokenize(tok, rows, cfg):
-    """LLM-Adapters' examples in --template's encoding (Alpaca: [BOS] prompt + response EOS;
-    llama3-chat: header pieces, the response ending in <|eot_id|>), cut at cutoff_len; the
-    targets are the ids shifted by one (nanoGPT style), -100 on the prompt when train_on_inputs is
-    false. Returns (examples, number cut, number dropped): a row left without any target (its prompt
-    fills cutoff_len) is dropped."""
-    examples, n_cut, n_dropped = [], 0, 0
-    template = TEMPLATES[cfg.template]
-    for row in rows:
-        ids, n_prompt = template.encode_example(tok, row)
-        n_cut += len(ids) > cfg.cutoff_len
-        ids = ids[:cfg.cutoff_len]
-        targets = ids[1:]
-        if not cfg.train_on_inputs:
-            targets = [-100] * (n_prompt - 1) + targets[n_prompt - 1:]
-        if all(t == -100 for t in targets):
-            n_dropped += 1
-        else:
-            examples.append((ids[:-1], targets[:len(ids) - 1]))
-    return examples, n_cut, n_dropped
-
-
-def epoch_plan(examples, cfg, epoch, rt):
-    """This process's optimizer steps of one epoch, each a list of micro-batches (lists of example
-    indices): a pure function of (seed, epoch), so a resumed run gets the same batches.
-    group_by_length sorts by length within groups of 50 micro-batches (as Hugging Face's), then
-    shuffles the micro-batches so that a step still mixes lengths. The list is padded to a multiple
-    of the world size by repeating its start (DistributedSampler's rule) and dealt round-robin to
-    the processes."""
-    g = torch.Generator().manual_seed(cfg.seed + epoch)
-    order, mb = torch.randperm(len(examples), generator=g).tolist(), cfg.micro_batch_size
-    if cfg.group_by_length:
-        order = [i for s in range(0, len(order), 50 * mb)
-                 for i in sorted(order[s:s + 50 * mb], key=lambda i: len(examples[i][0]))]
-    micro = [order[s:s + mb] for s in range(0, len(order), mb)]
-    if cfg.group_by_length:
-        micro = [micro[i] for i in torch.randperm(len(micro), generator=g).tolist()]
-    micro = (micro + micro[:-len(micro) % rt.world])[rt.rank::rt.world]
-    accum = cfg.batch_size // (mb * rt.world)
-    return [micro[s:s + accum] for s in range(0, len(micro), accum)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,12 +249,6 @@ def wrap(model, cfg, rt, unused):
     return fwd
 
 
-# what a resumed run must share with the one it continues (the adapter's options are compared too)
-RESUME_KEYS = ("model", "data", "adapter", "batch_size", "micro_batch_size", "learning_rate",
-               "warmup_steps", "decay", "num_epochs", "max_steps", "seed", "cutoff_len",
-               "train_on_inputs", "val_set_size")
-
-
 class Run:
     """One training run's state: settings, model and the module the loop calls (compiled, DDP),
     AdamW, GradScaler (float16), step, best validation loss, and the folder it writes (out: the
@@ -340,9 +268,18 @@ class Run:
         self.sparse = bool((adapter_options(model) or {}).get("sparse"))
         self.fwd = wrap(model, cfg, rt, unused=self.sparse)
         self.sharded = distributed.is_sharded(model)  # FSDP: the base split over the processes
-        self.steps_per_epoch = len(epoch_plan(train_ex, cfg, 0, rt))
+        self.steps_per_epoch = len(self.epoch_plan(0))
         self.total = cfg.max_steps or cfg.num_epochs * self.steps_per_epoch
         self.step, self.best, self.saved_at = 0, math.inf, None  # saved_at: step of resume.pt
+
+    def epoch_plan(self, epoch):
+        """This process's optimizer steps of one epoch, each a list of micro-batches (lists of
+        example indices): a pure function of (seed, epoch), so a resumed run gets the same
+        batches; grouped by length with --group_by_length, dealt to the processes."""
+        cfg, rt = self.cfg, self.rt
+        lengths = [len(ids) for ids, _ in self.train_ex]
+        micro = micro_batches(lengths, cfg.micro_batch_size, cfg.seed + epoch, cfg.group_by_length)
+        return deal(micro, cfg.batch_size // (cfg.micro_batch_size * rt.world), rt.rank, rt.world)
 
     def fit(self):
         """Train to self.total steps (from resume.pt with --resume). Returns a summary dict."""
@@ -355,7 +292,7 @@ class Run:
             # an epoch's batches are a function of (seed, epoch): a resumed run gets the same ones
             e, i = divmod(self.step, self.steps_per_epoch)
             if e != epoch:
-                epoch, batches = e, epoch_plan(self.train_ex, cfg, e, rt)
+                epoch, batches = e, self.epoch_plan(e)
             micro = batches[i]  # this step's micro-batches, lists of example indices
             if self.sparse:  # pick the part of each split weight that trains at this step
                 sparse_step(self.model, self.step)
@@ -441,60 +378,35 @@ class Run:
                 else "none written yet"))
 
     def save_state(self):
-        """<out>/resume.pt: trainable weights, optimizer, GradScaler, step (the schedule is a
-        function of it) and every process's RNG state, with the settings a resumed run must share.
-        Temporary file, then renamed."""
+        """<out>/resume.pt (run_files.py): trainable weights, optimizer, GradScaler, step (the
+        schedule is a function of it) and every process's RNG state, with the settings a resumed
+        run must share."""
         if not self.out:
             return
-        rt = self.rt
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state() if rt.device.type == "cuda" else None}
-        rngs = [rng] * rt.world
-        if rt.world > 1:
-            dist.all_gather_object(rngs, rng)
-        if rt.master:
-            state = dict(step=self.step, best_val=self.best, rng=rngs,
-                         trainable={n: p.detach().cpu() for n, p in self.named},
-                         optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
-                         config={k: getattr(self.cfg, k) for k in RESUME_KEYS},
-                         options=adapter_options(self.model))
-            write_atomic(os.path.join(self.out, "resume.pt"), lambda f: torch.save(state, f))
+        rngs = rng_states(self.rt.device, self.rt.world)  # every process takes part
+        if self.rt.master:
+            write_state(self.out, dict(
+                step=self.step, best_val=self.best, rng=rngs,
+                trainable={n: p.detach().cpu() for n, p in self.named},
+                optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
+                config={k: getattr(self.cfg, k) for k in RESUME_KEYS},
+                options=adapter_options(self.model)))
         self.saved_at = self.step
 
     def load_state(self):
-        """save_state's mirror: restore everything it wrote, after checking that this run
-        continues that one."""
-        path, rt = os.path.join(self.out, "resume.pt"), self.rt
-        if not os.path.exists(path):
-            fail(f"--resume: no checkpoint {path}")
-        try:
-            state = torch_load(path, map_location=rt.device, mmap=False)
-        except ValueError as e:
-            fail(f"--resume: {e}")
-        keys = {"step", "trainable", "config", "rng", "optimizer"}
-        if not isinstance(state, dict) or not keys <= state.keys():
-            fail(f"--resume: {path} is not a resume checkpoint written by train.py")
-        now = {**{k: getattr(self.cfg, k) for k in state["config"]},
-               **(adapter_options(self.model) or {})}
-        for key, was in {**state["config"], **(state.get("options") or {})}.items():
-            if now.get(key) != was:
-                fail(f"--resume: --{key}={now.get(key)!r} differs from the checkpoint's {was!r}")
-        if sorted(state["trainable"]) != sorted(n for n, _ in self.named):
-            fail(f"--resume: {path} holds other trainable parameters than this adapter's")
+        """save_state's mirror: restore everything it wrote, once run_files.read_state has
+        checked that this run continues that one."""
+        rt = self.rt
+        now = {**vars(self.cfg), **(adapter_options(self.model) or {})}
+        state = read_state(self.out, rt.device, now, {n: p.shape for n, p in self.named})
         with torch.no_grad():
             for n, p in self.named:
-                saved = state["trainable"][n]
-                if saved.shape != p.shape:
-                    fail(f"--resume: {path} holds {n} of shape {tuple(saved.shape)}, this "
-                         f"adapter's is {tuple(p.shape)}: its options differ from that run's")
-                p.copy_(saved)
+                p.copy_(state["trainable"][n])
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"][rt.rank if len(state["rng"]) == rt.world else 0]
-        torch.set_rng_state(rng["cpu"].cpu())
-        if rng["cuda"] is not None and rt.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu())
-        log(rt, None, None, f"resumed from {path} at step {state['step']}")
+        restore_rng(state["rng"], rt.rank, rt.world, rt.device)
+        log(rt, None, None, f"resumed from {os.path.join(self.out, 'resume.pt')} at step "
+                            f"{state['step']}")
         self.step, self.best, self.saved_at = state["step"], state["best_val"], state["step"]
 
     def finish(self, summary):
@@ -529,7 +441,7 @@ def main(argv=None):
         import demo  # demo.py imports this file: named here only, where the run is handed over
         return demo.main(argv)
     cfg, options = get_config(argv)
-    with session(cfg) as rt:
+    with distributed.session(cfg.device, cfg.dtype, cfg.threads) as rt:
         return finetune(cfg, options, rt)
 
 
@@ -550,7 +462,8 @@ def finetune(cfg, options, rt, extra=None):
     check_inputs(cfg)
     name = os.path.basename(os.path.normpath(cfg.model))
     cfg.out = cfg.out or os.path.join("out", f"{name}-{cfg.adapter}")
-    with claim_out(cfg, rt) as earlier:  # held to the end: a second run into this --out is refused
+    # held to the end: a second run into this --out is refused
+    with claim_out(cfg.out, cfg.overwrite, cfg.resume, rt.master) as earlier:
         base, tok = load_base(cfg, rt)
         train_ex, val_ex = prepare_data(cfg, tok, rt)
         model = attach_adapter(base, cfg, options)
@@ -558,7 +471,8 @@ def finetune(cfg, options, rt, extra=None):
         log(rt, None, None, f"{cfg.adapter} adapter on {cfg.model}: {trainable:,} trainable of "
                             f"{total:,} parameters ({100 * trainable / total:.2f}%); "
                             f"{len(train_ex)} training, {len(val_ex)} validation rows")
-        clear_earlier_run(cfg, rt, earlier)  # only now that the new run has all it needs
+        # only now that the new run has all it needs
+        clear_earlier_run(cfg.out, earlier, cfg.resume, rt.world, rt.master)
         run = Run(model, train_ex, val_ex, cfg, rt, out=cfg.out,
                   extra=dict(template=cfg.template, data=cfg.data, **(extra or {})))
         try:
@@ -584,36 +498,6 @@ def check_inputs(cfg):
         fail(f"--data={cfg.data}: no such file")
     if cfg.resume and cfg.overwrite:
         fail("--resume=true continues the run in --out, --overwrite=true replaces it: give one")
-
-
-# what a run leaves in --out
-RUN_FILES = ("adapter_model.safetensors", "adapter_config.json", "resume.pt", "log.jsonl")
-
-
-@contextmanager
-def claim_out(cfg, rt):
-    """--out must take files, and hold no earlier run unless --resume=true continues it or
-    --overwrite=true replaces it (files.check_unused): no run is lost by mistake. The first process
-    holds its lock file (files.lock) for the whole run. Yields the earlier run's files."""
-    with ExitStack() as held:
-        try:
-            check_writable(cfg.out, "--out")
-            if rt.master:
-                held.enter_context(lock(cfg.out, "--out"))
-            earlier = check_unused(cfg.out, "--out", cfg.overwrite, RUN_FILES, resume=cfg.resume)
-        except ValueError as e:  # not a folder, read-only, in use by another run, or used
-            fail(e)
-        yield earlier
-
-
-def clear_earlier_run(cfg, rt, earlier):
-    """--overwrite: delete the earlier run's files, once the new run's model, data and adapter are
-    loaded and checked (a new run that cannot start leaves the earlier one whole)."""
-    if rt.world > 1:  # every process has looked before rank 0 clears the folder
-        dist.barrier()
-    if earlier and not cfg.resume and rt.master:  # replaced: none of the earlier run is kept
-        for f in earlier:
-            os.remove(os.path.join(cfg.out, f))
 
 
 def load_base(cfg, rt):

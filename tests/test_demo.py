@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import adapter_io
 import demo as demo_py
+import distributed
 import train
 from checkpoints import load_model
 from tokenizer import Tokenizer
@@ -140,7 +141,7 @@ def build(tmp_path, name, caller_threads, steps=6):
     try:
         with pytest.MonkeyPatch.context() as m:
             m.setattr(train.Run, "fit", spy)
-            demo_py.build_base(str(tmp_path / name), cfg, train.setup(cfg))
+            demo_py.build_base(str(tmp_path / name), cfg, distributed.setup(cfg.device, cfg.dtype, cfg.threads))
         assert torch.get_num_threads() == caller_threads  # the caller's count is back
     finally:
         torch.set_num_threads(before)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import adapter_io
 import adapters
 import distributed
+import run_files
 import train
 from checkpoints import load_model
 from data import synthetic
@@ -151,6 +152,17 @@ def test_one_process_is_not_distributed(monkeypatch):
     assert not dist.is_initialized()
 
 
+def test_setup_applies_the_dtype_and_the_adapter_matmul_precision(monkeypatch):
+    seen = []
+    monkeypatch.setattr(adapters, "fast_fp32_matmuls",
+                        lambda device, dtype: seen.append((device, dtype)))
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        rt = distributed.setup("cpu", name, threads=0)
+        assert rt.dtype == dtype and seen[-1] == (torch.device("cpu"), dtype)
+        assert ((rt.ctx.fast_dtype == dtype) if dtype != torch.float32
+                else not isinstance(rt.ctx, torch.autocast))
+
+
 # ------------------------------------------------------------------------ train.py --fsdp=true
 class Interrupt(Exception):
     pass
@@ -209,7 +221,7 @@ def test_train_fsdp_two_processes_equal_one_resume_included(tiny_dir, tmp_path):
         a, b = records(two, key), records(one, key)
         assert sorted(a) == sorted(b) and [a[s] for s in a] == pytest.approx(
             [b[s] for s in a], rel=1e-6, abs=0), key
-    assert sorted(os.listdir(two)) == sorted(os.listdir(one)) == sorted(train.RUN_FILES)
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one)) == sorted(run_files.RUN_FILES)
     a, b = (load_file(d / "adapter_model.safetensors") for d in (two, one))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     fresh = adapter_io.load_adapter(load_model(tiny_dir), two)  # the files load as any run's

@@ -23,14 +23,14 @@ import adapter_io
 import adapters
 import cli
 import demo as demo_py
+import distributed
 import files
+import run_files
 import train
 from data import prepare
 from data import synthetic
 from data.prepare import write_json
-from data.template import format_prompt
 from checkpoints import load_model
-from tokenizer import Tokenizer
 
 # the project root, not imported from conftest: DDP's spawned processes re-import this file
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def demo(tmp_path_factory):
     cfg, _ = demo_py.get_config(["--demo_base_steps=40", "--demo_base_docs=3000", "--threads=0"])
     with pytest.MonkeyPatch.context() as m:
         m.setattr(demo_py, "MODEL", TINY)
-        demo_py.build_base(str(root / "base"), cfg, train.setup(cfg))
+        demo_py.build_base(str(root / "base"), cfg, distributed.setup(cfg.device, cfg.dtype, cfg.threads))
     return (root,)
 
 
@@ -223,53 +223,6 @@ def test_torch_compile_gives_the_same_losses(demo, rows, tmp_path):
                            for d in ("eager", "compiled"))
         assert len(eager) == (2 if key == "loss" else 1)
         assert compiled == pytest.approx(eager, rel=1e-4)
-
-
-def test_train_on_inputs_false_masks_the_prompt(demo):
-    tok = Tokenizer.from_pretrained(demo[0] / "base")
-    row = {"instruction": "Tom has 3 pens. How many pens does Tom have now?", "input": "",
-           "output": "3."}
-    cfg = train.get_config(["--model=x", "--train_on_inputs=false"])[0]
-    (x, y), = train.tokenize(tok, [row], cfg)[0]
-    prompt = tok.encode(format_prompt(row["instruction"]), bos=True)
-    full = tok.encode(format_prompt(row["instruction"]) + "3.", bos=True, eos=True)
-    assert (x == full[:-1] and y[:len(prompt) - 1] == [-100] * (len(prompt) - 1)
-            and y[len(prompt) - 1:] == full[len(prompt):])
-    # cut: no EOS; then a prompt longer than cutoff_len is dropped
-    cfg.cutoff_len, cfg.train_on_inputs = 12, True
-    (x, y), = train.tokenize(tok, [row], cfg)[0]
-    assert len(x) == 11 and y == full[1:12] and tok.eos_id not in y
-    cfg.train_on_inputs = False
-    assert train.tokenize(tok, [row], cfg) == ([], 1, 1)
-
-
-def test_setup_applies_the_dtype_and_the_adapter_matmul_precision(monkeypatch):
-    seen = []
-    monkeypatch.setattr(adapters, "fast_fp32_matmuls",
-                        lambda device, dtype: seen.append((device, dtype)))
-    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
-        rt = train.setup(train.get_config(["--device=cpu", f"--dtype={name}", "--threads=0"])[0])
-        assert rt.dtype == dtype and seen[-1] == (torch.device("cpu"), dtype)
-        assert ((rt.ctx.fast_dtype == dtype) if dtype != torch.float32
-                else not isinstance(rt.ctx, torch.autocast))
-
-
-def test_epoch_plan_is_deterministic_and_shards_for_ddp():
-    examples = [([0] * (1 + i % 7), [0] * (1 + i % 7)) for i in range(50)]
-    cfg = train.get_config(["--model=x", "--batch_size=8", "--micro_batch_size=2"])[0]
-    one = train.SimpleNamespace(rank=0, world=1)
-    plan = train.epoch_plan(examples, cfg, 0, one)
-    assert (plan == train.epoch_plan(examples, cfg, 0, one)
-            != train.epoch_plan(examples, cfg, 1, one))
-    assert (sorted(i for step in plan for mb in step for i in mb) == list(range(50))
-            and len(plan[0]) == 4)
-    ranks = [train.epoch_plan(examples, cfg, 0, train.SimpleNamespace(rank=r, world=2))
-             for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) and all(len(a) == len(b) for a, b in zip(*ranks))
-    assert len(ranks[0][0]) == 2  # batch 8 = 2 micro-batches x 2 examples x 2 processes
-    seen = [i for p in ranks for step in p for mb in step for i in mb]
-    # padded by repeating, like DistributedSampler
-    assert set(seen) == set(range(50)) and len(seen) == 52
 
 
 def ddp_worker(rank, port, argv, out):
@@ -477,35 +430,7 @@ def test_ddp_is_told_of_unused_parameters_only_for_sparse_adapters(demo, monkeyp
         assert seen[-1]["find_unused_parameters"] is unused, kind
 
 
-# ------------------------------------------------------------------------ --template=llama3-chat
-def test_llama3_chat_template_examples():
-    """--template=llama3-chat: the example is Llama 3 Instruct's dialog (llama_models' ChatFormat,
-    the real tokenizer), the loss masked on the prompt and ending on <|eot_id|>, never on the
-    tokenizer's EOS; the Alpaca template encodes the same row otherwise."""
-    llama_models = pytest.importorskip("llama_models")
-    pytest.importorskip("tiktoken")
-
-    from llama_models.datatypes import RawMessage
-    from llama_models.llama3.chat_format import ChatFormat
-    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
-
-    from tokenizer import Tokenizer
-    path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
-    tok = Tokenizer.from_pretrained(path)
-    row = {"instruction": "Add 2 and 3.", "input": "", "output": "The answer is 5"}
-    cfg = SimpleNamespace(template="llama3-chat", cutoff_len=256, train_on_inputs=False)
-    [(ids, targets)], _, _ = train.tokenize(tok, [row], cfg)
-    meta = ChatFormat(MetaTokenizer(path))
-    prompt = meta.encode_dialog_prompt([RawMessage(role="user", content=row["instruction"])]).tokens
-    full = prompt + tok.encode(row["output"]) + [128009]
-    assert ids == full[:-1] and targets[-1] == 128009 and 128001 not in full
-    assert targets[:len(prompt) - 1] == [-100] * (len(prompt) - 1)
-    assert targets[len(prompt) - 1:] == full[len(prompt):]
-    alpaca, _, _ = train.tokenize(tok, [row],
-                                  SimpleNamespace(**{**vars(cfg), "template": "alpaca"}))
-    assert alpaca[0][0] != ids
-
-
+# ------------------------------------------------------------------------ --template
 def test_unknown_template_is_refused():
     with pytest.raises(SystemExit, match="--template=chatml: expected one of alpaca, llama3-chat"):
         train.get_config(["--model=x", "--template=chatml"])
@@ -521,11 +446,11 @@ def train_run(base, out, *args, data=None):
 
 def test_a_used_out_is_refused_unless_resumed_or_overwritten(train_base, tmp_path):
     train_run(train_base, tmp_path)
-    before = {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES}
+    before = {f: (tmp_path / f).read_bytes() for f in run_files.RUN_FILES}
     refused = f"--out={tmp_path} holds an earlier run .*--resume=true.*--overwrite=true"
     with pytest.raises(SystemExit, match=refused):
         train_run(train_base, tmp_path, "--learning_rate=1e-2")
-    assert before == {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES}  # untouched
+    assert before == {f: (tmp_path / f).read_bytes() for f in run_files.RUN_FILES}  # untouched
     train_run(train_base, tmp_path, "--resume=true")  # continuing is allowed (nothing left to do)
     with pytest.raises(SystemExit, match="--resume=true continues .* --overwrite=true replaces"):
         train_run(train_base, tmp_path, "--resume=true", "--overwrite=true")
@@ -582,7 +507,7 @@ def test_full_disk_mid_run_is_one_line_and_leaves_no_temporary_file(train_base, 
     monkeypatch.setattr(train, "write_atomic", full)
     with pytest.raises(SystemExit, match=f"--out={tmp_path}: writing failed .*No space left"):
         train_run(train_base, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted(set(train.RUN_FILES) - {"resume.pt"})
+    assert sorted(os.listdir(tmp_path)) == sorted(set(run_files.RUN_FILES) - {"resume.pt"})
 
 
 def test_overwrite_removes_the_earlier_run_only_once_the_new_one_has_started(train_base, tmp_path):
@@ -590,7 +515,7 @@ def test_overwrite_removes_the_earlier_run_only_once_the_new_one_has_started(tra
     an adapter option the model lacks): the new run stops with one line and the earlier run is
     whole. With good inputs it is replaced, and temporaries that killed writers left go too."""
     train_run(train_base, tmp_path / "out")
-    before = {f: (tmp_path / "out" / f).read_bytes() for f in train.RUN_FILES}
+    before = {f: (tmp_path / "out" / f).read_bytes() for f in run_files.RUN_FILES}
     (tmp_path / "bad.json").write_text("not json")
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -603,13 +528,13 @@ def test_overwrite_removes_the_earlier_run_only_once_the_new_one_has_started(tra
             (("--target_modules=nothing",), None, train_base, "nothing")):
         with pytest.raises(SystemExit, match=message):
             train_run(model, tmp_path / "out", "--overwrite=true", *args, data=data)
-        assert before == {f: (tmp_path / "out" / f).read_bytes() for f in train.RUN_FILES}
+        assert before == {f: (tmp_path / "out" / f).read_bytes() for f in run_files.RUN_FILES}
     dead = tmp_path / "out" / ".adapter_model.safetensors.999999999.x.tmp"  # no such pid
     dead.write_bytes(b"half")
     train_run(train_base, tmp_path / "out", "--overwrite=true", "--learning_rate=1e-2")
     assert before["adapter_model.safetensors"] != (tmp_path / "out" /
                                                    "adapter_model.safetensors").read_bytes()
-    assert sorted(os.listdir(tmp_path / "out")) == sorted(train.RUN_FILES)
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(run_files.RUN_FILES)
 
 
 def test_a_second_run_into_the_same_out_is_refused(train_base, tmp_path):
