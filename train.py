@@ -1,7 +1,7 @@
 r"""
 Fine-tune a LLaMA-family model with an adapter, LLM-Adapters' recipe. Read top to bottom: the
-settings, the batches, Run (one run's state) with Run.fit (the loop), then main() and the steps
-around the loop.
+settings, the data (rows -> examples -> micro-batches: data/examples.py), Run (one run's state)
+with Run.fit (the loop), then main() and the steps around the loop.
 
     python train.py --model=<checkpoint dir> --adapter=lora --data=math_10k.json --out=out/x
     python train.py config/math10k_lora.py --model=<dir>     # a run as a file (config/), overrides
@@ -16,7 +16,7 @@ assignments as in nanoGPT, or a JSON object) come first. --out gets the adapter 
 validation loss (adapter_model.safetensors + adapter_config.json), resume.pt and log.jsonl, each
 written to a temporary name and renamed; a --out that holds a run is refused unless --resume=true
 (continue it) or --overwrite=true (replace it, once the new run has loaded its inputs), and so is
-a --out another run is writing to (its lock file, <out>/.lock).
+a --out another run is writing to (its lock file, <out>/.lock): run_files.py.
 Arrows: demo.py imports this file; this file names demo.py only in main(), to hand it a command
 line without --model (the demo's own settings, --demo_*, are demo.py's).
 """

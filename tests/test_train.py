@@ -504,7 +504,7 @@ def test_full_disk_mid_run_is_one_line_and_leaves_no_temporary_file(train_base, 
             f.write(b"half a checkpoint")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         files.write_atomic(path, write)
-    monkeypatch.setattr(train, "write_atomic", full)
+    monkeypatch.setattr(run_files, "write_atomic", full)
     with pytest.raises(SystemExit, match=f"--out={tmp_path}: writing failed .*No space left"):
         train_run(train_base, tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(set(run_files.RUN_FILES) - {"resume.pt"})
