@@ -1,5 +1,6 @@
 """The README and docs/ name the code as it is: every `module.py: Name.attr`, `module.name`,
 class name and file path they mention exists, so a rename that forgets the prose fails here."""
+import ast
 import importlib
 import re
 from pathlib import Path
@@ -118,3 +119,77 @@ def test_the_checker_can_fail(tmp_path):
     with pytest.raises(AttributeError):
         resolve("model", "Linear.no_such_slot")
     assert resolve("model", "Linear.adapter") is None  # a slot: set in __init__, empty
+
+
+# ------------------------------------------------------ the README's arrows (its Layout section)
+SCRIPTS = {"train", "eval", "demo", "bench"}
+TOOLS = {"chat", "export", "plot", "inspect_adapter", "quant_report"}
+LEAVES = {"files", "svg", "presets", "loss", "mosa", "tokenizer_base", "data.pack",
+          "data.scoring", "data.template"}
+# the one arrow back, lazy: train.main hands a command line without --model to the demo, which is
+# built on train.py
+BACK = {("train", "demo")}
+
+
+def imports(path, project):
+    """{(module it imports, names taken)} of one file, imports inside functions included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {(a.name, ()) for a in node.names if a.name in project}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in project:
+            found.add((node.module, tuple(a.name for a in node.names)))
+        elif isinstance(node, ast.ImportFrom) and node.module == "data":
+            found |= {("data." + a.name, ()) for a in node.names}
+    return found
+
+
+def private_uses(path, project):
+    """`module._name` read in a file that imported that module."""
+    tree = ast.parse(path.read_text())
+    return {f"{n.value.id}.{n.attr}" for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+            and n.value.id in project and n.attr.startswith("_") and not n.attr.startswith("__")}
+
+
+def cycle(graph):
+    """A list of modules that import each other round a circle, or None."""
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == "open":
+                return path[path.index(d):] + [d] if d in path else [m, d]
+            if d not in state and (found := visit(d, path + [d])):
+                return found
+        state[m] = "done"
+        return None
+
+    return next((c for m in sorted(graph) if m not in state and (c := visit(m, [m]))), None)
+
+
+def test_the_arrows_point_one_way():
+    files = {("data." + p.stem if p.parent.name == "data" else p.stem): p
+             for p in [*ROOT.glob("*.py"), *(ROOT / "data").glob("*.py")]
+             if p.name != "__init__.py"}
+    graph = {m: {d for d, _ in imports(p, files)} for m, p in files.items()}
+    assert cycle({m: ds - {d for s, d in BACK if s == m} for m, ds in graph.items()}) is None
+    for m, p in files.items():
+        taken = [f"{d}.{n}" for d, names in imports(p, files) for n in names if n.startswith("_")]
+        assert not taken and not private_uses(p, files), f"{m}.py uses private names"
+        if m in TOOLS:
+            assert not graph[m] & (SCRIPTS | TOOLS), f"tool {m}.py imports a script or tool"
+    for leaf in LEAVES:
+        assert not graph[leaf], f"{leaf} imports {graph[leaf]}"
+    assert graph["model"] == {"presets", "loss"}
+    assert {d for s, d in BACK} <= set(files) and all(d in graph[s] for s, d in BACK)
+
+
+def test_the_arrow_checks_can_fail(tmp_path):
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None
+    (tmp_path / "x.py").write_text("import model\nfrom adapters import _attach\nmodel._opt\n")
+    project = {"model", "adapters"}
+    assert imports(tmp_path / "x.py", project) == {("model", ()), ("adapters", ("_attach",))}
+    assert private_uses(tmp_path / "x.py", project) == {"model._opt"}
