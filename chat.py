@@ -4,8 +4,8 @@ generate.py, without the web UI).
 
     python chat.py --model=<base dir> --adapter_dir=<adapter dir> --prompt="What is 3 + 4 * 2?"
     python chat.py --model=<base dir> --adapter_dir=<adapter dir>  # interactive: a question a line
-    python chat.py --prompt="Tom has 3 pens. Then Tom finds 4 more pens. How many pens does Tom
-                             have now?"                           # the demo's base + lora
+    python chat.py --prompt="Tom has 3 pens. Then Tom finds 4 more pens. Then Tom loses 2 pens.
+                             How many pens does Tom have now?"    # the demo's base + lora
     python chat.py ... --temperature=0.8 --top_k=40               # sampled instead of greedy
 
 The question goes through the adapter's training template (data/template.py: Alpaca's prompt, or
