@@ -31,6 +31,7 @@ from checkpoints import load_model
 from data.template import TEMPLATE_NAME, TEMPLATES
 from tokenizer import Tokenizer, check_vocab
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # the scripts' folder
 BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 # the embedded demo's folder: base/, data/, one folder per adapter (demo.py, eval.py, tools)
 DEMO_DIR = "out/demo"
@@ -42,10 +43,17 @@ class ConfigError(ValueError):
 
 
 def fail(msg):
-    """Stop the calling script with one line, `<script>.py: error: <msg>`, and no traceback: the
-    script's name is that of the file whose code called fail."""
-    script = os.path.basename(sys._getframe(1).f_globals.get("__file__", "python"))
-    raise SystemExit(f"{script}: error: {msg}")
+    """Stop with one line, `<script>.py: error: <msg>`, and no traceback. The script is the one the
+    user ran: the outermost of this folder's files on the call stack (train.py, also when
+    run_files.py finds the mistake), else the file whose code called fail (data/prepare.py)."""
+    frame = sys._getframe(1)
+    script = frame.f_globals.get("__file__", "python")
+    while frame is not None:
+        f = frame.f_globals.get("__file__") or ""
+        if os.path.dirname(os.path.abspath(f)) == HERE:
+            script = f
+        frame = frame.f_back
+    raise SystemExit(f"{os.path.basename(script)}: error: {msg}")
 
 
 def configure(argv, defaults, doc="", options=None, explain=None):
