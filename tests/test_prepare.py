@@ -1,4 +1,5 @@
-"""data/template.py and data/prepare.py on fixtures, plus a smoke test on the real release."""
+"""data/prepare.py on fixtures (reading, validating, the leakage and duplicate checks, the copies
+it writes and its command line), plus a smoke test on the real release."""
 
 import json
 import os
@@ -12,49 +13,12 @@ sys.path.insert(0, ROOT)
 from data import prepare as P  # noqa: E402
 from data.prepare import write_json  # noqa: E402
 from data.scoring import extract_answer, is_correct  # noqa: E402
-from data.template import (PROMPT_NO_INPUT, PROMPT_WITH_INPUT, TEMPLATE_NAME,  # noqa: E402
-                           format_example, format_prompt, response_of)
 
 FIX = os.path.join(ROOT, "tests", "fixtures", "data")
 RELEASE = os.path.join(FIX, "release")
 BAD = os.path.join(FIX, "bad")
 REAL = os.environ.get("LLM_ADAPTERS_DATA",
                       os.path.join(ROOT, "..", "shared", "data", "llm-adapters"))
-
-
-# ---------------------------------------------------------------- template
-def test_template_exact_strings():
-    assert TEMPLATE_NAME == "alpaca"
-    assert format_prompt("Add 2 and 3.") == (
-        "Below is an instruction that describes a task. Write a response that appropriately "
-        "completes the request.\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n")
-    assert format_prompt("Translate.", "Good morning") == (
-        "Below is an instruction that describes a task, paired with an input that provides further "
-        "context. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nTranslate.\n\n### Input:\nGood morning\n\n### Response:\n")
-    assert format_prompt("x", "") == format_prompt("x") == format_prompt("x", None)
-    assert PROMPT_NO_INPUT.format(instruction="x") == format_prompt("x")
-    assert PROMPT_WITH_INPUT.format(instruction="x", input="y") == format_prompt("x", "y")
-    assert format_prompt("use {braces} {input}").count("{braces} {input}") == 1
-
-
-def test_format_example():
-    prompt, response = format_example({"instruction": "Q?", "input": "", "output": "A.",
-                                       "answer": "1"})
-    assert prompt == format_prompt("Q?") and prompt.endswith("### Response:\n") and response == "A."
-    prompt, _ = format_example({"instruction": "Q?", "output": "A."})   # no input field
-    assert prompt == format_prompt("Q?")
-    prompt, response = format_example({"instruction": "Q?", "input": "ctx", "output": "A."})
-    assert "### Input:\nctx\n\n### Response:\n" in prompt and response == "A."
-
-
-def test_response_of_is_the_text_before_a_further_response_header():
-    """eval.py scores response_of(continuation): LLM-Adapters' output.split("### Response:")[1]."""
-    prompt = format_prompt("Q?")
-    continuation = " 12 apples.\n\n### Instruction:\nQ2\n\n### Response:\n7"
-    assert response_of(continuation) == "12 apples.\n\n### Instruction:\nQ2"
-    assert response_of(continuation) == (prompt + continuation).split("### Response:")[1].strip()
-    assert response_of("  5  ") == "5"
 
 
 # ---------------------------------------------------------------- validation
