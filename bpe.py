@@ -54,7 +54,8 @@ def bytes_to_unicode():
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
-BYTE_CHARS = [bytes_to_unicode()[b] for b in range(256)]  # byte value -> its char
+BYTE_CHARS = [c for _, c in sorted(bytes_to_unicode().items())]  # byte value -> its char
+BYTE_VALUES = {c: b for b, c in enumerate(BYTE_CHARS)}  # its char -> the byte value
 
 
 class BPETokenizer(BaseTokenizer):
@@ -76,7 +77,6 @@ class BPETokenizer(BaseTokenizer):
         self.encoder = dict(vocab)
         self.ranks = None if merges is None else self._merge_ranks(merges)
         self.ignore_merges = ignore_merges
-        self.byte_decoder = {c: b for b, c in enumerate(BYTE_CHARS)}
         self.splits = [_compile_step(kind, p) for kind, p in splits]
         self.normalizers = tuple(normalizers)
         self.special = dict(special_tokens or {})
@@ -307,8 +307,8 @@ class BPETokenizer(BaseTokenizer):
         out = bytearray()
         for i in ids:
             token = self.decoder[int(i)]
-            if all(c in self.byte_decoder for c in token):
-                out += bytes(self.byte_decoder[c] for c in token)
+            if all(c in BYTE_VALUES for c in token):
+                out += bytes(BYTE_VALUES[c] for c in token)
             else:
                 out += token.encode("utf-8")
         return out.decode("utf-8", errors="replace")
