@@ -26,7 +26,8 @@ def tokenize(tok, rows, template, cutoff_len, train_on_inputs):
     fills cutoff_len) is dropped."""
     examples, n_cut, n_dropped = [], 0, 0
     for row in rows:
-        ids, n_prompt = TEMPLATES[template].encode_example(tok, row)
+        ids, n_prompt = TEMPLATES[template].encode_example(tok, row,
+                                                           count_prompt=not train_on_inputs)
         n_cut += len(ids) > cutoff_len
         ids = ids[:cutoff_len]
         targets = ids[1:]

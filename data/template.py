@@ -7,8 +7,9 @@ Here each template is written once, for both sides:
 
 - training: ``ids, n_prompt = TEMPLATES[name].encode_example(tok, row)``: the
   example's ids (response and its end included) and how many of them are the
-  prompt, whose loss is masked when ``train_on_inputs=False``. For Alpaca this
-  is what train.py computes from ``format_example``.
+  prompt, whose loss is masked when ``train_on_inputs=False`` (with
+  ``count_prompt=False`` n_prompt may be None: Alpaca then skips encoding the
+  prompt a second time).
 - evaluation: generate from ``TEMPLATES[name].encode_prompt(tok, instruction, input)``,
   stop at ``tok.stop_ids`` and score ``response_of(continuation)`` with ``data.scoring``.
 
@@ -77,7 +78,7 @@ def encode_pieces(tok, pieces) -> list[int]:
 
 class Alpaca:
     """LLM-Adapters' template: text only. Prompt and response are encoded as one text, then the
-    prompt alone for its length, exactly as train.py did before templates were objects."""
+    prompt alone for its length, as LLM-Adapters' finetune.py does."""
 
     name = "alpaca"
 
@@ -89,10 +90,11 @@ class Alpaca:
     def encode_prompt(self, tok, instruction, input=""):
         return tok.encode(self.text(instruction, input), bos=tok.add_bos)
 
-    def encode_example(self, tok, row):
+    def encode_example(self, tok, row, count_prompt=True):
         prompt, response = format_example(row)
         ids = tok.encode(prompt + response, bos=tok.add_bos, eos=True)
-        return ids, len(tok.encode(prompt, bos=tok.add_bos))
+        # the prompt's length costs a second encoding: only when its loss is to be masked
+        return ids, len(tok.encode(prompt, bos=tok.add_bos)) if count_prompt else None
 
 
 class Llama3Chat:
@@ -124,7 +126,7 @@ class Llama3Chat:
     def encode_prompt(self, tok, instruction, input=""):
         return encode_pieces(tok, self.pieces(instruction, input or ""))
 
-    def encode_example(self, tok, row):
+    def encode_example(self, tok, row, count_prompt=True):  # the prompt's length comes free
         prompt = self.encode_prompt(tok, row["instruction"], row.get("input") or "")
         return prompt + encode_pieces(tok, [row["output"], self.EOT]), len(prompt)
 

@@ -24,6 +24,24 @@ def test_train_on_inputs_false_masks_the_prompt(train_base):
     assert tokenize(tok, [row], "alpaca", cutoff_len=12, train_on_inputs=False) == ([], 1, 1)
 
 
+
+def test_the_prompt_is_encoded_again_only_when_its_loss_is_masked(train_base):
+    """Alpaca's prompt length costs a second encoding; train_on_inputs=True (the default) needs
+    none, and gets the same examples as when it is counted."""
+    tok = Tokenizer.from_pretrained(train_base)
+    rows = [{"instruction": f"Tom has {n} pens. How many pens does Tom have now?", "input": "",
+             "output": f"{n}."} for n in range(5)]
+    calls = []
+    encode = tok.encode
+    tok.encode = lambda text, **kw: calls.append(text) or encode(text, **kw)
+    got = tokenize(tok, rows, "alpaca", cutoff_len=256, train_on_inputs=True)
+    assert len(calls) == len(rows)
+    assert tokenize(tok, rows, "alpaca", cutoff_len=256, train_on_inputs=False)[0] != got[0]
+    assert len(calls) == 3 * len(rows)  # masked: each prompt encoded again for its length
+    tok.encode = encode
+    assert got == tokenize(tok, rows, "alpaca", 256, True)
+
+
 def test_llama3_chat_template_examples():
     """--template=llama3-chat: the example is Llama 3 Instruct's dialog (llama_models' ChatFormat,
     the real tokenizer), the loss masked on the prompt and ending on <|eot_id|>, never on the
