@@ -24,9 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tokenizer import cut_at_stop
-
 STOP_TOKEN, MAX_NEW_TOKENS = "stop_token", "max_new_tokens"  # why a response ended
+
+
+def cut_at_stop(ids, stop_ids):
+    """The ids before the first stop id (all of them when there is none): what a generation loop
+    keeps of a row. stop_ids: tok.stop_ids."""
+    ids = [int(i) for i in ids]
+    return next((ids[:n] for n, i in enumerate(ids) if i in stop_ids), ids)
 
 
 def attention_backends(device):

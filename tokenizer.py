@@ -116,10 +116,3 @@ def check_vocab(tok, n_embed, path):
     if top >= n_embed:
         raise ValueError(f"{path}: the tokenizer's ids go up to {top}, but the model's embedding "
                          f"has {n_embed} rows: tokenizer and weights are of different models")
-
-
-def cut_at_stop(ids, stop_ids):
-    """The ids before the first stop id (all of them when there is none): what a generation loop
-    keeps of a row. stop_ids: tok.stop_ids, or a template's stop_ids(tok)."""
-    ids = [int(i) for i in ids]
-    return next((ids[:n] for n, i in enumerate(ids) if i in stop_ids), ids)

@@ -124,8 +124,8 @@ def test_the_checker_can_fail(tmp_path):
 # ------------------------------------------------------ the README's arrows (its Layout section)
 SCRIPTS = {"train", "eval", "demo", "bench"}
 TOOLS = {"chat", "export", "plot", "inspect_adapter", "quant_report"}
-LEAVES = {"files", "svg", "presets", "loss", "mosa", "tokenizer_base", "data.pack",
-          "data.scoring", "data.template"}
+LEAVES = {"files", "svg", "presets", "loss", "mosa", "tokenizer_base", "generate",
+          "data.pack", "data.scoring", "data.template"}
 # the one arrow back, lazy: train.main hands a command line without --model to the demo, which is
 # built on train.py
 BACK = {("train", "demo")}

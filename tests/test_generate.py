@@ -593,3 +593,11 @@ def test_learned_positions_are_checked_before_decoding():
     assert generate(m, idx, 6).shape == (1, 16)
     with pytest.raises(ValueError, match="10 prompt \\+ 7 new tokens, but tiny-opt has learned"):
         generate(m, idx, 7)
+
+
+def test_cut_at_stop():
+    stops = frozenset({128001, 128008, 128009})
+    assert G.cut_at_stop([5, 6, 128009, 7, 128001], stops) == [5, 6]
+    assert G.cut_at_stop([128008], stops) == []
+    assert G.cut_at_stop((5, 6), stops) == [5, 6]
+    assert G.cut_at_stop([5, 128001], {2}) == [5, 128001]

@@ -1,5 +1,5 @@
-"""tokenizer.py (Tokenizer.from_pretrained choosing the kind, the sentencepiece kind, check_vocab,
-cut_at_stop) and tokenizer_base.py (stop ids, generation_config.json), against the reference
+"""tokenizer.py (Tokenizer.from_pretrained choosing the kind, the sentencepiece kind, check_vocab)
+and tokenizer_base.py (stop ids, generation_config.json), against the reference
 implementations (sentencepiece, Hugging Face transformers, llama_models), all offline. The
 byte-level BPE kind is tests/test_bpe.py's, the templates' encoding tests/test_template.py's.
 
@@ -22,7 +22,7 @@ from bpe import BPETokenizer  # noqa: E402
 # the texts and the Llama 3 fixture (ours, tiktoken's and llama_models' from the same file) are
 # the BPE tests': the choice of kind uses them too
 from test_bpe import TEXTS, llama3, llama3_file  # noqa: E402, F401
-from tokenizer import SentencePieceTokenizer, Tokenizer, cut_at_stop  # noqa: E402
+from tokenizer import SentencePieceTokenizer, Tokenizer  # noqa: E402
 from tokenizer_base import TokenizerError  # noqa: E402
 
 
@@ -133,14 +133,6 @@ def test_stop_ids_and_generation_config(sp_dir, tmp_path):
         with pytest.raises(TokenizerError, match=r"generation_config\.json: eos_token_id must be "
                                                  r"an id or a list of ids below 320"):
             Tokenizer.from_pretrained(tmp_path)
-
-
-def test_cut_at_stop():
-    stops = frozenset({128001, 128008, 128009})
-    assert cut_at_stop([5, 6, 128009, 7, 128001], stops) == [5, 6]
-    assert cut_at_stop([128008], stops) == []
-    assert cut_at_stop((5, 6), stops) == [5, 6]
-    assert cut_at_stop([5, 128001], {2}) == [5, 128001]
 
 
 # ---- corrupt files -------------------------------------------------------------------------------
