@@ -383,10 +383,17 @@ def _check_bpe_model(path, model):
             raise UnsupportedTokenizer(f"{path}: BPE {key} is not supported")
 
 
+def _steps(spec, key):
+    """A tokenizer.json component -> its steps: a Sequence's list under key, a single step alone,
+    none for null."""
+    if not spec:
+        return []
+    return spec.get(key) or [] if spec.get("type") == "Sequence" else [spec]
+
+
 def _normalizer_forms(path, spec):
     """tokenizer.json's normalizer -> the unicode forms it applies, in order (Qwen2: NFC)."""
-    steps = (spec.get("normalizers") or [] if spec and spec.get("type") == "Sequence"
-             else [spec] if spec else [])
+    steps = _steps(spec, "normalizers")
     forms = [step.get("type") for step in steps]
     unknown = [f for f in forms if f not in ("NFC", "NFD", "NFKC", "NFKD")]
     if unknown:
@@ -398,8 +405,7 @@ def _normalizer_forms(path, spec):
 def _pre_tokenizer_splits(path, spec):
     """tokenizer.json's pre_tokenizer -> our split steps: Split(Isolated) regexes, then ByteLevel
     last (GPT-2's regex when its use_regex is on)."""
-    steps = (spec.get("pretokenizers") or [] if spec and spec.get("type") == "Sequence"
-             else [spec] if spec else [])
+    steps = _steps(spec, "pretokenizers")
     if not steps or steps[-1].get("type") != "ByteLevel":
         raise UnsupportedTokenizer(f"{path}: only byte-level BPE (ByteLevel pre-tokenizer, last, "
                                    "and decoder) is supported")
@@ -438,8 +444,7 @@ def _added_tokens(path, entries):
 def _prepends_special(spec):
     """Whether the post_processor puts a special token before the text (Llama 3's
     TemplateProcessing puts <|begin_of_text|>): the model's default add_bos."""
-    steps = (spec.get("processors") or [] if spec and spec.get("type") == "Sequence"
-             else [spec] if spec else [])
+    steps = _steps(spec, "processors")
     for step in steps:
         if step.get("type") == "TemplateProcessing" and step.get("single"):
             return "SpecialToken" in step["single"][0]
