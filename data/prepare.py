@@ -239,7 +239,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="data/out", help="output folder (default: data/out)")
     parser.add_argument("--check", action="store_true",
                         help="validate and report only; write nothing")
-    parser.add_argument("--overwrite", action="store_true",
+    # --overwrite, or --overwrite=true as every other script (and the refusal) spells it
+    parser.add_argument("--overwrite", nargs="?", const="true", default="false",
+                        choices=("true", "false"),
                         help="write over what an earlier run left in --out (else it is refused)")
     args = parser.parse_args(argv)
     try:
@@ -249,7 +251,7 @@ def main(argv=None) -> int:
         if not args.check:  # the release is read as it is: never written over
             check_outside(args.out, "--out", {"--from": args.root})
             check_writable(args.out, "--out")
-            check_unused(args.out, "--out", args.overwrite)
+            check_unused(args.out, "--out", args.overwrite == "true")
         report = prepare(args.root, None if args.check else args.out)
     except (OSError, ValueError) as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)

@@ -188,3 +188,8 @@ def test_prepare_never_writes_into_the_release_and_asks_before_writing_over(tmp_
     assert "already holds AddSub: replace them with --overwrite" in capsys.readouterr().err
     assert P.main(["--from", str(release), "--out", str(tmp_path / "out"),
                          "--overwrite"]) == 0
+    # the refusal's own spelling works too; =false still refuses
+    assert P.main(["--from", str(release), "--out", str(tmp_path / "out"),
+                   "--overwrite=false"]) == 2
+    assert P.main(["--from", str(release), "--out", str(tmp_path / "out"),
+                   "--overwrite=true"]) == 0
