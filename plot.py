@@ -17,6 +17,7 @@ import sys
 import zlib
 from xml.sax.saxutils import escape
 
+from adapters import KINDS
 from cli import DEMO_DIR, ConfigError, configure, fail
 from files import check_writable, read_json, read_jsonl, write_atomic
 from svg import svg, tag
@@ -28,7 +29,7 @@ DEFAULTS = dict(
 )
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 # a colour per adapter kind, so a kind looks the same in every picture whichever runs are drawn
-KIND_COLORS = dict(zip(["lora", "series", "parallel", "prefix", "prompt", "dora", "ia3"], COLORS))
+KIND_COLORS = dict(zip(KINDS, COLORS))  # any other kind: a colour from its name's hash
 W, H, LEFT, RIGHT, TOP, BOTTOM = 700, 400, 64, 170, 36, 48  # canvas, margins (legend on the right)
 NUMBERS = ("step", "loss", "val_loss", "adapter_acc", "base_acc", "trainable")  # what is drawn
 
