@@ -15,7 +15,8 @@ the scripts print it and exit.
 `device_and_dtype` is the one choice of device and dtype for every script, `compile_setting` reads
 --compile and `compile_blocks` applies it. `load` is a base model folder (+ an adapter folder) ->
 model, tokenizer and the adapter's extra settings (eval.py); `load_for_tool` the same from a
-tool's --model and --adapter_dir (chat, export, inspect_adapter), the demo's by default;
+tool's --model and --adapter_dir (chat, export, inspect_adapter), the demo's by default, whose
+folders `tool_dirs` finds first;
 `template_of` the prompt template the adapter was trained with.
 """
 import json
@@ -232,10 +233,10 @@ def load(model_dir, adapter_dir="", device=None, dtype=None, quantize=""):
     return model.eval(), tok, extra
 
 
-def load_for_tool(cfg, device="cpu", dtype=None, need_adapter=False):
-    """A tool's --model and --adapter_dir -> (model, tok, extra, model_dir, adapter_dir), by load.
-    Without --model: the demo's base and its lora. A missing folder or a checkpoint that does not
-    load is a ConfigError of one line (the tool prints it by fail())."""
+def tool_dirs(cfg, need_adapter=False):
+    """A tool's --model and --adapter_dir -> (model_dir, adapter_dir), checked to be folders, before
+    anything is loaded. Without --model: the demo's base and its lora. A missing folder is a
+    ConfigError of one line (the tool prints it by fail())."""
     model_dir = cfg.model or os.path.join(cfg.demo_dir, "base")
     adapter_dir = cfg.adapter_dir or ("" if cfg.model else os.path.join(cfg.demo_dir, "lora"))
     if need_adapter and not adapter_dir:
@@ -245,6 +246,13 @@ def load_for_tool(cfg, device="cpu", dtype=None, need_adapter=False):
     for flag, path in (("model", model_dir), ("adapter_dir", adapter_dir)):
         if path and not os.path.isdir(path):
             raise ConfigError(f"--{flag}={path}: no such folder{hint}")
+    return model_dir, adapter_dir
+
+
+def load_for_tool(cfg, device="cpu", dtype=None, need_adapter=False):
+    """A tool's --model and --adapter_dir (tool_dirs) -> (model, tok, extra, model_dir,
+    adapter_dir), by load. A checkpoint that does not load is a ConfigError of one line."""
+    model_dir, adapter_dir = tool_dirs(cfg, need_adapter)
     try:
         return (*load(model_dir, adapter_dir, device, dtype), model_dir, adapter_dir)
     except (OSError, ValueError, KeyError) as e:

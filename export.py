@@ -21,7 +21,8 @@ from pathlib import Path
 import adapter_io
 import adapters
 from checkpoints import save_model
-from cli import DEMO_DIR, ConfigError, check_choice, configure, fail, load_for_tool
+from cli import (DEMO_DIR, ConfigError, check_choice, configure, fail, load_for_tool,
+                 tool_dirs)
 from files import check_outside, check_unused, check_writable, write_atomic
 from slots import slots
 
@@ -67,20 +68,24 @@ def main(argv=None):
     try:
         cfg, _ = configure(sys.argv[1:] if argv is None else argv, DEFAULTS, __doc__)
         check_choice(cfg, "format", ("merged", "peft"))
-        model, _, _, model_dir, adapter_dir = load_for_tool(cfg, need_adapter=True)
+        model_dir, adapter_dir = tool_dirs(cfg, need_adapter=True)
     except ConfigError as e:
         fail(e)
     name = os.path.basename(os.path.normpath(adapter_dir))
     out = cfg.out or os.path.join("out", "export", f"{name}-{cfg.format}")
+    try:  # before the (long) load, and reading only: a --out in use or inside an input, at once
+        check_outside(out, "--out", {"--model": model_dir, "--adapter_dir": adapter_dir})
+        earlier = check_unused(out, "--out", cfg.overwrite)
+        model = load_for_tool(cfg, need_adapter=True)[0]
+    except ValueError as e:  # a ConfigError too
+        fail(e)
     kinds = unmergeable(model) if cfg.format == "merged" else []
     if kinds:
         fail(f"a {', '.join(kinds)} adapter cannot be merged into the base weights (only adapters "
              "that change a projection's W, like lora, fold into it); use --format=peft for a "
              "LoRA, or ship the adapter folder itself")
     try:
-        check_outside(out, "--out", {"--model": model_dir, "--adapter_dir": adapter_dir})
-        check_writable(out, "--out")
-        earlier = check_unused(out, "--out", cfg.overwrite)
+        check_writable(out, "--out")  # makes the folder: only for an export that will be written
         if cfg.format == "peft":
             adapter_io.save_adapter(model, out, name=adapters.adapter_names(model)[0],
                                     base_model=model_dir, format="peft")

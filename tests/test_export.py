@@ -68,6 +68,12 @@ def test_export_writes_over_nothing_unless_asked(train_base, tmp_path):
                                          "--overwrite=true"):
         export.main([f"--model={train_base}", f"--adapter_dir={lora}", f"--out={out}"])
     assert (out / "adapter_model.safetensors").read_bytes() == before
+    loads = []  # refused before the base is loaded (minutes for a 7B model)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(export, "load_for_tool", lambda *a, **k: loads.append(1))
+        with pytest.raises(SystemExit, match="already holds"):
+            export.main([f"--model={train_base}", f"--adapter_dir={lora}", f"--out={out}"])
+    assert not loads
     export.main([f"--model={train_base}", f"--adapter_dir={lora}", f"--out={out}",
                  "--overwrite=true"])
     assert {"config.json", "model.safetensors"} <= set(os.listdir(out))
