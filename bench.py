@@ -42,7 +42,7 @@ from adapters import KINDS, add_adapter, count_parameters, fast_fp32_matmuls
 from bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL, BPETokenizer
 from checkpoints import config_to_hf
 from cli import (ConfigError, check_choice, compile_blocks, compile_setting, configure,
-                 device_and_dtype)
+                 device_and_dtype, fail)
 from data.pack import collate_packed, collate_padded, padding_share
 from data.template import format_example
 from files import write_atomic
@@ -626,7 +626,7 @@ def main(argv):
             return run_suite(cfg, argv)
         res = run(cfg)
     except ConfigError as e:
-        sys.exit(f"bench.py: error: {e}")
+        fail(e)
     if not cfg.fsdp or dist.get_rank() == 0:
         print(json.dumps(res))
     distributed.teardown(dist.get_world_size() if cfg.fsdp else 1, finished=True)

@@ -43,10 +43,16 @@ class ConfigError(ValueError):
     """A setting the user gave is wrong; the message names it and what was expected."""
 
 
+def reason(e):
+    """An exception's message: a KeyError's own words (str() would quote them), else str(e)."""
+    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+
+
 def fail(msg):
-    """Stop with one line, `<script>.py: error: <msg>`, and no traceback. The script is the one the
-    user ran: the outermost of this folder's files on the call stack (train.py, also when
-    run_files.py finds the mistake), else the file whose code called fail (data/prepare.py)."""
+    """Stop with one line, `<script>.py: error: <msg>`, and no traceback; msg may be an exception
+    (its reason). The script is the one the user ran: the outermost of this folder's files on the
+    call stack (train.py, also when run_files.py finds the mistake), else the file whose code
+    called fail (data/prepare.py)."""
     frame = sys._getframe(1)
     script = frame.f_globals.get("__file__", "python")
     while frame is not None:
@@ -54,6 +60,7 @@ def fail(msg):
         if os.path.dirname(os.path.abspath(f)) == HERE:
             script = f
         frame = frame.f_back
+    msg = reason(msg) if isinstance(msg, BaseException) else msg
     raise SystemExit(f"{os.path.basename(script)}: error: {msg}")
 
 
@@ -256,7 +263,7 @@ def load_for_tool(cfg, device="cpu", dtype=None, need_adapter=False):
     try:
         return (*load(model_dir, adapter_dir, device, dtype), model_dir, adapter_dir)
     except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(e.args[0] if isinstance(e, KeyError) and e.args else e) from None
+        raise ConfigError(reason(e)) from None
 
 
 def template_of(extra, adapter_dir="", given=""):

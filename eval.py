@@ -34,7 +34,7 @@ import torch
 
 from adapters import KINDS, fast_fp32_matmuls
 from cli import (DEMO_DIR, DTYPES, ConfigError, compile_blocks, compile_setting, configure,
-                 device_and_dtype, load, template_of)
+                 device_and_dtype, fail, load, template_of)
 from data.prepare import TEST_REQUIRE, TRAIN_REQUIRE, describe_duplicates, leakage, load_rows
 from data.scoring import ANSWER_TYPES, COMMONSENSE, MATH, NUMBER, OPTION, get_answer_type, score
 from data.template import TEMPLATES, response_of
@@ -310,4 +310,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, OSError, KeyError, NotImplementedError, MemoryError) as e:
-        sys.exit(f"eval.py: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+        fail(e)

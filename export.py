@@ -95,7 +95,7 @@ def main(argv=None):
         for f in set(earlier) & set(EXPORT_FILES) - set(written):  # e.g. a PEFT export's files
             os.remove(os.path.join(out, f))
     except (OSError, ValueError, KeyError) as e:
-        fail(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        fail(e)
     print(f"wrote {out}: " + ("base + merged adapter as a Hugging Face folder (transformers: "
                               "AutoModelForCausalLM.from_pretrained)" if cfg.format == "merged" else
                               "the LoRA adapter in PEFT's layout (PeftModel.from_pretrained)"))

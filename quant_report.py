@@ -80,7 +80,7 @@ def main(argv):
     try:
         model, layers = (preset_layers if cfg.model in PRESETS else folder_layers)(cfg.model)
     except (OSError, ValueError, KeyError) as e:  # a checkpoint that does not load: one line
-        fail(e.args[0] if isinstance(e, KeyError) else e)
+        fail(e)
     report(model, layers, cfg.model)
 
 

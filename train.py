@@ -35,7 +35,7 @@ import adapters
 import distributed
 from checkpoints import load_model
 from cli import (DTYPES, ConfigError, check_choice, check_threads, compile_blocks, compile_setting,
-                 configure, fail, read_args, settle)
+                 configure, fail, read_args, reason, settle)
 from data.examples import deal, micro_batches, tokenize
 from data.pack import collate_packed, collate_padded
 from data.prepare import TRAIN_REQUIRE, DataError, dedupe, load_rows
@@ -507,8 +507,7 @@ def load_base(cfg, rt):
         tok = Tokenizer.from_pretrained(cfg.model)
         check_vocab(tok, base.config.vocab_size, cfg.model)
     except (OSError, ValueError, KeyError) as e:
-        why = e.args[0] if isinstance(e, KeyError) else e
-        fail(f"--model={cfg.model}: cannot load the checkpoint: {why}")
+        fail(f"--model={cfg.model}: cannot load the checkpoint: {reason(e)}")
     if cfg.cutoff_len > base.config.block_size:
         fail(f"--cutoff_len={cfg.cutoff_len} exceeds the model's context of "
              f"{base.config.block_size} tokens")

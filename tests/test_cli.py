@@ -77,3 +77,14 @@ def test_template_of_the_flag_the_adapter_and_the_default():
         cli.template_of({}, "", "chatml")
     with pytest.raises(cli.ConfigError, match="out/b: unknown prompt template 'vicuna'; known: alpaca"):
         cli.template_of({"template": "vicuna"}, "out/b")
+
+
+def test_fail_takes_an_exception_and_says_its_reason():
+    """A loader's KeyError names the missing key in its own words; str() would quote them, and a
+    bare KeyError() has no words at all."""
+    for given, line in ((KeyError("model.norm.weight: missing"), "model.norm.weight: missing"),
+                        (KeyError(), ""), (ValueError("--r=0: expected at least 1"),
+                                           "--r=0: expected at least 1"), ("plain", "plain")):
+        with pytest.raises(SystemExit) as e:
+            cli.fail(given)
+        assert str(e.value) == f"test_cli.py: error: {line}"
