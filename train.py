@@ -300,7 +300,9 @@ class Run:
             for group in self.opt.param_groups:
                 group["lr"] = lr
             # forward and backward of each micro-batch: the gradients add up in .grad
-            stats = torch.zeros(2, device=rt.device)  # this step's loss, tokens
+            # this step's loss, summed on the device, and its tokens, counted on the host: no
+            # copy to the device per micro-batch
+            step_loss, n_tokens = torch.zeros((), device=rt.device), 0
             for k, idx in enumerate(micro):
                 if cfg.pack:  # (1, T): the examples side by side, positions restarting at each
                     x, y, pos = collate_packed(self.train_ex, idx, rt.device)
@@ -316,8 +318,9 @@ class Run:
                 # under float16 the loss is scaled up first, so that small gradients do not
                 # underflow to zero (GradScaler; a no-op in other dtypes)
                 self.scaler.scale(loss).backward()
-                n = float(sum(len(self.train_ex[j][0]) for j in idx))
-                stats += torch.stack([loss.detach().float(), torch.tensor(n, device=rt.device)])
+                step_loss += loss.detach().float()
+                n_tokens += sum(len(self.train_ex[j][0]) for j in idx)
+            stats = torch.stack([step_loss, torch.tensor(float(n_tokens), device=rt.device)])
             if self.sharded:  # the adapter is whole on every process: average its gradients
                 distributed.average_gradients(self.params, rt.world)
             if rt.world > 1:  # every process logs, and stops, on the same numbers
