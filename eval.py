@@ -250,16 +250,16 @@ def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     adapter_dirs = [cfg["adapter_dir"]]
     if not cfg["model"]:  # the embedded demo
-        demo = cfg["demo_dir"]
-        cfg["model"] = os.path.join(demo, "base")
-        test = os.path.join(demo, "data", "test.json")
-        trained = [d for d in (os.path.join(demo, k) for k in KINDS)
+        demo_dir = cfg["demo_dir"]
+        cfg["model"] = os.path.join(demo_dir, "base")
+        test = os.path.join(demo_dir, "data", "test.json")
+        trained = [d for d in (os.path.join(demo_dir, k) for k in KINDS)
                    if os.path.isfile(os.path.join(d, "adapter_config.json"))]
         adapter_dirs = [cfg["adapter_dir"]] if cfg["adapter_dir"] else ["", *trained]
         needed = [cfg["model"], *filter(None, adapter_dirs)] + ([] if cfg["dataset"] else [test])
         missing = [p for p in needed if not os.path.exists(p)]
         if adapter_dirs == [""]:  # no adapter trained yet
-            missing.append(os.path.join(demo, "<adapter>"))
+            missing.append(os.path.join(demo_dir, "<adapter>"))
         if missing:
             raise FileNotFoundError("the embedded demo is not built "
                                     f"({', '.join(missing)} missing): "
@@ -291,7 +291,7 @@ def main(argv=None):
         else:
             # out/eval/<adapter or model name>; several rows get one such folder each inside --out
             outs[row] = os.path.join(cfg["out"] or os.path.join("out", "eval"), names[-1])
-    demo = cfg["model"] == os.path.join(cfg["demo_dir"], "base")
+    demo = cfg["model"] == os.path.join(cfg["demo_dir"], "base")  # the demo replaces its own
     for out in outs.values():  # before the evaluation, not after it
         check_writable(out, "--out")
         check_unused(out, "--out", cfg["overwrite"] or demo, RESULT_FILES + [f"{name}.jsonl"
@@ -300,7 +300,7 @@ def main(argv=None):
         table[row], summaries[row] = run(cfg, adapter_dir, rows, answer_type, device, dtype, out)
     print(markdown_table(table))
     # the demo: where its pictures are (plot.py)
-    if cfg["model"] == os.path.join(cfg["demo_dir"], "base"):
+    if demo:
         print("pictures: python plot.py (training curves and accuracy vs trainable parameters of "
               f"every run, in {cfg['demo_dir']}/loss.svg and results.svg)", file=sys.stderr)
     return summaries
