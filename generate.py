@@ -60,12 +60,14 @@ def new_cache(model, batch_size, prompt_len, max_new_tokens):
     """A KV cache with a slot for every prompt token, new token and soft token (prompt tuning).
     Learned positions (OPT) end at block_size: a request that could pass the table is refused here,
     up front, since a CUDA-graph step replays without the forward's own check."""
-    c = model.config
-    if c.pos == "learned" and prompt_len + max_new_tokens > c.block_size:
-        raise ValueError(f"{prompt_len} prompt + {max_new_tokens} new tokens, but {c.name} has "
-                         f"learned positions for {c.block_size} (max_position_embeddings): shorten "
-                         "the input or ask for fewer new tokens")
-    return model.new_cache(batch_size, prompt_len + max_new_tokens + model.n_soft_tokens())
+    c, n_soft = model.config, model.n_soft_tokens()
+    slots = prompt_len + max_new_tokens + n_soft  # soft tokens take positions too
+    if c.pos == "learned" and slots > c.block_size:
+        soft = f" + {n_soft} soft tokens" if n_soft else ""
+        raise ValueError(f"{prompt_len} prompt + {max_new_tokens} new tokens{soft}, but {c.name} "
+                         f"has learned positions for {c.block_size} (max_position_embeddings): "
+                         "shorten the input or ask for fewer new tokens")
+    return model.new_cache(batch_size, slots)
 
 
 def prefill(model, cache, idx, attention_mask=None):

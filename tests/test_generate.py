@@ -593,6 +593,12 @@ def test_learned_positions_are_checked_before_decoding():
     assert generate(m, idx, 6).shape == (1, 16)
     with pytest.raises(ValueError, match="10 prompt \\+ 7 new tokens, but tiny-opt has learned"):
         generate(m, idx, 7)
+    # prompt tuning's soft tokens take positions too: 6 + 10 + 3 passes the table of 16 (without
+    # them counted here, the forward itself would stop halfway; a graph replay would not)
+    add_adapter(m, "prompt", num_virtual_tokens=3)
+    assert generate(m, idx[:, :6], 7).shape == (1, 13)
+    with pytest.raises(ValueError, match="6 prompt \\+ 10 new tokens \\+ 3 soft tokens, but"):
+        generate(m, idx[:, :6], 10)
 
 
 def test_cut_at_stop():
